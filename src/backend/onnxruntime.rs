@@ -1,0 +1,180 @@
+//! The onnxruntime backend (cargo feature `onnxruntime`): CUDA and TensorRT on Jetson, and the faster
+//! CPU kernels where a native library is acceptable.
+//!
+//! `libonnxruntime.so` is loaded at run time (`ort`'s `load-dynamic`), from `inference.onnxruntime.library`,
+//! else `$ORT_DYLIB_PATH`, else the dynamic loader's search path, so the binary builds offline and runs
+//! without it when tract is configured. Execution providers are tried in the configured order; one
+//! that is unavailable or fails to register is skipped with a WARN and the next is tried (CPU last).
+
+use crate::error::Result;
+use crate::model::{Backend, LoadRequest};
+
+#[cfg(feature = "onnxruntime")]
+pub fn load(req: &LoadRequest) -> Result<Box<dyn Backend>> {
+    Ok(Box::new(imp::OrtBackend::load(req)?))
+}
+
+#[cfg(not(feature = "onnxruntime"))]
+pub fn load(req: &LoadRequest) -> Result<Box<dyn Backend>> {
+    Err(crate::error::Error::model(
+        req.manifest.path(),
+        "inference.backend = \"onnxruntime\" but this whaled was built without the `onnxruntime` feature \
+         (rebuild with `cargo build --release --features onnxruntime`, or use backend = \"tract\")",
+    ))
+}
+
+#[cfg(feature = "onnxruntime")]
+mod imp {
+    use std::path::PathBuf;
+    use std::sync::{Mutex, OnceLock};
+
+    use ort::ep::{self, ExecutionProvider as _};
+    use ort::environment::Environment;
+    use ort::session::builder::GraphOptimizationLevel;
+    use ort::session::Session;
+    use ort::value::TensorRef;
+
+    use crate::config::{ExecutionProvider, OrtConfig};
+    use crate::error::{Error, Result};
+    use crate::model::{check_dims, output_shape_ok, Backend, LoadRequest};
+
+    /// The process-wide onnxruntime environment and the library it was loaded from.
+    static ENV: OnceLock<std::result::Result<(Environment, PathBuf), String>> = OnceLock::new();
+
+    fn environment(cfg: &OrtConfig) -> std::result::Result<&'static Environment, String> {
+        let wanted = cfg
+            .library
+            .clone()
+            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"));
+        let entry = ENV.get_or_init(|| {
+            let builder = ort::init_from(&wanted).map_err(|e| {
+                format!(
+                    "cannot load onnxruntime from {}: {e} (set inference.onnxruntime.library or ORT_DYLIB_PATH \
+                     to a libonnxruntime.so, e.g. the one in the PyPI onnxruntime wheel under onnxruntime/capi/)",
+                    wanted.display()
+                )
+            })?;
+            let env = builder.with_name("whaled").build().map_err(|e| format!("onnxruntime environment: {e}"))?;
+            log::info!("onnxruntime loaded from {}", wanted.display());
+            Ok((env, wanted.clone()))
+        });
+        match entry {
+            Ok((env, loaded)) if *loaded == wanted => Ok(env),
+            Ok((_, loaded)) => Err(format!(
+                "onnxruntime is already loaded from {} in this process; cannot also load {}",
+                loaded.display(), wanted.display())),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    pub struct OrtBackend {
+        session: Mutex<Session>,
+        input_name: String,
+        output_name: String,
+        shape: [usize; 4],
+        model_name: String,
+    }
+
+    impl OrtBackend {
+        pub fn load(req: &LoadRequest) -> Result<Self> {
+            let m = req.manifest;
+            let err = |msg: String| Error::model(m.path(), msg);
+            let cfg = &req.inference.onnxruntime;
+            let env = environment(cfg).map_err(&err)?;
+            let oe = |what: &str, e: ort::Error| err(format!("onnxruntime: {what}: {e}"));
+
+            let mut builder = Session::builder(env)
+                .map_err(|e| oe("session builder", e))?
+                .with_optimization_level(GraphOptimizationLevel::Level3)
+                .map_err(|e| oe("optimisation level", e.into()))?
+                .with_intra_threads(req.inference.threads)
+                .map_err(|e| oe("intra-op threads", e.into()))?;
+            let mut registered = Vec::new();
+            for provider in &cfg.execution_providers {
+                let (name, available, dispatch) = match provider {
+                    ExecutionProvider::Tensorrt => ("tensorrt", ep::TensorRT::is_available(), ep::TensorRT::default().build()),
+                    ExecutionProvider::Cuda => ("cuda", ep::CUDA::is_available(), ep::CUDA::default().build()),
+                    ExecutionProvider::Cpu => ("cpu", ep::CPU::is_available(), ep::CPU::default().build()),
+                };
+                match available {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        log::warn!("model {}: onnxruntime execution provider `{name}` is not in this onnxruntime build; skipping it", m.name);
+                        continue;
+                    }
+                    Err(e) => {
+                        log::warn!("model {}: cannot query onnxruntime execution provider `{name}`: {e}; skipping it", m.name);
+                        continue;
+                    }
+                }
+                builder = match builder.with_execution_providers([dispatch.error_on_failure()]) {
+                    Ok(b) => {
+                        registered.push(name);
+                        b
+                    }
+                    Err(e) => {
+                        log::warn!("model {}: onnxruntime execution provider `{name}` failed to register: {e}; falling back", m.name);
+                        e.recover()
+                    }
+                };
+            }
+            if registered.is_empty() {
+                log::warn!("model {}: none of the configured execution providers registered; onnxruntime uses its CPU provider", m.name);
+            }
+            let session = builder
+                .commit_from_memory(req.onnx)
+                .map_err(|e| oe(&format!("cannot load {}", req.variant.file.display()), e))?;
+
+            if session.inputs().len() != 1 {
+                return Err(err(format!("the ONNX graph has {} inputs; whaled models take exactly one image", session.inputs().len())));
+            }
+            let input = &session.inputs()[0];
+            if input.name() != m.input.name {
+                return Err(err(format!("the ONNX graph's input is `{}`, the manifest says `{}`", input.name(), m.input.name)));
+            }
+            let shape = m.input.shape();
+            if let Some(s) = input.dtype().tensor_shape() {
+                let declared: Vec<Option<i64>> = s.iter().map(|&d| (d > 0).then_some(d)).collect();
+                check_dims(m.path(), "input", input.name(), &declared, &shape)?;
+            }
+            let Some(output) = session.outputs().iter().find(|o| o.name() == m.output.name) else {
+                let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+                return Err(err(format!("the ONNX graph has no output `{}` (it has: {})", m.output.name, names.join(", "))));
+            };
+            if let Some(s) = output.dtype().tensor_shape() {
+                if s.iter().all(|&d| d > 0) {
+                    let dims: Vec<usize> = s.iter().map(|&d| d as usize).collect();
+                    if !output_shape_ok(&dims, m.output.kind.len()) {
+                        return Err(err(format!(
+                            "the ONNX graph's output `{}` is {dims:?}, but the manifest describes {} values ({:?})",
+                            m.output.name, m.output.kind.len(), m.output.kind)));
+                    }
+                }
+            }
+            log::debug!("model {}: onnxruntime providers {:?}", m.name, registered);
+            Ok(OrtBackend {
+                input_name: input.name().to_string(),
+                output_name: m.output.name.clone(),
+                session: Mutex::new(session),
+                shape,
+                model_name: m.name.clone(),
+            })
+        }
+    }
+
+    impl Backend for OrtBackend {
+        fn run(&self, input: &[f32]) -> Result<Vec<f32>> {
+            let fail = |msg: String| Error::Inference { backend: "onnxruntime", model: self.model_name.clone(), msg };
+            let tensor = TensorRef::from_array_view((self.shape, input)).map_err(|e| fail(e.to_string()))?;
+            // A poisoned lock only means another thread panicked mid-run; the session itself is intact.
+            let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+            let outputs = session
+                .run(ort::inputs![self.input_name.as_str() => tensor])
+                .map_err(|e| fail(e.to_string()))?;
+            let value = outputs.get(self.output_name.as_str()).ok_or_else(|| fail(format!("no output `{}`", self.output_name)))?;
+            let (_, data) = value.try_extract_tensor::<f32>().map_err(|e| fail(e.to_string()))?;
+            Ok(data.to_vec())
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The daemon's configuration: one TOML file parsed once into validated types.
+//!
+//! `Config::discover` finds the file (`--config`, then `$WHALED_CONFIG`, then
+//! `$XDG_CONFIG_HOME/whaled/whaled.toml` or `~/.config/whaled/whaled.toml`, then
+//! `/etc/whaled/whaled.toml`) and falls back to built-in defaults that run the shipped pre-filter. Every
+//! error names the file, the line and the key and says what was expected; nothing downstream re-parses
+//! strings or re-checks ranges. Unknown keys are errors (`deny_unknown_fields`): a typo must not silently
+//! fall back to a default on a box nobody watches.
+
+pub mod values;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::error::{Error, Result};
+use crate::manifest::{BackendKind, ModelManifest, Role};
+use values::{line_col, Count, Probability};
+
+/// The model the built-in defaults use as pre-filter (a directory under a model search directory).
+pub const DEFAULT_PREFILTER: &str = "efficientnet-lite0";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    device_id: Option<Spanned<String>>,
+    #[serde(default)]
+    inference: RawInference,
+    prefilter: Option<RawStage>,
+    identification: Option<RawIdentification>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInference {
+    backend: Option<BackendKind>,
+    threads: Option<Count>,
+    #[serde(default)]
+    onnxruntime: RawOrt,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOrt {
+    library: Option<Spanned<PathBuf>>,
+    execution_providers: Option<Vec<ExecutionProvider>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    model: Spanned<String>,
+    variant: Option<String>,
+    threshold: Option<Probability>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentification {
+    model: Spanned<String>,
+    variant: Option<String>,
+    min_confidence: Option<Probability>,
+    top_k: Option<Count>,
+}
+
+/// An onnxruntime execution provider, tried in the configured order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    Tensorrt,
+    Cuda,
+    Cpu,
+}
+
+/// Where the configuration came from (for the start-up log line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    File(PathBuf),
+    Defaults,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub origin: Origin,
+    /// Names this box in every event; safe as an MQTT topic level (no `/`, `+`, `#`).
+    pub device_id: String,
+    pub inference: InferenceConfig,
+    pub prefilter: PrefilterConfig,
+    pub identification: Option<IdentificationConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct InferenceConfig {
+    pub backend: BackendKind,
+    /// Intra-op threads per model (tract: a rayon pool; onnxruntime: intra-op threads).
+    pub threads: usize,
+    pub onnxruntime: OrtConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct OrtConfig {
+    /// `libonnxruntime.so` to load; `None`: `$ORT_DYLIB_PATH`, else the dynamic loader's search path.
+    pub library: Option<PathBuf>,
+    pub execution_providers: Vec<ExecutionProvider>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PrefilterConfig {
+    /// Path of the model manifest (`model.toml`).
+    pub manifest: PathBuf,
+    pub variant: Option<String>,
+    /// Overrides the manifest's default threshold.
+    pub threshold: Option<Probability>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentificationConfig {
+    pub manifest: PathBuf,
+    pub variant: Option<String>,
+    pub min_confidence: Option<Probability>,
+    pub top_k: Option<usize>,
+}
+
+impl Config {
+    /// Finds and loads the configuration (see the module docs for the search order).
+    pub fn discover(explicit: Option<&Path>) -> Result<Config> {
+        if let Some(p) = explicit {
+            return Config::load(p);
+        }
+        if let Some(p) = std::env::var_os("WHALED_CONFIG").filter(|p| !p.is_empty()) {
+            return Config::load(Path::new(&p));
+        }
+        for p in search_path() {
+            if p.is_file() {
+                return Config::load(&p);
+            }
+        }
+        Config::defaults()
+    }
+
+    /// Built-in defaults: the shipped pre-filter on tract, no identification model.
+    pub fn defaults() -> Result<Config> {
+        let manifest = find_shipped_model(DEFAULT_PREFILTER).ok_or_else(|| {
+            Error::Config(format!(
+                "no configuration file found and the shipped model `{DEFAULT_PREFILTER}` is in none of {}; \
+                 pass --config or set WHALED_MODEL_DIR",
+                display_dirs(&model_dirs())
+            ))
+        })?;
+        Ok(Config {
+            origin: Origin::Defaults,
+            device_id: default_device_id(),
+            inference: InferenceConfig {
+                backend: BackendKind::Tract,
+                threads: 1,
+                onnxruntime: OrtConfig { library: None, execution_providers: vec![ExecutionProvider::Cpu] },
+            },
+            prefilter: PrefilterConfig { manifest, variant: None, threshold: None },
+            identification: None,
+        })
+    }
+
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config> {
+        let src = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read config file {}: {e}", path.display())))?;
+        Config::parse(path, &src)
+    }
+
+    /// Validates config text; `path` names it in errors and anchors relative paths.
+    pub fn parse(path: &Path, src: &str) -> Result<Config> {
+        let raw: RawConfig = toml::from_str(src).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let at = |span: std::ops::Range<usize>, key: &str, msg: String| {
+            let (line, col) = line_col(src, span.start);
+            Error::Config(format!("{}:{line}:{col}: {key}: {msg}", path.display()))
+        };
+
+        let device_id = match raw.device_id {
+            None => default_device_id(),
+            Some(s) => {
+                let v = s.get_ref();
+                if v.is_empty() || v.len() > 64 || v.chars().any(|c| matches!(c, '/' | '+' | '#') || c.is_control() || c.is_whitespace()) {
+                    return Err(at(s.span(), "device_id", format!(
+                        "expected 1 to 64 characters without '/', '+', '#' or spaces (it becomes an MQTT topic level), got {v:?}")));
+                }
+                v.clone()
+            }
+        };
+
+        let library = match raw.inference.onnxruntime.library {
+            None => None,
+            Some(l) if l.get_ref().is_file() => Some(l.into_inner()),
+            Some(l) => {
+                return Err(at(l.span(), "inference.onnxruntime.library", format!(
+                    "no such file {} (the onnxruntime shared library, e.g. .../onnxruntime/capi/libonnxruntime.so.1.32.0)",
+                    l.get_ref().display())))
+            }
+        };
+        let execution_providers = raw.inference.onnxruntime.execution_providers.unwrap_or_else(|| vec![ExecutionProvider::Cpu]);
+        if execution_providers.is_empty() {
+            return Err(Error::Config(format!(
+                "{}: inference.onnxruntime.execution_providers is empty; list at least \"cpu\"", path.display())));
+        }
+
+        let prefilter = match raw.prefilter {
+            None => PrefilterConfig {
+                manifest: find_shipped_model(DEFAULT_PREFILTER).ok_or_else(|| Error::Config(format!(
+                    "{}: no [prefilter] table and the shipped model `{DEFAULT_PREFILTER}` is in none of {}",
+                    path.display(), display_dirs(&model_dirs()))))?,
+                variant: None,
+                threshold: None,
+            },
+            Some(p) => PrefilterConfig {
+                manifest: resolve_model(dir, p.model.get_ref()).map_err(|m| at(p.model.span(), "prefilter.model", m))?,
+                variant: p.variant,
+                threshold: p.threshold,
+            },
+        };
+        let identification = match raw.identification {
+            None => None,
+            Some(i) => Some(IdentificationConfig {
+                manifest: resolve_model(dir, i.model.get_ref()).map_err(|m| at(i.model.span(), "identification.model", m))?,
+                variant: i.variant,
+                min_confidence: i.min_confidence,
+                top_k: i.top_k.map(Count::get),
+            }),
+        };
+
+        Ok(Config {
+            origin: Origin::File(path.to_path_buf()),
+            device_id,
+            inference: InferenceConfig {
+                backend: raw.inference.backend.unwrap_or(BackendKind::Tract),
+                threads: raw.inference.threads.map_or(1, Count::get),
+                onnxruntime: OrtConfig { library, execution_providers },
+            },
+            prefilter,
+            identification,
+        })
+    }
+}
+
+impl Config {
+    /// Parses the model manifests this config names and checks their roles and files, without loading
+    /// the models. Returns one summary line per model.
+    pub fn check_models(&self) -> Result<Vec<String>> {
+        let mut stages = vec![(&self.prefilter.manifest, self.prefilter.variant.as_deref(), "prefilter")];
+        if let Some(i) = &self.identification {
+            stages.push((&i.manifest, i.variant.as_deref(), "embedder"));
+        }
+        let mut lines = Vec::new();
+        for (path, variant, want) in stages {
+            let m = ModelManifest::load(path)?;
+            let role = match m.role {
+                Role::Prefilter(_) => "prefilter",
+                Role::Embedder(_) => "embedder",
+            };
+            if role != want {
+                return Err(Error::model(path, format!("is configured as the {want} but its role is \"{role}\"")));
+            }
+            let v = m.select_variant(variant, self.inference.backend)?;
+            if !v.file.is_file() {
+                return Err(Error::model(path, format!("variant `{}`: no such file {}", v.name, v.file.display())));
+            }
+            lines.push(format!("{want}: {} (variant {}, {})", m.name, v.name, v.file.display()));
+        }
+        Ok(lines)
+    }
+}
+
+/// Config files looked for when neither `--config` nor `$WHALED_CONFIG` is given, in order.
+pub fn search_path() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
+        out.push(PathBuf::from(x).join("whaled/whaled.toml"));
+    } else if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        out.push(PathBuf::from(h).join(".config/whaled/whaled.toml"));
+    }
+    out.push(PathBuf::from("/etc/whaled/whaled.toml"));
+    out
+}
+
+/// Directories searched for shipped models by name, in order: `$WHALED_MODEL_DIR`, the installed
+/// package's `<prefix>/share/whaled/models` (next to the binary's `bin/`), `/usr/share/whaled/models`,
+/// and the source checkout's `models/` the binary was built from.
+pub fn model_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("WHALED_MODEL_DIR").filter(|d| !d.is_empty()) {
+        dirs.push(PathBuf::from(d));
+    }
+    if let Some(prefix) = std::env::current_exe().ok().and_then(|e| e.parent()?.parent().map(Path::to_path_buf)) {
+        dirs.push(prefix.join("share/whaled/models"));
+    }
+    dirs.push(PathBuf::from("/usr/share/whaled/models"));
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
+    dirs
+}
+
+/// The manifest of the shipped model `name` (`<dir>/<name>/model.toml`), if any search directory has it.
+pub fn find_shipped_model(name: &str) -> Option<PathBuf> {
+    model_dirs().into_iter().map(|d| d.join(name).join("model.toml")).find(|p| p.is_file())
+}
+
+/// A model reference is a path to a manifest (contains `/` or ends in `.toml`; relative to the config
+/// file's directory) or the bare name of a shipped model.
+fn resolve_model(config_dir: &Path, reference: &str) -> std::result::Result<PathBuf, String> {
+    if reference.contains('/') || reference.ends_with(".toml") {
+        let p = config_dir.join(reference);
+        return if p.is_file() {
+            Ok(p)
+        } else if p.is_dir() && p.join("model.toml").is_file() {
+            Ok(p.join("model.toml"))
+        } else {
+            Err(format!("no model manifest at {} (expected a model.toml, or a directory holding one)", p.display()))
+        };
+    }
+    find_shipped_model(reference).ok_or_else(|| {
+        format!("no shipped model named `{reference}` in {} (or give a path to a model.toml)", display_dirs(&model_dirs()))
+    })
+}
+
+fn display_dirs(dirs: &[PathBuf]) -> String {
+    dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// The host name (sanitised into a topic-safe id), else "whaled".
+fn default_device_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let id: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).take(64).collect();
+    if id.is_empty() { "whaled".into() } else { id }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(src: &str) -> Result<Config> {
+        Config::parse(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/test.toml"), src)
+    }
+
+    #[test]
+    fn empty_file_means_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.inference.backend, BackendKind::Tract);
+        assert_eq!(c.inference.threads, 1);
+        assert!(c.prefilter.manifest.ends_with("models/efficientnet-lite0/model.toml"));
+        assert!(c.identification.is_none());
+        assert!(!c.device_id.is_empty());
+    }
+
+    #[test]
+    fn shipped_model_by_name_or_path() {
+        let by_name = parse("[prefilter]\nmodel = \"efficientnet-lite0\"").unwrap();
+        let by_path = parse("[prefilter]\nmodel = \"../models/efficientnet-lite0\"").unwrap();
+        assert!(by_path.prefilter.manifest.ends_with("models/efficientnet-lite0/model.toml"));
+        assert_eq!(
+            by_name.prefilter.manifest.canonicalize().unwrap(),
+            by_path.prefilter.manifest.canonicalize().unwrap()
+        );
+    }
+
+    /// Data-driven: each bad config must fail naming the file, the line and the key.
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let cases: &[(&str, &[&str])] = &[
+            ("[prefilter]\nmodel = \"efficientnet-lite0\"\ntreshold = 0.5\n",
+             &["config/test.toml", "line 3", "unknown field `treshold`", "expected one of `model`, `variant`, `threshold`"]),
+            ("[prefilter]\nmodel = \"efficientnet-lite0\"\nthreshold = 1.2\n",
+             &["line 3", "threshold = 1.2", "expected a probability between 0 and 1, got 1.2"]),
+            ("[inference]\nbackend = \"pytorch\"\n",
+             &["line 2", "unknown variant `pytorch`, expected `tract` or `onnxruntime`"]),
+            ("[inference]\nthreads = 0\n", &["line 2", "expected a whole number of at least 1, got 0"]),
+            ("\n[prefilter]\nmodel = \"no-such-model\"\n",
+             &["config/test.toml:3:9: prefilter.model: no shipped model named `no-such-model`"]),
+            ("[identification]\nmodel = \"./missing/model.toml\"\n",
+             &["config/test.toml:2:9: identification.model: no model manifest at", "missing/model.toml"]),
+            ("device_id = \"boat/1\"\n", &["config/test.toml:1:13: device_id: expected 1 to 64 characters"]),
+            ("[inference.onnxruntime]\nlibrary = \"/nonexistent/libonnxruntime.so\"\n",
+             &["config/test.toml:2:11: inference.onnxruntime.library: no such file /nonexistent/libonnxruntime.so"]),
+            ("[inference.onnxruntime]\nexecution_providers = [\"gpu\"]\n",
+             &["line 2", "unknown variant `gpu`, expected one of `tensorrt`, `cuda`, `cpu`"]),
+            ("[inference.onnxruntime]\nexecution_providers = []\n", &["execution_providers is empty"]),
+            ("[prefilter\nmodel = 1\n", &["line 1", "invalid table header"]),
+        ];
+        for (src, wants) in cases {
+            let e = parse(src).expect_err(src).to_string();
+            for w in *wants {
+                assert!(e.contains(w), "config {src:?}\n error: {e}\n lacks: {w}");
+            }
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! `whaled eval`: measure the pre-filter (and identification, where ids are known) on a labelled set.
+//!
+//! The manifest is the `../shared/data` CSV format (`relpath,label,individual_id,species,...`, paths
+//! relative to the CSV, label `cetacean` or `non_cetacean`). Metrics are pure functions over
+//! (score, label) pairs so they are tested on their own; the report is printed as a table or as JSON.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::identify::{Identifier, Workspace};
+
+/// One labelled image of an evaluation manifest.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub path: PathBuf,
+    pub positive: bool,
+    pub individual_id: Option<String>,
+}
+
+/// Reads an evaluation manifest CSV.
+pub fn read_manifest(csv_path: &Path) -> Result<Vec<Sample>> {
+    let err = |msg: String| Error::Input(format!("{}: {msg}", csv_path.display()));
+    let dir = csv_path.parent().unwrap_or(Path::new("."));
+    let mut reader = csv::Reader::from_path(csv_path).map_err(|e| err(e.to_string()))?;
+    let headers = reader.headers().map_err(|e| err(e.to_string()))?.clone();
+    let col = |name: &str| headers.iter().position(|h| h == name);
+    let (Some(path_col), Some(label_col)) = (col("relpath"), col("label")) else {
+        return Err(err(format!("needs columns relpath and label; it has {:?}", headers.iter().collect::<Vec<_>>())));
+    };
+    let id_col = col("individual_id");
+    let mut out = Vec::new();
+    for (i, row) in reader.records().enumerate() {
+        let line = i + 2;
+        let row = row.map_err(|e| err(e.to_string()))?;
+        let rel = row.get(path_col).unwrap_or("");
+        let positive = match row.get(label_col).unwrap_or("") {
+            "cetacean" => true,
+            "non_cetacean" => false,
+            other => return Err(err(format!("line {line}: label must be `cetacean` or `non_cetacean`, got `{other}`"))),
+        };
+        if rel.is_empty() {
+            return Err(err(format!("line {line}: empty relpath")));
+        }
+        let individual_id = id_col.and_then(|c| row.get(c)).filter(|s| !s.is_empty()).map(str::to_string);
+        out.push(Sample { path: dir.join(rel), positive, individual_id });
+    }
+    if out.is_empty() {
+        return Err(err("has no rows".into()));
+    }
+    Ok(out)
+}
+
+/// Confusion-matrix rates at one threshold (`score >= threshold` passes).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Rates {
+    pub threshold: f64,
+    pub tp: usize,
+    pub fp: usize,
+    pub tn: usize,
+    #[serde(rename = "fn")]
+    pub fn_: usize,
+    pub tpr: f64,
+    pub tnr: f64,
+    pub precision: f64,
+    pub f1: f64,
+}
+
+/// Rates of `scored` (score, is_positive) at `threshold`.
+pub fn rates(scored: &[(f64, bool)], threshold: f64) -> Rates {
+    let (mut tp, mut fp, mut tn, mut fn_) = (0, 0, 0, 0);
+    for &(s, pos) in scored {
+        match (s >= threshold, pos) {
+            (true, true) => tp += 1,
+            (true, false) => fp += 1,
+            (false, false) => tn += 1,
+            (false, true) => fn_ += 1,
+        }
+    }
+    let div = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let tpr = div(tp, tp + fn_);
+    let precision = div(tp, tp + fp);
+    let f1 = if precision + tpr == 0.0 { 0.0 } else { 2.0 * precision * tpr / (precision + tpr) };
+    Rates { threshold, tp, fp, tn, fn_, tpr, tnr: div(tn, tn + fp), precision, f1 }
+}
+
+/// ROC AUC: the probability that a random positive scores above a random negative (ties count half).
+pub fn roc_auc(scored: &[(f64, bool)]) -> Option<f64> {
+    let pos: Vec<f64> = scored.iter().filter(|s| s.1).map(|s| s.0).collect();
+    let neg: Vec<f64> = scored.iter().filter(|s| !s.1).map(|s| s.0).collect();
+    if pos.is_empty() || neg.is_empty() {
+        return None;
+    }
+    let mut wins = 0.0;
+    for p in &pos {
+        for n in &neg {
+            wins += if p > n { 1.0 } else if p == n { 0.5 } else { 0.0 };
+        }
+    }
+    Some(wins / (pos.len() * neg.len()) as f64)
+}
+
+/// The ROC curve: (FPR, TPR) at every distinct score, from the strictest threshold down.
+pub fn roc_curve(scored: &[(f64, bool)]) -> Vec<(f64, f64)> {
+    let mut thresholds: Vec<f64> = scored.iter().map(|s| s.0).collect();
+    thresholds.sort_by(|a, b| b.total_cmp(a));
+    thresholds.dedup();
+    let mut pts = vec![(0.0, 0.0)];
+    pts.extend(thresholds.iter().map(|&t| {
+        let r = rates(scored, t);
+        (1.0 - r.tnr, r.tpr)
+    }));
+    pts
+}
+
+/// Upstream's calibration rule: the smallest threshold (among the observed scores) with
+/// TNR >= 0.90 while TPR >= 0.85; `None` if no threshold satisfies both.
+pub fn upstream_calibration(scored: &[(f64, bool)]) -> Option<f64> {
+    let mut thresholds: Vec<f64> = scored.iter().map(|s| s.0).collect();
+    thresholds.sort_by(f64::total_cmp);
+    thresholds.dedup();
+    thresholds.into_iter().find(|&t| {
+        let r = rates(scored, t);
+        r.tnr >= 0.90 && r.tpr >= 0.85
+    })
+}
+
+/// The threshold that maximises min(TPR, TNR), placed halfway (in log space) between the two observed
+/// scores that bound it, so it does not sit on a training example.
+pub fn balanced_threshold(scored: &[(f64, bool)]) -> Option<f64> {
+    let mut s: Vec<f64> = scored.iter().map(|s| s.0).collect();
+    s.sort_by(f64::total_cmp);
+    s.dedup();
+    let mut best: Option<(f64, usize)> = None;
+    for (i, &t) in s.iter().enumerate() {
+        let r = rates(scored, t);
+        let v = r.tpr.min(r.tnr);
+        if best.is_none_or(|(b, _)| v > b) {
+            best = Some((v, i));
+        }
+    }
+    let (_, i) = best?;
+    let hi = s[i];
+    let lo = if i == 0 { return Some(hi) } else { s[i - 1] };
+    Some(if lo > 0.0 { (lo * hi).sqrt() } else { (lo + hi) / 2.0 })
+}
+
+/// One image that could not be scored.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    pub path: PathBuf,
+    pub error: String,
+}
+
+/// Identification accuracy over positives with a known individual id (a pre-filter miss counts as wrong).
+#[derive(Debug, Clone, Serialize)]
+pub struct IdAccuracy {
+    pub n: usize,
+    pub top1: f64,
+    pub top5: f64,
+    pub random_weights: bool,
+}
+
+/// The evaluation report (`--json` prints it as is).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub manifest: PathBuf,
+    pub model: String,
+    pub variant: String,
+    pub backend: String,
+    pub random_weights: bool,
+    pub positives: usize,
+    pub negatives: usize,
+    pub at_threshold: Rates,
+    pub roc_auc: Option<f64>,
+    pub upstream_calibration_threshold: Option<f64>,
+    pub at_upstream_calibration: Option<Rates>,
+    pub balanced_threshold: Option<f64>,
+    pub at_balanced: Option<Rates>,
+    pub identification: Option<IdAccuracy>,
+    pub failures: Vec<Failure>,
+    pub mean_ms_per_image: f64,
+    #[serde(skip)]
+    pub roc: Vec<(f64, f64)>,
+}
+
+/// Scores every sample; `progress` is called after each one.
+pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut progress: impl FnMut()) -> Result<Report> {
+    let mut ws: Workspace = identifier.workspace();
+    let mut scored = Vec::with_capacity(samples.len());
+    let mut failures = Vec::new();
+    let (mut id_n, mut id_top1, mut id_top5) = (0usize, 0usize, 0usize);
+    let mut total_ms = 0.0;
+    for s in samples {
+        let result = crate::images::decode_file(&s.path).and_then(|img| identifier.assess(&mut ws, &img));
+        progress();
+        let a = match result {
+            Ok(a) => a,
+            Err(e) => {
+                failures.push(Failure { path: s.path.clone(), error: e.to_string() });
+                continue;
+            }
+        };
+        total_ms += a.timings.total_ms;
+        scored.push((a.prefilter_score, s.positive));
+        if let (true, Some(want), true) = (s.positive, &s.individual_id, identifier.has_identification()) {
+            id_n += 1;
+            if let Some(found) = &a.identified {
+                let pos = found.ranked.iter().position(|c| &c.class_animal == want);
+                id_top1 += usize::from(pos == Some(0));
+                id_top5 += usize::from(pos.is_some_and(|p| p < 5));
+            }
+        }
+    }
+    if scored.is_empty() {
+        return Err(Error::Input(format!("{}: no image could be scored ({} failures)", csv.display(), failures.len())));
+    }
+    let m = identifier.prefilter();
+    let upstream = upstream_calibration(&scored);
+    let balanced = balanced_threshold(&scored);
+    Ok(Report {
+        manifest: csv.to_path_buf(),
+        model: m.manifest().name.clone(),
+        variant: m.variant().name.clone(),
+        backend: m.backend_kind().name().to_string(),
+        random_weights: m.manifest().random_weights,
+        positives: scored.iter().filter(|s| s.1).count(),
+        negatives: scored.iter().filter(|s| !s.1).count(),
+        at_threshold: rates(&scored, identifier.threshold()),
+        roc_auc: roc_auc(&scored),
+        upstream_calibration_threshold: upstream,
+        at_upstream_calibration: upstream.map(|t| rates(&scored, t)),
+        balanced_threshold: balanced,
+        at_balanced: balanced.map(|t| rates(&scored, t)),
+        identification: (id_n > 0).then(|| IdAccuracy {
+            n: id_n,
+            top1: id_top1 as f64 / id_n as f64,
+            top5: id_top5 as f64 / id_n as f64,
+            random_weights: identifier.identification_random_weights(),
+        }),
+        failures,
+        mean_ms_per_image: total_ms / scored.len() as f64,
+        roc: roc_curve(&scored),
+    })
+}
+
+impl Report {
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "pre-filter {} ({}, {}){} on {}", self.model, self.variant, self.backend,
+            if self.random_weights { " -- RANDOM WEIGHTS" } else { "" }, self.manifest.display());
+        let _ = writeln!(s, "{} positives, {} negatives, {} unreadable; {:.1} ms/image\n", self.positives, self.negatives, self.failures.len(), self.mean_ms_per_image);
+        let _ = writeln!(s, "{:<26} {:>9} {:>6} {:>6} {:>9} {:>6}   {:>3} {:>3} {:>3} {:>3}", "", "threshold", "TPR", "TNR", "precision", "F1", "TP", "FP", "TN", "FN");
+        let mut row = |name: &str, r: &Rates| {
+            let _ = writeln!(s, "{:<26} {:>9.4} {:>6.3} {:>6.3} {:>9.3} {:>6.3}   {:>3} {:>3} {:>3} {:>3}",
+                name, r.threshold, r.tpr, r.tnr, r.precision, r.f1, r.tp, r.fp, r.tn, r.fn_);
+        };
+        row("configured threshold", &self.at_threshold);
+        if let Some(r) = &self.at_upstream_calibration {
+            row("upstream calibration rule", r);
+        }
+        if let Some(r) = &self.at_balanced {
+            row("balanced (max min TPR,TNR)", r);
+        }
+        let _ = writeln!(s);
+        match self.roc_auc {
+            Some(a) => { let _ = writeln!(s, "ROC AUC {a:.4}"); }
+            None => { let _ = writeln!(s, "ROC AUC n/a (needs positives and negatives)"); }
+        }
+        if self.upstream_calibration_threshold.is_none() {
+            let _ = writeln!(s, "upstream calibration rule (TNR >= 0.90 with TPR >= 0.85): no threshold qualifies");
+        }
+        if let Some(id) = &self.identification {
+            let _ = writeln!(s, "identification: top-1 {:.3}, top-5 {:.3} over {} positives with known ids{}", id.top1, id.top5, id.n,
+                if id.random_weights { " (RANDOM WEIGHTS: expect ~0)" } else { "" });
+        }
+        for f in &self.failures {
+            let _ = writeln!(s, "unreadable: {}: {}", f.path.display(), f.error);
+        }
+        s
+    }
+
+    /// The ROC curve as a small standalone SVG.
+    pub fn roc_svg(&self) -> String {
+        let pts: Vec<String> = self.roc.iter().map(|(x, y)| format!("{:.1},{:.1}", 40.0 + x * 300.0, 330.0 - y * 300.0)).collect();
+        format!(
+            r##"<svg xmlns="http://www.w3.org/2000/svg" width="360" height="370" font-family="sans-serif" font-size="12">
+<rect x="40" y="30" width="300" height="300" fill="none" stroke="#888"/>
+<line x1="40" y1="330" x2="340" y2="30" stroke="#ccc" stroke-dasharray="4"/>
+<polyline points="{}" fill="none" stroke="#1565c0" stroke-width="2"/>
+<text x="190" y="362" text-anchor="middle">false positive rate</text>
+<text x="12" y="180" transform="rotate(-90 12 180)" text-anchor="middle">true positive rate</text>
+<text x="190" y="20" text-anchor="middle">{} ROC (AUC {})</text>
+</svg>
+"##,
+            pts.join(" "),
+            self.model,
+            self.roc_auc.map_or("n/a".into(), |a| format!("{a:.4}"))
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set() -> Vec<(f64, bool)> {
+        // 4 positives, 4 negatives; one negative outscores one positive.
+        vec![(0.9, true), (0.8, true), (0.3, true), (0.6, true), (0.1, false), (0.2, false), (0.4, false), (0.05, false)]
+    }
+
+    #[test]
+    fn rates_at_threshold() {
+        let r = rates(&set(), 0.35);
+        assert_eq!((r.tp, r.fp, r.tn, r.fn_), (3, 1, 3, 1));
+        assert_eq!((r.tpr, r.tnr, r.precision), (0.75, 0.75, 0.75));
+        assert!((r.f1 - 0.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn auc_counts_pairs() {
+        // 16 pairs; only (0.3 pos, 0.4 neg) is misordered.
+        assert_eq!(roc_auc(&set()), Some(15.0 / 16.0));
+        assert_eq!(roc_auc(&[(0.5, true), (0.5, false)]), Some(0.5));
+        assert_eq!(roc_auc(&[(0.5, true)]), None);
+    }
+
+    #[test]
+    fn upstream_rule_picks_smallest_qualifying_threshold() {
+        // Thresholds ascending: 0.05 (TNR 0) ... 0.3 (TPR 1, TNR .75) ... 0.6 (TPR .75, TNR 1) qualifies first? no:
+        // TPR >= .85 needs all 4 positives (t <= 0.3), where TNR <= .75 -> nothing qualifies.
+        assert_eq!(upstream_calibration(&set()), None);
+        let easy = vec![(0.9, true), (0.7, true), (0.2, false), (0.1, false)];
+        // t = 0.7 is the first with TNR 1.0 and TPR 1.0.
+        assert_eq!(upstream_calibration(&easy), Some(0.7));
+    }
+
+    #[test]
+    fn balanced_threshold_sits_between_scores() {
+        let easy = vec![(0.9, true), (0.4, true), (0.1, false), (0.2, false)];
+        let t = balanced_threshold(&easy).unwrap();
+        assert!((t - (0.2f64 * 0.4).sqrt()).abs() < 1e-12, "{t}");
+        let r = rates(&easy, t);
+        assert_eq!((r.tpr, r.tnr), (1.0, 1.0));
+    }
+
+    #[test]
+    fn roc_curve_runs_from_origin_to_corner() {
+        let c = roc_curve(&set());
+        assert_eq!(c.first(), Some(&(0.0, 0.0)));
+        assert_eq!(c.last(), Some(&(1.0, 1.0)));
+        assert!(c.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+    }
+}

@@ -1,0 +1,21 @@
+//! whaled: identify individual whales and dolphins at the edge.
+//!
+//! The library holds everything the `whaled` binary does, so that tests drive the same code: config and
+//! model manifests parsed into validated types, tract/onnxruntime backends behind one trait, the
+//! upstream-compatible preprocessing and scoring, and the `identify` / `eval` front ends.
+//! See ARCHITECTURE.md for the map.
+
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod manifest;
+pub mod model;
+
+pub use error::{Error, Result};
+pub mod detection;
+pub mod head;
+pub mod identify;
+pub mod preprocess;
+pub mod scoring;
+pub mod eval;
+pub mod images;

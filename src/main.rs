@@ -1,0 +1,163 @@
+//! The `whaled` command line: a thin layer over the library. Parses arguments, sets up logging (stderr),
+//! and dispatches to `identify`, `eval` and `check-config`. Results go to stdout, logs to stderr.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use whaled::config::{Config, Origin};
+use whaled::detection::{Detection, FrameMeta};
+use whaled::identify::Identifier;
+use whaled::{eval, images, Error};
+
+#[derive(Parser)]
+#[command(name = "whaled", version, about = "Identify individual whales and dolphins at the edge")]
+struct Cli {
+    /// Log level for stderr (error, warn, info, debug, trace); RUST_LOG overrides.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: log::LevelFilter,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Identify photos: one Detection JSON object per image on stdout.
+    Identify {
+        /// Config file (default: $WHALED_CONFIG, ~/.config/whaled/whaled.toml, /etc/whaled/whaled.toml, built-in).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Image files or directories (searched recursively for .jpg/.jpeg/.png).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Measure the pre-filter (and identification) on a labelled manifest CSV.
+    Eval {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// CSV with columns relpath,label[,individual_id,...]; label is cetacean or non_cetacean.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also write the ROC curve as an SVG image here.
+        #[arg(long)]
+        roc: Option<PathBuf>,
+    },
+    /// Validate a config file (and the model manifests it names); exit 0 if valid.
+    CheckConfig {
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .filter_level(cli.log_level)
+        .parse_env("RUST_LOG")
+        .format_timestamp_millis()
+        .init();
+    let result = match cli.command {
+        Command::Identify { config, paths } => identify(config, &paths),
+        Command::Eval { config, manifest, json, roc } => run_eval(config, &manifest, json, roc),
+        Command::CheckConfig { file } => check_config(&file),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load(config: Option<PathBuf>) -> Result<(Config, Identifier), Error> {
+    let cfg = Config::discover(config.as_deref())?;
+    match &cfg.origin {
+        Origin::File(p) => log::info!("config {}", p.display()),
+        Origin::Defaults => log::info!("no config file found; using built-in defaults"),
+    }
+    let identifier = Identifier::from_config(&cfg)?;
+    if !identifier.has_identification() {
+        log::info!("no identification model configured: frames that pass the pre-filter are reported as cetacean_unidentified");
+    }
+    Ok((cfg, identifier))
+}
+
+fn identify(config: Option<PathBuf>, paths: &[PathBuf]) -> Result<ExitCode, Error> {
+    let (cfg, identifier) = load(config)?;
+    let files = images::expand(paths)?;
+    if files.is_empty() {
+        return Err(Error::Input(format!("no images found in {}", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))));
+    }
+    let mut ws = identifier.workspace();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut failed = 0usize;
+    for path in &files {
+        let meta = FrameMeta {
+            image_ind: path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            source: path.display().to_string(),
+            captured_at: images::mtime(path),
+        };
+        let t = std::time::Instant::now();
+        let detection = match images::decode_file(path) {
+            Err(e) => {
+                log::warn!("{e}");
+                Detection::corrupted(&meta, &cfg.device_id, identifier.model_version(), e.to_string())
+            }
+            Ok(img) => {
+                let decode_ms = t.elapsed().as_secs_f64() * 1e3;
+                match identifier.assess(&mut ws, &img) {
+                    Ok(a) => Detection::from_assessment(&a, &meta, &cfg.device_id, decode_ms),
+                    Err(e) => {
+                        log::error!("{}: {e}", path.display());
+                        failed += 1;
+                        continue;
+                    }
+                }
+            }
+        };
+        let line = serde_json::to_string(&detection).map_err(|e| Error::Input(e.to_string()))?;
+        writeln!(out, "{line}").map_err(|e| Error::Input(format!("stdout: {e}")))?;
+    }
+    out.flush().map_err(|e| Error::Input(format!("stdout: {e}")))?;
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn run_eval(config: Option<PathBuf>, manifest: &std::path::Path, json: bool, roc: Option<PathBuf>) -> Result<ExitCode, Error> {
+    let (_cfg, identifier) = load(config)?;
+    let samples = eval::read_manifest(manifest)?;
+    let bar = indicatif::ProgressBar::with_draw_target(Some(samples.len() as u64), indicatif::ProgressDrawTarget::stderr());
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} images {elapsed_precise} (eta {eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let report = eval::evaluate(&identifier, manifest, &samples, || bar.inc(1))?;
+    bar.finish_and_clear();
+    if let Some(p) = roc {
+        std::fs::write(&p, report.roc_svg()).map_err(|e| Error::Io { path: p.clone(), source: e })?;
+        log::info!("ROC curve written to {}", p.display());
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| Error::Input(e.to_string()))?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_config(file: &std::path::Path) -> Result<ExitCode, Error> {
+    let cfg = Config::load(file)?;
+    for line in cfg.check_models()? {
+        println!("{line}");
+    }
+    println!("{}: ok (device_id {}, backend {})", file.display(), cfg.device_id, cfg.inference.backend.name());
+    Ok(ExitCode::SUCCESS)
+}

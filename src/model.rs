@@ -1,0 +1,138 @@
+//! A loaded model: manifest + chosen ONNX variant + a backend that runs it.
+//!
+//! Loading verifies the file's SHA-256 against the manifest (SD cards do corrupt files) and checks that
+//! the ONNX graph's input and output agree with the manifest, so a wrong file fails at start-up with a
+//! message naming both, never mid-run with a shape error. After loading, [`Model::run`] is the only
+//! thing the pipeline calls; a model is `Send + Sync` and is shared, not copied, between cameras.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::backend;
+use crate::config::InferenceConfig;
+use crate::error::{Error, Result};
+use crate::manifest::{BackendKind, ModelManifest, Variant};
+
+/// One inference engine instance holding one model. Implemented by tract and onnxruntime.
+pub trait Backend: Send + Sync {
+    /// Runs a batch-1 input laid out as the manifest says and returns the declared output, flattened.
+    fn run(&self, input: &[f32]) -> Result<Vec<f32>>;
+}
+
+/// What a backend needs to build itself from a model file.
+pub struct LoadRequest<'a> {
+    pub manifest: &'a ModelManifest,
+    pub variant: &'a Variant,
+    pub onnx: &'a [u8],
+    pub inference: &'a InferenceConfig,
+}
+
+/// A model ready to run.
+pub struct Model {
+    manifest: ModelManifest,
+    variant: Variant,
+    backend_kind: BackendKind,
+    backend: Box<dyn Backend>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.manifest.name)
+            .field("variant", &self.variant.name)
+            .field("backend", &self.backend_kind)
+            .finish()
+    }
+}
+
+impl Model {
+    /// Loads the manifest's `variant` (or the backend's preferred one) on the configured backend.
+    pub fn load(manifest: ModelManifest, variant: Option<&str>, inference: &InferenceConfig) -> Result<Arc<Model>> {
+        let backend_kind = inference.backend;
+        let variant = manifest.select_variant(variant, backend_kind)?.clone();
+        let onnx = std::fs::read(&variant.file).map_err(|e| {
+            Error::model(manifest.path(), format!("cannot read ONNX file {}: {e}", variant.file.display()))
+        })?;
+        if let Some(want) = &variant.sha256 {
+            let got = hex(&Sha256::digest(&onnx));
+            if &got != want {
+                return Err(Error::model(manifest.path(), format!(
+                    "{} has SHA-256 {got}, the manifest says {want}: the file is corrupt or not the one the manifest describes",
+                    variant.file.display())));
+            }
+        }
+        let req = LoadRequest { manifest: &manifest, variant: &variant, onnx: &onnx, inference };
+        let backend: Box<dyn Backend> = match backend_kind {
+            BackendKind::Tract => Box::new(backend::tract::TractBackend::load(&req)?),
+            BackendKind::Onnxruntime => backend::onnxruntime::load(&req)?,
+        };
+        log::info!(
+            "loaded model {} (variant {}, {}) on {}{}",
+            manifest.name,
+            variant.name,
+            variant.file.display(),
+            backend_kind.name(),
+            if manifest.random_weights { " -- RANDOM WEIGHTS, test model" } else { "" }
+        );
+        Ok(Arc::new(Model { manifest, variant, backend_kind, backend }))
+    }
+
+    pub fn manifest(&self) -> &ModelManifest {
+        &self.manifest
+    }
+
+    pub fn variant(&self) -> &Variant {
+        &self.variant
+    }
+
+    pub fn backend_kind(&self) -> BackendKind {
+        self.backend_kind
+    }
+
+    /// Runs one input tensor (`manifest.input.shape()` elements) and returns the output vector.
+    pub fn run(&self, input: &[f32]) -> Result<Vec<f32>> {
+        let want: usize = self.manifest.input.shape().iter().product();
+        if input.len() != want {
+            return Err(self.inference_error(format!("input has {} values, expected {want}", input.len())));
+        }
+        let out = self.backend.run(input)?;
+        if out.len() != self.manifest.output.kind.len() {
+            return Err(self.inference_error(format!(
+                "output has {} values, expected {}", out.len(), self.manifest.output.kind.len())));
+        }
+        Ok(out)
+    }
+
+    fn inference_error(&self, msg: String) -> Error {
+        Error::Inference { backend: self.backend_kind.name(), model: self.manifest.name.clone(), msg }
+    }
+}
+
+/// Compares a graph's declared dims (`None` = symbolic/unknown) against the manifest's expectation.
+/// Used by both backends so that they report mismatches in the same words.
+pub(crate) fn check_dims(manifest: &Path, what: &str, name: &str, declared: &[Option<i64>], want: &[usize]) -> Result<()> {
+    let fmt = |d: &[Option<i64>]| {
+        d.iter().map(|x| x.map_or("?".to_string(), |v| v.to_string())).collect::<Vec<_>>().join("x")
+    };
+    let want_i: Vec<Option<i64>> = want.iter().map(|&w| Some(w as i64)).collect();
+    let ok = declared.len() == want.len()
+        && declared.iter().zip(want).all(|(d, &w)| d.is_none_or(|d| d == w as i64 || (d <= 0)));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::model(manifest, format!(
+            "the ONNX graph's {what} `{name}` is {}, but the manifest describes {}",
+            fmt(declared), fmt(&want_i))))
+    }
+}
+
+/// The output shapes a manifest's output kind accepts: `[1, n]` or `[1, n, 1, 1]` (1x1 conv heads).
+pub(crate) fn output_shape_ok(dims: &[usize], len: usize) -> bool {
+    matches!(dims, [1, n] if *n == len) || matches!(dims, [1, n, 1, 1] if *n == len) || matches!(dims, [n] if *n == len)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
