@@ -93,7 +93,8 @@ impl Detection {
         d.bbox = [0, 0, a.width, a.height];
         d.cetacean_score = round4(a.prefilter_score);
         d.is_cetacean = a.passed;
-        d.prefilter = Some(PrefilterInfo { model: a.prefilter_model.clone(), score: a.prefilter_score, threshold: a.threshold });
+        d.prefilter =
+            Some(PrefilterInfo { model: a.prefilter_model.clone(), score: a.prefilter_score, threshold: a.threshold });
         d.timings = a.timings.clone();
         d.timings.decode_ms = decode_ms;
         d.timings.total_ms += decode_ms;
@@ -151,5 +152,85 @@ impl Detection {
             error: None,
             timings: Timings::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assessment(passed: bool, identified: Option<Identified>) -> Assessment {
+        Assessment {
+            width: 640,
+            height: 480,
+            prefilter_model: "pf".into(),
+            prefilter_score: 0.123456,
+            threshold: 0.1,
+            passed,
+            identified,
+            model_version: "effb4-arcface-v1".into(),
+            timings: Timings { prefilter_ms: 2.0, total_ms: 3.0, ..Timings::default() },
+        }
+    }
+
+    fn meta() -> FrameMeta {
+        FrameMeta { image_ind: "f.jpg".into(), source: "/p/f.jpg".into(), captured_at: SystemTime::UNIX_EPOCH }
+    }
+
+    fn cand(id: &str, sp: &str, p: f64) -> Candidate {
+        Candidate { class_animal: id.into(), id_animal: sp.into(), probability: p }
+    }
+
+    /// The upstream decision table: (passed, identification outcome) -> the fields consumers read.
+    #[test]
+    fn upstream_sentinels() {
+        let ranked = vec![
+            cand("aaaaaaaaaaaa", "beluga", 0.7024),
+            cand("bbbbbbbbbbbb", "fin_whale", 0.2116),
+            cand("cccccccccccc", "beluga", 0.086),
+        ];
+        let cases = [
+            (assessment(false, None), "", "unknown", 0.0, true, Some(RejectionReason::NotAMarineMammal), 0),
+            (assessment(true, None), "", "cetacean_unidentified", 0.0, false, None, 0),
+            (
+                assessment(true, Some(Identified { ranked: ranked.clone(), low_confidence: false })),
+                "aaaaaaaaaaaa",
+                "beluga",
+                0.7024,
+                false,
+                None,
+                2,
+            ),
+            (
+                assessment(true, Some(Identified { ranked, low_confidence: true })),
+                "aaaaaaaaaaaa",
+                "beluga",
+                0.7024,
+                true,
+                Some(RejectionReason::LowConfidence),
+                2,
+            ),
+        ];
+        for (a, class, species, p, rejected, reason, n_cands) in cases {
+            let d = Detection::from_assessment(&a, &meta(), "dev", 1.5);
+            assert_eq!((d.class_animal.as_str(), d.id_animal.as_str(), d.probability), (class, species, p), "{d:?}");
+            assert_eq!((d.rejected, d.rejection_reason, d.candidates.len()), (rejected, reason, n_cands), "{d:?}");
+            assert_eq!(d.is_cetacean, a.passed);
+            assert_eq!(d.cetacean_score, 0.1235);
+            assert_eq!(d.bbox, [0, 0, 640, 480]);
+            assert_eq!(d.timings.total_ms, 4.5);
+            assert_eq!(d.captured_at, "1970-01-01T00:00:00.000Z");
+        }
+    }
+
+    #[test]
+    fn corrupted_record() {
+        let d = Detection::corrupted(&meta(), "dev", "v".into(), "bad".into());
+        let json = serde_json::to_value(&d).unwrap();
+        assert_eq!(json["rejection_reason"], "corrupted_image");
+        assert_eq!(json["id_animal"], "unknown");
+        assert_eq!(json["mask"], serde_json::Value::Null);
+        assert_eq!(json["bbox"], serde_json::json!([0, 0, 0, 0]));
+        assert_eq!(json["error"], "bad");
     }
 }

@@ -38,7 +38,9 @@ pub fn read_manifest(csv_path: &Path) -> Result<Vec<Sample>> {
         let positive = match row.get(label_col).unwrap_or("") {
             "cetacean" => true,
             "non_cetacean" => false,
-            other => return Err(err(format!("line {line}: label must be `cetacean` or `non_cetacean`, got `{other}`"))),
+            other => {
+                return Err(err(format!("line {line}: label must be `cetacean` or `non_cetacean`, got `{other}`")))
+            }
         };
         if rel.is_empty() {
             return Err(err(format!("line {line}: empty relpath")));
@@ -95,7 +97,13 @@ pub fn roc_auc(scored: &[(f64, bool)]) -> Option<f64> {
     let mut wins = 0.0;
     for p in &pos {
         for n in &neg {
-            wins += if p > n { 1.0 } else if p == n { 0.5 } else { 0.0 };
+            wins += if p > n {
+                1.0
+            } else if p == n {
+                0.5
+            } else {
+                0.0
+            };
         }
     }
     Some(wins / (pos.len() * neg.len()) as f64)
@@ -250,13 +258,34 @@ impl Report {
     pub fn table(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
-        let _ = writeln!(s, "pre-filter {} ({}, {}){} on {}", self.model, self.variant, self.backend,
-            if self.random_weights { " -- RANDOM WEIGHTS" } else { "" }, self.manifest.display());
-        let _ = writeln!(s, "{} positives, {} negatives, {} unreadable; {:.1} ms/image\n", self.positives, self.negatives, self.failures.len(), self.mean_ms_per_image);
-        let _ = writeln!(s, "{:<26} {:>9} {:>6} {:>6} {:>9} {:>6}   {:>3} {:>3} {:>3} {:>3}", "", "threshold", "TPR", "TNR", "precision", "F1", "TP", "FP", "TN", "FN");
+        let _ = writeln!(
+            s,
+            "pre-filter {} ({}, {}){} on {}",
+            self.model,
+            self.variant,
+            self.backend,
+            if self.random_weights { " -- RANDOM WEIGHTS" } else { "" },
+            self.manifest.display()
+        );
+        let _ = writeln!(
+            s,
+            "{} positives, {} negatives, {} unreadable; {:.1} ms/image\n",
+            self.positives,
+            self.negatives,
+            self.failures.len(),
+            self.mean_ms_per_image
+        );
+        let _ = writeln!(
+            s,
+            "{:<26} {:>9} {:>6} {:>6} {:>9} {:>6}   {:>3} {:>3} {:>3} {:>3}",
+            "", "threshold", "TPR", "TNR", "precision", "F1", "TP", "FP", "TN", "FN"
+        );
         let mut row = |name: &str, r: &Rates| {
-            let _ = writeln!(s, "{:<26} {:>9.4} {:>6.3} {:>6.3} {:>9.3} {:>6.3}   {:>3} {:>3} {:>3} {:>3}",
-                name, r.threshold, r.tpr, r.tnr, r.precision, r.f1, r.tp, r.fp, r.tn, r.fn_);
+            let _ = writeln!(
+                s,
+                "{:<26} {:>9.4} {:>6.3} {:>6.3} {:>9.3} {:>6.3}   {:>3} {:>3} {:>3} {:>3}",
+                name, r.threshold, r.tpr, r.tnr, r.precision, r.f1, r.tp, r.fp, r.tn, r.fn_
+            );
         };
         row("configured threshold", &self.at_threshold);
         if let Some(r) = &self.at_upstream_calibration {
@@ -267,15 +296,25 @@ impl Report {
         }
         let _ = writeln!(s);
         match self.roc_auc {
-            Some(a) => { let _ = writeln!(s, "ROC AUC {a:.4}"); }
-            None => { let _ = writeln!(s, "ROC AUC n/a (needs positives and negatives)"); }
+            Some(a) => {
+                let _ = writeln!(s, "ROC AUC {a:.4}");
+            }
+            None => {
+                let _ = writeln!(s, "ROC AUC n/a (needs positives and negatives)");
+            }
         }
         if self.upstream_calibration_threshold.is_none() {
             let _ = writeln!(s, "upstream calibration rule (TNR >= 0.90 with TPR >= 0.85): no threshold qualifies");
         }
         if let Some(id) = &self.identification {
-            let _ = writeln!(s, "identification: top-1 {:.3}, top-5 {:.3} over {} positives with known ids{}", id.top1, id.top5, id.n,
-                if id.random_weights { " (RANDOM WEIGHTS: expect ~0)" } else { "" });
+            let _ = writeln!(
+                s,
+                "identification: top-1 {:.3}, top-5 {:.3} over {} positives with known ids{}",
+                id.top1,
+                id.top5,
+                id.n,
+                if id.random_weights { " (RANDOM WEIGHTS: expect ~0)" } else { "" }
+            );
         }
         for f in &self.failures {
             let _ = writeln!(s, "unreadable: {}: {}", f.path.display(), f.error);
@@ -285,7 +324,8 @@ impl Report {
 
     /// The ROC curve as a small standalone SVG.
     pub fn roc_svg(&self) -> String {
-        let pts: Vec<String> = self.roc.iter().map(|(x, y)| format!("{:.1},{:.1}", 40.0 + x * 300.0, 330.0 - y * 300.0)).collect();
+        let pts: Vec<String> =
+            self.roc.iter().map(|(x, y)| format!("{:.1},{:.1}", 40.0 + x * 300.0, 330.0 - y * 300.0)).collect();
         format!(
             r##"<svg xmlns="http://www.w3.org/2000/svg" width="360" height="370" font-family="sans-serif" font-size="12">
 <rect x="40" y="30" width="300" height="300" fill="none" stroke="#888"/>
@@ -309,7 +349,16 @@ mod tests {
 
     fn set() -> Vec<(f64, bool)> {
         // 4 positives, 4 negatives; one negative outscores one positive.
-        vec![(0.9, true), (0.8, true), (0.3, true), (0.6, true), (0.1, false), (0.2, false), (0.4, false), (0.05, false)]
+        vec![
+            (0.9, true),
+            (0.8, true),
+            (0.3, true),
+            (0.6, true),
+            (0.1, false),
+            (0.2, false),
+            (0.4, false),
+            (0.05, false),
+        ]
     }
 
     #[test]

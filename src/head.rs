@@ -28,7 +28,8 @@ impl IdentificationHead {
         let err = |msg: String| Error::model(manifest, msg);
         let open = |p: &Path| -> Result<npyz::NpyFile<std::io::BufReader<std::fs::File>>> {
             let f = std::fs::File::open(p).map_err(|e| err(format!("cannot open {}: {e}", p.display())))?;
-            npyz::NpyFile::new(std::io::BufReader::new(f)).map_err(|e| err(format!("{} is not a .npy file: {e}", p.display())))
+            npyz::NpyFile::new(std::io::BufReader::new(f))
+                .map_err(|e| err(format!("{} is not a .npy file: {e}", p.display())))
         };
 
         let npy = open(&spec.head)?;
@@ -40,14 +41,17 @@ impl IdentificationHead {
             return Err(err(format!("{} rows have {cols} values but the embedder outputs {dim}", spec.head.display())));
         }
         if (slots as usize) < spec.active_slots {
-            return Err(err(format!("{} has {slots} rows, fewer than active_slots = {}", spec.head.display(), spec.active_slots)));
+            return Err(err(format!(
+                "{} has {slots} rows, fewer than active_slots = {}",
+                spec.head.display(),
+                spec.active_slots
+            )));
         }
         if npy.order() != npyz::Order::C {
             return Err(err(format!("{} is Fortran-ordered; save it with np.ascontiguousarray", spec.head.display())));
         }
-        let mut centres: Vec<f32> = npy
-            .into_vec()
-            .map_err(|e| err(format!("{}: expected float32 values: {e}", spec.head.display())))?;
+        let mut centres: Vec<f32> =
+            npy.into_vec().map_err(|e| err(format!("{}: expected float32 values: {e}", spec.head.display())))?;
         centres.truncate(spec.active_slots * dim);
         for (i, row) in centres.chunks_exact_mut(dim).enumerate() {
             let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
@@ -62,21 +66,32 @@ impl IdentificationHead {
             return Err(err(format!(
                 "{} holds a pickled object array, which whaled does not unpickle; re-save it as text: \
                  python3 -c \"import numpy as np; a=np.load('{0}', allow_pickle=True); np.save('{0}', a.astype(str))\"",
-                spec.labels.display())));
+                spec.labels.display()
+            )));
         }
         let ids: Vec<String> = npy
             .into_vec()
             .map_err(|e| err(format!("{}: expected a numpy string array: {e}", spec.labels.display())))?;
         if ids.len() < spec.active_slots {
-            return Err(err(format!("{} has {} labels, fewer than active_slots = {}", spec.labels.display(), ids.len(), spec.active_slots)));
+            return Err(err(format!(
+                "{} has {} labels, fewer than active_slots = {}",
+                spec.labels.display(),
+                ids.len(),
+                spec.active_slots
+            )));
         }
         let ids: Vec<String> = ids.into_iter().take(spec.active_slots).collect();
 
-        let mut reader = csv::Reader::from_path(&spec.species_map).map_err(|e| err(format!("{}: {e}", spec.species_map.display())))?;
+        let mut reader = csv::Reader::from_path(&spec.species_map)
+            .map_err(|e| err(format!("{}: {e}", spec.species_map.display())))?;
         let headers = reader.headers().map_err(|e| err(format!("{}: {e}", spec.species_map.display())))?.clone();
         let col = |name: &str| headers.iter().position(|h| h == name);
         let (Some(id_col), Some(sp_col)) = (col("individual_id"), col("species")) else {
-            return Err(err(format!("{} needs columns individual_id,species; it has {:?}", spec.species_map.display(), headers)));
+            return Err(err(format!(
+                "{} needs columns individual_id,species; it has {:?}",
+                spec.species_map.display(),
+                headers
+            )));
         };
         let mut map = HashMap::new();
         for (n, row) in reader.records().enumerate() {
@@ -85,7 +100,13 @@ impl IdentificationHead {
                 (Some(id), Some(sp)) => {
                     map.insert(id.to_string(), sp.to_string());
                 }
-                _ => return Err(err(format!("{} row {}: missing individual_id or species", spec.species_map.display(), n + 2))),
+                _ => {
+                    return Err(err(format!(
+                        "{} row {}: missing individual_id or species",
+                        spec.species_map.display(),
+                        n + 2
+                    )))
+                }
             }
         }
         let mut missing = 0usize;
@@ -99,8 +120,12 @@ impl IdentificationHead {
             })
             .collect();
         if missing > 0 {
-            log::warn!("{}: {missing} of {} active individuals have no species in {}; reported as \"unknown\"",
-                manifest.display(), spec.active_slots, spec.species_map.display());
+            log::warn!(
+                "{}: {missing} of {} active individuals have no species in {}; reported as \"unknown\"",
+                manifest.display(),
+                spec.active_slots,
+                spec.species_map.display()
+            );
         }
         Ok(IdentificationHead { dim, centres, ids, species })
     }
@@ -109,7 +134,11 @@ impl IdentificationHead {
     pub fn from_parts(dim: usize, mut centres: Vec<f32>, ids: Vec<String>, species: Vec<String>) -> Result<Self> {
         if dim == 0 || centres.len() != ids.len() * dim || species.len() != ids.len() || ids.is_empty() {
             return Err(Error::Input(format!(
-                "head parts disagree: {} centre values, dim {dim}, {} ids, {} species", centres.len(), ids.len(), species.len())));
+                "head parts disagree: {} centre values, dim {dim}, {} ids, {} species",
+                centres.len(),
+                ids.len(),
+                species.len()
+            )));
         }
         for row in centres.chunks_exact_mut(dim) {
             let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
@@ -139,6 +168,8 @@ impl IdentificationHead {
     /// Cosine similarity of an (L2-normalised) embedding with every active class centre.
     pub fn cosines(&self, embedding: &[f32], out: &mut Vec<f32>) {
         out.clear();
-        out.extend(self.centres.chunks_exact(self.dim).map(|row| row.iter().zip(embedding).map(|(a, b)| a * b).sum::<f32>()));
+        out.extend(
+            self.centres.chunks_exact(self.dim).map(|row| row.iter().zip(embedding).map(|(a, b)| a * b).sum::<f32>()),
+        );
     }
 }

@@ -74,7 +74,10 @@ impl Identifier {
     pub fn from_config(cfg: &Config) -> Result<Identifier> {
         let manifest = ModelManifest::load(&cfg.prefilter.manifest)?;
         let Role::Prefilter(spec) = &manifest.role else {
-            return Err(Error::model(manifest.path(), "is configured as [prefilter] but its role is not \"prefilter\""));
+            return Err(Error::model(
+                manifest.path(),
+                "is configured as [prefilter] but its role is not \"prefilter\"",
+            ));
         };
         let positive_classes = spec.positive_classes.clone();
         let threshold = cfg.prefilter.threshold.unwrap_or(spec.threshold).get();
@@ -85,7 +88,10 @@ impl Identifier {
             Some(idc) => {
                 let manifest = ModelManifest::load(&idc.manifest)?;
                 let Role::Embedder(spec) = manifest.role.clone() else {
-                    return Err(Error::model(manifest.path(), "is configured as [identification] but its role is not \"embedder\""));
+                    return Err(Error::model(
+                        manifest.path(),
+                        "is configured as [identification] but its role is not \"embedder\"",
+                    ));
                 };
                 let OutputKind::Embedding { dim } = manifest.output.kind else {
                     return Err(Error::model(manifest.path(), "an embedder must output an embedding"));
@@ -174,8 +180,15 @@ impl Identifier {
         })
     }
 
-    fn identify(&self, id: &Identification, ws: &mut Workspace, frame: &RgbImage, timings: &mut Timings) -> Result<Identified> {
-        let pre = ws.embedder.as_mut().ok_or_else(|| Error::Input("workspace was made for another identifier".into()))?;
+    fn identify(
+        &self,
+        id: &Identification,
+        ws: &mut Workspace,
+        frame: &RgbImage,
+        timings: &mut Timings,
+    ) -> Result<Identified> {
+        let pre =
+            ws.embedder.as_mut().ok_or_else(|| Error::Input("workspace was made for another identifier".into()))?;
         let t = Instant::now();
         pre.run(frame, &mut ws.tensor)?;
         let t1 = Instant::now();

@@ -27,10 +27,8 @@ pub fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
+    let mut entries: Vec<PathBuf> =
+        std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     entries.sort();
     for p in entries {
         if p.is_dir() {
@@ -55,9 +53,8 @@ pub fn decode_file(path: &Path) -> Result<RgbImage> {
 /// Decodes an in-memory image (JPEG or PNG) to RGB8; `name` labels errors.
 pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage> {
     let fail = |msg: String| Error::Image { source_name: name.to_string(), msg };
-    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| fail(e.to_string()))?;
+    let reader =
+        image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| fail(e.to_string()))?;
     match reader.format() {
         None => return Err(fail("not a JPEG or PNG image".into())),
         Some(image::ImageFormat::Jpeg) if !has_jpeg_end(bytes) => {

@@ -12,10 +12,11 @@ pub mod manifest;
 pub mod model;
 
 pub use error::{Error, Result};
+pub mod bench;
 pub mod detection;
+pub mod eval;
 pub mod head;
 pub mod identify;
+pub mod images;
 pub mod preprocess;
 pub mod scoring;
-pub mod eval;
-pub mod images;

@@ -8,8 +8,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use whaled::config::{Config, Origin};
+use whaled::config::{ExecutionProvider, InferenceConfig, OrtConfig};
 use whaled::detection::{Detection, FrameMeta};
 use whaled::identify::Identifier;
+use whaled::manifest::{BackendKind, ModelManifest};
+use whaled::model::Model;
 use whaled::{eval, images, Error};
 
 #[derive(Parser)]
@@ -47,23 +50,50 @@ enum Command {
         #[arg(long)]
         roc: Option<PathBuf>,
     },
-    /// Validate a config file (and the model manifests it names); exit 0 if valid.
-    CheckConfig {
-        file: PathBuf,
+    /// Time a model's preprocessing and inference on this machine.
+    Bench {
+        /// A shipped model name or a path to a model.toml.
+        #[arg(long, default_value = "efficientnet-lite0")]
+        model: String,
+        /// Which ONNX file of the model (default: the manifest's preference for the backend).
+        #[arg(long)]
+        variant: Option<String>,
+        #[arg(long, value_enum, default_value = "tract")]
+        backend: BackendArg,
+        /// Intra-op threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// onnxruntime library (default: $ORT_DYLIB_PATH).
+        #[arg(long)]
+        ort_library: Option<PathBuf>,
+        /// Image to feed (default: a synthetic 1920x1080 frame).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
     },
+    /// Validate a config file (and the model manifests it names); exit 0 if valid.
+    CheckConfig { file: PathBuf },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BackendArg {
+    Tract,
+    Onnxruntime,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::new()
-        .filter_level(cli.log_level)
-        .parse_env("RUST_LOG")
-        .format_timestamp_millis()
-        .init();
+    env_logger::Builder::new().filter_level(cli.log_level).parse_env("RUST_LOG").format_timestamp_millis().init();
     let result = match cli.command {
         Command::Identify { config, paths } => identify(config, &paths),
         Command::Eval { config, manifest, json, roc } => run_eval(config, &manifest, json, roc),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Bench { model, variant, backend, threads, ort_library, image, warmup, runs } => {
+            bench(&model, variant.as_deref(), backend, threads, ort_library, image, warmup, runs)
+        }
     };
     match result {
         Ok(code) => code,
@@ -82,7 +112,9 @@ fn load(config: Option<PathBuf>) -> Result<(Config, Identifier), Error> {
     }
     let identifier = Identifier::from_config(&cfg)?;
     if !identifier.has_identification() {
-        log::info!("no identification model configured: frames that pass the pre-filter are reported as cetacean_unidentified");
+        log::info!(
+            "no identification model configured: frames that pass the pre-filter are reported as cetacean_unidentified"
+        );
     }
     Ok((cfg, identifier))
 }
@@ -91,7 +123,10 @@ fn identify(config: Option<PathBuf>, paths: &[PathBuf]) -> Result<ExitCode, Erro
     let (cfg, identifier) = load(config)?;
     let files = images::expand(paths)?;
     if files.is_empty() {
-        return Err(Error::Input(format!("no images found in {}", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))));
+        return Err(Error::Input(format!(
+            "no images found in {}",
+            paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        )));
     }
     let mut ws = identifier.workspace();
     let stdout = std::io::stdout();
@@ -99,7 +134,9 @@ fn identify(config: Option<PathBuf>, paths: &[PathBuf]) -> Result<ExitCode, Erro
     let mut failed = 0usize;
     for path in &files {
         let meta = FrameMeta {
-            image_ind: path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            image_ind: path
+                .file_name()
+                .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned()),
             source: path.display().to_string(),
             captured_at: images::mtime(path),
         };
@@ -128,10 +165,16 @@ fn identify(config: Option<PathBuf>, paths: &[PathBuf]) -> Result<ExitCode, Erro
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn run_eval(config: Option<PathBuf>, manifest: &std::path::Path, json: bool, roc: Option<PathBuf>) -> Result<ExitCode, Error> {
+fn run_eval(
+    config: Option<PathBuf>,
+    manifest: &std::path::Path,
+    json: bool,
+    roc: Option<PathBuf>,
+) -> Result<ExitCode, Error> {
     let (_cfg, identifier) = load(config)?;
     let samples = eval::read_manifest(manifest)?;
-    let bar = indicatif::ProgressBar::with_draw_target(Some(samples.len() as u64), indicatif::ProgressDrawTarget::stderr());
+    let bar =
+        indicatif::ProgressBar::with_draw_target(Some(samples.len() as u64), indicatif::ProgressDrawTarget::stderr());
     if !std::io::stderr().is_terminal() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
@@ -159,5 +202,41 @@ fn check_config(file: &std::path::Path) -> Result<ExitCode, Error> {
         println!("{line}");
     }
     println!("{}: ok (device_id {}, backend {})", file.display(), cfg.device_id, cfg.inference.backend.name());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench(
+    model: &str,
+    variant: Option<&str>,
+    backend: BackendArg,
+    threads: usize,
+    ort_library: Option<PathBuf>,
+    image: Option<PathBuf>,
+    warmup: usize,
+    runs: usize,
+) -> Result<ExitCode, Error> {
+    let backend = match backend {
+        BackendArg::Tract => BackendKind::Tract,
+        BackendArg::Onnxruntime => BackendKind::Onnxruntime,
+    };
+    let manifest =
+        whaled::config::resolve_model(&std::env::current_dir().unwrap_or_default(), model).map_err(Error::Input)?;
+    let inference = InferenceConfig {
+        backend,
+        threads: threads.max(1),
+        onnxruntime: OrtConfig { library: ort_library, execution_providers: vec![ExecutionProvider::Cpu] },
+    };
+    let model = Model::load(ModelManifest::load(&manifest)?, variant, &inference)?;
+    let frame = match &image {
+        Some(p) => images::decode_file(p)?,
+        None => whaled::bench::synthetic_frame(),
+    };
+    let r = whaled::bench::bench_model(&model, &frame, warmup, runs)?;
+    println!(
+        "model={} variant={} backend={} threads={} frame={}x{} runs={} preprocess_median_ms={:.2} inference_median_ms={:.2} inference_p90_ms={:.2} inference_min_ms={:.2}",
+        model.manifest().name, model.variant().name, backend.name(), inference.threads, frame.width(), frame.height(), runs.max(1),
+        r.preprocess.median, r.inference.median, r.inference.p90, r.inference.min
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -189,7 +189,7 @@ pub enum OutputKind {
 
 impl OutputKind {
     /// Number of values in the output tensor.
-    pub fn len(self) -> usize {
+    pub fn values(self) -> usize {
         match self {
             OutputKind::Logits { classes } | OutputKind::Probabilities { classes } => classes,
             OutputKind::Embedding { dim } => dim,
@@ -280,11 +280,18 @@ impl ModelManifest {
                     return Err(err(format!("variant `{}`: sha256 must be 64 hex digits, got `{h}`", v.name)));
                 }
             }
-            variants.push(Variant { name: v.name, file: dir.join(v.file), sha256: v.sha256.map(|h| h.to_ascii_lowercase()) });
+            variants.push(Variant {
+                name: v.name,
+                file: dir.join(v.file),
+                sha256: v.sha256.map(|h| h.to_ascii_lowercase()),
+            });
         }
         for (backend, name) in &raw.preferred_variant {
             if !variants.iter().any(|v| &v.name == name) {
-                return Err(err(format!("preferred_variant.{} = `{name}` names no [[variants]] entry", backend.name())));
+                return Err(err(format!(
+                    "preferred_variant.{} = `{name}` names no [[variants]] entry",
+                    backend.name()
+                )));
             }
         }
 
@@ -318,8 +325,14 @@ impl ModelManifest {
             (OutputKindName::Logits, Some(c), None) => OutputKind::Logits { classes: c.get() },
             (OutputKindName::Probabilities, Some(c), None) => OutputKind::Probabilities { classes: c.get() },
             (OutputKindName::Embedding, None, Some(d)) => OutputKind::Embedding { dim: d.get() },
-            (OutputKindName::Embedding, _, _) => return Err(err("output.kind = \"embedding\" needs output.dim and no output.classes".into())),
-            _ => return Err(err("output.kind = \"logits\"/\"probabilities\" needs output.classes and no output.dim".into())),
+            (OutputKindName::Embedding, _, _) => {
+                return Err(err("output.kind = \"embedding\" needs output.dim and no output.classes".into()))
+            }
+            _ => {
+                return Err(err(
+                    "output.kind = \"logits\"/\"probabilities\" needs output.classes and no output.dim".into()
+                ))
+            }
         };
         let output = OutputSpec { name: o.name, kind };
 
@@ -327,13 +340,17 @@ impl ModelManifest {
             (RoleName::Prefilter, Some(p), None) => {
                 let classes = match kind {
                     OutputKind::Logits { classes } | OutputKind::Probabilities { classes } => classes,
-                    OutputKind::Embedding { .. } => return Err(err("a prefilter's output.kind must be \"logits\" or \"probabilities\"".into())),
+                    OutputKind::Embedding { .. } => {
+                        return Err(err("a prefilter's output.kind must be \"logits\" or \"probabilities\"".into()))
+                    }
                 };
                 if p.positive_classes.is_empty() {
                     return Err(err("prefilter.positive_classes is empty: the score would always be 0".into()));
                 }
                 if let Some(c) = p.positive_classes.iter().find(|&&c| c >= classes) {
-                    return Err(err(format!("prefilter.positive_classes has class {c}, but the output has only {classes} classes")));
+                    return Err(err(format!(
+                        "prefilter.positive_classes has class {c}, but the output has only {classes} classes"
+                    )));
                 }
                 Role::Prefilter(PrefilterSpec { positive_classes: p.positive_classes, threshold: p.threshold })
             }
@@ -352,8 +369,12 @@ impl ModelManifest {
                     model_version: e.model_version,
                 })
             }
-            (RoleName::Prefilter, _, _) => return Err(err("role = \"prefilter\" needs a [prefilter] table and no [embedder] table".into())),
-            (RoleName::Embedder, _, _) => return Err(err("role = \"embedder\" needs an [embedder] table and no [prefilter] table".into())),
+            (RoleName::Prefilter, _, _) => {
+                return Err(err("role = \"prefilter\" needs a [prefilter] table and no [embedder] table".into()))
+            }
+            (RoleName::Embedder, _, _) => {
+                return Err(err("role = \"embedder\" needs an [embedder] table and no [prefilter] table".into()))
+            }
         };
 
         Ok(ModelManifest {
@@ -443,7 +464,11 @@ threshold = 0.05
     #[test]
     fn invalid_manifests_name_the_problem() {
         let cases: &[(&str, &str, &str)] = &[
-            ("positive_classes = [147, 148]", "positive_classes = [1000]", "has class 1000, but the output has only 1000 classes"),
+            (
+                "positive_classes = [147, 148]",
+                "positive_classes = [1000]",
+                "has class 1000, but the output has only 1000 classes",
+            ),
             ("positive_classes = [147, 148]", "positive_classes = []", "positive_classes is empty"),
             ("threshold = 0.05", "threshold = 5", "expected a probability between 0 and 1, got 5"),
             ("crop_fraction = 0.875", "crop_fraction = 1.5", "crop_fraction must be in (0, 1]"),
@@ -468,6 +493,6 @@ threshold = 0.05
     fn errors_carry_line_numbers() {
         let src = PREFILTER.replace("threshold = 0.05", "threshold = 5");
         let e = parse(&src).unwrap_err().to_string();
-        assert!(e.contains("line 24"), "{e}");
+        assert!(e.contains("line 23"), "{e}");
     }
 }

@@ -98,9 +98,12 @@ impl Model {
             return Err(self.inference_error(format!("input has {} values, expected {want}", input.len())));
         }
         let out = self.backend.run(input)?;
-        if out.len() != self.manifest.output.kind.len() {
+        if out.len() != self.manifest.output.kind.values() {
             return Err(self.inference_error(format!(
-                "output has {} values, expected {}", out.len(), self.manifest.output.kind.len())));
+                "output has {} values, expected {}",
+                out.len(),
+                self.manifest.output.kind.values()
+            )));
         }
         Ok(out)
     }
@@ -112,7 +115,13 @@ impl Model {
 
 /// Compares a graph's declared dims (`None` = symbolic/unknown) against the manifest's expectation.
 /// Used by both backends so that they report mismatches in the same words.
-pub(crate) fn check_dims(manifest: &Path, what: &str, name: &str, declared: &[Option<i64>], want: &[usize]) -> Result<()> {
+pub(crate) fn check_dims(
+    manifest: &Path,
+    what: &str,
+    name: &str,
+    declared: &[Option<i64>],
+    want: &[usize],
+) -> Result<()> {
     let fmt = |d: &[Option<i64>]| {
         d.iter().map(|x| x.map_or("?".to_string(), |v| v.to_string())).collect::<Vec<_>>().join("x")
     };
@@ -122,9 +131,14 @@ pub(crate) fn check_dims(manifest: &Path, what: &str, name: &str, declared: &[Op
     if ok {
         Ok(())
     } else {
-        Err(Error::model(manifest, format!(
-            "the ONNX graph's {what} `{name}` is {}, but the manifest describes {}",
-            fmt(declared), fmt(&want_i))))
+        Err(Error::model(
+            manifest,
+            format!(
+                "the ONNX graph's {what} `{name}` is {}, but the manifest describes {}",
+                fmt(declared),
+                fmt(&want_i)
+            ),
+        ))
     }
 }
 

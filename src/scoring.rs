@@ -23,7 +23,9 @@ pub fn softmax(values: impl Iterator<Item = f64> + Clone) -> Vec<f64> {
 pub fn prefilter_score(output: &[f32], kind: OutputKind, positive_classes: &[usize]) -> f64 {
     let probs: Vec<f64> = match kind {
         OutputKind::Logits { .. } => softmax(output.iter().map(|&v| f64::from(v))),
-        OutputKind::Probabilities { .. } | OutputKind::Embedding { .. } => output.iter().map(|&v| f64::from(v)).collect(),
+        OutputKind::Probabilities { .. } | OutputKind::Embedding { .. } => {
+            output.iter().map(|&v| f64::from(v)).collect()
+        }
     };
     positive_classes.iter().filter_map(|&c| probs.get(c)).sum()
 }
@@ -70,7 +72,13 @@ mod tests {
     fn rank_matches_numpy_worked_example() {
         let cos = [0.62f32, 0.55, 0.10, -0.20, 0.58, 0.30];
         let top = rank(&cos, 30.0, 5);
-        let want = [(0, 0.7023860223412006), (4, 0.2115546044572037), (1, 0.08601168355072246), (5, 4.757171782200611e-05), (2, 1.1791849909905544e-07)];
+        let want = [
+            (0, 0.7023860223412006),
+            (4, 0.2115546044572037),
+            (1, 0.08601168355072246),
+            (5, 4.757171782200611e-05),
+            (2, 1.1791849909905544e-07),
+        ];
         assert_eq!(top.len(), 5);
         for (got, (slot, p)) in top.iter().zip(want) {
             assert_eq!(got.slot, slot);
@@ -102,7 +110,16 @@ mod tests {
     /// Expected values are Python's own `round(x, 4)` outputs.
     #[test]
     fn round4_matches_python() {
-        let cases = [(0.00005, 0.0001), (0.00015, 0.0001), (0.12345, 0.1235), (0.123456, 0.1235), (2.675e-4, 0.0003), (0.99995, 1.0), (0.5, 0.5), (0.0, 0.0)];
+        let cases = [
+            (0.00005, 0.0001),
+            (0.00015, 0.0001),
+            (0.12345, 0.1235),
+            (0.123456, 0.1235),
+            (2.675e-4, 0.0003),
+            (0.99995, 1.0),
+            (0.5, 0.5),
+            (0.0, 0.0),
+        ];
         for (x, want) in cases {
             assert_eq!(round4(x), want, "round4({x})");
         }

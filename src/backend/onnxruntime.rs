@@ -26,10 +26,10 @@ pub fn load(req: &LoadRequest) -> Result<Box<dyn Backend>> {
 #[cfg(feature = "onnxruntime")]
 mod imp {
     use std::path::PathBuf;
-    use std::sync::{Mutex, OnceLock};
+    use std::sync::Mutex;
 
-    use ort::ep::{self, ExecutionProvider as _};
     use ort::environment::Environment;
+    use ort::ep::{self, ExecutionProvider as _};
     use ort::session::builder::GraphOptimizationLevel;
     use ort::session::Session;
     use ort::value::TensorRef;
@@ -38,8 +38,9 @@ mod imp {
     use crate::error::{Error, Result};
     use crate::model::{check_dims, output_shape_ok, Backend, LoadRequest};
 
-    /// The process-wide onnxruntime environment and the library it was loaded from.
-    static ENV: OnceLock<std::result::Result<(Environment, PathBuf), String>> = OnceLock::new();
+    /// The process-wide onnxruntime environment and the library it was loaded from. Only a success is
+    /// kept: a failed load (wrong path) may be retried with another library.
+    static ENV: Mutex<Option<(&'static Environment, PathBuf)>> = Mutex::new(None);
 
     fn environment(cfg: &OrtConfig) -> std::result::Result<&'static Environment, String> {
         let wanted = cfg
@@ -47,25 +48,31 @@ mod imp {
             .clone()
             .or_else(|| std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()).map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"));
-        let entry = ENV.get_or_init(|| {
-            let builder = ort::init_from(&wanted).map_err(|e| {
-                format!(
-                    "cannot load onnxruntime from {}: {e} (set inference.onnxruntime.library or ORT_DYLIB_PATH \
-                     to a libonnxruntime.so, e.g. the one in the PyPI onnxruntime wheel under onnxruntime/capi/)",
+        let mut slot = ENV.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((env, loaded)) = slot.as_ref() {
+            return if *loaded == wanted {
+                Ok(*env)
+            } else {
+                Err(format!(
+                    "onnxruntime is already loaded from {} in this process; cannot also load {}",
+                    loaded.display(),
                     wanted.display()
-                )
-            })?;
-            let env = builder.with_name("whaled").build().map_err(|e| format!("onnxruntime environment: {e}"))?;
-            log::info!("onnxruntime loaded from {}", wanted.display());
-            Ok((env, wanted.clone()))
-        });
-        match entry {
-            Ok((env, loaded)) if *loaded == wanted => Ok(env),
-            Ok((_, loaded)) => Err(format!(
-                "onnxruntime is already loaded from {} in this process; cannot also load {}",
-                loaded.display(), wanted.display())),
-            Err(e) => Err(e.clone()),
+                ))
+            };
         }
+        let builder = ort::init_from(&wanted).map_err(|e| {
+            format!(
+                "cannot load onnxruntime from {}: {e} (set inference.onnxruntime.library or ORT_DYLIB_PATH \
+                 to a libonnxruntime.so, e.g. the one in the PyPI onnxruntime wheel under onnxruntime/capi/)",
+                wanted.display()
+            )
+        })?;
+        let env = builder.with_name("whaled").build().map_err(|e| format!("onnxruntime environment: {e}"))?;
+        log::info!("onnxruntime loaded from {}", wanted.display());
+        // One environment per process, alive until exit: leaking it gives the `'static` sessions need.
+        let env: &'static Environment = Box::leak(Box::new(env));
+        *slot = Some((env, wanted));
+        Ok(env)
     }
 
     pub struct OrtBackend {
@@ -93,7 +100,9 @@ mod imp {
             let mut registered = Vec::new();
             for provider in &cfg.execution_providers {
                 let (name, available, dispatch) = match provider {
-                    ExecutionProvider::Tensorrt => ("tensorrt", ep::TensorRT::is_available(), ep::TensorRT::default().build()),
+                    ExecutionProvider::Tensorrt => {
+                        ("tensorrt", ep::TensorRT::is_available(), ep::TensorRT::default().build())
+                    }
                     ExecutionProvider::Cuda => ("cuda", ep::CUDA::is_available(), ep::CUDA::default().build()),
                     ExecutionProvider::Cpu => ("cpu", ep::CPU::is_available(), ep::CPU::default().build()),
                 };
@@ -104,7 +113,10 @@ mod imp {
                         continue;
                     }
                     Err(e) => {
-                        log::warn!("model {}: cannot query onnxruntime execution provider `{name}`: {e}; skipping it", m.name);
+                        log::warn!(
+                            "model {}: cannot query onnxruntime execution provider `{name}`: {e}; skipping it",
+                            m.name
+                        );
                         continue;
                     }
                 }
@@ -114,7 +126,10 @@ mod imp {
                         b
                     }
                     Err(e) => {
-                        log::warn!("model {}: onnxruntime execution provider `{name}` failed to register: {e}; falling back", m.name);
+                        log::warn!(
+                            "model {}: onnxruntime execution provider `{name}` failed to register: {e}; falling back",
+                            m.name
+                        );
                         e.recover()
                     }
                 };
@@ -127,11 +142,18 @@ mod imp {
                 .map_err(|e| oe(&format!("cannot load {}", req.variant.file.display()), e))?;
 
             if session.inputs().len() != 1 {
-                return Err(err(format!("the ONNX graph has {} inputs; whaled models take exactly one image", session.inputs().len())));
+                return Err(err(format!(
+                    "the ONNX graph has {} inputs; whaled models take exactly one image",
+                    session.inputs().len()
+                )));
             }
             let input = &session.inputs()[0];
             if input.name() != m.input.name {
-                return Err(err(format!("the ONNX graph's input is `{}`, the manifest says `{}`", input.name(), m.input.name)));
+                return Err(err(format!(
+                    "the ONNX graph's input is `{}`, the manifest says `{}`",
+                    input.name(),
+                    m.input.name
+                )));
             }
             let shape = m.input.shape();
             if let Some(s) = input.dtype().tensor_shape() {
@@ -140,15 +162,22 @@ mod imp {
             }
             let Some(output) = session.outputs().iter().find(|o| o.name() == m.output.name) else {
                 let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-                return Err(err(format!("the ONNX graph has no output `{}` (it has: {})", m.output.name, names.join(", "))));
+                return Err(err(format!(
+                    "the ONNX graph has no output `{}` (it has: {})",
+                    m.output.name,
+                    names.join(", ")
+                )));
             };
             if let Some(s) = output.dtype().tensor_shape() {
                 if s.iter().all(|&d| d > 0) {
                     let dims: Vec<usize> = s.iter().map(|&d| d as usize).collect();
-                    if !output_shape_ok(&dims, m.output.kind.len()) {
+                    if !output_shape_ok(&dims, m.output.kind.values()) {
                         return Err(err(format!(
                             "the ONNX graph's output `{}` is {dims:?}, but the manifest describes {} values ({:?})",
-                            m.output.name, m.output.kind.len(), m.output.kind)));
+                            m.output.name,
+                            m.output.kind.values(),
+                            m.output.kind
+                        )));
                     }
                 }
             }
@@ -169,10 +198,11 @@ mod imp {
             let tensor = TensorRef::from_array_view((self.shape, input)).map_err(|e| fail(e.to_string()))?;
             // A poisoned lock only means another thread panicked mid-run; the session itself is intact.
             let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
-            let outputs = session
-                .run(ort::inputs![self.input_name.as_str() => tensor])
-                .map_err(|e| fail(e.to_string()))?;
-            let value = outputs.get(self.output_name.as_str()).ok_or_else(|| fail(format!("no output `{}`", self.output_name)))?;
+            let outputs =
+                session.run(ort::inputs![self.input_name.as_str() => tensor]).map_err(|e| fail(e.to_string()))?;
+            let value = outputs
+                .get(self.output_name.as_str())
+                .ok_or_else(|| fail(format!("no output `{}`", self.output_name)))?;
             let (_, data) = value.try_extract_tensor::<f32>().map_err(|e| fail(e.to_string()))?;
             Ok(data.to_vec())
         }

@@ -182,7 +182,10 @@ impl Config {
             None => default_device_id(),
             Some(s) => {
                 let v = s.get_ref();
-                if v.is_empty() || v.len() > 64 || v.chars().any(|c| matches!(c, '/' | '+' | '#') || c.is_control() || c.is_whitespace()) {
+                if v.is_empty()
+                    || v.len() > 64
+                    || v.chars().any(|c| matches!(c, '/' | '+' | '#') || c.is_control() || c.is_whitespace())
+                {
                     return Err(at(s.span(), "device_id", format!(
                         "expected 1 to 64 characters without '/', '+', '#' or spaces (it becomes an MQTT topic level), got {v:?}")));
                 }
@@ -199,22 +202,30 @@ impl Config {
                     l.get_ref().display())))
             }
         };
-        let execution_providers = raw.inference.onnxruntime.execution_providers.unwrap_or_else(|| vec![ExecutionProvider::Cpu]);
+        let execution_providers =
+            raw.inference.onnxruntime.execution_providers.unwrap_or_else(|| vec![ExecutionProvider::Cpu]);
         if execution_providers.is_empty() {
             return Err(Error::Config(format!(
-                "{}: inference.onnxruntime.execution_providers is empty; list at least \"cpu\"", path.display())));
+                "{}: inference.onnxruntime.execution_providers is empty; list at least \"cpu\"",
+                path.display()
+            )));
         }
 
         let prefilter = match raw.prefilter {
             None => PrefilterConfig {
-                manifest: find_shipped_model(DEFAULT_PREFILTER).ok_or_else(|| Error::Config(format!(
-                    "{}: no [prefilter] table and the shipped model `{DEFAULT_PREFILTER}` is in none of {}",
-                    path.display(), display_dirs(&model_dirs()))))?,
+                manifest: find_shipped_model(DEFAULT_PREFILTER).ok_or_else(|| {
+                    Error::Config(format!(
+                        "{}: no [prefilter] table and the shipped model `{DEFAULT_PREFILTER}` is in none of {}",
+                        path.display(),
+                        display_dirs(&model_dirs())
+                    ))
+                })?,
                 variant: None,
                 threshold: None,
             },
             Some(p) => PrefilterConfig {
-                manifest: resolve_model(dir, p.model.get_ref()).map_err(|m| at(p.model.span(), "prefilter.model", m))?,
+                manifest: resolve_model(dir, p.model.get_ref())
+                    .map_err(|m| at(p.model.span(), "prefilter.model", m))?,
                 variant: p.variant,
                 threshold: p.threshold,
             },
@@ -222,7 +233,8 @@ impl Config {
         let identification = match raw.identification {
             None => None,
             Some(i) => Some(IdentificationConfig {
-                manifest: resolve_model(dir, i.model.get_ref()).map_err(|m| at(i.model.span(), "identification.model", m))?,
+                manifest: resolve_model(dir, i.model.get_ref())
+                    .map_err(|m| at(i.model.span(), "identification.model", m))?,
                 variant: i.variant,
                 min_confidence: i.min_confidence,
                 top_k: i.top_k.map(Count::get),
@@ -306,7 +318,7 @@ pub fn find_shipped_model(name: &str) -> Option<PathBuf> {
 
 /// A model reference is a path to a manifest (contains `/` or ends in `.toml`; relative to the config
 /// file's directory) or the bare name of a shipped model.
-fn resolve_model(config_dir: &Path, reference: &str) -> std::result::Result<PathBuf, String> {
+pub fn resolve_model(config_dir: &Path, reference: &str) -> std::result::Result<PathBuf, String> {
     if reference.contains('/') || reference.ends_with(".toml") {
         let p = config_dir.join(reference);
         return if p.is_file() {
@@ -318,7 +330,10 @@ fn resolve_model(config_dir: &Path, reference: &str) -> std::result::Result<Path
         };
     }
     find_shipped_model(reference).ok_or_else(|| {
-        format!("no shipped model named `{reference}` in {} (or give a path to a model.toml)", display_dirs(&model_dirs()))
+        format!(
+            "no shipped model named `{reference}` in {} (or give a path to a model.toml)",
+            display_dirs(&model_dirs())
+        )
     })
 }
 
@@ -329,8 +344,13 @@ fn display_dirs(dirs: &[PathBuf]) -> String {
 /// The host name (sanitised into a topic-safe id), else "whaled".
 fn default_device_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let id: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).take(64).collect();
-    if id.is_empty() { "whaled".into() } else { id }
+    let id: String =
+        host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).take(64).collect();
+    if id.is_empty() {
+        "whaled".into()
+    } else {
+        id
+    }
 }
 
 #[cfg(test)]
@@ -366,24 +386,43 @@ mod tests {
     #[test]
     fn errors_name_file_line_and_key() {
         let cases: &[(&str, &[&str])] = &[
-            ("[prefilter]\nmodel = \"efficientnet-lite0\"\ntreshold = 0.5\n",
-             &["config/test.toml", "line 3", "unknown field `treshold`", "expected one of `model`, `variant`, `threshold`"]),
-            ("[prefilter]\nmodel = \"efficientnet-lite0\"\nthreshold = 1.2\n",
-             &["line 3", "threshold = 1.2", "expected a probability between 0 and 1, got 1.2"]),
-            ("[inference]\nbackend = \"pytorch\"\n",
-             &["line 2", "unknown variant `pytorch`, expected `tract` or `onnxruntime`"]),
+            (
+                "[prefilter]\nmodel = \"efficientnet-lite0\"\ntreshold = 0.5\n",
+                &[
+                    "config/test.toml",
+                    "line 3",
+                    "unknown field `treshold`",
+                    "expected one of `model`, `variant`, `threshold`",
+                ],
+            ),
+            (
+                "[prefilter]\nmodel = \"efficientnet-lite0\"\nthreshold = 1.2\n",
+                &["line 3", "threshold = 1.2", "expected a probability between 0 and 1, got 1.2"],
+            ),
+            (
+                "[inference]\nbackend = \"pytorch\"\n",
+                &["line 2", "unknown variant `pytorch`, expected `tract` or `onnxruntime`"],
+            ),
             ("[inference]\nthreads = 0\n", &["line 2", "expected a whole number of at least 1, got 0"]),
-            ("\n[prefilter]\nmodel = \"no-such-model\"\n",
-             &["config/test.toml:3:9: prefilter.model: no shipped model named `no-such-model`"]),
-            ("[identification]\nmodel = \"./missing/model.toml\"\n",
-             &["config/test.toml:2:9: identification.model: no model manifest at", "missing/model.toml"]),
+            (
+                "\n[prefilter]\nmodel = \"no-such-model\"\n",
+                &["config/test.toml:3:9: prefilter.model: no shipped model named `no-such-model`"],
+            ),
+            (
+                "[identification]\nmodel = \"./missing/model.toml\"\n",
+                &["config/test.toml:2:9: identification.model: no model manifest at", "missing/model.toml"],
+            ),
             ("device_id = \"boat/1\"\n", &["config/test.toml:1:13: device_id: expected 1 to 64 characters"]),
-            ("[inference.onnxruntime]\nlibrary = \"/nonexistent/libonnxruntime.so\"\n",
-             &["config/test.toml:2:11: inference.onnxruntime.library: no such file /nonexistent/libonnxruntime.so"]),
-            ("[inference.onnxruntime]\nexecution_providers = [\"gpu\"]\n",
-             &["line 2", "unknown variant `gpu`, expected one of `tensorrt`, `cuda`, `cpu`"]),
+            (
+                "[inference.onnxruntime]\nlibrary = \"/nonexistent/libonnxruntime.so\"\n",
+                &["config/test.toml:2:11: inference.onnxruntime.library: no such file /nonexistent/libonnxruntime.so"],
+            ),
+            (
+                "[inference.onnxruntime]\nexecution_providers = [\"gpu\"]\n",
+                &["line 2", "unknown variant `gpu`, expected one of `tensorrt`, `cuda`, `cpu`"],
+            ),
             ("[inference.onnxruntime]\nexecution_providers = []\n", &["execution_providers is empty"]),
-            ("[prefilter\nmodel = 1\n", &["line 1", "invalid table header"]),
+            ("[prefilter\nmodel = 1\n", &["config/test.toml: TOML parse error at line 1"]),
         ];
         for (src, wants) in cases {
             let e = parse(src).expect_err(src).to_string();

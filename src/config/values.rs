@@ -114,6 +114,7 @@ mod tests {
     use super::*;
 
     #[derive(Deserialize, Debug)]
+    #[allow(dead_code)] // only deserialised: the test is whether parsing succeeds
     struct T {
         p: Option<Probability>,
         s: Option<Positive>,

@@ -1,0 +1,265 @@
+//! The `whaled` binary end to end: check-config, identify (including corrupt input and the upstream
+//! sentinels), identification with the generated upstream-topology model, eval, and the onnxruntime
+//! backend selected from a config file.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+use serde_json::Value;
+
+fn whaled(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_whaled"))
+        .args(args)
+        .env_remove("WHALED_CONFIG")
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .output()
+        .expect("run whaled")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json_lines(o: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("stdout line is JSON")).collect()
+}
+
+/// Photos for identify: two JPEGs, a PNG, a corrupt file and a truncated JPEG.
+fn photo_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a_sea.jpg", &jpeg(&frame(1, 640, 480), 90));
+    write(dir.path(), "b_sea.jpg", &jpeg(&frame(2, 320, 240), 90));
+    let mut png = Vec::new();
+    frame(3, 200, 100).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    write(dir.path(), "c_sea.png", &png);
+    write(dir.path(), "d_corrupt.jpg", b"\xff\xd8\xff\xe0 definitely not a jpeg");
+    let full = jpeg(&frame(4, 640, 480), 90);
+    write(dir.path(), "e_truncated.jpg", &full[..full.len() / 2]);
+    dir
+}
+
+fn config(dir: &Path, body: &str) -> PathBuf {
+    write(dir, "whaled.toml", body.as_bytes())
+}
+
+const UPSTREAM_FIELDS: &[&str] = &[
+    "image_ind",
+    "bbox",
+    "class_animal",
+    "id_animal",
+    "probability",
+    "mask",
+    "is_cetacean",
+    "cetacean_score",
+    "rejected",
+    "rejection_reason",
+    "model_version",
+    "candidates",
+];
+
+#[test]
+fn check_config_accepts_the_example_and_names_errors() {
+    let ok = whaled(&["check-config", repo().join("config/whaled.toml").to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("prefilter: efficientnet-lite0-imagenet"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = config(
+        dir.path(),
+        "[inference]\nbackend = \"tract\"\n\n[prefilter]\nmodel = \"efficientnet-lite0\"\nthreshhold = 0.3\n",
+    );
+    let out = whaled(&["check-config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(e.contains("whaled.toml") && e.contains("line 6") && e.contains("unknown field `threshhold`"), "{e}");
+
+    let missing = whaled(&["check-config", "/nonexistent/whaled.toml"]);
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("cannot read config file /nonexistent/whaled.toml"), "{}", stderr(&missing));
+}
+
+#[test]
+fn identify_reports_every_image_and_survives_corrupt_ones() {
+    let photos = photo_dir();
+    let out = whaled(&["identify", photos.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let recs = json_lines(&out);
+    let names: Vec<&str> = recs.iter().map(|r| r["image_ind"].as_str().unwrap()).collect();
+    assert_eq!(names, ["a_sea.jpg", "b_sea.jpg", "c_sea.png", "d_corrupt.jpg", "e_truncated.jpg"]);
+    for r in &recs {
+        for f in UPSTREAM_FIELDS {
+            assert!(r.get(*f).is_some(), "missing upstream field {f} in {r}");
+        }
+        for f in ["event_id", "device_id", "source", "captured_at", "timings"] {
+            assert!(r.get(f).is_some(), "missing field {f} in {r}");
+        }
+        assert!(r["captured_at"].as_str().unwrap().ends_with('Z'));
+        humantime::parse_rfc3339(r["captured_at"].as_str().unwrap()).expect("captured_at is RFC 3339");
+    }
+    assert_eq!(recs[0]["bbox"], serde_json::json!([0, 0, 640, 480]));
+    assert_eq!(recs[2]["bbox"], serde_json::json!([0, 0, 200, 100]));
+    for r in &recs[3..] {
+        assert_eq!(r["rejection_reason"], "corrupted_image", "{r}");
+        assert_eq!(r["rejected"], true);
+        assert_eq!(r["class_animal"], "");
+        assert_eq!(r["id_animal"], "unknown");
+    }
+    assert!(recs[4]["error"].as_str().unwrap().contains("truncated JPEG"), "{}", recs[4]);
+    // No identification model: a frame that passes is cetacean_unidentified, one that fails is unknown.
+    for r in &recs[..3] {
+        let passed = r["is_cetacean"].as_bool().unwrap();
+        assert_eq!(r["id_animal"], if passed { "cetacean_unidentified" } else { "unknown" }, "{r}");
+        assert_eq!(r["rejection_reason"], if passed { Value::Null } else { "not_a_marine_mammal".into() });
+        assert_eq!(r["model_version"], "efficientnet-lite0-imagenet");
+        let score = r["prefilter"]["score"].as_f64().unwrap();
+        assert_eq!(r["cetacean_score"].as_f64().unwrap(), (score * 1e4).round() / 1e4);
+    }
+    let ids: std::collections::HashSet<&str> = recs.iter().map(|r| r["event_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), recs.len(), "event ids must be unique");
+}
+
+#[test]
+fn identify_missing_path_is_an_error() {
+    let out = whaled(&["identify", "/nonexistent/photos"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("/nonexistent/photos"), "{}", stderr(&out));
+}
+
+/// The generated upstream-topology model: every frame passes (threshold 0), identification ranks the
+/// 13,837 active slots, the top-1 and 4 candidates carry 12-hex ids and species from species_map.csv.
+#[test]
+fn identify_with_the_upstream_identification_network() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "whale.jpg", &jpeg(&frame(5, 800, 600), 90));
+    let cfg = config(dir.path(), &format!(
+        "device_id = \"test-boat\"\n[prefilter]\nmodel = \"{}\"\nthreshold = 0.0\n[identification]\nmodel = \"{}\"\nmin_confidence = 0.0\n",
+        b0_manifest().display(), b4_manifest().display()));
+    let out = whaled(&["identify", "--config", cfg.to_str().unwrap(), dir.path().join("whale.jpg").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = &json_lines(&out)[0];
+    assert_eq!(r["device_id"], "test-boat");
+    assert_eq!(r["model_version"], "effb4-arcface-random");
+    assert_eq!(r["is_cetacean"], true);
+    assert_eq!(r["rejected"], false);
+    let id = r["class_animal"].as_str().unwrap();
+    assert!(id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{r}");
+    let species_map = std::fs::read_to_string(generated().join("effb4-arcface-random/species_map.csv")).unwrap();
+    assert!(species_map.contains(&format!("{id},{}\n", r["id_animal"].as_str().unwrap())), "{r}");
+    let cands = r["candidates"].as_array().unwrap();
+    assert_eq!(cands.len(), 4, "top-5 = top-1 + 4 candidates");
+    let mut last = r["probability"].as_f64().unwrap();
+    for c in cands {
+        let p = c["probability"].as_f64().unwrap();
+        assert!(p <= last, "candidates sorted by probability: {r}");
+        assert_eq!(p, (p * 1e4).round() / 1e4, "4 dp");
+        last = p;
+    }
+    assert!(r["timings"]["identification_ms"].as_f64().unwrap() > 0.0);
+
+    // The same frame with min_confidence 1: low_confidence, candidates still reported.
+    let cfg =
+        config(
+            dir.path(),
+            &format!(
+        "[prefilter]\nmodel = \"{}\"\nthreshold = 0.0\n[identification]\nmodel = \"{}\"\nmin_confidence = 1.0\n",
+        b0_manifest().display(), b4_manifest().display()),
+        );
+    let out = whaled(&["identify", "--config", cfg.to_str().unwrap(), dir.path().join("whale.jpg").to_str().unwrap()]);
+    let r = &json_lines(&out)[0];
+    assert_eq!(r["rejected"], true);
+    assert_eq!(r["rejection_reason"], "low_confidence");
+    assert_eq!(r["class_animal"].as_str().unwrap(), id);
+    assert_eq!(r["candidates"].as_array().unwrap().len(), 4);
+
+    // Threshold 1: the pre-filter rejects, identification does not run.
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "[prefilter]\nmodel = \"{}\"\nthreshold = 1.0\n[identification]\nmodel = \"{}\"\n",
+            b0_manifest().display(),
+            b4_manifest().display()
+        ),
+    );
+    let out = whaled(&["identify", "--config", cfg.to_str().unwrap(), dir.path().join("whale.jpg").to_str().unwrap()]);
+    let r = &json_lines(&out)[0];
+    assert_eq!((r["class_animal"].as_str(), r["id_animal"].as_str()), (Some(""), Some("unknown")));
+    assert_eq!(r["rejection_reason"], "not_a_marine_mammal");
+    assert_eq!(r["identification_ms"], Value::Null);
+    assert_eq!(r["timings"]["identification_ms"].as_f64(), Some(0.0));
+}
+
+/// The onnxruntime backend chosen in a config file gives the same scores as tract (both fp32), and
+/// without a `variant` picks the manifest's preference for it (int8).
+#[test]
+fn onnxruntime_backend_from_config_matches_tract() {
+    let photos = photo_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &format!(
+        "[inference]\nbackend = \"onnxruntime\"\n[inference.onnxruntime]\nlibrary = \"{}\"\nexecution_providers = [\"tensorrt\", \"cuda\", \"cpu\"]\n[prefilter]\nmodel = \"efficientnet-lite0\"\nvariant = \"fp32\"\n",
+        ort_library().display()));
+    let ort = whaled(&["identify", "--config", cfg.to_str().unwrap(), photos.path().to_str().unwrap()]);
+    assert!(ort.status.success(), "{}", stderr(&ort));
+    // The CPU-only wheel has neither TensorRT nor CUDA: each is skipped with a WARN naming it.
+    let log = stderr(&ort);
+    assert!(log.contains("WARN") && log.contains("`tensorrt`") && log.contains("`cuda`"), "{log}");
+    let tract = whaled(&["identify", photos.path().to_str().unwrap()]);
+    for (a, b) in json_lines(&ort).iter().zip(json_lines(&tract).iter()) {
+        let (sa, sb) = (a["prefilter"]["score"].as_f64(), b["prefilter"]["score"].as_f64());
+        match (sa, sb) {
+            (Some(x), Some(y)) => assert!((x - y).abs() < 1e-4, "{x} vs {y}"),
+            (None, None) => assert_eq!(a["rejection_reason"], "corrupted_image"),
+            _ => panic!("backends disagree on which images decode"),
+        }
+    }
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "[inference]\nbackend = \"onnxruntime\"\n[inference.onnxruntime]\nlibrary = \"{}\"\n",
+            ort_library().display()
+        ),
+    );
+    let out = whaled(&["identify", "--config", cfg.to_str().unwrap(), photos.path().to_str().unwrap()]);
+    assert!(stderr(&out).contains("variant int8"), "{}", stderr(&out));
+}
+
+#[test]
+fn eval_reports_metrics_as_json_and_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut csv = String::from("relpath,label,individual_id,species,source,license,split\n");
+    for i in 0..6u32 {
+        write(dir.path(), &format!("{i}.jpg"), &jpeg(&frame(i, 320, 240), 85));
+        let label = if i % 2 == 0 { "cetacean" } else { "non_cetacean" };
+        csv += &format!("{i}.jpg,{label},,,generated,none,test\n");
+    }
+    write(dir.path(), "broken.jpg", b"not an image");
+    csv += "broken.jpg,cetacean,,,generated,none,test\n";
+    let manifest = write(dir.path(), "manifest.csv", csv.as_bytes());
+    let roc = dir.path().join("roc.svg");
+    let out = whaled(&["eval", "--manifest", manifest.to_str().unwrap(), "--json", "--roc", roc.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((r["positives"].as_u64(), r["negatives"].as_u64()), (Some(3), Some(3)));
+    assert_eq!(r["failures"].as_array().unwrap().len(), 1);
+    for k in ["tpr", "tnr", "precision", "f1"] {
+        let v = r["at_threshold"][k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{k} = {v}");
+    }
+    assert!(r["roc_auc"].as_f64().is_some());
+    assert!(std::fs::read_to_string(&roc).unwrap().starts_with("<svg"));
+
+    let table = whaled(&["eval", "--manifest", manifest.to_str().unwrap()]);
+    let t = String::from_utf8_lossy(&table.stdout);
+    assert!(t.contains("TPR") && t.contains("ROC AUC") && t.contains("unreadable: "), "{t}");
+
+    let bad = write(dir.path(), "bad.csv", b"relpath,label\n0.jpg,whale\n");
+    let out = whaled(&["eval", "--manifest", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("bad.csv: line 2: label must be `cetacean` or `non_cetacean`, got `whale`"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -1,0 +1,83 @@
+//! tract and onnxruntime must compute the same thing on every shipped and generated model: fp32 outputs
+//! within 1e-4 and the same top-5; int8 (QDQ) the same top-1. Inputs are real preprocessed frames.
+
+mod common;
+
+use common::*;
+use whaled::head::IdentificationHead;
+use whaled::manifest::{BackendKind, ModelManifest, Role};
+use whaled::model::Model;
+use whaled::preprocess::Preprocessor;
+use whaled::scoring::rank;
+
+struct Case {
+    manifest: std::path::PathBuf,
+    variant: &'static str,
+    /// Largest allowed |tract - onnxruntime| on any output value.
+    max_abs_diff: f32,
+    /// How many leading classes must agree in order.
+    same_top: usize,
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case { manifest: shipped_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
+        Case { manifest: shipped_manifest(), variant: "int8", max_abs_diff: 0.5, same_top: 1 },
+        Case { manifest: b0_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
+        Case { manifest: resnet_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
+        Case { manifest: b4_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
+    ]
+}
+
+#[test]
+fn tract_and_onnxruntime_agree_on_every_model() {
+    let frames = [frame(1, 640, 480), frame(7, 1280, 720)];
+    for case in cases() {
+        let manifest = ModelManifest::load(&case.manifest).unwrap();
+        let tract = Model::load(manifest.clone(), Some(case.variant), &inference(BackendKind::Tract)).unwrap();
+        let ort = Model::load(manifest.clone(), Some(case.variant), &inference(BackendKind::Onnxruntime)).unwrap();
+        let head = match &manifest.role {
+            Role::Embedder(spec) => Some(IdentificationHead::load(manifest.path(), spec, 512).unwrap()),
+            Role::Prefilter(_) => None,
+        };
+        let mut pre = Preprocessor::new(&manifest.input);
+        let mut input = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            pre.run(f, &mut input).unwrap();
+            let a = tract.run(&input).unwrap();
+            let b = ort.run(&input).unwrap();
+            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let label = format!("{} {} frame {i}", manifest.name, case.variant);
+            eprintln!("{label}: max |tract - onnxruntime| = {diff:e}");
+            assert!(diff <= case.max_abs_diff, "{label}: max abs diff {diff} > {}", case.max_abs_diff);
+            let (ta, tb) = match &head {
+                // For the embedder, "top-5" is the identification ranking through the head.
+                Some(h) => {
+                    let (mut ca, mut cb) = (Vec::new(), Vec::new());
+                    h.cosines(&a, &mut ca);
+                    h.cosines(&b, &mut cb);
+                    let r = |c: &[f32]| rank(c, 30.0, case.same_top).iter().map(|r| r.slot).collect::<Vec<_>>();
+                    (r(&ca), r(&cb))
+                }
+                None => (top_k(&a, case.same_top), top_k(&b, case.same_top)),
+            };
+            assert_eq!(ta, tb, "{label}: top-{} differs", case.same_top);
+        }
+    }
+}
+
+/// Both backends run the pre-filter's int8 model with the fp32 model's top-1 on a clear-cut frame.
+#[test]
+fn int8_keeps_the_fp32_top1() {
+    let manifest = ModelManifest::load(&shipped_manifest()).unwrap();
+    let mut pre = Preprocessor::new(&manifest.input);
+    let mut input = Vec::new();
+    pre.run(&frame(3, 640, 480), &mut input).unwrap();
+    let fp32 =
+        Model::load(manifest.clone(), Some("fp32"), &inference(BackendKind::Tract)).unwrap().run(&input).unwrap();
+    let want = top_k(&fp32, 1);
+    for backend in [BackendKind::Tract, BackendKind::Onnxruntime] {
+        let int8 = Model::load(manifest.clone(), Some("int8"), &inference(backend)).unwrap().run(&input).unwrap();
+        assert_eq!(top_k(&int8, 1), want, "int8 on {backend:?}");
+    }
+}
