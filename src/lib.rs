@@ -18,5 +18,7 @@ pub mod eval;
 pub mod head;
 pub mod identify;
 pub mod images;
+pub mod pipeline;
 pub mod preprocess;
 pub mod scoring;
+pub mod source;

@@ -4,6 +4,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
@@ -13,6 +14,7 @@ use whaled::detection::{Detection, FrameMeta};
 use whaled::identify::Identifier;
 use whaled::manifest::{BackendKind, ModelManifest};
 use whaled::model::Model;
+use whaled::pipeline::{self, Camera, Shutdown};
 use whaled::{eval, images, Error};
 
 #[derive(Parser)]
@@ -27,6 +29,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Watch the configured cameras until SIGINT/SIGTERM (or every source ends): detections as JSON lines on stdout.
+    Run {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Identify photos: one Detection JSON object per image on stdout.
     Identify {
         /// Config file (default: $WHALED_CONFIG, ~/.config/whaled/whaled.toml, /etc/whaled/whaled.toml, built-in).
@@ -88,6 +95,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::new().filter_level(cli.log_level).parse_env("RUST_LOG").format_timestamp_millis().init();
     let result = match cli.command {
+        Command::Run { config } => run(config),
         Command::Identify { config, paths } => identify(config, &paths),
         Command::Eval { config, manifest, json, roc } => run_eval(config, &manifest, json, roc),
         Command::CheckConfig { file } => check_config(&file),
@@ -117,6 +125,53 @@ fn load(config: Option<PathBuf>) -> Result<(Config, Identifier), Error> {
         );
     }
     Ok((cfg, identifier))
+}
+
+fn run(config: Option<PathBuf>) -> Result<ExitCode, Error> {
+    let (cfg, identifier) = load(config)?;
+    if cfg.cameras.is_empty() {
+        return Err(Error::Input(
+            "no cameras configured: add a [[camera]] block (see config/whaled.toml), or try one without a camera: \
+             whaled run --config config/replay.toml"
+                .into(),
+        ));
+    }
+    let cameras = cfg
+        .cameras
+        .iter()
+        .map(|c| {
+            Ok(Camera {
+                name: c.name.as_str().into(),
+                source: whaled::source::open(c)?,
+                sample_interval: c.sample_interval,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let shutdown = Shutdown::new();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while shutting down exits at once.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, shutdown.flag())
+            .and_then(|_| signal_hook::flag::register(signal, shutdown.flag()))
+            .map_err(|e| Error::Input(format!("cannot install signal handler: {e}")))?;
+    }
+    let options = pipeline::Options {
+        workers: cfg.pipeline.workers,
+        emit_rejected: cfg.pipeline.emit_rejected,
+        stats_interval: Some(cfg.pipeline.stats_interval),
+        device_id: cfg.device_id.clone(),
+    };
+    log::info!("running {} camera(s) with {} inference worker(s)", cfg.cameras.len(), options.workers);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let stats = pipeline::run(Arc::new(identifier), cameras, &options, &shutdown, |d| {
+        let line = serde_json::to_string(&d).map_err(|e| Error::Input(e.to_string()))?;
+        writeln!(out, "{line}").and_then(|_| out.flush()).map_err(|e| Error::Input(format!("stdout: {e}")))
+    })?;
+    for s in stats {
+        log::info!("final stats {}", serde_json::to_string(&s).unwrap_or_default());
+    }
+    log::info!("stopped{}", if shutdown.is_triggered() { " on request" } else { ": every source ended" });
+    Ok(ExitCode::SUCCESS)
 }
 
 fn identify(config: Option<PathBuf>, paths: &[PathBuf]) -> Result<ExitCode, Error> {

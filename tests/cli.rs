@@ -263,3 +263,30 @@ fn eval_reports_metrics_as_json_and_table() {
         stderr(&out)
     );
 }
+
+/// An installed package (`<prefix>/bin/whaled` + `<prefix>/share/whaled/models`) finds its shipped
+/// models with no config: the prefix is searched before the source checkout.
+#[test]
+fn defaults_use_the_models_of_an_installed_prefix() {
+    let prefix = tempfile::tempdir().unwrap();
+    let bin = prefix.path().join("bin");
+    let models = prefix.path().join("share/whaled/models/efficientnet-lite0");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_whaled"), bin.join("whaled")).unwrap();
+    for f in ["model.toml", "efficientnet_lite0_fp32.onnx", "efficientnet_lite0_int8.onnx"] {
+        std::fs::copy(repo().join("models/efficientnet-lite0").join(f), models.join(f)).unwrap();
+    }
+    let out = Command::new(bin.join("whaled"))
+        .args(["identify", repo().join("tests/photos/synthetic_0.jpg").to_str().unwrap()])
+        .env_remove("WHALED_CONFIG")
+        .env_remove("WHALED_MODEL_DIR")
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = stderr(&out);
+    assert!(log.contains("built-in defaults"), "{log}");
+    assert!(log.contains(&format!("({}", models.join("efficientnet_lite0_fp32.onnx").display())), "{log}");
+    assert_eq!(json_lines(&out).len(), 1);
+}

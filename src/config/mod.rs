@@ -16,7 +16,7 @@ use toml::Spanned;
 
 use crate::error::{Error, Result};
 use crate::manifest::{BackendKind, ModelManifest, Role};
-use values::{line_col, Count, Probability};
+use values::{line_col, Count, Interval, Positive, Probability};
 
 /// The model the built-in defaults use as pre-filter (a directory under a model search directory).
 pub const DEFAULT_PREFILTER: &str = "efficientnet-lite0";
@@ -29,6 +29,38 @@ struct RawConfig {
     inference: RawInference,
     prefilter: Option<RawStage>,
     identification: Option<RawIdentification>,
+    #[serde(default, rename = "camera")]
+    cameras: Vec<RawCamera>,
+    #[serde(default)]
+    pipeline: RawPipeline,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    workers: Option<Count>,
+    emit_rejected: Option<bool>,
+    stats_interval: Option<Interval>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCamera {
+    name: Spanned<String>,
+    kind: SourceKind,
+    path: Spanned<PathBuf>,
+    fps: Option<Positive>,
+    #[serde(rename = "loop")]
+    looping: Option<bool>,
+    sample_fps: Option<Positive>,
+}
+
+/// The kinds of frame source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// A directory of images or a file of concatenated JPEGs, played at `fps`.
+    Replay,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,6 +121,42 @@ pub struct Config {
     pub inference: InferenceConfig,
     pub prefilter: PrefilterConfig,
     pub identification: Option<IdentificationConfig>,
+    /// The cameras `whaled run` watches, in config order (names unique).
+    pub cameras: Vec<CameraConfig>,
+    pub pipeline: PipelineConfig,
+}
+
+/// `[pipeline]`: how `whaled run` processes frames.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Inference threads sharing the loaded models.
+    pub workers: usize,
+    /// Emit detections for frames the pre-filter rejected too (default: only frames that pass).
+    pub emit_rejected: bool,
+    /// How often per-camera counters are logged at INFO.
+    pub stats_interval: std::time::Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig { workers: 1, emit_rejected: false, stats_interval: std::time::Duration::from_secs(60) }
+    }
+}
+
+/// One camera block (`[[camera]]`).
+#[derive(Debug, Clone)]
+pub struct CameraConfig {
+    /// Unique; safe as an MQTT topic level.
+    pub name: String,
+    pub source: SourceConfig,
+    /// At most one frame per this interval enters inference; `None`: every captured frame is offered.
+    pub sample_interval: Option<std::time::Duration>,
+}
+
+/// What a camera reads from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceConfig {
+    Replay { path: PathBuf, fps: f64, looping: bool },
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +227,8 @@ impl Config {
             },
             prefilter: PrefilterConfig { manifest, variant: None, threshold: None },
             identification: None,
+            cameras: Vec::new(),
+            pipeline: PipelineConfig::default(),
         })
     }
 
@@ -182,10 +252,7 @@ impl Config {
             None => default_device_id(),
             Some(s) => {
                 let v = s.get_ref();
-                if v.is_empty()
-                    || v.len() > 64
-                    || v.chars().any(|c| matches!(c, '/' | '+' | '#') || c.is_control() || c.is_whitespace())
-                {
+                if !topic_safe(v) {
                     return Err(at(s.span(), "device_id", format!(
                         "expected 1 to 64 characters without '/', '+', '#' or spaces (it becomes an MQTT topic level), got {v:?}")));
                 }
@@ -241,7 +308,53 @@ impl Config {
             }),
         };
 
+        let mut cameras: Vec<CameraConfig> = Vec::with_capacity(raw.cameras.len());
+        for c in raw.cameras {
+            let name = c.name.get_ref();
+            if !topic_safe(name) {
+                return Err(at(
+                    c.name.span(),
+                    "camera.name",
+                    format!("expected 1 to 64 characters without '/', '+', '#' or spaces, got {name:?}"),
+                ));
+            }
+            if cameras.iter().any(|o| &o.name == name) {
+                return Err(at(c.name.span(), "camera.name", format!("camera `{name}` is defined twice")));
+            }
+            let source = match c.kind {
+                SourceKind::Replay => {
+                    let p = dir.join(c.path.get_ref());
+                    if !p.exists() {
+                        return Err(at(
+                            c.path.span(),
+                            "camera.path",
+                            format!("no such file or directory {}", p.display()),
+                        ));
+                    }
+                    SourceConfig::Replay {
+                        path: p,
+                        fps: c.fps.map_or(5.0, |f| f.get()),
+                        looping: c.looping.unwrap_or(true),
+                    }
+                }
+            };
+            cameras.push(CameraConfig {
+                name: name.clone(),
+                source,
+                sample_interval: c.sample_fps.map(|f| std::time::Duration::from_secs_f64(1.0 / f.get())),
+            });
+        }
+
+        let defaults = PipelineConfig::default();
+        let pipeline = PipelineConfig {
+            workers: raw.pipeline.workers.map_or(defaults.workers, Count::get),
+            emit_rejected: raw.pipeline.emit_rejected.unwrap_or(defaults.emit_rejected),
+            stats_interval: raw.pipeline.stats_interval.map_or(defaults.stats_interval, Interval::get),
+        };
+
         Ok(Config {
+            cameras,
+            pipeline,
             origin: Origin::File(path.to_path_buf()),
             device_id,
             inference: InferenceConfig {
@@ -337,6 +450,13 @@ pub fn resolve_model(config_dir: &Path, reference: &str) -> std::result::Result<
     })
 }
 
+/// 1 to 64 characters, none of them `/`, `+`, `#`, whitespace or control: usable as an MQTT topic level.
+fn topic_safe(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && !v.chars().any(|c| matches!(c, '/' | '+' | '#') || c.is_control() || c.is_whitespace())
+}
+
 fn display_dirs(dirs: &[PathBuf]) -> String {
     dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
 }
@@ -369,6 +489,22 @@ mod tests {
         assert!(c.prefilter.manifest.ends_with("models/efficientnet-lite0/model.toml"));
         assert!(c.identification.is_none());
         assert!(!c.device_id.is_empty());
+    }
+
+    #[test]
+    fn cameras_and_pipeline() {
+        let c = parse(
+            "[[camera]]\nname = \"bow\"\nkind = \"replay\"\npath = \"../tests/photos\"\nfps = 10\nloop = false\nsample_fps = 2\n\
+             [pipeline]\nworkers = 2\nemit_rejected = true\nstats_interval = \"5s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.cameras.len(), 1);
+        assert_eq!(c.cameras[0].name, "bow");
+        assert_eq!(c.cameras[0].sample_interval, Some(std::time::Duration::from_millis(500)));
+        let SourceConfig::Replay { path, fps, looping } = &c.cameras[0].source;
+        assert!(path.ends_with("tests/photos") && *fps == 10.0 && !looping);
+        assert_eq!((c.pipeline.workers, c.pipeline.emit_rejected), (2, true));
+        assert_eq!(c.pipeline.stats_interval, std::time::Duration::from_secs(5));
     }
 
     #[test]
@@ -423,6 +559,15 @@ mod tests {
             ),
             ("[inference.onnxruntime]\nexecution_providers = []\n", &["execution_providers is empty"]),
             ("[prefilter\nmodel = 1\n", &["config/test.toml: TOML parse error at line 1"]),
+            ("[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"../tests/photos\"\n[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"../tests/photos\"\n",
+             &["config/test.toml:6:8: camera.name: camera `a` is defined twice"]),
+            ("[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"nowhere\"\n",
+             &["config/test.toml:4:8: camera.path: no such file or directory", "config/nowhere"]),
+            ("[[camera]]\nname = \"a\"\nkind = \"webcam\"\npath = \"x\"\n", &["line 3", "unknown variant `webcam`, expected `replay`"]),
+            ("[[camera]]\nname = \"a b\"\nkind = \"replay\"\npath = \"../tests/photos\"\n", &["config/test.toml:2:8: camera.name: expected 1 to 64"]),
+            ("[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"../tests/photos\"\nsample_fps = 0\n", &["line 5", "expected a finite number greater than 0, got 0"]),
+            ("[pipeline]\nstats_interval = \"often\"\n", &["line 2", "expected a duration such as"]),
+            ("[pipeline]\nworkers = 0\n", &["line 2", "expected a whole number of at least 1, got 0"]),
         ];
         for (src, wants) in cases {
             let e = parse(src).expect_err(src).to_string();

@@ -101,6 +101,29 @@ impl<'de> Deserialize<'de> for Count {
     }
 }
 
+/// A positive duration written for humans: "250ms", "5s", "1m 30s".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Interval(std::time::Duration);
+
+impl Interval {
+    pub fn get(self) -> std::time::Duration {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Interval {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match humantime::parse_duration(&s) {
+            Ok(v) if !v.is_zero() => Ok(Interval(v)),
+            Ok(_) => Err(de::Error::custom(format!("expected a duration greater than 0, got \"{s}\""))),
+            Err(e) => Err(de::Error::custom(format!(
+                "expected a duration such as \"500ms\", \"30s\" or \"5m\", got \"{s}\" ({e})"
+            ))),
+        }
+    }
+}
+
 /// Locates a byte offset of a TOML source as `line:column` (1-based), for errors found after parsing.
 pub(crate) fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let before = &src[..offset.min(src.len())];
@@ -119,6 +142,7 @@ mod tests {
         p: Option<Probability>,
         s: Option<Positive>,
         c: Option<Count>,
+        d: Option<Interval>,
     }
 
     #[test]
@@ -137,6 +161,11 @@ mod tests {
             ("c = 5", None),
             ("c = 0", Some("expected a whole number of at least 1, got 0")),
             ("c = -3", Some("expected a whole number of at least 1, got -3")),
+            ("d = \"1m 30s\"", None),
+            ("d = \"250ms\"", None),
+            ("d = \"0s\"", Some("expected a duration greater than 0")),
+            ("d = \"5 parsecs\"", Some("expected a duration such as \"500ms\"")),
+            ("d = 5", Some("invalid type: integer `5`, expected a string")),
         ];
         for (src, want) in cases {
             let got = toml::from_str::<T>(src);

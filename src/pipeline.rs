@@ -1,0 +1,384 @@
+//! The live frame pipeline: one capture thread per camera, a shared mailbox that keeps only each
+//! camera's freshest sampled frame, inference workers sharing one [`Identifier`], and the caller's
+//! thread writing detections.
+//!
+//! ```text
+//!  camera A ─ capture thread ─┐ offer (replaces A's unread frame: counted as dropped)
+//!  camera B ─ capture thread ─┤──▶ Mailbox [A: frame?, B: frame?] ──▶ worker(s) ──▶ bounded channel ──▶ sink
+//! ```
+//!
+//! Invariants: memory is bounded (at most one pending frame per camera, one frame in hand per worker,
+//! `OUTPUT_CAPACITY` detections queued); a slow model never makes capture queue up — the oldest unread
+//! frame is dropped instead; on shutdown capture stops first, each worker finishes the frame in hand,
+//! then the sink receives every detection produced before `run` returns.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::detection::{Detection, FrameMeta};
+use crate::error::Result;
+use crate::identify::Identifier;
+use crate::source::{Frame, FrameData, Source, SourceEvent};
+
+/// Detections waiting for the sink; beyond this, workers wait (and frames are dropped upstream).
+const OUTPUT_CAPACITY: usize = 64;
+/// Latency samples kept per camera for p50/p95.
+const LATENCY_WINDOW: usize = 256;
+/// Capture instants kept per camera for the current frame rate.
+const FPS_WINDOW: usize = 32;
+
+/// A shutdown request shared by the caller, signal handlers and every pipeline thread.
+#[derive(Clone, Default)]
+pub struct Shutdown(Arc<AtomicBool>);
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn trigger(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// The flag itself, for `signal_hook::flag::register`.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+}
+
+/// Live counters of one camera. Updated lock-free on the hot path except the two small windows.
+#[derive(Default)]
+pub struct CameraStats {
+    captured: AtomicU64,
+    sampled: AtomicU64,
+    dropped: AtomicU64,
+    decoded: AtomicU64,
+    corrupt: AtomicU64,
+    passed: AtomicU64,
+    identified: AtomicU64,
+    errors: AtomicU64,
+    reconnects: AtomicU64,
+    latencies_ms: Mutex<VecDeque<f64>>,
+    captures: Mutex<VecDeque<Instant>>,
+}
+
+/// A camera's counters at one instant (the status wire type).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CameraSnapshot {
+    pub camera: String,
+    pub frames_captured: u64,
+    pub frames_sampled: u64,
+    pub frames_dropped: u64,
+    pub frames_decoded: u64,
+    pub frames_corrupt: u64,
+    pub passed_prefilter: u64,
+    pub identified: u64,
+    pub errors: u64,
+    pub reconnects: u64,
+    pub fps: f64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p95_ms: Option<f64>,
+}
+
+impl CameraStats {
+    fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn captured(&self, at: Instant) {
+        Self::add(&self.captured);
+        let mut w = self.captures.lock().unwrap_or_else(|p| p.into_inner());
+        if w.len() == FPS_WINDOW {
+            w.pop_front();
+        }
+        w.push_back(at);
+    }
+
+    fn latency(&self, ms: f64) {
+        let mut w = self.latencies_ms.lock().unwrap_or_else(|p| p.into_inner());
+        if w.len() == LATENCY_WINDOW {
+            w.pop_front();
+        }
+        w.push_back(ms);
+    }
+
+    pub fn snapshot(&self, camera: &str) -> CameraSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let fps = {
+            let w = self.captures.lock().unwrap_or_else(|p| p.into_inner());
+            match (w.front(), w.back()) {
+                (Some(a), Some(b)) if w.len() > 1 && b > a => (w.len() - 1) as f64 / (*b - *a).as_secs_f64(),
+                _ => 0.0,
+            }
+        };
+        let (p50, p95) = {
+            let mut v: Vec<f64> = self.latencies_ms.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+            v.sort_by(f64::total_cmp);
+            let q = |q: f64| (!v.is_empty()).then(|| v[((v.len() - 1) as f64 * q).round() as usize]);
+            (q(0.5), q(0.95))
+        };
+        CameraSnapshot {
+            camera: camera.to_string(),
+            frames_captured: get(&self.captured),
+            frames_sampled: get(&self.sampled),
+            frames_dropped: get(&self.dropped),
+            frames_decoded: get(&self.decoded),
+            frames_corrupt: get(&self.corrupt),
+            passed_prefilter: get(&self.passed),
+            identified: get(&self.identified),
+            errors: get(&self.errors),
+            reconnects: get(&self.reconnects),
+            fps,
+            latency_p50_ms: p50,
+            latency_p95_ms: p95,
+        }
+    }
+}
+
+/// One camera as the pipeline runs it.
+pub struct Camera {
+    pub name: Arc<str>,
+    pub source: Box<dyn Source>,
+    /// At most one frame per interval is offered to inference.
+    pub sample_interval: Option<Duration>,
+}
+
+/// The freshest unread frame of each camera, and whether its source is still running.
+struct MailboxState {
+    pending: Vec<Option<(u64, Frame)>>,
+    live_sources: usize,
+    arrivals: u64,
+}
+
+struct Mailbox {
+    state: Mutex<MailboxState>,
+    ready: Condvar,
+}
+
+impl Mailbox {
+    /// Stores `frame` as camera `i`'s pending frame; returns whether an unread frame was replaced.
+    fn offer(&self, i: usize, frame: Frame) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.arrivals += 1;
+        let arrival = s.arrivals;
+        let replaced = s.pending[i].replace((arrival, frame)).is_some();
+        drop(s);
+        self.ready.notify_one();
+        replaced
+    }
+
+    fn source_ended(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.live_sources = s.live_sources.saturating_sub(1);
+        drop(s);
+        self.ready.notify_all();
+    }
+
+    /// The oldest pending frame across cameras; `None` once shut down, or once every source has ended
+    /// and nothing is pending.
+    fn take(&self, shutdown: &Shutdown) -> Option<(usize, Frame)> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if shutdown.is_triggered() {
+                return None;
+            }
+            let oldest = s.pending.iter().enumerate().filter_map(|(i, p)| p.as_ref().map(|(a, _)| (*a, i))).min();
+            if let Some((_, i)) = oldest {
+                return s.pending[i].take().map(|(_, f)| (i, f));
+            }
+            if s.live_sources == 0 {
+                return None;
+            }
+            // Timed wait: a shutdown triggered from a signal handler cannot notify the condvar.
+            s = self.ready.wait_timeout(s, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+/// How the pipeline runs (from `[pipeline]` in the config).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Inference threads sharing the models.
+    pub workers: usize,
+    /// Also emit frames the pre-filter rejected (off in the field: they would flood the link).
+    pub emit_rejected: bool,
+    /// Log every camera's counters at INFO this often.
+    pub stats_interval: Option<Duration>,
+    pub device_id: String,
+}
+
+/// Runs the pipeline until every source ends or `shutdown` is triggered; `sink` receives each detection
+/// on the calling thread. Returns the final counters.
+pub fn run(
+    identifier: Arc<Identifier>,
+    cameras: Vec<Camera>,
+    options: &Options,
+    shutdown: &Shutdown,
+    mut sink: impl FnMut(Detection) -> Result<()>,
+) -> Result<Vec<CameraSnapshot>> {
+    let names: Vec<Arc<str>> = cameras.iter().map(|c| c.name.clone()).collect();
+    let stats: Vec<Arc<CameraStats>> = cameras.iter().map(|_| Arc::new(CameraStats::default())).collect();
+    let mailbox = Arc::new(Mailbox {
+        state: Mutex::new(MailboxState {
+            pending: cameras.iter().map(|_| None).collect(),
+            live_sources: cameras.len(),
+            arrivals: 0,
+        }),
+        ready: Condvar::new(),
+    });
+    let (tx, rx) = mpsc::sync_channel::<Detection>(OUTPUT_CAPACITY);
+    let mut sink_error = None;
+
+    std::thread::scope(|scope| {
+        for (i, cam) in cameras.into_iter().enumerate() {
+            let (mailbox, stats, shutdown) = (mailbox.clone(), stats[i].clone(), shutdown.clone());
+            let name = cam.name.clone();
+            let ended = mailbox.clone();
+            if let Err(e) = std::thread::Builder::new()
+                .name(format!("capture-{name}"))
+                .spawn_scoped(scope, move || capture(i, cam, &mailbox, &stats, &shutdown))
+            {
+                log::error!("camera {name}: cannot start its capture thread: {e}");
+                ended.source_ended();
+            }
+        }
+        for w in 0..options.workers.max(1) {
+            let (mailbox, stats, shutdown, tx) = (mailbox.clone(), stats.clone(), shutdown.clone(), tx.clone());
+            let (identifier, names) = (identifier.clone(), names.clone());
+            if let Err(e) = std::thread::Builder::new()
+                .name(format!("infer-{w}"))
+                .spawn_scoped(scope, move || infer(&identifier, &names, &mailbox, &stats, &shutdown, &tx, options))
+            {
+                log::error!("cannot start inference thread {w}: {e}");
+            }
+        }
+        drop(tx);
+        // Ends when every worker has exited and dropped its sender.
+        let mut next_stats = options.stats_interval.map(|d| Instant::now() + d);
+        loop {
+            let received = match next_stats {
+                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            };
+            match received {
+                Ok(d) if sink_error.is_none() => {
+                    if let Err(e) = sink(d) {
+                        log::error!("output failed, stopping: {e}");
+                        sink_error = Some(e);
+                        shutdown.trigger();
+                    }
+                }
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    for (n, s) in names.iter().zip(&stats) {
+                        log::info!("stats {}", serde_json::to_string(&s.snapshot(n)).unwrap_or_default());
+                    }
+                    next_stats = options.stats_interval.map(|d| Instant::now() + d);
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+    });
+    match sink_error {
+        Some(e) => Err(e),
+        None => Ok(names.iter().zip(&stats).map(|(n, s)| s.snapshot(n)).collect()),
+    }
+}
+
+fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, shutdown: &Shutdown) {
+    let mut last_sample: Option<Instant> = None;
+    while !shutdown.is_triggered() {
+        match cam.source.next() {
+            Ok(SourceEvent::Frame(frame)) => {
+                let now = Instant::now();
+                stats.captured(now);
+                let due = match (cam.sample_interval, last_sample) {
+                    // 10 % slack: a camera at exactly the sample rate must not lose every other frame to jitter.
+                    (Some(every), Some(last)) => now.duration_since(last) + every / 10 >= every,
+                    _ => true,
+                };
+                if due {
+                    last_sample = Some(now);
+                    CameraStats::add(&stats.sampled);
+                    if mailbox.offer(i, frame) {
+                        CameraStats::add(&stats.dropped);
+                        log::trace!("camera {}: inference busy, dropped the oldest sampled frame", cam.name);
+                    }
+                }
+            }
+            Ok(SourceEvent::End) => {
+                log::info!("camera {}: source ended", cam.name);
+                break;
+            }
+            Err(e) => {
+                CameraStats::add(&stats.errors);
+                log::warn!("camera {}: {e}; retrying in 1 s", cam.name);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+    mailbox.source_ended();
+}
+
+fn infer(
+    identifier: &Identifier,
+    names: &[Arc<str>],
+    mailbox: &Mailbox,
+    stats: &[Arc<CameraStats>],
+    shutdown: &Shutdown,
+    out: &mpsc::SyncSender<Detection>,
+    options: &Options,
+) {
+    let mut ws = identifier.workspace();
+    while let Some((i, frame)) = mailbox.take(shutdown) {
+        let st = &stats[i];
+        let started = Instant::now();
+        let name = format!("{}#{}", names[i], frame.seq);
+        let img = match &frame.data {
+            FrameData::Encoded(bytes) => crate::images::decode(bytes, &name),
+        };
+        let img = match img {
+            Ok(img) => img,
+            Err(e) => {
+                CameraStats::add(&st.corrupt);
+                log::warn!("camera {}: skipping corrupt frame: {e}", names[i]);
+                continue;
+            }
+        };
+        CameraStats::add(&st.decoded);
+        let decode_ms = started.elapsed().as_secs_f64() * 1e3;
+        let assessment = match identifier.assess(&mut ws, &img) {
+            Ok(a) => a,
+            Err(e) => {
+                CameraStats::add(&st.errors);
+                log::error!("camera {}: frame {} not assessed: {e}", names[i], frame.seq);
+                continue;
+            }
+        };
+        if assessment.passed {
+            CameraStats::add(&st.passed);
+        }
+        if assessment.identified.is_some() {
+            CameraStats::add(&st.identified);
+        }
+        st.latency(started.elapsed().as_secs_f64() * 1e3);
+        let meta = FrameMeta { image_ind: name, source: names[i].to_string(), captured_at: frame.captured_at };
+        log::debug!("camera {}: frame {} score {:.4}", names[i], frame.seq, assessment.prefilter_score);
+        if !assessment.passed && !options.emit_rejected {
+            continue;
+        }
+        let detection = Detection::from_assessment(&assessment, &meta, &options.device_id, decode_ms);
+        if out.send(detection).is_err() {
+            break;
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! Frame sources behind one trait: `replay` (files, for trying whaled without a camera and for tests)
+//! and, later, `v4l2`. A source is owned by its capture thread; it hands out compressed or raw frames
+//! and never decodes (decoding happens only for frames that enter inference).
+
+pub mod replay;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// One captured frame, still encoded as the camera delivered it.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub camera: Arc<str>,
+    /// Per-camera sequence number, from 0.
+    pub seq: u64,
+    pub captured_at: SystemTime,
+    pub data: FrameData,
+}
+
+/// Frame payloads whaled knows how to decode.
+#[derive(Debug, Clone)]
+pub enum FrameData {
+    /// A complete JPEG (or PNG) image: replay files, MJPEG cameras.
+    Encoded(Arc<[u8]>),
+}
+
+/// What a source reports instead of a frame.
+#[derive(Debug)]
+pub enum SourceEvent {
+    Frame(Frame),
+    /// The source has no more frames and will not have any (a replay played once).
+    End,
+}
+
+/// A camera or a recording.
+pub trait Source: Send {
+    /// Blocks until the next frame (pacing itself to its configured rate) or the end of the stream.
+    fn next(&mut self) -> crate::Result<SourceEvent>;
+}
+
+/// Opens the source a camera block describes.
+pub fn open(cfg: &crate::config::CameraConfig) -> crate::Result<Box<dyn Source>> {
+    match &cfg.source {
+        crate::config::SourceConfig::Replay { path, fps, looping } => {
+            Ok(Box::new(replay::ReplaySource::open(Arc::from(cfg.name.as_str()), path, *fps, *looping)?))
+        }
+    }
+}
