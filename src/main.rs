@@ -81,6 +81,8 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
+    /// List V4L2 cameras with their formats, frame sizes and rates (like v4l2-ctl --list-formats-ext).
+    Cameras,
     /// Validate a config file (and the model manifests it names); exit 0 if valid.
     CheckConfig { file: PathBuf },
 }
@@ -99,6 +101,7 @@ fn main() -> ExitCode {
         Command::Identify { config, paths } => identify(config, &paths),
         Command::Eval { config, manifest, json, roc } => run_eval(config, &manifest, json, roc),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Cameras => cameras(),
         Command::Bench { model, variant, backend, threads, ort_library, image, warmup, runs } => {
             bench(&model, variant.as_deref(), backend, threads, ort_library, image, warmup, runs)
         }
@@ -128,13 +131,20 @@ fn load(config: Option<PathBuf>) -> Result<(Config, Identifier), Error> {
 }
 
 fn run(config: Option<PathBuf>) -> Result<ExitCode, Error> {
-    let (cfg, identifier) = load(config)?;
+    let (mut cfg, identifier) = load(config)?;
     if cfg.cameras.is_empty() {
-        return Err(Error::Input(
-            "no cameras configured: add a [[camera]] block (see config/whaled.toml), or try one without a camera: \
-             whaled run --config config/replay.toml"
-                .into(),
-        ));
+        let Some(node) = whaled::source::v4l2::device_nodes()
+            .into_iter()
+            .find(|p| whaled::source::v4l2::describe(p).is_ok_and(|d| !d.contains("no video capture")))
+        else {
+            return Err(Error::Input(
+                "no cameras configured and no V4L2 camera found (/dev/video*): add a [[camera]] block \
+                 (see config/whaled.toml), or try one without a camera: whaled run --config config/replay.toml"
+                    .into(),
+            ));
+        };
+        log::info!("no cameras configured: using the first camera found, {}", node.display());
+        cfg.cameras.push(whaled::config::CameraConfig::default_v4l2("camera0", node));
     }
     let cameras = cfg
         .cameras
@@ -247,6 +257,20 @@ fn run_eval(
         println!("{}", serde_json::to_string_pretty(&report).map_err(|e| Error::Input(e.to_string()))?);
     } else {
         print!("{}", report.table());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cameras() -> Result<ExitCode, Error> {
+    let nodes = whaled::source::v4l2::device_nodes();
+    if nodes.is_empty() {
+        println!("no V4L2 devices (/dev/video*)");
+    }
+    for node in nodes {
+        match whaled::source::v4l2::describe(&node) {
+            Ok(text) => print!("{text}"),
+            Err(e) => println!("{e}"),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::detection::{Detection, FrameMeta};
 use crate::error::Result;
 use crate::identify::Identifier;
-use crate::source::{Frame, FrameData, Source, SourceEvent};
+use crate::source::{Frame, Source, SourceEvent};
 
 /// Detections waiting for the sink; beyond this, workers wait (and frames are dropped upstream).
 const OUTPUT_CAPACITY: usize = 64;
@@ -294,11 +294,20 @@ pub fn run(
     }
 }
 
+/// First and longest wait before reopening a failed source.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, shutdown: &Shutdown) {
     let mut last_sample: Option<Instant> = None;
+    let mut backoff: Option<Duration> = None;
     while !shutdown.is_triggered() {
         match cam.source.next() {
             Ok(SourceEvent::Frame(frame)) => {
+                if backoff.take().is_some() {
+                    CameraStats::add(&stats.reconnects);
+                    log::warn!("camera {}: delivering frames again", cam.name);
+                }
                 let now = Instant::now();
                 stats.captured(now);
                 let due = match (cam.sample_interval, last_sample) {
@@ -321,12 +330,27 @@ fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, sh
             }
             Err(e) => {
                 CameraStats::add(&stats.errors);
-                log::warn!("camera {}: {e}; retrying in 1 s", cam.name);
-                std::thread::sleep(Duration::from_secs(1));
+                let wait = backoff.map_or(BACKOFF_MIN, |b| (b * 2).min(BACKOFF_MAX));
+                backoff = Some(wait);
+                // Recovered by the retry: WARN, not ERROR; the counters show a camera that stays down.
+                log::warn!("{e}; retrying in {wait:?}");
+                sleep_unless_shutdown(wait, shutdown);
             }
         }
     }
+    log::info!("camera {}: capture stopped", cam.name);
     mailbox.source_ended();
+}
+
+fn sleep_unless_shutdown(total: Duration, shutdown: &Shutdown) {
+    let until = Instant::now() + total;
+    while !shutdown.is_triggered() {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(100)));
+    }
 }
 
 fn infer(
@@ -343,10 +367,7 @@ fn infer(
         let st = &stats[i];
         let started = Instant::now();
         let name = format!("{}#{}", names[i], frame.seq);
-        let img = match &frame.data {
-            FrameData::Encoded(bytes) => crate::images::decode(bytes, &name),
-        };
-        let img = match img {
+        let img = match frame.data.decode(&name) {
             Ok(img) => img,
             Err(e) => {
                 CameraStats::add(&st.corrupt);
@@ -381,4 +402,5 @@ fn infer(
             break;
         }
     }
+    log::debug!("inference worker {:?} done", std::thread::current().name());
 }

@@ -287,6 +287,9 @@ fn defaults_use_the_models_of_an_installed_prefix() {
     assert!(out.status.success(), "{}", stderr(&out));
     let log = stderr(&out);
     assert!(log.contains("built-in defaults"), "{log}");
-    assert!(log.contains(&format!("({}", models.join("efficientnet_lite0_fp32.onnx").display())), "{log}");
+    assert!(
+        log.contains(&format!("variant fp32, {})", models.join("efficientnet_lite0_fp32.onnx").display())),
+        "{log}"
+    );
     assert_eq!(json_lines(&out).len(), 1);
 }

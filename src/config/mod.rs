@@ -51,8 +51,23 @@ struct RawCamera {
     path: Spanned<PathBuf>,
     fps: Option<Positive>,
     #[serde(rename = "loop")]
-    looping: Option<bool>,
+    looping: Option<Spanned<bool>>,
     sample_fps: Option<Positive>,
+    formats: Option<Spanned<Vec<PixelFormat>>>,
+    width: Option<Count>,
+    height: Option<Count>,
+    timeout: Option<Interval>,
+}
+
+/// V4L2 pixel formats whaled can use, named as in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PixelFormat {
+    Mjpeg,
+    Yuyv,
+    Nv12,
+    Grey,
+    Rgb24,
 }
 
 /// The kinds of frame source.
@@ -61,6 +76,8 @@ struct RawCamera {
 pub enum SourceKind {
     /// A directory of images or a file of concatenated JPEGs, played at `fps`.
     Replay,
+    /// A Video4Linux2 camera (USB/CSI) at `path`.
+    V4l2,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,10 +170,29 @@ pub struct CameraConfig {
     pub sample_interval: Option<std::time::Duration>,
 }
 
+impl CameraConfig {
+    /// A V4L2 camera with the defaults of a `[[camera]]` block that names only its path.
+    pub fn default_v4l2(name: &str, path: PathBuf) -> CameraConfig {
+        CameraConfig {
+            name: name.to_string(),
+            source: SourceConfig::V4l2(crate::source::v4l2::V4l2Settings {
+                path,
+                formats: vec![PixelFormat::Mjpeg, PixelFormat::Yuyv],
+                width: 1280,
+                height: 720,
+                fps: 30,
+                timeout: std::time::Duration::from_secs(3),
+            }),
+            sample_interval: Some(std::time::Duration::from_millis(500)),
+        }
+    }
+}
+
 /// What a camera reads from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceConfig {
     Replay { path: PathBuf, fps: f64, looping: bool },
+    V4l2(crate::source::v4l2::V4l2Settings),
 }
 
 #[derive(Debug, Clone)]
@@ -331,11 +367,46 @@ impl Config {
                             format!("no such file or directory {}", p.display()),
                         ));
                     }
+                    if let Some(f) = &c.formats {
+                        return Err(at(f.span(), "camera.formats", "only applies to kind = \"v4l2\"".into()));
+                    }
+                    if c.width.is_some() || c.height.is_some() || c.timeout.is_some() {
+                        return Err(at(
+                            c.name.span(),
+                            "camera",
+                            "width, height and timeout only apply to kind = \"v4l2\"".into(),
+                        ));
+                    }
                     SourceConfig::Replay {
                         path: p,
                         fps: c.fps.map_or(5.0, |f| f.get()),
-                        looping: c.looping.unwrap_or(true),
+                        looping: c.looping.is_none_or(Spanned::into_inner),
                     }
+                }
+                SourceKind::V4l2 => {
+                    if let Some(l) = &c.looping {
+                        return Err(at(l.span(), "camera.loop", "only applies to kind = \"replay\"".into()));
+                    }
+                    let formats = match c.formats {
+                        None => vec![PixelFormat::Mjpeg, PixelFormat::Yuyv],
+                        Some(f) if f.get_ref().is_empty() => {
+                            return Err(at(
+                                f.span(),
+                                "camera.formats",
+                                "is empty; list at least one pixel format".into(),
+                            ))
+                        }
+                        Some(f) => f.into_inner(),
+                    };
+                    // Not checked for existence: a camera may be plugged in after start-up.
+                    SourceConfig::V4l2(crate::source::v4l2::V4l2Settings {
+                        path: c.path.into_inner(),
+                        formats,
+                        width: c.width.map_or(1280, |w| w.get() as u32),
+                        height: c.height.map_or(720, |h| h.get() as u32),
+                        fps: c.fps.map_or(30, |f| f.get().round().max(1.0) as u32),
+                        timeout: c.timeout.map_or(std::time::Duration::from_secs(3), Interval::get),
+                    })
                 }
             };
             cameras.push(CameraConfig {
@@ -501,10 +572,15 @@ mod tests {
         assert_eq!(c.cameras.len(), 1);
         assert_eq!(c.cameras[0].name, "bow");
         assert_eq!(c.cameras[0].sample_interval, Some(std::time::Duration::from_millis(500)));
-        let SourceConfig::Replay { path, fps, looping } = &c.cameras[0].source;
+        let SourceConfig::Replay { path, fps, looping } = &c.cameras[0].source else { panic!("replay") };
         assert!(path.ends_with("tests/photos") && *fps == 10.0 && !looping);
         assert_eq!((c.pipeline.workers, c.pipeline.emit_rejected), (2, true));
         assert_eq!(c.pipeline.stats_interval, std::time::Duration::from_secs(5));
+        let c = parse("[[camera]]\nname = \"cam\"\nkind = \"v4l2\"\npath = \"/dev/video7\"\nformats = [\"yuyv\", \"grey\"]\nwidth = 640\nheight = 480\nfps = 15\ntimeout = \"500ms\"\n").unwrap();
+        let SourceConfig::V4l2(v) = &c.cameras[0].source else { panic!("v4l2") };
+        assert_eq!((v.width, v.height, v.fps), (640, 480, 15));
+        assert_eq!(v.formats, vec![PixelFormat::Yuyv, PixelFormat::Grey]);
+        assert_eq!(v.timeout, std::time::Duration::from_millis(500));
     }
 
     #[test]
@@ -563,7 +639,10 @@ mod tests {
              &["config/test.toml:6:8: camera.name: camera `a` is defined twice"]),
             ("[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"nowhere\"\n",
              &["config/test.toml:4:8: camera.path: no such file or directory", "config/nowhere"]),
-            ("[[camera]]\nname = \"a\"\nkind = \"webcam\"\npath = \"x\"\n", &["line 3", "unknown variant `webcam`, expected `replay`"]),
+            ("[[camera]]\nname = \"a\"\nkind = \"webcam\"\npath = \"x\"\n", &["line 3", "unknown variant `webcam`, expected `replay` or `v4l2`"]),
+            ("[[camera]]\nname = \"a\"\nkind = \"v4l2\"\npath = \"/dev/video0\"\nformats = [\"h264\"]\n", &["line 5", "unknown variant `h264`, expected one of `mjpeg`, `yuyv`, `nv12`, `grey`, `rgb24`"]),
+            ("[[camera]]\nname = \"a\"\nkind = \"v4l2\"\npath = \"/dev/video0\"\nloop = true\n", &["config/test.toml:5:8: camera.loop: only applies to kind = \"replay\""]),
+            ("[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"../tests/photos\"\nformats = [\"yuyv\"]\n", &["config/test.toml:5:11: camera.formats: only applies to kind = \"v4l2\""]),
             ("[[camera]]\nname = \"a b\"\nkind = \"replay\"\npath = \"../tests/photos\"\n", &["config/test.toml:2:8: camera.name: expected 1 to 64"]),
             ("[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"../tests/photos\"\nsample_fps = 0\n", &["line 5", "expected a finite number greater than 0, got 0"]),
             ("[pipeline]\nstats_interval = \"often\"\n", &["line 2", "expected a duration such as"]),

@@ -2,7 +2,9 @@
 //! and, later, `v4l2`. A source is owned by its capture thread; it hands out compressed or raw frames
 //! and never decodes (decoding happens only for frames that enter inference).
 
+pub mod pixels;
 pub mod replay;
+pub mod v4l2;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -22,6 +24,20 @@ pub struct Frame {
 pub enum FrameData {
     /// A complete JPEG (or PNG) image: replay files, MJPEG cameras.
     Encoded(Arc<[u8]>),
+    /// Uncompressed pixels as the camera delivered them.
+    Raw { format: pixels::RawFormat, width: u32, height: u32, stride: u32, bytes: Arc<[u8]> },
+}
+
+impl FrameData {
+    /// Decodes the frame to RGB; `name` labels errors.
+    pub fn decode(&self, name: &str) -> crate::Result<image::RgbImage> {
+        match self {
+            FrameData::Encoded(bytes) => crate::images::decode(bytes, name),
+            FrameData::Raw { format, width, height, stride, bytes } => {
+                pixels::to_rgb(*format, *width, *height, *stride, bytes, name)
+            }
+        }
+    }
 }
 
 /// What a source reports instead of a frame.
@@ -43,6 +59,9 @@ pub fn open(cfg: &crate::config::CameraConfig) -> crate::Result<Box<dyn Source>>
     match &cfg.source {
         crate::config::SourceConfig::Replay { path, fps, looping } => {
             Ok(Box::new(replay::ReplaySource::open(Arc::from(cfg.name.as_str()), path, *fps, *looping)?))
+        }
+        crate::config::SourceConfig::V4l2(settings) => {
+            Ok(Box::new(v4l2::V4l2Source::new(Arc::from(cfg.name.as_str()), settings.clone())))
         }
     }
 }

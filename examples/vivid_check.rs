@@ -1,0 +1,161 @@
+//! The V4L2 check that runs inside a QEMU guest against the kernel's `vivid` test driver
+//! (tests/vivid/run.sh boots it). Exits 0 only if every step holds; prints what it saw.
+//!
+//! 1. `whaled cameras`-style description of /dev/video0.
+//! 2. Format negotiation: preference [MJPEG, YUYV] on vivid (no MJPEG) must pick YUYV 640x480.
+//! 3. 30 frames captured with kernel timestamps, all decoded to RGB, three through the pre-filter.
+//! 4. The live pipeline on that camera while the driver is unbound mid-stream and bound again:
+//!    capture errors are counted, the camera is reopened (reconnects >= 1) and frames flow again,
+//!    and shutdown is clean — no hang, no panic.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use whaled::config::{CameraConfig, Config, PixelFormat, SourceConfig};
+use whaled::identify::Identifier;
+use whaled::pipeline::{self, Camera, Options, Shutdown};
+use whaled::source::v4l2::{describe, V4l2Settings, V4l2Source};
+use whaled::source::{Source, SourceEvent};
+
+const DEVICE: &str = "/dev/video0";
+const DRIVER: &str = "/sys/bus/platform/drivers/vivid";
+
+fn settings() -> V4l2Settings {
+    V4l2Settings {
+        path: PathBuf::from(DEVICE),
+        formats: vec![PixelFormat::Mjpeg, PixelFormat::Yuyv],
+        width: 640,
+        height: 480,
+        fps: 30,
+        timeout: Duration::from_secs(2),
+    }
+}
+
+fn check(ok: bool, what: &str) -> Result<(), String> {
+    if ok {
+        println!("ok: {what}");
+        Ok(())
+    } else {
+        Err(format!("FAILED: {what}"))
+    }
+}
+
+fn main() {
+    env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Info)
+        .filter_module("whaled::pipeline", log::LevelFilter::Debug)
+        .init();
+    let code = match run() {
+        Ok(()) => 0,
+        Err(e) => {
+            println!("{e}");
+            1
+        }
+    };
+    println!("VIVID_CHECK_EXIT={code}");
+    std::process::exit(code);
+}
+
+fn run() -> Result<(), String> {
+    let models = std::env::args().nth(1).ok_or("usage: vivid_check MODEL_DIR")?;
+    print!("{}", describe(Path::new(DEVICE)).map_err(|e| e.to_string())?);
+
+    // 2 + 3: negotiation and 30 frames.
+    let cfg = Config::parse(
+        Path::new("/whaled.toml"),
+        &format!("[prefilter]\nmodel = \"{models}/efficientnet-lite0/model.toml\"\n"),
+    )
+    .map_err(|e| e.to_string())?;
+    let identifier = Arc::new(Identifier::from_config(&cfg).map_err(|e| e.to_string())?);
+    let mut source = V4l2Source::new("vivid".into(), settings());
+    let mut frames = Vec::new();
+    let t = Instant::now();
+    while frames.len() < 30 {
+        match source.next().map_err(|e| e.to_string())? {
+            SourceEvent::Frame(f) => frames.push(f),
+            SourceEvent::End => return Err("v4l2 source ended".into()),
+        }
+    }
+    let n = source.negotiated().ok_or("no negotiated format")?;
+    println!("negotiated {:?}; 30 frames in {:?}", n, t.elapsed());
+    check(
+        n.format == PixelFormat::Yuyv && (n.width, n.height) == (640, 480),
+        "YUYV 640x480 chosen over unavailable MJPEG",
+    )?;
+    let seqs: Vec<u64> = frames.iter().map(|f| f.seq).collect();
+    check(seqs == (0..30).collect::<Vec<_>>(), "30 frames in sequence")?;
+    let age = frames[29].captured_at.elapsed().unwrap_or_default();
+    check(age < Duration::from_secs(10), &format!("kernel timestamp maps to wall clock (last frame {age:?} old)"))?;
+    let mut ws = identifier.workspace();
+    for (i, f) in frames.iter().enumerate() {
+        let img = f.data.decode(&format!("vivid#{i}")).map_err(|e| e.to_string())?;
+        if img.dimensions() != (640, 480) {
+            return Err(format!("frame {i} decoded to {:?}", img.dimensions()));
+        }
+        if i % 10 == 0 {
+            let mut timings = Default::default();
+            let score = identifier.prefilter_score(&mut ws, &img, &mut timings).map_err(|e| e.to_string())?;
+            println!("frame {i}: pre-filter score {score:.5}");
+            check((0.0..=1.0).contains(&score), "pre-filter score is a probability")?;
+        }
+    }
+    check(true, "30 YUYV frames decoded to RGB")?;
+    drop(source);
+
+    // 4: the pipeline while the device vanishes and comes back.
+    let shutdown = Shutdown::new();
+    let camera = CameraConfig {
+        name: "vivid".into(),
+        source: SourceConfig::V4l2(settings()),
+        sample_interval: Some(Duration::from_millis(500)),
+    };
+    let cams = vec![Camera {
+        name: "vivid".into(),
+        source: whaled::source::open(&camera).map_err(|e| e.to_string())?,
+        sample_interval: camera.sample_interval,
+    }];
+    let options = Options { workers: 1, emit_rejected: true, stats_interval: None, device_id: "vm".into() };
+    let stopper = shutdown.clone();
+    let chaos = std::thread::spawn(move || -> Result<(), String> {
+        std::thread::sleep(Duration::from_secs(4));
+        std::fs::write(format!("{DRIVER}/unbind"), "vivid.0").map_err(|e| format!("unbind: {e}"))?;
+        println!("driver unbound; {DEVICE} exists: {}", Path::new(DEVICE).exists());
+        std::thread::sleep(Duration::from_secs(3));
+        std::fs::write(format!("{DRIVER}/bind"), "vivid.0").map_err(|e| format!("bind: {e}"))?;
+        println!("driver bound again");
+        std::thread::sleep(Duration::from_secs(8));
+        println!("triggering shutdown");
+        stopper.trigger();
+        // Watchdog: a shutdown that does not complete is a failure; show where each thread waits.
+        std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_secs(20));
+            println!("HANG: the pipeline did not stop within 20 s of shutdown");
+            for t in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+                let p = t.path();
+                let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default().trim().to_string();
+                println!("  thread {} wchan={} stack:\n{}", read("comm"), read("wchan"), read("stack"));
+            }
+            println!("VIVID_CHECK_EXIT=2");
+            std::process::exit(2);
+        });
+        Ok(())
+    });
+    let started = Instant::now();
+    let mut emitted = Vec::new();
+    let stats = pipeline::run(identifier, cams, &options, &shutdown, |d| {
+        println!("detection {} at {:?}", d.image_ind, started.elapsed());
+        emitted.push((started.elapsed(), d.image_ind));
+        Ok(())
+    })
+    .map_err(|e| e.to_string())?;
+    chaos.join().map_err(|_| "chaos thread panicked")??;
+    let s = &stats[0];
+    println!("pipeline stats: {s:?}");
+    println!("emitted: {emitted:?}");
+    check(s.errors >= 1, "the vanished device was reported as an error")?;
+    check(s.reconnects >= 1, "the camera was reopened after the driver came back")?;
+    check(emitted.iter().any(|(t, _)| *t > Duration::from_secs(8)), "detections after the reconnect")?;
+    check(started.elapsed() < Duration::from_secs(60), "clean shutdown")?;
+    Ok(())
+}
