@@ -33,6 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cfg = |backend| InferenceConfig {
         backend,
         threads: 1,
+        jpeg_dct_scaling: true,
         onnxruntime: OrtConfig { library: None, execution_providers: vec![ExecutionProvider::Cpu] },
     };
     let fp32 = Model::load(manifest.clone(), Some("fp32"), &cfg(BackendKind::Tract))?;

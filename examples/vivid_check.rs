@@ -4,7 +4,8 @@
 //! 1. `whaled cameras`-style description of /dev/video0.
 //! 2. Format negotiation: preference [MJPEG, YUYV] on vivid (no MJPEG) must pick YUYV 640x480.
 //! 3. 30 frames captured with kernel timestamps, all decoded to RGB, three through the pre-filter.
-//! 4. The live pipeline on that camera while the driver is unbound mid-stream and bound again:
+//! 4. NV12, GREY and RGB24 negotiated in turn, 5 frames each decoded and through the pre-filter.
+//! 5. The live pipeline on that camera while the driver is unbound mid-stream and bound again:
 //!    capture errors are counted, the camera is reopened (reconnects >= 1) and frames flow again,
 //!    and shutdown is clean — no hang, no panic.
 
@@ -22,9 +23,13 @@ const DEVICE: &str = "/dev/video0";
 const DRIVER: &str = "/sys/bus/platform/drivers/vivid";
 
 fn settings() -> V4l2Settings {
+    settings_for(vec![PixelFormat::Mjpeg, PixelFormat::Yuyv])
+}
+
+fn settings_for(formats: Vec<PixelFormat>) -> V4l2Settings {
     V4l2Settings {
         path: PathBuf::from(DEVICE),
-        formats: vec![PixelFormat::Mjpeg, PixelFormat::Yuyv],
+        formats,
         width: 640,
         height: 480,
         fps: 30,
@@ -94,16 +99,37 @@ fn run() -> Result<(), String> {
             return Err(format!("frame {i} decoded to {:?}", img.dimensions()));
         }
         if i % 10 == 0 {
-            let mut timings = Default::default();
-            let score = identifier.prefilter_score(&mut ws, &img, &mut timings).map_err(|e| e.to_string())?;
-            println!("frame {i}: pre-filter score {score:.5}");
-            check((0.0..=1.0).contains(&score), "pre-filter score is a probability")?;
+            let a = identifier.assess(&mut ws, &f.data, &format!("vivid#{i}")).map_err(|e| e.to_string())?;
+            println!("frame {i}: pre-filter score {:.5}", a.prefilter_score);
+            check((0.0..=1.0).contains(&a.prefilter_score), "pre-filter score is a probability")?;
         }
     }
     check(true, "30 YUYV frames decoded to RGB")?;
     drop(source);
 
-    // 4: the pipeline while the device vanishes and comes back.
+    // 4: the other raw formats whaled converts.
+    for format in [PixelFormat::Nv12, PixelFormat::Grey, PixelFormat::Rgb24] {
+        let mut source = V4l2Source::new("vivid".into(), settings_for(vec![format]));
+        let mut scores = Vec::new();
+        while scores.len() < 5 {
+            match source.next().map_err(|e| format!("{format:?}: {e}"))? {
+                SourceEvent::Frame(f) => {
+                    let a = identifier
+                        .assess(&mut ws, &f.data, &format!("vivid-{format:?}#{}", f.seq))
+                        .map_err(|e| e.to_string())?;
+                    check((a.width, a.height) == (640, 480), &format!("{format:?} frame {} is 640x480", f.seq))?;
+                    scores.push(a.prefilter_score);
+                }
+                SourceEvent::End => return Err("v4l2 source ended".into()),
+            }
+        }
+        let n = source.negotiated().ok_or("no negotiated format")?;
+        println!("negotiated {n:?}; pre-filter scores {scores:.4?}");
+        check(n.format == format, &format!("{format:?} negotiated"))?;
+        check(scores.iter().all(|s| (0.0..=1.0).contains(s)), &format!("5 {format:?} frames through the pre-filter"))?;
+    }
+
+    // 5: the pipeline while the device vanishes and comes back.
     let shutdown = Shutdown::new();
     let camera = CameraConfig {
         name: "vivid".into(),

@@ -1,14 +1,18 @@
 //! `whaled bench`: time a model's preprocessing and inference on this machine, the way the pipeline
 //! runs them (same preprocessor, same backend), so users can choose backend, variant and threads on
-//! their own board. docs/BENCHMARKS.md is produced with it (see bench/models.sh).
+//! their own board, and the cost of getting a camera frame to the model's input (JPEG decode with and
+//! without DCT scaling, resize and normalisation) beside it. docs/BENCHMARKS.md is produced with it (see
+//! bench/models.sh and bench/decode.sh).
 
 use std::time::Instant;
 
 use image::RgbImage;
 
-use crate::error::Result;
+use crate::decode::Decoder;
+use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::preprocess::Preprocessor;
+use crate::source::FrameData;
 
 /// Latency statistics over the timed runs, in milliseconds.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +53,70 @@ pub fn bench_model(model: &Model, frame: &RgbImage, warmup: usize, runs: usize) 
         }
     }
     Ok(BenchResult { preprocess: Stats::of(tp), inference: Stats::of(ti) })
+}
+
+/// Frame -> input tensor costs for one model: full-size decode and DCT-scaled decode, each followed by
+/// the model's resize + normalisation.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameBench {
+    pub full_decode: Stats,
+    pub full_preprocess: Stats,
+    pub scaled_decode: Stats,
+    pub scaled_preprocess: Stats,
+    /// The DCT scale chosen for this model, (numerator, denominator).
+    pub scale: (usize, usize),
+    pub scaled_size: (u32, u32),
+}
+
+/// Times decode + preprocess of `frame` for `model`'s input, with and without DCT scaling (at least one
+/// warm-up run, which sizes the reused buffers).
+pub fn bench_frame(model: &Model, frame: &FrameData, warmup: usize, runs: usize) -> Result<FrameBench> {
+    let mut pre = Preprocessor::new(&model.manifest().input);
+    let mut input = Vec::new();
+    /// Decode stats, preprocess stats, DCT scale chosen, decoded size.
+    type Pass = (Stats, Stats, (usize, usize), (u32, u32));
+    let mut one = |dct: bool| -> Result<Pass> {
+        let mut decoder = Decoder::new(dct);
+        let (mut td, mut tp) = (Vec::new(), Vec::new());
+        let (mut scale, mut size) = ((1, 1), (0, 0));
+        for _ in 0..warmup.max(1) + runs.max(1) {
+            let t0 = Instant::now();
+            let decoded = decoder.decode(frame, |w, h| pre.fits(w, h), "bench")?;
+            let t1 = Instant::now();
+            pre.run(decoded.image, &mut input)?;
+            let t2 = Instant::now();
+            scale = decoded.scale;
+            size = decoded.image.dimensions();
+            td.push((t1 - t0).as_secs_f64() * 1e3);
+            tp.push((t2 - t1).as_secs_f64() * 1e3);
+            // Like a camera's next frame: decoded again, not served from the decoder's last pixels.
+            decoder.forget();
+        }
+        let skip = warmup.max(1);
+        Ok((Stats::of(td.split_off(skip)), Stats::of(tp.split_off(skip)), scale, size))
+    };
+    let (full_decode, full_preprocess, ..) = one(false)?;
+    let (scaled_decode, scaled_preprocess, scale, scaled_size) = one(true)?;
+    if scaled_size.0 == 0 {
+        return Err(Error::Input("benchmark frame decoded to nothing".into()));
+    }
+    Ok(FrameBench { full_decode, full_preprocess, scaled_decode, scaled_preprocess, scale, scaled_size })
+}
+
+/// Encodes `img` as a camera would send MJPEG: baseline, 4:2:2 chroma, quality 85.
+pub fn mjpeg_like(img: &RgbImage) -> Result<Vec<u8>> {
+    let mut c = turbojpeg::Compressor::new().map_err(|e| Error::Input(format!("JPEG encoder: {e}")))?;
+    let setup = c.set_quality(85).and_then(|()| c.set_subsamp(turbojpeg::Subsamp::Sub2x1));
+    setup.map_err(|e| Error::Input(format!("JPEG encoder: {e}")))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let src = turbojpeg::Image {
+        pixels: img.as_raw().as_slice(),
+        width: w,
+        pitch: w * 3,
+        height: h,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    c.compress_to_vec(src).map_err(|e| Error::Input(format!("JPEG encoder: {e}")))
 }
 
 /// A deterministic 1920x1080 test frame (a sea-like gradient), used when no image is given.

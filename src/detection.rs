@@ -78,6 +78,9 @@ pub struct Detection {
     pub event_id: String,
     pub device_id: String,
     pub source: String,
+    /// The camera that took the frame (`whaled run`); absent for photos (`whaled identify`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub camera: Option<String>,
     pub captured_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefilter: Option<PrefilterInfo>,
@@ -88,7 +91,7 @@ pub struct Detection {
 
 impl Detection {
     /// The record for an assessed frame.
-    pub fn from_assessment(a: &Assessment, meta: &FrameMeta, device_id: &str, decode_ms: f64) -> Detection {
+    pub fn from_assessment(a: &Assessment, meta: &FrameMeta, device_id: &str) -> Detection {
         let mut d = Detection::base(meta, device_id, a.model_version.clone());
         d.bbox = [0, 0, a.width, a.height];
         d.cetacean_score = round4(a.prefilter_score);
@@ -96,8 +99,6 @@ impl Detection {
         d.prefilter =
             Some(PrefilterInfo { model: a.prefilter_model.clone(), score: a.prefilter_score, threshold: a.threshold });
         d.timings = a.timings.clone();
-        d.timings.decode_ms = decode_ms;
-        d.timings.total_ms += decode_ms;
         if !a.passed {
             d.rejected = true;
             d.rejection_reason = Some(RejectionReason::NotAMarineMammal);
@@ -147,6 +148,7 @@ impl Detection {
             event_id: uuid::Uuid::now_v7().to_string(),
             device_id: device_id.to_string(),
             source: meta.source.clone(),
+            camera: None,
             captured_at: humantime::format_rfc3339_millis(meta.captured_at).to_string(),
             prefilter: None,
             error: None,
@@ -169,7 +171,7 @@ mod tests {
             passed,
             identified,
             model_version: "effb4-arcface-v1".into(),
-            timings: Timings { prefilter_ms: 2.0, total_ms: 3.0, ..Timings::default() },
+            timings: Timings { decode_ms: 1.5, prefilter_ms: 2.0, total_ms: 4.5, ..Timings::default() },
         }
     }
 
@@ -212,7 +214,7 @@ mod tests {
             ),
         ];
         for (a, class, species, p, rejected, reason, n_cands) in cases {
-            let d = Detection::from_assessment(&a, &meta(), "dev", 1.5);
+            let d = Detection::from_assessment(&a, &meta(), "dev");
             assert_eq!((d.class_animal.as_str(), d.id_animal.as_str(), d.probability), (class, species, p), "{d:?}");
             assert_eq!((d.rejected, d.rejection_reason, d.candidates.len()), (rejected, reason, n_cands), "{d:?}");
             assert_eq!(d.is_cetacean, a.passed);

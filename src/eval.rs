@@ -201,7 +201,8 @@ pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut pro
     let (mut id_n, mut id_top1, mut id_top5) = (0usize, 0usize, 0usize);
     let mut total_ms = 0.0;
     for s in samples {
-        let result = crate::images::decode_file(&s.path).and_then(|img| identifier.assess(&mut ws, &img));
+        let name = s.path.display().to_string();
+        let result = crate::images::read_frame(&s.path).and_then(|frame| identifier.assess(&mut ws, &frame, &name));
         progress();
         let a = match result {
             Ok(a) => a,

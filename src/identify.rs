@@ -2,15 +2,22 @@
 //! pre-filter every frame, run the ArcFace embedder only on frames that pass, rank candidates.
 //!
 //! Decision order is upstream's: gate -> identification top-k -> low-confidence check.
-//! An [`Identifier`] is immutable and shared; per-thread scratch lives in a [`Workspace`], so several
-//! cameras can use one set of loaded models without copying them.
+//! An [`Identifier`] is immutable and shared; per-thread scratch (decoder, preprocessors, tensors) lives
+//! in a [`Workspace`], so several cameras use one set of loaded models without copying them, and a frame
+//! costs no allocation outside the inference engines once the first one of its size is through.
+//!
+//! Frames arrive still encoded: each stage asks the [`Decoder`] for pixels that just cover its model's
+//! input, so a 1080p JPEG is decoded at 1/4 size for the pre-filter and, only if it passes, again at
+//! 1/2 for a 512x512 embedder.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use image::RgbImage;
 
 use crate::config::Config;
+use crate::decode::Decoder;
 use crate::detection::{Candidate, Timings};
 use crate::error::{Error, Result};
 use crate::head::IdentificationHead;
@@ -18,6 +25,7 @@ use crate::manifest::{ModelManifest, OutputKind, Role};
 use crate::model::Model;
 use crate::preprocess::Preprocessor;
 use crate::scoring::{l2_normalise, prefilter_score, rank, round4};
+use crate::source::FrameData;
 
 /// The identification stage: embedder model, head and upstream scoring constants.
 pub struct Identification {
@@ -33,12 +41,15 @@ pub struct Identification {
 pub struct Identifier {
     prefilter: Arc<Model>,
     positive_classes: Vec<usize>,
-    threshold: f64,
+    /// The pre-filter threshold as `f64` bits: changeable at run time (MQTT `set_threshold`).
+    threshold: AtomicU64,
     identification: Option<Identification>,
+    jpeg_dct_scaling: bool,
 }
 
 /// Per-thread scratch buffers: preprocessors and tensors, reused frame after frame.
 pub struct Workspace {
+    decoder: Decoder,
     prefilter: Preprocessor,
     embedder: Option<Preprocessor>,
     tensor: Vec<f32>,
@@ -108,7 +119,13 @@ impl Identifier {
                 })
             }
         };
-        Ok(Identifier { prefilter, positive_classes, threshold, identification })
+        Ok(Identifier {
+            prefilter,
+            positive_classes,
+            threshold: AtomicU64::new(threshold.to_bits()),
+            identification,
+            jpeg_dct_scaling: cfg.inference.jpeg_dct_scaling,
+        })
     }
 
     pub fn prefilter(&self) -> &Arc<Model> {
@@ -116,7 +133,14 @@ impl Identifier {
     }
 
     pub fn threshold(&self) -> f64 {
-        self.threshold
+        f64::from_bits(self.threshold.load(Ordering::Relaxed))
+    }
+
+    /// Changes the pre-filter threshold for the frames assessed from now on; `t` must be in [0, 1].
+    pub fn set_threshold(&self, t: f64) {
+        if (0.0..=1.0).contains(&t) {
+            self.threshold.store(t.to_bits(), Ordering::Relaxed);
+        }
     }
 
     /// Whether the identification model is a random-weights test model.
@@ -138,6 +162,7 @@ impl Identifier {
 
     pub fn workspace(&self) -> Workspace {
         Workspace {
+            decoder: Decoder::new(self.jpeg_dct_scaling),
             prefilter: Preprocessor::new(&self.prefilter.manifest().input),
             embedder: self.identification.as_ref().map(|i| Preprocessor::new(&i.model.manifest().input)),
             tensor: Vec::new(),
@@ -145,34 +170,58 @@ impl Identifier {
         }
     }
 
-    /// The pre-filter score of a frame (probability mass of the positive classes).
+    /// The pre-filter score of decoded pixels (probability mass of the positive classes).
     pub fn prefilter_score(&self, ws: &mut Workspace, frame: &RgbImage, timings: &mut Timings) -> Result<f64> {
+        self.score(&mut ws.prefilter, &mut ws.tensor, frame, timings)
+    }
+
+    fn score(
+        &self,
+        pre: &mut Preprocessor,
+        tensor: &mut Vec<f32>,
+        frame: &RgbImage,
+        timings: &mut Timings,
+    ) -> Result<f64> {
         let t = Instant::now();
-        ws.prefilter.run(frame, &mut ws.tensor)?;
+        pre.run(frame, tensor)?;
         let t1 = Instant::now();
-        let out = self.prefilter.run(&ws.tensor)?;
+        let out = self.prefilter.run(tensor)?;
         timings.preprocess_ms += ms(t1 - t);
         timings.prefilter_ms += ms(t1.elapsed());
         Ok(prefilter_score(&out, self.prefilter.manifest().output.kind, &self.positive_classes))
     }
 
-    /// Runs the whole decision for one frame.
-    pub fn assess(&self, ws: &mut Workspace, frame: &RgbImage) -> Result<Assessment> {
+    /// Decodes and assesses one frame; `name` labels errors. A frame that cannot be decoded is
+    /// `Err(Error::Image)`; any other error is the models'.
+    pub fn assess(&self, ws: &mut Workspace, data: &FrameData, name: &str) -> Result<Assessment> {
         let start = Instant::now();
         let mut timings = Timings::default();
-        let score = self.prefilter_score(ws, frame, &mut timings)?;
-        let passed = score >= self.threshold;
+        let Workspace { decoder, prefilter, embedder, tensor, cosines } = ws;
+        let decoded = decoder.decode(data, |w, h| prefilter.fits(w, h), name)?;
+        let (width, height) = (decoded.full_width, decoded.full_height);
+        timings.decode_ms += ms(start.elapsed());
+        let score = self.score(prefilter, tensor, decoded.image, &mut timings)?;
+        let threshold = self.threshold();
+        let passed = score >= threshold;
         let identified = match (&self.identification, passed) {
-            (Some(id), true) => Some(self.identify(id, ws, frame, &mut timings)?),
+            (Some(id), true) => {
+                let pre = embedder
+                    .as_mut()
+                    .ok_or_else(|| Error::Input("workspace was made for another identifier".into()))?;
+                let t = Instant::now();
+                let decoded = decoder.decode(data, |w, h| pre.fits(w, h), name)?;
+                timings.decode_ms += ms(t.elapsed());
+                Some(self.identify(id, pre, tensor, cosines, decoded.image, &mut timings)?)
+            }
             _ => None,
         };
         timings.total_ms = ms(start.elapsed());
         Ok(Assessment {
-            width: frame.width(),
-            height: frame.height(),
+            width,
+            height,
             prefilter_model: self.prefilter.manifest().name.clone(),
             prefilter_score: score,
-            threshold: self.threshold,
+            threshold,
             passed,
             identified,
             model_version: self.model_version(),
@@ -180,22 +229,23 @@ impl Identifier {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn identify(
         &self,
         id: &Identification,
-        ws: &mut Workspace,
+        pre: &mut Preprocessor,
+        tensor: &mut Vec<f32>,
+        cosines: &mut Vec<f32>,
         frame: &RgbImage,
         timings: &mut Timings,
     ) -> Result<Identified> {
-        let pre =
-            ws.embedder.as_mut().ok_or_else(|| Error::Input("workspace was made for another identifier".into()))?;
         let t = Instant::now();
-        pre.run(frame, &mut ws.tensor)?;
+        pre.run(frame, tensor)?;
         let t1 = Instant::now();
-        let mut embedding = id.model.run(&ws.tensor)?;
+        let mut embedding = id.model.run(tensor)?;
         l2_normalise(&mut embedding);
-        id.head.cosines(&embedding, &mut ws.cosines);
-        let ranked = rank(&ws.cosines, id.scale, id.top_k);
+        id.head.cosines(&embedding, cosines);
+        let ranked = rank(cosines, id.scale, id.top_k);
         timings.preprocess_ms += ms(t1 - t);
         timings.identification_ms += ms(t1.elapsed());
         let low_confidence = ranked.first().is_none_or(|r| r.probability < id.min_confidence);

@@ -50,100 +50,21 @@ pub fn decode_file(path: &Path) -> Result<RgbImage> {
     decode(&bytes, &path.display().to_string())
 }
 
-/// Decodes an in-memory image (JPEG or PNG) to RGB8; `name` labels errors. JPEGs without Huffman
-/// tables (MJPEG from many UVC webcams) get the standard tables of JPEG Annex K inserted.
+/// Reads an image file's bytes as a frame for [`crate::identify::Identifier::assess`] (which decodes it
+/// at the scale its models need).
+pub fn read_frame(path: &Path) -> Result<crate::source::FrameData> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    Ok(crate::source::FrameData::Encoded(std::sync::Arc::from(bytes)))
+}
+
+/// Decodes an in-memory image (JPEG or PNG) to RGB8 at full size; `name` labels errors. JPEGs without
+/// Huffman tables (MJPEG from many UVC webcams) decode with the standard tables. The live pipeline uses
+/// a reusable [`crate::decode::Decoder`] instead, which also downscales in the DCT domain.
 pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage> {
-    match with_standard_huffman_tables(bytes) {
-        Some(fixed) => decode_inner(&fixed, name),
-        None => decode_inner(bytes, name),
-    }
-}
-
-/// The DHT segments of JPEG Annex K, as the `image` crate's baseline encoder writes them.
-fn standard_dht() -> &'static [u8] {
-    static DHT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    DHT.get_or_init(|| {
-        let mut jpeg = Vec::new();
-        let img = RgbImage::new(8, 8);
-        if image::codecs::jpeg::JpegEncoder::new(&mut jpeg).encode_image(&img).is_err() {
-            return Vec::new();
-        }
-        let mut out = Vec::new();
-        for_each_segment(&jpeg, |marker, seg| {
-            if marker == 0xC4 {
-                out.extend_from_slice(seg);
-            }
-        });
-        out
-    })
-}
-
-/// Calls `f(marker, whole segment)` for each marker segment before the start of scan; returns the
-/// offset of the SOS marker, if the header is well formed.
-fn for_each_segment(bytes: &[u8], mut f: impl FnMut(u8, &[u8])) -> Option<usize> {
-    if !bytes.starts_with(&[0xFF, 0xD8]) {
-        return None;
-    }
-    let mut i = 2;
-    while i + 4 <= bytes.len() {
-        if bytes[i] != 0xFF {
-            return None;
-        }
-        let marker = bytes[i + 1];
-        if marker == 0xFF {
-            i += 1; // fill byte
-            continue;
-        }
-        if marker == 0xDA {
-            return Some(i);
-        }
-        let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
-        let end = (i + 2 + len).min(bytes.len());
-        f(marker, &bytes[i..end]);
-        i += 2 + len;
-    }
-    None
-}
-
-/// A copy of `bytes` with the standard Huffman tables inserted before the scan, if it is a JPEG that
-/// has none; `None` if it needs no fixing.
-fn with_standard_huffman_tables(bytes: &[u8]) -> Option<Vec<u8>> {
-    let mut has_dht = false;
-    let sos = for_each_segment(bytes, |marker, _| has_dht |= marker == 0xC4)?;
-    if has_dht || standard_dht().is_empty() {
-        return None;
-    }
-    let mut fixed = Vec::with_capacity(bytes.len() + standard_dht().len());
-    fixed.extend_from_slice(&bytes[..sos]);
-    fixed.extend_from_slice(standard_dht());
-    fixed.extend_from_slice(&bytes[sos..]);
-    Some(fixed)
-}
-
-fn decode_inner(bytes: &[u8], name: &str) -> Result<RgbImage> {
-    let fail = |msg: String| Error::Image { source_name: name.to_string(), msg };
-    let reader =
-        image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| fail(e.to_string()))?;
-    match reader.format() {
-        None => return Err(fail("not a JPEG or PNG image".into())),
-        Some(image::ImageFormat::Jpeg) if !has_jpeg_end(bytes) => {
-            // zune-jpeg decodes a cut-off stream into a grey-filled picture; we refuse it instead.
-            return Err(fail("truncated JPEG (no end-of-image marker)".into()));
-        }
-        Some(_) => {}
-    }
-    let img = reader.decode().map_err(|e| fail(e.to_string()))?;
-    if img.width() == 0 || img.height() == 0 {
-        return Err(fail("image has no pixels".into()));
-    }
-    Ok(img.into_rgb8())
-}
-
-/// Whether a JPEG stream ends with its EOI marker (0xFFD9), ignoring trailing zero padding that some
-/// cameras add.
-pub fn has_jpeg_end(bytes: &[u8]) -> bool {
-    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-    bytes[..end].ends_with(&[0xFF, 0xD9])
+    let data = crate::source::FrameData::Encoded(std::sync::Arc::from(bytes));
+    let mut decoder = crate::decode::Decoder::new(false);
+    let decoded = decoder.decode(&data, |_, _| true, name)?;
+    Ok(decoded.image.clone())
 }
 
 /// A file's modification time: the best capture time a still photo offers.

@@ -13,11 +13,14 @@ pub mod model;
 
 pub use error::{Error, Result};
 pub mod bench;
+pub mod decode;
 pub mod detection;
 pub mod eval;
 pub mod head;
 pub mod identify;
 pub mod images;
+pub mod mqtt;
+pub mod outbox;
 pub mod pipeline;
 pub mod preprocess;
 pub mod scoring;

@@ -14,7 +14,9 @@ use whaled::detection::{Detection, FrameMeta};
 use whaled::identify::Identifier;
 use whaled::manifest::{BackendKind, ModelManifest};
 use whaled::model::Model;
+use whaled::mqtt::Publisher;
 use whaled::pipeline::{self, Camera, Shutdown};
+use whaled::source::FrameData;
 use whaled::{eval, images, Error};
 
 #[derive(Parser)]
@@ -171,12 +173,40 @@ fn run(config: Option<PathBuf>) -> Result<ExitCode, Error> {
         device_id: cfg.device_id.clone(),
     };
     log::info!("running {} camera(s) with {} inference worker(s)", cfg.cameras.len(), options.workers);
+    let identifier = Arc::new(identifier);
+    let names: Vec<Arc<str>> = cameras.iter().map(|c| c.name.clone()).collect();
+    let control = Arc::new(pipeline::Control::new(&names, identifier.clone()));
+    let publisher = match &cfg.mqtt {
+        Some(m) => {
+            log::info!(
+                "publishing to mqtt://{}:{} under {}/ (outbox {})",
+                m.host,
+                m.port,
+                m.topic_prefix,
+                m.outbox.dir.display()
+            );
+            let p = Publisher::start(m, &cfg.device_id, control.clone())?;
+            control.set_snapshot_sender(p.snapshot_sender());
+            Some(p)
+        }
+        None => None,
+    };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let stats = pipeline::run(Arc::new(identifier), cameras, &options, &shutdown, |d| {
+    let result = pipeline::run_controlled(identifier, cameras, &options, &shutdown, &control, |d| {
         let line = serde_json::to_string(&d).map_err(|e| Error::Input(e.to_string()))?;
+        if let Some(p) = &publisher {
+            // Stored durably before anything else sees it; a failure here loses the event: ERROR.
+            if let Err(e) = p.publish_detection(d.camera.as_deref().unwrap_or("unknown"), line.as_bytes()) {
+                log::error!("event {} lost: cannot store it in the outbox: {e}", d.event_id);
+            }
+        }
         writeln!(out, "{line}").and_then(|_| out.flush()).map_err(|e| Error::Input(format!("stdout: {e}")))
-    })?;
+    });
+    if let Some(p) = publisher {
+        p.close();
+    }
+    let stats = result?;
     for s in stats {
         log::info!("final stats {}", serde_json::to_string(&s).unwrap_or_default());
     }
@@ -205,22 +235,18 @@ fn identify(config: Option<PathBuf>, paths: &[PathBuf]) -> Result<ExitCode, Erro
             source: path.display().to_string(),
             captured_at: images::mtime(path),
         };
-        let t = std::time::Instant::now();
-        let detection = match images::decode_file(path) {
-            Err(e) => {
+        let name = path.display().to_string();
+        let assessed = images::read_frame(path).and_then(|frame| identifier.assess(&mut ws, &frame, &name));
+        let detection = match assessed {
+            Ok(a) => Detection::from_assessment(&a, &meta, &cfg.device_id),
+            Err(e @ (Error::Image { .. } | Error::Io { .. })) => {
                 log::warn!("{e}");
                 Detection::corrupted(&meta, &cfg.device_id, identifier.model_version(), e.to_string())
             }
-            Ok(img) => {
-                let decode_ms = t.elapsed().as_secs_f64() * 1e3;
-                match identifier.assess(&mut ws, &img) {
-                    Ok(a) => Detection::from_assessment(&a, &meta, &cfg.device_id, decode_ms),
-                    Err(e) => {
-                        log::error!("{}: {e}", path.display());
-                        failed += 1;
-                        continue;
-                    }
-                }
+            Err(e) => {
+                log::error!("{}: {e}", path.display());
+                failed += 1;
+                continue;
             }
         };
         let line = serde_json::to_string(&detection).map_err(|e| Error::Input(e.to_string()))?;
@@ -304,18 +330,27 @@ fn bench(
     let inference = InferenceConfig {
         backend,
         threads: threads.max(1),
+        jpeg_dct_scaling: true,
         onnxruntime: OrtConfig { library: ort_library, execution_providers: vec![ExecutionProvider::Cpu] },
     };
     let model = Model::load(ModelManifest::load(&manifest)?, variant, &inference)?;
-    let frame = match &image {
-        Some(p) => images::decode_file(p)?,
-        None => whaled::bench::synthetic_frame(),
+    // The frame as a camera would deliver it: the given JPEG, or the synthetic frame as 4:2:2 MJPEG.
+    let jpeg = match &image {
+        Some(p) => std::fs::read(p).map_err(|e| Error::Io { path: p.clone(), source: e })?,
+        None => whaled::bench::mjpeg_like(&whaled::bench::synthetic_frame())?,
     };
+    let frame = images::decode(&jpeg, "bench frame")?;
+    let f = whaled::bench::bench_frame(&model, &FrameData::Encoded(jpeg.into()), warmup, runs)?;
     let r = whaled::bench::bench_model(&model, &frame, warmup, runs)?;
+    let overhead = |decode: f64, pre: f64| 100.0 * (decode + pre) / r.inference.median;
     println!(
-        "model={} variant={} backend={} threads={} frame={}x{} runs={} preprocess_median_ms={:.2} inference_median_ms={:.2} inference_p90_ms={:.2} inference_min_ms={:.2}",
+        "model={} variant={} backend={} threads={} frame={}x{} runs={} preprocess_median_ms={:.2} inference_median_ms={:.2} inference_p90_ms={:.2} inference_min_ms={:.2} \
+         decode_full_ms={:.2} preprocess_full_ms={:.2} overhead_full_pct={:.1} dct_scale={}/{} decoded={}x{} decode_scaled_ms={:.2} preprocess_scaled_ms={:.2} overhead_scaled_pct={:.1}",
         model.manifest().name, model.variant().name, backend.name(), inference.threads, frame.width(), frame.height(), runs.max(1),
-        r.preprocess.median, r.inference.median, r.inference.p90, r.inference.min
+        r.preprocess.median, r.inference.median, r.inference.p90, r.inference.min,
+        f.full_decode.median, f.full_preprocess.median, overhead(f.full_decode.median, f.full_preprocess.median),
+        f.scale.0, f.scale.1, f.scaled_size.0, f.scaled_size.1, f.scaled_decode.median, f.scaled_preprocess.median,
+        overhead(f.scaled_decode.median, f.scaled_preprocess.median),
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::detection::{Detection, FrameMeta};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::identify::Identifier;
 use crate::source::{Frame, Source, SourceEvent};
 
@@ -144,6 +144,101 @@ impl CameraStats {
     }
 }
 
+/// What the outside (MQTT commands, the stats topic) sees and changes while the pipeline runs: the
+/// per-camera counters, pause flags, snapshot requests and the pre-filter threshold.
+pub struct Control {
+    names: Vec<Arc<str>>,
+    stats: Vec<Arc<CameraStats>>,
+    paused: Vec<AtomicBool>,
+    snapshot: Vec<AtomicBool>,
+    stats_requested: AtomicBool,
+    identifier: Arc<Identifier>,
+    snapshot_tx: Mutex<Option<mpsc::SyncSender<crate::mqtt::Snapshot>>>,
+}
+
+impl Control {
+    pub fn new(names: &[Arc<str>], identifier: Arc<Identifier>) -> Control {
+        Control {
+            names: names.to_vec(),
+            stats: names.iter().map(|_| Arc::new(CameraStats::default())).collect(),
+            paused: names.iter().map(|_| AtomicBool::new(false)).collect(),
+            snapshot: names.iter().map(|_| AtomicBool::new(false)).collect(),
+            stats_requested: AtomicBool::new(false),
+            identifier,
+            snapshot_tx: Mutex::new(None),
+        }
+    }
+
+    fn index(&self, camera: &str) -> Option<usize> {
+        self.names.iter().position(|n| &**n == camera)
+    }
+
+    /// Every camera's counters now.
+    pub fn snapshots(&self) -> Vec<CameraSnapshot> {
+        self.names.iter().zip(&self.stats).map(|(n, s)| s.snapshot(n)).collect()
+    }
+
+    /// Pauses (no frame enters inference) or resumes a camera; returns (ok, message) for a reply.
+    pub fn set_paused(&self, camera: &str, paused: bool) -> (bool, String) {
+        match self.index(camera) {
+            Some(i) => {
+                self.paused[i].store(paused, Ordering::SeqCst);
+                log::info!("camera {camera}: {} by command", if paused { "paused" } else { "resumed" });
+                (true, format!("camera {camera} {}", if paused { "paused" } else { "resumed" }))
+            }
+            None => (false, format!("no camera named {camera:?}")),
+        }
+    }
+
+    pub fn request_snapshot(&self, camera: &str) -> (bool, String) {
+        match self.index(camera) {
+            Some(i) => {
+                self.snapshot[i].store(true, Ordering::SeqCst);
+                (true, format!("the next frame of {camera} will be published as a snapshot"))
+            }
+            None => (false, format!("no camera named {camera:?}")),
+        }
+    }
+
+    pub fn set_snapshot_sender(&self, tx: mpsc::SyncSender<crate::mqtt::Snapshot>) {
+        *self.snapshot_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    pub fn threshold(&self) -> f64 {
+        self.identifier.threshold()
+    }
+
+    pub fn set_threshold(&self, t: f64) {
+        self.identifier.set_threshold(t);
+    }
+
+    pub fn request_stats(&self) {
+        self.stats_requested.store(true, Ordering::SeqCst);
+    }
+
+    pub fn take_stats_request(&self) -> bool {
+        self.stats_requested.swap(false, Ordering::SeqCst)
+    }
+
+    /// Sends a snapshot of `frame` if one was requested for camera `i`.
+    fn maybe_snapshot(&self, i: usize, frame: &Frame) {
+        if !self.snapshot[i].swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let jpeg = match &frame.data {
+            crate::source::FrameData::Encoded(b) if b.starts_with(&[0xFF, 0xD8]) => Ok(b.to_vec()),
+            other => other.decode(&self.names[i]).and_then(|img| crate::bench::mjpeg_like(&img)),
+        };
+        match (jpeg, &*self.snapshot_tx.lock().unwrap_or_else(|p| p.into_inner())) {
+            (Ok(jpeg), Some(tx)) => {
+                let _ = tx.try_send(crate::mqtt::Snapshot { camera: self.names[i].to_string(), jpeg });
+            }
+            (Err(e), _) => log::warn!("camera {}: snapshot failed: {e}", self.names[i]),
+            (_, None) => {}
+        }
+    }
+}
+
 /// One camera as the pipeline runs it.
 pub struct Camera {
     pub name: Arc<str>,
@@ -223,10 +318,28 @@ pub fn run(
     cameras: Vec<Camera>,
     options: &Options,
     shutdown: &Shutdown,
+    sink: impl FnMut(Detection) -> Result<()>,
+) -> Result<Vec<CameraSnapshot>> {
+    let names: Vec<Arc<str>> = cameras.iter().map(|c| c.name.clone()).collect();
+    let control = Arc::new(Control::new(&names, identifier.clone()));
+    run_controlled(identifier, cameras, options, shutdown, &control, sink)
+}
+
+/// [`run`] with a [`Control`] made by the caller (for MQTT commands and the stats topic); its camera
+/// names must be `cameras`' names, in order.
+pub fn run_controlled(
+    identifier: Arc<Identifier>,
+    cameras: Vec<Camera>,
+    options: &Options,
+    shutdown: &Shutdown,
+    control: &Arc<Control>,
     mut sink: impl FnMut(Detection) -> Result<()>,
 ) -> Result<Vec<CameraSnapshot>> {
     let names: Vec<Arc<str>> = cameras.iter().map(|c| c.name.clone()).collect();
-    let stats: Vec<Arc<CameraStats>> = cameras.iter().map(|_| Arc::new(CameraStats::default())).collect();
+    if names != control.names {
+        return Err(Error::Input("pipeline control was made for other cameras".into()));
+    }
+    let stats: Vec<Arc<CameraStats>> = control.stats.clone();
     let mailbox = Arc::new(Mailbox {
         state: Mutex::new(MailboxState {
             pending: cameras.iter().map(|_| None).collect(),
@@ -241,11 +354,12 @@ pub fn run(
     std::thread::scope(|scope| {
         for (i, cam) in cameras.into_iter().enumerate() {
             let (mailbox, stats, shutdown) = (mailbox.clone(), stats[i].clone(), shutdown.clone());
+            let control = control.clone();
             let name = cam.name.clone();
             let ended = mailbox.clone();
             if let Err(e) = std::thread::Builder::new()
                 .name(format!("capture-{name}"))
-                .spawn_scoped(scope, move || capture(i, cam, &mailbox, &stats, &shutdown))
+                .spawn_scoped(scope, move || capture(i, cam, &mailbox, &stats, &shutdown, &control.paused[i]))
             {
                 log::error!("camera {name}: cannot start its capture thread: {e}");
                 ended.source_ended();
@@ -253,11 +367,10 @@ pub fn run(
         }
         for w in 0..options.workers.max(1) {
             let (mailbox, stats, shutdown, tx) = (mailbox.clone(), stats.clone(), shutdown.clone(), tx.clone());
-            let (identifier, names) = (identifier.clone(), names.clone());
-            if let Err(e) = std::thread::Builder::new()
-                .name(format!("infer-{w}"))
-                .spawn_scoped(scope, move || infer(&identifier, &names, &mailbox, &stats, &shutdown, &tx, options))
-            {
+            let (identifier, names, control) = (identifier.clone(), names.clone(), control.clone());
+            if let Err(e) = std::thread::Builder::new().name(format!("infer-{w}")).spawn_scoped(scope, move || {
+                infer(&identifier, &names, &mailbox, &stats, &shutdown, &tx, options, &control)
+            }) {
                 log::error!("cannot start inference thread {w}: {e}");
             }
         }
@@ -298,7 +411,14 @@ pub fn run(
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, shutdown: &Shutdown) {
+fn capture(
+    i: usize,
+    mut cam: Camera,
+    mailbox: &Mailbox,
+    stats: &CameraStats,
+    shutdown: &Shutdown,
+    paused: &AtomicBool,
+) {
     let mut last_sample: Option<Instant> = None;
     let mut backoff: Option<Duration> = None;
     while !shutdown.is_triggered() {
@@ -310,11 +430,12 @@ fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, sh
                 }
                 let now = Instant::now();
                 stats.captured(now);
-                let due = match (cam.sample_interval, last_sample) {
-                    // 10 % slack: a camera at exactly the sample rate must not lose every other frame to jitter.
-                    (Some(every), Some(last)) => now.duration_since(last) + every / 10 >= every,
-                    _ => true,
-                };
+                let due = !paused.load(Ordering::Relaxed)
+                    && match (cam.sample_interval, last_sample) {
+                        // 10 % slack: a camera at exactly the sample rate must not lose every other frame to jitter.
+                        (Some(every), Some(last)) => now.duration_since(last) + every / 10 >= every,
+                        _ => true,
+                    };
                 if due {
                     last_sample = Some(now);
                     CameraStats::add(&stats.sampled);
@@ -353,6 +474,7 @@ fn sleep_unless_shutdown(total: Duration, shutdown: &Shutdown) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn infer(
     identifier: &Identifier,
     names: &[Arc<str>],
@@ -361,30 +483,28 @@ fn infer(
     shutdown: &Shutdown,
     out: &mpsc::SyncSender<Detection>,
     options: &Options,
+    control: &Control,
 ) {
     let mut ws = identifier.workspace();
     while let Some((i, frame)) = mailbox.take(shutdown) {
         let st = &stats[i];
+        control.maybe_snapshot(i, &frame);
         let started = Instant::now();
         let name = format!("{}#{}", names[i], frame.seq);
-        let img = match frame.data.decode(&name) {
-            Ok(img) => img,
-            Err(e) => {
+        let assessment = match identifier.assess(&mut ws, &frame.data, &name) {
+            Ok(a) => a,
+            Err(e @ Error::Image { .. }) => {
                 CameraStats::add(&st.corrupt);
                 log::warn!("camera {}: skipping corrupt frame: {e}", names[i]);
                 continue;
             }
-        };
-        CameraStats::add(&st.decoded);
-        let decode_ms = started.elapsed().as_secs_f64() * 1e3;
-        let assessment = match identifier.assess(&mut ws, &img) {
-            Ok(a) => a,
             Err(e) => {
                 CameraStats::add(&st.errors);
                 log::error!("camera {}: frame {} not assessed: {e}", names[i], frame.seq);
                 continue;
             }
         };
+        CameraStats::add(&st.decoded);
         if assessment.passed {
             CameraStats::add(&st.passed);
         }
@@ -397,7 +517,8 @@ fn infer(
         if !assessment.passed && !options.emit_rejected {
             continue;
         }
-        let detection = Detection::from_assessment(&assessment, &meta, &options.device_id, decode_ms);
+        let mut detection = Detection::from_assessment(&assessment, &meta, &options.device_id);
+        detection.camera = Some(names[i].to_string());
         if out.send(detection).is_err() {
             break;
         }

@@ -52,6 +52,13 @@ impl Preprocessor {
         }
     }
 
+    /// Whether a `width x height` frame covers the model input at 1:1 or better (the resize only
+    /// shrinks): the test [`crate::decode::Decoder`] uses to pick a DCT scale.
+    pub fn fits(&self, width: u32, height: u32) -> bool {
+        let (_, _, cw, ch) = self.source_rect(width, height);
+        cw + 1e-6 >= f64::from(self.spec.width) && ch + 1e-6 >= f64::from(self.spec.height)
+    }
+
     /// Writes the input tensor for `frame` into `out` (resized to the model's input length).
     pub fn run(&mut self, frame: &RgbImage, out: &mut Vec<f32>) -> Result<()> {
         let (width, height) = frame.dimensions();

@@ -7,6 +7,7 @@
 //! strings or re-checks ranges. Unknown keys are errors (`deny_unknown_fields`): a typo must not silently
 //! fall back to a default on a box nobody watches.
 
+pub mod mqtt;
 pub mod values;
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ struct RawConfig {
     cameras: Vec<RawCamera>,
     #[serde(default)]
     pipeline: RawPipeline,
+    mqtt: Option<mqtt::RawMqtt>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,6 +87,7 @@ pub enum SourceKind {
 struct RawInference {
     backend: Option<BackendKind>,
     threads: Option<Count>,
+    jpeg_dct_scaling: Option<bool>,
     #[serde(default)]
     onnxruntime: RawOrt,
 }
@@ -141,6 +144,8 @@ pub struct Config {
     /// The cameras `whaled run` watches, in config order (names unique).
     pub cameras: Vec<CameraConfig>,
     pub pipeline: PipelineConfig,
+    /// Publish to a broker through the durable outbox; `None`: JSON lines on stdout only.
+    pub mqtt: Option<mqtt::MqttConfig>,
 }
 
 /// `[pipeline]`: how `whaled run` processes frames.
@@ -200,6 +205,8 @@ pub struct InferenceConfig {
     pub backend: BackendKind,
     /// Intra-op threads per model (tract: a rayon pool; onnxruntime: intra-op threads).
     pub threads: usize,
+    /// Decode JPEG frames at 1/2, 1/4 or 1/8 size when the models need no more (see `decode`).
+    pub jpeg_dct_scaling: bool,
     pub onnxruntime: OrtConfig,
 }
 
@@ -259,12 +266,14 @@ impl Config {
             inference: InferenceConfig {
                 backend: BackendKind::Tract,
                 threads: 1,
+                jpeg_dct_scaling: true,
                 onnxruntime: OrtConfig { library: None, execution_providers: vec![ExecutionProvider::Cpu] },
             },
             prefilter: PrefilterConfig { manifest, variant: None, threshold: None },
             identification: None,
             cameras: Vec::new(),
             pipeline: PipelineConfig::default(),
+            mqtt: None,
         })
     }
 
@@ -423,14 +432,21 @@ impl Config {
             stats_interval: raw.pipeline.stats_interval.map_or(defaults.stats_interval, Interval::get),
         };
 
+        let mqtt = match raw.mqtt {
+            None => None,
+            Some(m) => Some(m.validate(dir, &device_id, &at)?),
+        };
+
         Ok(Config {
             cameras,
             pipeline,
+            mqtt,
             origin: Origin::File(path.to_path_buf()),
             device_id,
             inference: InferenceConfig {
                 backend: raw.inference.backend.unwrap_or(BackendKind::Tract),
                 threads: raw.inference.threads.map_or(1, Count::get),
+                jpeg_dct_scaling: raw.inference.jpeg_dct_scaling.unwrap_or(true),
                 onnxruntime: OrtConfig { library, execution_providers },
             },
             prefilter,
@@ -646,6 +662,15 @@ mod tests {
             ("[[camera]]\nname = \"a b\"\nkind = \"replay\"\npath = \"../tests/photos\"\n", &["config/test.toml:2:8: camera.name: expected 1 to 64"]),
             ("[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"../tests/photos\"\nsample_fps = 0\n", &["line 5", "expected a finite number greater than 0, got 0"]),
             ("[pipeline]\nstats_interval = \"often\"\n", &["line 2", "expected a duration such as"]),
+            ("[mqtt]\nport = 1883\n", &["line 1", "missing field `host`"]),
+            ("[mqtt]\nhost = \"b\"\nprot = 1883\n", &["line 3", "unknown field `prot`"]),
+            ("[mqtt]\nhost = \"b\"\nport = 70000\n", &["line 3", "70000"]),
+            ("[mqtt]\nhost = \"b\"\ntopic_prefix = \"whaled/#\"\n", &["config/test.toml:3:16: mqtt.topic_prefix: expected a topic like"]),
+            ("[mqtt]\nhost = \"b\"\npassword = \"x\"\npassword_env = \"Y\"\n", &["set only one of password, password_file and password_env"]),
+            ("[mqtt]\nhost = \"b\"\npassword_env = \"WHALED_TEST_UNSET_VAR\"\n", &["config/test.toml:3:16: mqtt.password_env: environment variable WHALED_TEST_UNSET_VAR is not set"]),
+            ("[mqtt]\nhost = \"b\"\npassword_file = \"no-such.pass\"\n", &["config/test.toml:3:17: mqtt.password_file: cannot read", "no-such.pass"]),
+            ("[mqtt]\nhost = \"b\"\n[mqtt.tls]\nca = \"ca.pem\"\n", &["config/test.toml:4:6: mqtt.tls.ca: no such file", "ca.pem"]),
+            ("[mqtt]\nhost = \"b\"\n[mqtt.outbox]\nfsync_every = 0\n", &["line 4", "expected a whole number of at least 1, got 0"]),
             ("[pipeline]\nworkers = 0\n", &["line 2", "expected a whole number of at least 1, got 0"]),
         ];
         for (src, wants) in cases {
@@ -654,5 +679,25 @@ mod tests {
                 assert!(e.contains(w), "config {src:?}\n error: {e}\n lacks: {w}");
             }
         }
+    }
+
+    #[test]
+    fn mqtt_block_defaults_and_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret-value\n").unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "x").unwrap();
+        let src = "device_id = \"boat\"\n[mqtt]\nhost = \"shore\"\nusername = \"u\"\npassword_file = \"pw\"\n\
+                   [mqtt.tls]\nca = \"ca.pem\"\n[mqtt.outbox]\ndir = \"ob\"\nmax_size_mb = 8\n";
+        let c = Config::parse(&dir.path().join("w.toml"), src).unwrap();
+        let m = c.mqtt.unwrap();
+        assert_eq!(
+            (m.host.as_str(), m.port, m.client_id.as_str(), m.topic_prefix.as_str()),
+            ("shore", 8883, "whaled-boat", "whaled/boat")
+        );
+        assert_eq!(m.password.as_ref().map(|p| p.expose()), Some("s3cret-value"));
+        assert!(!format!("{m:?}").contains("s3cret"), "Debug must not show the password");
+        assert_eq!(m.outbox.dir, dir.path().join("ob"));
+        assert_eq!(m.outbox.max_bytes, 8 << 20);
+        assert_eq!((m.keep_alive, m.replay_rate), (std::time::Duration::from_secs(30), 50.0));
     }
 }

@@ -29,6 +29,23 @@ impl RawFormat {
 
 /// Converts one raw frame (rows of `stride` bytes; 0 = tightly packed) to RGB8.
 pub fn to_rgb(format: RawFormat, width: u32, height: u32, stride: u32, data: &[u8], name: &str) -> Result<RgbImage> {
+    let mut rgb = Vec::new();
+    convert_into(format, width, height, stride, data, name, &mut rgb)?;
+    RgbImage::from_raw(width, height, rgb)
+        .ok_or_else(|| Error::Image { source_name: name.to_string(), msg: "RGB buffer size mismatch".into() })
+}
+
+/// Like [`to_rgb`], into a caller-owned buffer (resized to `width * height * 3`): the live pipeline
+/// reuses one buffer per worker, so a raw frame costs no allocation once the size is known.
+pub fn convert_into(
+    format: RawFormat,
+    width: u32,
+    height: u32,
+    stride: u32,
+    data: &[u8],
+    name: &str,
+    rgb: &mut Vec<u8>,
+) -> Result<()> {
     let fail = |msg: String| Error::Image { source_name: name.to_string(), msg };
     let min_stride = match format {
         RawFormat::Yuyv => width * 2,
@@ -50,13 +67,14 @@ pub fn to_rgb(format: RawFormat, width: u32, height: u32, stride: u32, data: &[u
             data.len()
         )));
     }
-    let mut rgb = vec![0u8; width as usize * height as usize * 3];
+    rgb.resize(width as usize * height as usize * 3, 0);
+    let rgb = rgb.as_mut_slice();
     let range = yuv::YuvRange::Limited;
     let matrix = yuv::YuvStandardMatrix::Bt601;
     match format {
         RawFormat::Yuyv => {
             let img = yuv::YuvPackedImage { yuy: data, yuy_stride: stride, width, height };
-            yuv::yuyv422_to_rgb(&img, &mut rgb, width * 3, range, matrix).map_err(|e| fail(e.to_string()))?;
+            yuv::yuyv422_to_rgb(&img, rgb, width * 3, range, matrix).map_err(|e| fail(e.to_string()))?;
         }
         RawFormat::Nv12 => {
             let y_len = stride as usize * height as usize;
@@ -68,7 +86,7 @@ pub fn to_rgb(format: RawFormat, width: u32, height: u32, stride: u32, data: &[u
                 width,
                 height,
             };
-            yuv::yuv_nv12_to_rgb(&img, &mut rgb, width * 3, range, matrix, yuv::YuvConversionMode::Balanced)
+            yuv::yuv_nv12_to_rgb(&img, rgb, width * 3, range, matrix, yuv::YuvConversionMode::Balanced)
                 .map_err(|e| fail(e.to_string()))?;
         }
         RawFormat::Grey => {
@@ -85,7 +103,7 @@ pub fn to_rgb(format: RawFormat, width: u32, height: u32, stride: u32, data: &[u
             }
         }
     }
-    RgbImage::from_raw(width, height, rgb).ok_or_else(|| fail("RGB buffer size mismatch".into()))
+    Ok(())
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! onnxruntime library from the PyPI wheel, synthetic frames and JPEG streams.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -61,6 +63,7 @@ pub fn inference(backend: BackendKind) -> InferenceConfig {
     InferenceConfig {
         backend,
         threads: 1,
+        jpeg_dct_scaling: true,
         onnxruntime: OrtConfig {
             library: (backend == BackendKind::Onnxruntime).then(ort_library),
             execution_providers: vec![ExecutionProvider::Cpu],

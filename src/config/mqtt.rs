@@ -1,0 +1,226 @@
+//! `[mqtt]`: the broker connection, topics and the durable outbox, validated once at load.
+//!
+//! Credentials may come from the file itself, a separate file (`password_file`, e.g. a systemd
+//! credential) or the environment (`password_env`); whichever it is, the value is held in a [`Secret`]
+//! that never prints.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::values::{Count, Interval, Positive};
+use crate::outbox::OutboxConfig;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMqtt {
+    host: Spanned<String>,
+    port: Option<u16>,
+    client_id: Option<String>,
+    topic_prefix: Option<Spanned<String>>,
+    keep_alive: Option<Interval>,
+    max_packet_size: Option<Count>,
+    username: Option<String>,
+    password: Option<String>,
+    password_file: Option<Spanned<PathBuf>>,
+    password_env: Option<Spanned<String>>,
+    tls: Option<RawTls>,
+    reconnect_min: Option<Interval>,
+    reconnect_max: Option<Interval>,
+    replay_rate: Option<Positive>,
+    stats_interval: Option<Interval>,
+    #[serde(default)]
+    outbox: RawOutbox,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: Spanned<PathBuf>,
+    client_cert: Option<Spanned<PathBuf>>,
+    client_key: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbox {
+    dir: Option<PathBuf>,
+    max_size_mb: Option<Count>,
+    fsync_every: Option<Count>,
+    fsync_interval: Option<Interval>,
+}
+
+/// A credential: shown as `***` by `Debug` so it cannot reach a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    /// Client certificate and key (PEM), for brokers that require them.
+    pub client_auth: Option<(PathBuf, PathBuf)>,
+}
+
+/// Validated `[mqtt]`.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    /// Stable across restarts so the broker resumes the session.
+    pub client_id: String,
+    /// Topics are `<prefix>/status`, `<prefix>/<camera>/detection`, ...
+    pub topic_prefix: String,
+    pub keep_alive: Duration,
+    pub max_packet_size: usize,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub tls: Option<TlsConfig>,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Most detections per second sent while a backlog is being replayed.
+    pub replay_rate: f64,
+    pub stats_interval: Duration,
+    pub outbox: OutboxConfig,
+}
+
+/// Where the outbox lives when `[mqtt.outbox] dir` is not set: systemd's `StateDirectory=`, else
+/// /var/lib/whaled when writable, else the user's data directory.
+pub fn default_outbox_dir() -> PathBuf {
+    if let Some(state) = std::env::var_os("STATE_DIRECTORY").filter(|s| !s.is_empty()) {
+        // systemd may pass several, separated by ':'; the first is ours.
+        let first = state.to_string_lossy().split(':').next().unwrap_or_default().to_string();
+        return PathBuf::from(first).join("outbox");
+    }
+    let system = Path::new("/var/lib/whaled");
+    if system.is_dir() && std::fs::metadata(system).is_ok_and(|m| !m.permissions().readonly()) {
+        return system.join("outbox");
+    }
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    data.join("whaled/outbox")
+}
+
+impl RawMqtt {
+    /// Validates; `at(span, key, message)` builds an error that names file, line and key.
+    pub(super) fn validate(
+        self,
+        dir: &Path,
+        device_id: &str,
+        at: &dyn Fn(std::ops::Range<usize>, &str, String) -> crate::error::Error,
+    ) -> crate::Result<MqttConfig> {
+        let host = self.host.get_ref().trim().to_string();
+        if host.is_empty() {
+            return Err(at(self.host.span(), "mqtt.host", "is empty; give the broker's host name or address".into()));
+        }
+        let topic_prefix = match self.topic_prefix {
+            None => format!("whaled/{device_id}"),
+            Some(p) => {
+                let v = p.get_ref().trim_end_matches('/').to_string();
+                if v.is_empty() || v.contains(['+', '#']) || v.starts_with('/') {
+                    return Err(at(
+                        p.span(),
+                        "mqtt.topic_prefix",
+                        format!(
+                            "expected a topic like \"whaled/vessel-01\" (no wildcards, no leading '/'), got {:?}",
+                            p.get_ref()
+                        ),
+                    ));
+                }
+                v
+            }
+        };
+        let sources = [self.password.is_some(), self.password_file.is_some(), self.password_env.is_some()];
+        if sources.iter().filter(|s| **s).count() > 1 {
+            return Err(crate::error::Error::Config(
+                "mqtt: set only one of password, password_file and password_env".into(),
+            ));
+        }
+        let password = if let Some(p) = self.password {
+            Some(Secret(p))
+        } else if let Some(f) = self.password_file {
+            let path = dir.join(f.get_ref());
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| at(f.span(), "mqtt.password_file", format!("cannot read {}: {e}", path.display())))?;
+            Some(Secret(text.trim_end_matches(['\r', '\n']).to_string()))
+        } else if let Some(v) = self.password_env {
+            let value = std::env::var(v.get_ref()).map_err(|_| {
+                at(v.span(), "mqtt.password_env", format!("environment variable {} is not set", v.get_ref()))
+            })?;
+            Some(Secret(value))
+        } else {
+            None
+        };
+        let existing = |p: Spanned<PathBuf>, key: &str| {
+            let path = dir.join(p.get_ref());
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(at(p.span(), key, format!("no such file {}", path.display())))
+            }
+        };
+        let tls = match self.tls {
+            None => None,
+            Some(t) => {
+                let ca = existing(t.ca, "mqtt.tls.ca")?;
+                let client_auth = match (t.client_cert, t.client_key) {
+                    (None, None) => None,
+                    (Some(c), Some(k)) => {
+                        Some((existing(c, "mqtt.tls.client_cert")?, existing(k, "mqtt.tls.client_key")?))
+                    }
+                    (Some(c), None) => return Err(at(c.span(), "mqtt.tls.client_cert", "needs client_key too".into())),
+                    (None, Some(k)) => return Err(at(k.span(), "mqtt.tls.client_key", "needs client_cert too".into())),
+                };
+                Some(TlsConfig { ca, client_auth })
+            }
+        };
+        let reconnect_min = self.reconnect_min.map_or(Duration::from_secs(1), Interval::get);
+        let reconnect_max = self.reconnect_max.map_or(Duration::from_secs(300), Interval::get).max(reconnect_min);
+        let mut outbox = OutboxConfig::new(match self.outbox.dir {
+            Some(d) => dir.join(d),
+            None => default_outbox_dir(),
+        });
+        if let Some(mb) = self.outbox.max_size_mb {
+            outbox.max_bytes = mb.get() as u64 * (1 << 20);
+        }
+        if let Some(n) = self.outbox.fsync_every {
+            outbox.fsync_every = n.get();
+        }
+        if let Some(i) = self.outbox.fsync_interval {
+            outbox.fsync_interval = i.get();
+        }
+        outbox.segment_bytes = outbox.segment_bytes.min(outbox.max_bytes / 4).max(64 << 10);
+        Ok(MqttConfig {
+            port: self.port.unwrap_or(if tls.is_some() { 8883 } else { 1883 }),
+            host,
+            client_id: self.client_id.unwrap_or_else(|| format!("whaled-{device_id}")),
+            topic_prefix,
+            keep_alive: self.keep_alive.map_or(Duration::from_secs(30), Interval::get),
+            max_packet_size: self.max_packet_size.map_or(1 << 20, Count::get),
+            username: self.username,
+            password,
+            tls,
+            reconnect_min,
+            reconnect_max,
+            replay_rate: self.replay_rate.map_or(50.0, Positive::get),
+            stats_interval: self.stats_interval.map_or(Duration::from_secs(60), Interval::get),
+            outbox,
+        })
+    }
+}

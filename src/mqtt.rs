@@ -1,0 +1,537 @@
+//! MQTT to shore: one publisher thread that owns the broker connection and drains the durable
+//! [`Outbox`] into it.
+//!
+//! rumqttc gives us the protocol; this module adds what it lacks for a link that is down for hours:
+//! events are taken from the on-disk outbox (never from memory) and leave it only when their PUBACK
+//! arrives, matched to the event through the packet id rumqttc reports for each outgoing publish; after
+//! any connection error the rumqttc client is dropped, we wait (exponential backoff with jitter) and
+//! start a fresh one, which resends every unacknowledged event in order. The backlog is sent at most
+//! `replay_rate` events per second, and at most [`WINDOW`] unacknowledged at a time, so a returning
+//! link is not flooded; status, stats and command replies do not go through the outbox and never wait
+//! behind it. Detections stay in order (live ones queue behind the backlog), so consumers see each
+//! camera's events in capture order and de-duplicate on `event_id` (delivery is at-least-once).
+//!
+//! Topics (prefix default `whaled/<device_id>`): `status` (retained `online`; `offline` as the Last
+//! Will; `stopped` on a clean shutdown), `<camera>/detection` (QoS 1, via the outbox), `<camera>/snapshot`
+//! (JPEG, on request), `stats` (periodic, QoS 0), `cmd/<command>` (subscribed) with replies on
+//! `cmd/<command>/reply`. Retained commands are ignored.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{Client, ConnectReturnCode, ConnectionError, Event, Incoming, LastWill, MqttOptions, Outgoing, QoS};
+use serde::Serialize;
+
+use crate::config::mqtt::MqttConfig;
+use crate::error::{Error, Result};
+use crate::outbox::{Outbox, OutboxStats};
+use crate::pipeline::{CameraSnapshot, Control};
+
+/// Most outbox events published and not yet acknowledged.
+pub const WINDOW: usize = 32;
+/// How long a clean shutdown keeps delivering the backlog before it leaves the rest for the next start.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+const POLL: Duration = Duration::from_millis(20);
+/// Longer than rumqttc's own connection timeout (5 s), so that it, not us, gives up on a connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(7);
+
+/// `<prefix>/stats` payload (a wire type).
+#[derive(Debug, Clone, Serialize)]
+pub struct StatsMessage {
+    pub device_id: String,
+    pub uptime_s: f64,
+    pub connected: bool,
+    pub cameras: Vec<CameraSnapshot>,
+    pub outbox: OutboxWire,
+    pub threshold: f64,
+}
+
+/// The outbox part of the stats payload (a wire type).
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxWire {
+    pub depth: u64,
+    pub bytes: u64,
+    pub oldest_age_s: Option<f64>,
+    pub dropped: u64,
+}
+
+impl From<OutboxStats> for OutboxWire {
+    fn from(s: OutboxStats) -> Self {
+        OutboxWire {
+            depth: s.depth,
+            bytes: s.bytes,
+            oldest_age_s: s.oldest_age_ms.map(|m| m as f64 / 1e3),
+            dropped: s.dropped,
+        }
+    }
+}
+
+/// `<prefix>/cmd/<command>/reply` payload (a wire type).
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandReply {
+    pub command: String,
+    pub ok: bool,
+    pub message: String,
+    /// Echoed from the request's `request_id`, if it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<serde_json::Value>,
+}
+
+/// A JPEG the pipeline captured for a snapshot request.
+pub struct Snapshot {
+    pub camera: String,
+    pub jpeg: Vec<u8>,
+}
+
+/// The topics of one device.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str) -> Self {
+        Topics { prefix: prefix.to_string() }
+    }
+    pub fn status(&self) -> String {
+        format!("{}/status", self.prefix)
+    }
+    pub fn detection(&self, camera: &str) -> String {
+        format!("{}/{camera}/detection", self.prefix)
+    }
+    pub fn snapshot(&self, camera: &str) -> String {
+        format!("{}/{camera}/snapshot", self.prefix)
+    }
+    pub fn stats(&self) -> String {
+        format!("{}/stats", self.prefix)
+    }
+    pub fn commands(&self) -> String {
+        format!("{}/cmd/+", self.prefix)
+    }
+    fn command_name<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        topic.strip_prefix(&self.prefix)?.strip_prefix("/cmd/").filter(|c| !c.contains('/'))
+    }
+}
+
+/// The handle the rest of the daemon holds: append events, then close.
+pub struct Publisher {
+    outbox: Arc<Mutex<Outbox>>,
+    topics: Topics,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    snapshots: mpsc::SyncSender<Snapshot>,
+}
+
+impl Publisher {
+    /// Opens the outbox (recovering it) and starts the connection thread. Fails only if the outbox
+    /// cannot be opened; the broker may be unreachable for as long as it likes.
+    pub fn start(cfg: &MqttConfig, device_id: &str, control: Arc<Control>) -> Result<Publisher> {
+        // rustls needs a process-wide crypto provider; `ring` builds everywhere we cross-compile to.
+        // (Err only means one is installed already.)
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (outbox, recovery) = Outbox::open(cfg.outbox.clone())?;
+        if recovery.pending > 0 || recovery.damaged_segments > 0 {
+            log::info!(
+                "outbox {}: {} undelivered events to send; {} damaged segment(s), {} bytes cut off",
+                cfg.outbox.dir.display(),
+                recovery.pending,
+                recovery.damaged_segments,
+                recovery.truncated_bytes
+            );
+        }
+        let outbox = Arc::new(Mutex::new(outbox));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (snap_tx, snap_rx) = mpsc::sync_channel(2);
+        let mut link = Link {
+            cfg: cfg.clone(),
+            topics: Topics::new(&cfg.topic_prefix),
+            device_id: device_id.to_string(),
+            outbox: outbox.clone(),
+            stop: stop.clone(),
+            control,
+            snapshots: snap_rx,
+            started: Instant::now(),
+            rng: seed(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("mqtt".into())
+            .spawn(move || link.run())
+            .map_err(|e| Error::Input(format!("cannot start the MQTT thread: {e}")))?;
+        Ok(Publisher { outbox, topics: Topics::new(&cfg.topic_prefix), stop, thread: Some(thread), snapshots: snap_tx })
+    }
+
+    /// Stores a detection for delivery; returns its outbox id. An error means the event could not be
+    /// stored (disk full, medium failing): the caller logs it as lost.
+    pub fn publish_detection(&self, camera: &str, json: &[u8]) -> Result<u64> {
+        let mut o = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        o.append(&self.topics.detection(camera), json)
+    }
+
+    /// A sender for snapshot JPEGs (the pipeline's workers hold one).
+    pub fn snapshot_sender(&self) -> mpsc::SyncSender<Snapshot> {
+        self.snapshots.clone()
+    }
+
+    pub fn outbox_stats(&self) -> OutboxStats {
+        self.outbox.lock().unwrap_or_else(|p| p.into_inner()).stats()
+    }
+
+    /// Delivers what it can within a few seconds, publishes `stopped`, disconnects and syncs the outbox.
+    pub fn close(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("the MQTT thread panicked");
+            }
+        }
+        if let Err(e) = self.outbox.lock().unwrap_or_else(|p| p.into_inner()).sync() {
+            log::error!("outbox not synced at shutdown: {e}");
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The connection thread's state.
+struct Link {
+    cfg: MqttConfig,
+    topics: Topics,
+    device_id: String,
+    outbox: Arc<Mutex<Outbox>>,
+    stop: Arc<AtomicBool>,
+    control: Arc<Control>,
+    snapshots: mpsc::Receiver<Snapshot>,
+    started: Instant,
+    rng: u64,
+}
+
+/// How a connection ended.
+enum End {
+    Stopped,
+    Failed(String, bool),
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    (t ^ (u64::from(std::process::id()) << 32)) | 1
+}
+
+impl Link {
+    fn jitter(&mut self) -> f64 {
+        // xorshift64: spreads reconnects of a fleet; not security relevant.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn options(&self) -> Result<MqttOptions> {
+        let c = &self.cfg;
+        let mut o = MqttOptions::new(c.client_id.clone(), c.host.clone(), c.port);
+        o.set_keep_alive(c.keep_alive.max(Duration::from_secs(1)))
+            .set_clean_session(false)
+            .set_max_packet_size(c.max_packet_size, c.max_packet_size)
+            .set_inflight((WINDOW + 16) as u16)
+            .set_last_will(LastWill::new(self.topics.status(), "offline", QoS::AtLeastOnce, true));
+        if let Some(user) = &c.username {
+            o.set_credentials(user.clone(), c.password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default());
+        }
+        if let Some(tls) = &c.tls {
+            let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| Error::io(p, e));
+            let client_auth = match &tls.client_auth {
+                Some((cert, key)) => Some((read(cert)?, read(key)?)),
+                None => None,
+            };
+            o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Simple {
+                ca: read(&tls.ca)?,
+                alpn: None,
+                client_auth,
+            }));
+        }
+        Ok(o)
+    }
+
+    fn run(&mut self) {
+        let mut backoff = self.cfg.reconnect_min;
+        let mut failures = 0u32;
+        loop {
+            let end = match self.options() {
+                Ok(options) => self.session(options),
+                Err(e) => End::Failed(format!("cannot set up the connection: {e}"), true),
+            };
+            match end {
+                End::Stopped => return,
+                End::Failed(why, was_connected) => {
+                    if was_connected {
+                        backoff = self.cfg.reconnect_min;
+                        failures = 0;
+                    }
+                    failures += 1;
+                    let wait = backoff.mul_f64(0.5 + 0.5 * self.jitter());
+                    // The outbox keeps every event: WARN (recovered by retrying), not ERROR, except when
+                    // only the operator can fix it (credentials), which `session` logs at ERROR.
+                    if failures <= 3 || failures.is_power_of_two() {
+                        log::warn!(
+                            "MQTT broker {}:{}: {why}; retry {failures} in {wait:.1?} ({} events waiting)",
+                            self.cfg.host,
+                            self.cfg.port,
+                            self.outbox.lock().unwrap_or_else(|p| p.into_inner()).stats().depth
+                        );
+                    }
+                    backoff = (backoff * 2).min(self.cfg.reconnect_max);
+                    let until = Instant::now() + wait;
+                    while Instant::now() < until {
+                        if self.stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        self.housekeeping();
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        if let Err(e) = self.outbox.lock().unwrap_or_else(|p| p.into_inner()).sync_if_due() {
+            log::error!("outbox: {e}");
+        }
+        // Snapshots cannot be sent while disconnected: drop them (they are on demand, not events).
+        while self.snapshots.try_recv().is_ok() {}
+    }
+
+    /// One connection, from connect to error or shutdown.
+    fn session(&mut self, options: MqttOptions) -> End {
+        let (client, mut conn) = Client::new(options, 256);
+        if let Err(e) = client.subscribe(self.topics.commands(), QoS::AtLeastOnce) {
+            return End::Failed(format!("subscribe: {e}"), false);
+        }
+        self.outbox.lock().unwrap_or_else(|p| p.into_inner()).rewind();
+        let mut connected = false;
+        // One entry per publish requested, in order: Some(outbox id) for events.
+        let mut requested: VecDeque<Option<u64>> = VecDeque::new();
+        let mut inflight: HashMap<u16, u64> = HashMap::new();
+        let mut tokens = 0.0f64;
+        let mut last_refill = Instant::now();
+        let mut next_stats = Instant::now() + self.cfg.stats_interval;
+        let mut stopping: Option<Instant> = None;
+        let mut stopped_sent = false;
+        loop {
+            if stopping.is_none() && self.stop.load(Ordering::SeqCst) {
+                if !connected {
+                    return End::Stopped;
+                }
+                stopping = Some(Instant::now());
+            }
+            if let Some(since) = stopping {
+                let drained = self.outbox.lock().unwrap_or_else(|p| p.into_inner()).stats().depth == 0;
+                if !stopped_sent && (drained || since.elapsed() > DRAIN_TIMEOUT) {
+                    if client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, "stopped").is_ok() {
+                        requested.push_back(None);
+                    }
+                    stopped_sent = true;
+                    let _ = client.disconnect();
+                }
+                if since.elapsed() > DRAIN_TIMEOUT + Duration::from_secs(2) {
+                    return End::Stopped;
+                }
+            }
+            // rumqttc's poll may only be cut short once connected: a timeout during the TCP/TLS
+            // handshake drops the half-open connection (seen with TLS: connect, CONNACK, close, again).
+            let wait = if connected { POLL } else { CONNECT_TIMEOUT };
+            match conn.recv_timeout(wait) {
+                Err(rumqttc::RecvTimeoutError::Timeout) if !connected => {
+                    return End::Failed("no answer from the broker (connect timed out)".into(), false)
+                }
+                Err(rumqttc::RecvTimeoutError::Timeout) => {}
+                Err(rumqttc::RecvTimeoutError::Disconnected) => {
+                    return End::Failed("connection closed".into(), connected)
+                }
+                Ok(Ok(Event::Incoming(Incoming::ConnAck(ack)))) => {
+                    connected = true;
+                    log::info!(
+                        "MQTT connected to {}:{} as {} (session resumed: {})",
+                        self.cfg.host,
+                        self.cfg.port,
+                        self.cfg.client_id,
+                        ack.session_present
+                    );
+                    if client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, "online").is_ok() {
+                        requested.push_back(None);
+                    }
+                }
+                Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                    if let Some(Some(id)) = requested.pop_front() {
+                        inflight.insert(pkid, id);
+                    }
+                }
+                Ok(Ok(Event::Incoming(Incoming::PubAck(ack)))) => {
+                    if let Some(id) = inflight.remove(&ack.pkid) {
+                        self.outbox.lock().unwrap_or_else(|p| p.into_inner()).ack(id);
+                    }
+                }
+                Ok(Ok(Event::Incoming(Incoming::Publish(p)))) => {
+                    if let Some(reply) = self.command(&p) {
+                        if client.try_publish(format!("{}/reply", p.topic), QoS::AtLeastOnce, false, reply).is_ok() {
+                            requested.push_back(None);
+                        }
+                    }
+                }
+                Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) if stopping.is_some() => {
+                    // Let the DISCONNECT reach the broker (so it discards the Will), then stop.
+                    let _ = conn.recv_timeout(Duration::from_millis(100));
+                    log::info!("MQTT disconnected cleanly (status: stopped)");
+                    return End::Stopped;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    let why = describe(&e);
+                    if let ConnectionError::ConnectionRefused(
+                        ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized,
+                    ) = e
+                    {
+                        log::error!(
+                            "MQTT broker {}:{} refused whaled: {why}; check [mqtt] username and password",
+                            self.cfg.host,
+                            self.cfg.port
+                        );
+                    }
+                    if stopping.is_some() {
+                        return End::Stopped;
+                    }
+                    return End::Failed(why, connected);
+                }
+            }
+            if !connected {
+                continue;
+            }
+            // Refill the replay budget and send what the window allows.
+            let rate = self.cfg.replay_rate;
+            tokens = (tokens + last_refill.elapsed().as_secs_f64() * rate).min(rate.max(1.0));
+            last_refill = Instant::now();
+            while !stopped_sent && tokens >= 1.0 && inflight.len() + requested.len() < WINDOW {
+                let next = self.outbox.lock().unwrap_or_else(|p| p.into_inner()).next_to_send();
+                match next {
+                    Ok(Some(r)) => {
+                        if client.try_publish(r.topic, QoS::AtLeastOnce, false, r.message).is_err() {
+                            // Request queue full: resend from the watermark on the next pass.
+                            self.outbox.lock().unwrap_or_else(|p| p.into_inner()).rewind();
+                            break;
+                        }
+                        requested.push_back(Some(r.id));
+                        tokens -= 1.0;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        log::error!("outbox: {e}");
+                        break;
+                    }
+                }
+            }
+            if let Ok(s) = self.snapshots.try_recv() {
+                if s.jpeg.len() + 256 > self.cfg.max_packet_size {
+                    log::warn!(
+                        "snapshot of {} ({} bytes) exceeds mqtt.max_packet_size {}; not sent",
+                        s.camera,
+                        s.jpeg.len(),
+                        self.cfg.max_packet_size
+                    );
+                } else if client.try_publish(self.topics.snapshot(&s.camera), QoS::AtMostOnce, false, s.jpeg).is_ok() {
+                    requested.push_back(None);
+                }
+            }
+            if Instant::now() >= next_stats || self.control.take_stats_request() {
+                next_stats = Instant::now() + self.cfg.stats_interval;
+                if let Ok(json) = serde_json::to_vec(&self.stats(true)) {
+                    if client.try_publish(self.topics.stats(), QoS::AtMostOnce, false, json).is_ok() {
+                        requested.push_back(None);
+                    }
+                }
+            }
+            if let Err(e) = self.outbox.lock().unwrap_or_else(|p| p.into_inner()).sync_if_due() {
+                log::error!("outbox: {e}");
+            }
+        }
+    }
+
+    fn stats(&self, connected: bool) -> StatsMessage {
+        StatsMessage {
+            device_id: self.device_id.clone(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            connected,
+            cameras: self.control.snapshots(),
+            outbox: self.outbox.lock().unwrap_or_else(|p| p.into_inner()).stats().into(),
+            threshold: self.control.threshold(),
+        }
+    }
+
+    /// Runs a command; returns the reply payload (`None` for messages that get no reply).
+    fn command(&self, p: &rumqttc::Publish) -> Option<Vec<u8>> {
+        let name = self.topics.command_name(&p.topic)?.to_string();
+        if p.retain {
+            // A retained "pause" would otherwise disable a camera after every restart.
+            log::warn!("ignoring retained command on {} (commands must not be retained)", p.topic);
+            return None;
+        }
+        let body: serde_json::Value = if p.payload.is_empty() {
+            serde_json::Value::Object(Default::default())
+        } else {
+            match serde_json::from_slice(&p.payload) {
+                Ok(v) => v,
+                Err(e) => return reply(&name, false, format!("payload is not JSON: {e}"), None),
+            }
+        };
+        let request_id = body.get("request_id").cloned();
+        let camera = body.get("camera").and_then(|c| c.as_str());
+        let (ok, message) = match (name.as_str(), camera) {
+            ("pause" | "resume" | "snapshot", None) => (false, format!("{name} needs {{\"camera\": NAME}}")),
+            ("pause", Some(c)) => self.control.set_paused(c, true),
+            ("resume", Some(c)) => self.control.set_paused(c, false),
+            ("snapshot", Some(c)) => self.control.request_snapshot(c),
+            ("set_threshold", _) => match body.get("threshold").and_then(|t| t.as_f64()) {
+                Some(t) if (0.0..=1.0).contains(&t) => {
+                    self.control.set_threshold(t);
+                    log::info!("pre-filter threshold set to {t} by command");
+                    (true, format!("threshold {t}"))
+                }
+                _ => (false, "set_threshold needs {\"threshold\": a number in [0, 1]}".into()),
+            },
+            ("stats", _) => {
+                self.control.request_stats();
+                (true, "stats published".into())
+            }
+            _ => (false, format!("unknown command {name:?}; known: pause, resume, set_threshold, stats, snapshot")),
+        };
+        reply(&name, ok, message, request_id)
+    }
+}
+
+fn reply(command: &str, ok: bool, message: String, request_id: Option<serde_json::Value>) -> Option<Vec<u8>> {
+    serde_json::to_vec(&CommandReply { command: command.to_string(), ok, message, request_id }).ok()
+}
+
+/// A connection error in words an operator can act on.
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(code) => format!(
+            "connection refused: {}",
+            match code {
+                ConnectReturnCode::BadUserNamePassword => "bad user name or password",
+                ConnectReturnCode::NotAuthorized => "not authorised",
+                ConnectReturnCode::BadClientId => "client id rejected",
+                ConnectReturnCode::ServiceUnavailable => "service unavailable",
+                ConnectReturnCode::RefusedProtocolVersion => "protocol version refused",
+                ConnectReturnCode::Success => "success?",
+            }
+        ),
+        ConnectionError::Io(io) => format!("network: {io}"),
+        ConnectionError::Tls(t) => format!("TLS: {t}"),
+        other => other.to_string(),
+    }
+}

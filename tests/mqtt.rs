@@ -1,0 +1,525 @@
+//! MQTT delivery against a real mosquitto started by each test on a free loopback port: a broker outage
+//! mid-stream, a daemon SIGKILLed while the broker is down, a torn outbox tail, the status topic's Last
+//! Will, TLS with a client certificate, a wrong password, commands, and every payload validated against
+//! the JSON Schemas in `schemas/`.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::broker::{free_port, unsafe_kill, Broker, Msg, Subscriber};
+use common::repo;
+use whaled::config::mqtt::MqttConfig;
+use whaled::config::Config;
+use whaled::identify::Identifier;
+use whaled::mqtt::Publisher;
+use whaled::outbox::{Outbox, OutboxConfig};
+use whaled::pipeline::Control;
+
+fn control(cameras: &[&str]) -> Arc<Control> {
+    let id = Arc::new(Identifier::from_config(&Config::defaults().unwrap()).unwrap());
+    let names: Vec<Arc<str>> = cameras.iter().map(|c| Arc::from(*c)).collect();
+    Arc::new(Control::new(&names, id))
+}
+
+fn mqtt_config(port: u16, outbox: &Path) -> MqttConfig {
+    let toml = format!(
+        "device_id = \"t1\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min = \"100ms\"\nreconnect_max = \"400ms\"\n\
+         replay_rate = 2000\n[mqtt.outbox]\ndir = \"{}\"\n",
+        outbox.display()
+    );
+    Config::parse(&outbox.with_extension("toml"), &toml).unwrap().mqtt.unwrap()
+}
+
+fn event(camera: &str, seq: u64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"event_id": format!("{camera}-{seq}"), "camera": camera, "seq": seq}))
+        .unwrap()
+}
+
+/// Distinct events in arrival order (first occurrence of each event_id), per camera.
+fn first_seen(msgs: &[Msg]) -> BTreeMap<String, Vec<u64>> {
+    let mut seen = HashSet::new();
+    let mut per: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for m in msgs.iter().filter(|m| m.topic.ends_with("/detection")) {
+        let j = m.json();
+        if seen.insert(j["event_id"].as_str().unwrap().to_string()) {
+            per.entry(j["camera"].as_str().unwrap().to_string()).or_default().push(j["seq"].as_u64().unwrap());
+        }
+    }
+    per
+}
+
+#[test]
+fn broker_outage_mid_stream_loses_nothing_and_keeps_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(&tmp.path().join("broker"), "");
+    let sub = Subscriber::start(broker.port, "shore", "whaled/t1/#");
+    let publisher =
+        Publisher::start(&mqtt_config(broker.port, &tmp.path().join("outbox")), "t1", control(&["a", "b"])).unwrap();
+    let n = 300u64;
+    for seq in 0..n {
+        for cam in ["a", "b"] {
+            publisher.publish_detection(cam, &event(cam, seq)).unwrap();
+        }
+        if seq == 100 {
+            // Let some be delivered, then take the broker away while events keep coming.
+            std::thread::sleep(Duration::from_millis(300));
+            broker.stop();
+        }
+        if seq == 200 {
+            broker.restart();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let msgs = sub.wait_for(Duration::from_secs(60), "every event after the outage", |m| {
+        first_seen(m).values().map(Vec::len).sum::<usize>() == 2 * n as usize
+    });
+    for (cam, seqs) in first_seen(&msgs) {
+        assert_eq!(seqs, (0..n).collect::<Vec<_>>(), "camera {cam}: every event once, in order");
+    }
+    let dups = msgs.iter().filter(|m| m.topic.ends_with("/detection")).count() - 2 * n as usize;
+    eprintln!("{} detection messages, {dups} duplicates (at-least-once)", 2 * n as usize + dups);
+    let t = Instant::now();
+    while publisher.outbox_stats().depth > 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "outbox never emptied: {:?}", publisher.outbox_stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    publisher.close();
+}
+
+#[test]
+fn a_torn_outbox_tail_is_cut_and_intact_records_are_delivered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("outbox");
+    let (mut o, _) = Outbox::open(OutboxConfig::new(dir.clone())).unwrap();
+    for seq in 0..5 {
+        o.append("whaled/t1/a/detection", &event("a", seq)).unwrap();
+    }
+    drop(o);
+    let seg = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "seg"))
+        .unwrap();
+    let len = std::fs::metadata(&seg).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 7).unwrap(); // power cut mid-write
+
+    let broker = Broker::start(&tmp.path().join("broker"), "");
+    let sub = Subscriber::start(broker.port, "shore", "whaled/t1/#");
+    let publisher = Publisher::start(&mqtt_config(broker.port, &dir), "t1", control(&["a"])).unwrap();
+    publisher.publish_detection("a", &event("a", 5)).unwrap();
+    let msgs = sub.wait_for(Duration::from_secs(20), "the intact records", |m| {
+        first_seen(m).get("a").is_some_and(|v| v.contains(&5))
+    });
+    assert_eq!(first_seen(&msgs)["a"], vec![0, 1, 2, 3, 5], "the torn record 4 is never delivered");
+    for m in msgs.iter().filter(|m| m.topic.ends_with("/detection")) {
+        m.json(); // nothing corrupt reached the wire
+    }
+    publisher.close();
+}
+
+// ---- the daemon binary ------------------------------------------------------------------------
+
+struct Daemon {
+    child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start(config: &Path) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_whaled"))
+            .args(["--log-level", "info", "run", "--config"])
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (o, e) = (stdout.clone(), stderr.clone());
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            BufReader::new(out).lines().map_while(Result::ok).for_each(|l| o.lock().unwrap().push(l))
+        });
+        std::thread::spawn(move || {
+            BufReader::new(err).lines().map_while(Result::ok).for_each(|l| e.lock().unwrap().push(l))
+        });
+        Daemon { child, stdout, stderr }
+    }
+
+    fn event_ids(&self) -> Vec<String> {
+        let lines = self.stdout.lock().unwrap().clone();
+        lines
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event_id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    fn wait_stdout_lines(&self, n: usize, timeout: Duration) {
+        let t = Instant::now();
+        while self.stdout.lock().unwrap().len() < n {
+            assert!(t.elapsed() < timeout, "daemon printed fewer than {n} detections; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(mut self) -> Vec<String> {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        self.event_ids()
+    }
+
+    /// SIGTERM; returns the exit status.
+    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        unsafe_kill(self.child.id(), "TERM");
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                return (s, self.stderr());
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "no clean exit after SIGTERM:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A daemon config: a looping replay camera over tests/photos emitting every frame, MQTT on `port`.
+fn daemon_config(dir: &Path, port: u16, mqtt_extra: &str) -> PathBuf {
+    let path = dir.join("whaled.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "device_id = \"boat\"\n\
+             [[camera]]\nname = \"bow\"\nkind = \"replay\"\npath = \"{}\"\nfps = 8\n\
+             [pipeline]\nemit_rejected = true\n\
+             [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n\
+             stats_interval = \"1s\"\n{mqtt_extra}\n[mqtt.outbox]\ndir = \"{}\"\n",
+            repo().join("tests/photos").display(),
+            dir.join("outbox").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn sigkill_while_the_broker_is_down_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = daemon_config(tmp.path(), port, "");
+    let first = Daemon::start(&config);
+    first.wait_stdout_lines(10, Duration::from_secs(60));
+    let pending = first.kill9();
+    assert!(pending.len() >= 10);
+
+    let broker = Broker::start_on(&tmp.path().join("broker"), port, "");
+    let sub = Subscriber::start(port, "shore", "whaled/boat/#");
+    let second = Daemon::start(&config);
+    let want: HashSet<String> = pending.iter().cloned().collect();
+    let msgs = sub.wait_for(Duration::from_secs(60), "every event of the killed run", |m| {
+        let got: HashSet<String> = m
+            .iter()
+            .filter(|m| m.topic == "whaled/boat/bow/detection")
+            .map(|m| m.json()["event_id"].as_str().unwrap().to_string())
+            .collect();
+        want.is_subset(&got)
+    });
+    let (status, stderr) = second.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("undelivered events to send"), "{stderr}");
+    // In order: the killed run's events arrive in the order they were captured.
+    let order: Vec<String> = msgs
+        .iter()
+        .filter(|m| m.topic.ends_with("/detection"))
+        .map(|m| m.json()["event_id"].as_str().unwrap().to_string())
+        .filter(|e| want.contains(e))
+        .collect();
+    let mut firsts = Vec::new();
+    for e in order {
+        if !firsts.contains(&e) {
+            firsts.push(e);
+        }
+    }
+    assert_eq!(firsts, pending, "delivered in capture order");
+    validate_all(&sub.snapshot());
+    drop(broker);
+}
+
+#[test]
+fn status_is_offline_after_a_kill_online_on_restart_and_stopped_after_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("broker"), "");
+    let sub = Subscriber::start(broker.port, "shore", "whaled/boat/#");
+    let config = daemon_config(tmp.path(), broker.port, "");
+    let statuses = |m: &[Msg]| m.iter().filter(|m| m.topic == "whaled/boat/status").map(Msg::text).collect::<Vec<_>>();
+
+    let d = Daemon::start(&config);
+    sub.wait_for(Duration::from_secs(60), "online", |m| statuses(m).last().is_some_and(|s| s == "online"));
+    d.kill9();
+    sub.wait_for(Duration::from_secs(20), "offline (the Last Will)", |m| {
+        statuses(m).last().is_some_and(|s| s == "offline")
+    });
+    let d = Daemon::start(&config);
+    sub.wait_for(Duration::from_secs(60), "online again", |m| statuses(m).last().is_some_and(|s| s == "online"));
+    let (status, stderr) = d.terminate();
+    assert!(status.success(), "{stderr}");
+    let m = sub.wait_for(Duration::from_secs(10), "stopped", |m| statuses(m).last().is_some_and(|s| s == "stopped"));
+    assert_eq!(statuses(&m), ["online", "offline", "online", "stopped"]);
+    // The retained status a dashboard sees when it connects later:
+    let late = Subscriber::start(broker.port, "late-dashboard", "whaled/boat/status");
+    let r = late.wait_for(Duration::from_secs(10), "retained status", |m| !m.is_empty());
+    assert!(r[0].retain && r[0].text() == "stopped");
+    validate_all(&sub.snapshot());
+}
+
+#[test]
+fn commands_pause_resume_threshold_stats_snapshot_and_retained_ones_are_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("broker"), "");
+    let sub = Subscriber::start(broker.port, "shore", "whaled/boat/#");
+    // A retained "pause" left on the broker must not pause the camera of a daemon that starts later.
+    sub.publish("whaled/boat/cmd/pause", br#"{"camera": "bow"}"#, true);
+    let d = Daemon::start(&daemon_config(tmp.path(), broker.port, ""));
+    sub.wait_for(Duration::from_secs(60), "online", |m| {
+        m.iter().any(|m| m.topic == "whaled/boat/status" && m.text() == "online")
+    });
+    d.wait_stdout_lines(3, Duration::from_secs(60));
+    let replies = |m: &[Msg], cmd: &str| {
+        m.iter().filter(|x| x.topic == format!("whaled/boat/cmd/{cmd}/reply")).map(Msg::json).collect::<Vec<_>>()
+    };
+    assert!(replies(&sub.snapshot(), "pause").is_empty(), "the retained command got no reply");
+
+    sub.publish("whaled/boat/cmd/pause", br#"{"camera": "bow", "request_id": 7}"#, false);
+    let m = sub.wait_for(Duration::from_secs(10), "pause reply", |m| !replies(m, "pause").is_empty());
+    let r = &replies(&m, "pause")[0];
+    assert_eq!((r["ok"].as_bool(), r["request_id"].as_i64()), (Some(true), Some(7)), "{r}");
+    std::thread::sleep(Duration::from_millis(500));
+    let paused_at = d.stdout.lock().unwrap().len();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(d.stdout.lock().unwrap().len() <= paused_at + 1, "no detections while paused");
+    sub.publish("whaled/boat/cmd/resume", br#"{"camera": "bow"}"#, false);
+    sub.wait_for(Duration::from_secs(10), "resume reply", |m| !replies(m, "resume").is_empty());
+    d.wait_stdout_lines(paused_at + 3, Duration::from_secs(30));
+
+    sub.publish("whaled/boat/cmd/set_threshold", br#"{"threshold": 0.5}"#, false);
+    sub.publish("whaled/boat/cmd/set_threshold", br#"{"threshold": 7}"#, false);
+    sub.publish("whaled/boat/cmd/pause", br#"{"camera": "stern"}"#, false);
+    sub.publish("whaled/boat/cmd/reboot", b"{}", false);
+    sub.publish("whaled/boat/cmd/snapshot", br#"{"camera": "bow"}"#, false);
+    let m = sub.wait_for(Duration::from_secs(20), "replies and a snapshot", |m| {
+        replies(m, "set_threshold").len() == 2
+            && replies(m, "pause").len() == 2
+            && !replies(m, "reboot").is_empty()
+            && m.iter().any(|x| x.topic == "whaled/boat/bow/snapshot")
+    });
+    let th = replies(&m, "set_threshold");
+    assert_eq!((th[0]["ok"].as_bool(), th[1]["ok"].as_bool()), (Some(true), Some(false)));
+    assert_eq!(replies(&m, "pause")[1]["ok"].as_bool(), Some(false), "unknown camera");
+    assert!(replies(&m, "reboot")[0]["message"].as_str().unwrap().contains("unknown command"));
+    let snap = m.iter().find(|x| x.topic == "whaled/boat/bow/snapshot").unwrap();
+    assert!(snap.payload.starts_with(&[0xFF, 0xD8]) && image::load_from_memory(&snap.payload).is_ok(), "a JPEG");
+
+    sub.publish("whaled/boat/cmd/stats", b"", false);
+    let m = sub.wait_for(Duration::from_secs(10), "stats with the new threshold", |m| {
+        m.iter().any(|x| x.topic == "whaled/boat/stats" && x.json()["threshold"].as_f64() == Some(0.5))
+    });
+    let (status, stderr) = d.terminate();
+    assert!(status.success(), "{stderr}");
+    validate_all(&m);
+}
+
+// ---- TLS and credentials ----------------------------------------------------------------------
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl (Debian package openssl)");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, all made for this test.
+fn make_certs(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    // X.509 v3 with the usual extensions: rustls (webpki) refuses v1 certificates.
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=whaled test CA",
+        ],
+    );
+    for name in ["server", "client"] {
+        let ext = format!("{name}.ext");
+        let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
+        openssl(
+            dir,
+            &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &format!("/CN={name}")],
+        );
+        let mut args = vec![
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &crt,
+        ];
+        args.extend(["-extfile", &ext]);
+        openssl(dir, &args);
+    }
+}
+
+#[test]
+fn tls_with_a_client_certificate_delivers() {
+    let _ = env_logger::builder().is_test(true).filter_level(log::LevelFilter::Info).try_init();
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    make_certs(&certs);
+    let tls_port = free_port();
+    let c = |f: &str| certs.join(f).display().to_string();
+    let extra = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+        c("ca.crt"),
+        c("server.crt"),
+        c("server.key")
+    );
+    let broker = Broker::start(&tmp.path().join("broker"), &extra);
+    let sub = Subscriber::start(broker.port, "shore", "whaled/t1/#"); // plain listener, same broker
+    let mut cfg = mqtt_config(tls_port, &tmp.path().join("outbox"));
+    let toml = format!(
+        "device_id = \"t1\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {tls_port}\nreconnect_min = \"100ms\"\n\
+         [mqtt.tls]\nca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+        c("ca.crt"),
+        c("client.crt"),
+        c("client.key")
+    );
+    cfg.tls = Config::parse(&tmp.path().join("tls.toml"), &toml).unwrap().mqtt.unwrap().tls;
+    let p = Publisher::start(&cfg, "t1", control(&["a"])).unwrap();
+    for seq in 0..3 {
+        p.publish_detection("a", &event("a", seq)).unwrap();
+    }
+    let m = sub
+        .wait_for(Duration::from_secs(20), "events over TLS", |m| first_seen(m).get("a").is_some_and(|v| v.len() == 3));
+    assert_eq!(first_seen(&m)["a"], vec![0, 1, 2]);
+    p.close();
+    drop(broker);
+}
+
+#[test]
+fn a_wrong_password_is_a_clear_error_that_never_shows_the_password() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pw = tmp.path().join("passwords");
+    let out = Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&pw)
+        .args(["whaled", "right-horse-battery"])
+        .output()
+        .expect("mosquitto_passwd (Debian package mosquitto)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let broker =
+        Broker::start(&tmp.path().join("broker"), &format!("password_file {}\nallow_anonymous false\n", pw.display()));
+    let secret = tmp.path().join("mqtt.pass");
+    std::fs::write(&secret, "wrong-staple-secret\n").unwrap();
+    let config = daemon_config(
+        tmp.path(),
+        broker.port,
+        &format!("username = \"whaled\"\npassword_file = \"{}\"", secret.display()),
+    );
+    let d = Daemon::start(&config);
+    let t = Instant::now();
+    while !d.stderr().contains("check [mqtt] username and password") {
+        assert!(t.elapsed() < Duration::from_secs(60), "no credentials error:\n{}", d.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, stderr) = d.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ERROR") && (stderr.contains("bad user name or password") || stderr.contains("not authorised")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("wrong-staple-secret"), "the password leaked into the log");
+    // The right one works.
+    std::fs::write(&secret, "right-horse-battery\n").unwrap();
+    let sub = Subscriber::start_as(broker.port, "shore", "whaled/boat/#", Some(("whaled", "right-horse-battery")));
+    let d = Daemon::start(&config);
+    sub.wait_for(Duration::from_secs(60), "online with the right password", |m| m.iter().any(|m| m.text() == "online"));
+    let (status, _) = d.terminate();
+    assert!(status.success());
+}
+
+// ---- schemas --------------------------------------------------------------------------------------
+
+fn schema(name: &str) -> jsonschema::Validator {
+    let text = std::fs::read_to_string(repo().join("schemas").join(name)).unwrap();
+    jsonschema::validator_for(&serde_json::from_str(&text).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Validates every message by topic against its schema; panics on the first invalid one.
+fn validate_all(msgs: &[Msg]) {
+    let detection = schema("detection.schema.json");
+    let stats = schema("stats.schema.json");
+    let reply = schema("command-reply.schema.json");
+    let status = schema("status.schema.json");
+    let mut counts = BTreeMap::new();
+    for m in msgs {
+        let (v, value) = if m.topic.contains("/cmd/") && !m.topic.ends_with("/reply") {
+            continue; // commands the test sent
+        } else if m.topic.ends_with("/detection") {
+            (&detection, m.json())
+        } else if m.topic.ends_with("/stats") {
+            (&stats, m.json())
+        } else if m.topic.ends_with("/reply") {
+            (&reply, m.json())
+        } else if m.topic.ends_with("/status") {
+            (&status, serde_json::Value::String(m.text()))
+        } else {
+            continue;
+        };
+        if let Err(e) = v.validate(&value) {
+            panic!("{} does not match its schema: {e}\n{value}", m.topic);
+        }
+        *counts.entry(m.topic.rsplit('/').next().unwrap().to_string()).or_insert(0) += 1;
+    }
+    eprintln!("validated {counts:?}");
+}
