@@ -191,6 +191,18 @@ fn run(config: Option<PathBuf>) -> Result<ExitCode, Error> {
         }
         None => None,
     };
+    let probe = publisher.as_ref().map(Publisher::probe);
+    if let Some(addr) = cfg.health_listen {
+        let p = probe.clone();
+        let mqtt: whaled::health::MqttProbe = Arc::new(move || p.as_ref().map(|f| f()));
+        let bound = whaled::health::spawn(addr, control.clone(), mqtt, cfg.pipeline.stall_timeout, shutdown.clone())?;
+        log::info!("health endpoint on http://{bound}/healthz and /metrics");
+    }
+    let p = probe.clone();
+    let mqtt_status = Arc::new(move || p.as_ref().map(|f| (f().0, f().1)));
+    whaled::service::spawn_watchdog(control.clone(), cfg.pipeline.stall_timeout, shutdown.clone(), mqtt_status.clone());
+    let reexec = watch_signals(&shutdown, cfg.origin.clone())?;
+    whaled::service::ready(&format!("running: {}", whaled::service::summary(&control, mqtt_status())));
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let result = pipeline::run_controlled(identifier, cameras, &options, &shutdown, &control, |d| {
@@ -203,6 +215,8 @@ fn run(config: Option<PathBuf>) -> Result<ExitCode, Error> {
         }
         writeln!(out, "{line}").and_then(|_| out.flush()).map_err(|e| Error::Input(format!("stdout: {e}")))
     });
+    // Also sent by the signal thread as soon as a stop is requested; this covers sources that ended.
+    whaled::service::stopping();
     if let Some(p) = publisher {
         p.close();
     }
@@ -211,7 +225,53 @@ fn run(config: Option<PathBuf>) -> Result<ExitCode, Error> {
         log::info!("final stats {}", serde_json::to_string(&s).unwrap_or_default());
     }
     log::info!("stopped{}", if shutdown.is_triggered() { " on request" } else { ": every source ended" });
+    if reexec.load(std::sync::atomic::Ordering::SeqCst) {
+        // SIGHUP with a valid new config: start over in place (same PID, so systemd keeps tracking it).
+        use std::os::unix::process::CommandExt;
+        let exe = std::env::current_exe().map_err(|e| Error::Input(format!("cannot find my own executable: {e}")))?;
+        log::info!("restarting {} with the new configuration", exe.display());
+        let err = std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec();
+        return Err(Error::Input(format!("re-exec after SIGHUP failed: {err}")));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGINT/SIGTERM already trigger `shutdown`; this adds STOPPING=1 when it happens, and SIGHUP: the
+/// config is validated again and, if good, the daemon drains and re-executes itself with it (a bad
+/// config is logged at ERROR and the daemon keeps running as it is). Returns the re-exec flag.
+fn watch_signals(shutdown: &Shutdown, origin: Origin) -> Result<Arc<std::sync::atomic::AtomicBool>, Error> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
+        .map_err(|e| Error::Input(format!("cannot install signal handler: {e}")))?;
+    let reexec = Arc::new(AtomicBool::new(false));
+    let (shutdown, flag) = (shutdown.clone(), reexec.clone());
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            if shutdown.is_triggered() {
+                whaled::service::stopping();
+                return;
+            }
+            if hup.swap(false, Ordering::SeqCst) {
+                let checked = match &origin {
+                    Origin::File(p) => Config::load(p).and_then(|c| c.check_models().map(|_| c)),
+                    Origin::Defaults => Config::discover(None),
+                };
+                match checked {
+                    Ok(_) => {
+                        log::info!("SIGHUP: configuration valid; draining and restarting with it");
+                        whaled::service::reloading();
+                        flag.store(true, Ordering::SeqCst);
+                        shutdown.trigger();
+                    }
+                    Err(e) => log::error!("SIGHUP: new configuration rejected, keeping the running one: {e}"),
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        })
+        .map_err(|e| Error::Input(format!("cannot start the signal thread: {e}")))?;
+    Ok(reexec)
 }
 
 fn identify(config: Option<PathBuf>, paths: &[PathBuf]) -> Result<ExitCode, Error> {

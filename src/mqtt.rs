@@ -122,6 +122,7 @@ pub struct Publisher {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     snapshots: mpsc::SyncSender<Snapshot>,
+    connected: Arc<AtomicBool>,
 }
 
 impl Publisher {
@@ -143,6 +144,7 @@ impl Publisher {
         }
         let outbox = Arc::new(Mutex::new(outbox));
         let stop = Arc::new(AtomicBool::new(false));
+        let connected = Arc::new(AtomicBool::new(false));
         let (snap_tx, snap_rx) = mpsc::sync_channel(2);
         let mut link = Link {
             cfg: cfg.clone(),
@@ -154,12 +156,20 @@ impl Publisher {
             snapshots: snap_rx,
             started: Instant::now(),
             rng: seed(),
+            connected: connected.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("mqtt".into())
             .spawn(move || link.run())
             .map_err(|e| Error::Input(format!("cannot start the MQTT thread: {e}")))?;
-        Ok(Publisher { outbox, topics: Topics::new(&cfg.topic_prefix), stop, thread: Some(thread), snapshots: snap_tx })
+        Ok(Publisher {
+            outbox,
+            topics: Topics::new(&cfg.topic_prefix),
+            stop,
+            thread: Some(thread),
+            snapshots: snap_tx,
+            connected,
+        })
     }
 
     /// Stores a detection for delivery; returns its outbox id. An error means the event could not be
@@ -172,6 +182,21 @@ impl Publisher {
     /// A sender for snapshot JPEGs (the pipeline's workers hold one).
     pub fn snapshot_sender(&self) -> mpsc::SyncSender<Snapshot> {
         self.snapshots.clone()
+    }
+
+    /// A cheap, shareable view for /healthz, /metrics and STATUS=: (connected, outbox depth, outbox
+    /// bytes, events dropped by the size cap).
+    pub fn probe(&self) -> Arc<dyn Fn() -> (bool, u64, u64, u64) + Send + Sync> {
+        let (outbox, connected) = (self.outbox.clone(), self.connected.clone());
+        Arc::new(move || {
+            let s = outbox.lock().unwrap_or_else(|p| p.into_inner()).stats();
+            (connected.load(Ordering::SeqCst), s.depth, s.bytes, s.dropped)
+        })
+    }
+
+    /// Whether the broker connection is up now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
     }
 
     pub fn outbox_stats(&self) -> OutboxStats {
@@ -209,6 +234,7 @@ struct Link {
     snapshots: mpsc::Receiver<Snapshot>,
     started: Instant,
     rng: u64,
+    connected: Arc<AtomicBool>,
 }
 
 /// How a connection ended.
@@ -265,6 +291,7 @@ impl Link {
                 Ok(options) => self.session(options),
                 Err(e) => End::Failed(format!("cannot set up the connection: {e}"), true),
             };
+            self.connected.store(false, Ordering::SeqCst);
             match end {
                 End::Stopped => return,
                 End::Failed(why, was_connected) => {
@@ -355,6 +382,7 @@ impl Link {
                 }
                 Ok(Ok(Event::Incoming(Incoming::ConnAck(ack)))) => {
                     connected = true;
+                    self.connected.store(true, Ordering::SeqCst);
                     log::info!(
                         "MQTT connected to {}:{} as {} (session resumed: {})",
                         self.cfg.host,

@@ -149,6 +149,12 @@ impl CameraStats {
 pub struct Control {
     names: Vec<Arc<str>>,
     stats: Vec<Arc<CameraStats>>,
+    /// Progress, for the systemd watchdog and /healthz: when each capture loop last came round (ms
+    /// since `epoch`), each camera's state, and since when each inference worker holds a frame.
+    epoch: Instant,
+    capture_beat: Vec<AtomicU64>,
+    camera_state: Vec<std::sync::atomic::AtomicU8>,
+    busy_since: Mutex<Vec<Option<Instant>>>,
     paused: Vec<AtomicBool>,
     snapshot: Vec<AtomicBool>,
     stats_requested: AtomicBool,
@@ -161,12 +167,62 @@ impl Control {
         Control {
             names: names.to_vec(),
             stats: names.iter().map(|_| Arc::new(CameraStats::default())).collect(),
+            epoch: Instant::now(),
+            capture_beat: names.iter().map(|_| AtomicU64::new(0)).collect(),
+            camera_state: names.iter().map(|_| std::sync::atomic::AtomicU8::new(CAMERA_STARTING)).collect(),
+            busy_since: Mutex::new(Vec::new()),
             paused: names.iter().map(|_| AtomicBool::new(false)).collect(),
             snapshot: names.iter().map(|_| AtomicBool::new(false)).collect(),
             stats_requested: AtomicBool::new(false),
             identifier,
             snapshot_tx: Mutex::new(None),
         }
+    }
+
+    fn beat(&self, i: usize, state: u8) {
+        self.capture_beat[i].store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.camera_state[i].store(state, Ordering::Relaxed);
+    }
+
+    fn set_busy(&self, worker: usize, busy: bool) {
+        let mut b = self.busy_since.lock().unwrap_or_else(|p| p.into_inner());
+        if b.len() <= worker {
+            b.resize(worker + 1, None);
+        }
+        b[worker] = busy.then(Instant::now);
+    }
+
+    /// What is wrong now, in words (empty = healthy): a camera failing or not delivering, a capture
+    /// loop or an inference that has not come round for `stall_after`.
+    pub fn problems(&self, stall_after: Duration) -> Vec<String> {
+        let mut out = Vec::new();
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        for (i, name) in self.names.iter().enumerate() {
+            let state = self.camera_state[i].load(Ordering::Relaxed);
+            let since = Duration::from_millis(now_ms.saturating_sub(self.capture_beat[i].load(Ordering::Relaxed)));
+            match state {
+                CAMERA_ENDED => {}
+                CAMERA_FAILING => out.push(format!("camera {name}: failing, reopening with backoff")),
+                _ if since > stall_after => out.push(format!("camera {name}: capture loop stalled for {since:.0?}")),
+                _ => {}
+            }
+        }
+        for (w, b) in self.busy_since.lock().unwrap_or_else(|p| p.into_inner()).iter().enumerate() {
+            if let Some(t) = b.filter(|t| t.elapsed() > stall_after) {
+                out.push(format!("inference worker {w}: one frame for {:.0?}", t.elapsed()));
+            }
+        }
+        out
+    }
+
+    /// Whether the pipeline is making progress (cameras may be failing: that is recovered by retries,
+    /// not by a restart): no capture loop and no inference stuck for `stall_after`.
+    pub fn progressing(&self, stall_after: Duration) -> bool {
+        self.problems(stall_after).iter().all(|p| p.contains("failing"))
+    }
+
+    pub fn names(&self) -> &[Arc<str>] {
+        &self.names
     }
 
     fn index(&self, camera: &str) -> Option<usize> {
@@ -238,6 +294,11 @@ impl Control {
         }
     }
 }
+
+const CAMERA_STARTING: u8 = 0;
+const CAMERA_RUNNING: u8 = 1;
+const CAMERA_FAILING: u8 = 2;
+const CAMERA_ENDED: u8 = 3;
 
 /// One camera as the pipeline runs it.
 pub struct Camera {
@@ -359,7 +420,7 @@ pub fn run_controlled(
             let ended = mailbox.clone();
             if let Err(e) = std::thread::Builder::new()
                 .name(format!("capture-{name}"))
-                .spawn_scoped(scope, move || capture(i, cam, &mailbox, &stats, &shutdown, &control.paused[i]))
+                .spawn_scoped(scope, move || capture(i, cam, &mailbox, &stats, &shutdown, &control))
             {
                 log::error!("camera {name}: cannot start its capture thread: {e}");
                 ended.source_ended();
@@ -369,7 +430,7 @@ pub fn run_controlled(
             let (mailbox, stats, shutdown, tx) = (mailbox.clone(), stats.clone(), shutdown.clone(), tx.clone());
             let (identifier, names, control) = (identifier.clone(), names.clone(), control.clone());
             if let Err(e) = std::thread::Builder::new().name(format!("infer-{w}")).spawn_scoped(scope, move || {
-                infer(&identifier, &names, &mailbox, &stats, &shutdown, &tx, options, &control)
+                infer(w, &identifier, &names, &mailbox, &stats, &shutdown, &tx, options, &control)
             }) {
                 log::error!("cannot start inference thread {w}: {e}");
             }
@@ -411,19 +472,15 @@ pub fn run_controlled(
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-fn capture(
-    i: usize,
-    mut cam: Camera,
-    mailbox: &Mailbox,
-    stats: &CameraStats,
-    shutdown: &Shutdown,
-    paused: &AtomicBool,
-) {
+fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, shutdown: &Shutdown, control: &Control) {
+    let paused = &control.paused[i];
+    control.beat(i, CAMERA_STARTING);
     let mut last_sample: Option<Instant> = None;
     let mut backoff: Option<Duration> = None;
     while !shutdown.is_triggered() {
         match cam.source.next() {
             Ok(SourceEvent::Frame(frame)) => {
+                control.beat(i, CAMERA_RUNNING);
                 if backoff.take().is_some() {
                     CameraStats::add(&stats.reconnects);
                     log::warn!("camera {}: delivering frames again", cam.name);
@@ -446,10 +503,12 @@ fn capture(
                 }
             }
             Ok(SourceEvent::End) => {
+                control.beat(i, CAMERA_ENDED);
                 log::info!("camera {}: source ended", cam.name);
                 break;
             }
             Err(e) => {
+                control.beat(i, CAMERA_FAILING);
                 CameraStats::add(&stats.errors);
                 let wait = backoff.map_or(BACKOFF_MIN, |b| (b * 2).min(BACKOFF_MAX));
                 backoff = Some(wait);
@@ -459,6 +518,7 @@ fn capture(
             }
         }
     }
+    control.beat(i, CAMERA_ENDED);
     log::info!("camera {}: capture stopped", cam.name);
     mailbox.source_ended();
 }
@@ -476,6 +536,7 @@ fn sleep_unless_shutdown(total: Duration, shutdown: &Shutdown) {
 
 #[allow(clippy::too_many_arguments)]
 fn infer(
+    worker: usize,
     identifier: &Identifier,
     names: &[Arc<str>],
     mailbox: &Mailbox,
@@ -486,42 +547,72 @@ fn infer(
     control: &Control,
 ) {
     let mut ws = identifier.workspace();
+    // Test hook for the watchdog test (tests/systemd): hang for good after this many frames.
+    let stall_after: Option<u64> = std::env::var("WHALED_TEST_HANG_AFTER_FRAMES").ok().and_then(|v| v.parse().ok());
+    let mut assessed = 0u64;
     while let Some((i, frame)) = mailbox.take(shutdown) {
-        let st = &stats[i];
-        control.maybe_snapshot(i, &frame);
-        let started = Instant::now();
-        let name = format!("{}#{}", names[i], frame.seq);
-        let assessment = match identifier.assess(&mut ws, &frame.data, &name) {
-            Ok(a) => a,
-            Err(e @ Error::Image { .. }) => {
-                CameraStats::add(&st.corrupt);
-                log::warn!("camera {}: skipping corrupt frame: {e}", names[i]);
-                continue;
+        control.set_busy(worker, true);
+        if stall_after.is_some_and(|n| assessed >= n) {
+            log::warn!("WHALED_TEST_HANG_AFTER_FRAMES: inference worker {worker} now hangs (test hook)");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
             }
-            Err(e) => {
-                CameraStats::add(&st.errors);
-                log::error!("camera {}: frame {} not assessed: {e}", names[i], frame.seq);
-                continue;
+        }
+        assessed += 1;
+        let result = assess_one(i, &frame, identifier, names, stats, &mut ws, options, control);
+        control.set_busy(worker, false);
+        if let Some(detection) = result {
+            if out.send(detection).is_err() {
+                break;
             }
-        };
-        CameraStats::add(&st.decoded);
-        if assessment.passed {
-            CameraStats::add(&st.passed);
-        }
-        if assessment.identified.is_some() {
-            CameraStats::add(&st.identified);
-        }
-        st.latency(started.elapsed().as_secs_f64() * 1e3);
-        let meta = FrameMeta { image_ind: name, source: names[i].to_string(), captured_at: frame.captured_at };
-        log::debug!("camera {}: frame {} score {:.4}", names[i], frame.seq, assessment.prefilter_score);
-        if !assessment.passed && !options.emit_rejected {
-            continue;
-        }
-        let mut detection = Detection::from_assessment(&assessment, &meta, &options.device_id);
-        detection.camera = Some(names[i].to_string());
-        if out.send(detection).is_err() {
-            break;
         }
     }
     log::debug!("inference worker {:?} done", std::thread::current().name());
+}
+
+/// Assesses one frame and updates its camera's counters; the detection to emit, if any.
+#[allow(clippy::too_many_arguments)]
+fn assess_one(
+    i: usize,
+    frame: &Frame,
+    identifier: &Identifier,
+    names: &[Arc<str>],
+    stats: &[Arc<CameraStats>],
+    ws: &mut crate::identify::Workspace,
+    options: &Options,
+    control: &Control,
+) -> Option<Detection> {
+    let st = &stats[i];
+    control.maybe_snapshot(i, frame);
+    let started = Instant::now();
+    let name = format!("{}#{}", names[i], frame.seq);
+    let assessment = match identifier.assess(ws, &frame.data, &name) {
+        Ok(a) => a,
+        Err(e @ Error::Image { .. }) => {
+            CameraStats::add(&st.corrupt);
+            log::warn!("camera {}: skipping corrupt frame: {e}", names[i]);
+            return None;
+        }
+        Err(e) => {
+            CameraStats::add(&st.errors);
+            log::error!("camera {}: frame {} not assessed: {e}", names[i], frame.seq);
+            return None;
+        }
+    };
+    CameraStats::add(&st.decoded);
+    if assessment.passed {
+        CameraStats::add(&st.passed);
+    }
+    if assessment.identified.is_some() {
+        CameraStats::add(&st.identified);
+    }
+    st.latency(started.elapsed().as_secs_f64() * 1e3);
+    let meta = FrameMeta { image_ind: name, source: names[i].to_string(), captured_at: frame.captured_at };
+    log::debug!("camera {}: frame {} score {:.4}", names[i], frame.seq, assessment.prefilter_score);
+    if !assessment.passed && !options.emit_rejected {
+        return None;
+    }
+    let mut detection = Detection::from_assessment(&assessment, &meta, &options.device_id);
+    detection.camera = Some(names[i].to_string());
+    Some(detection)
 }

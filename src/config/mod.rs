@@ -35,6 +35,13 @@ struct RawConfig {
     #[serde(default)]
     pipeline: RawPipeline,
     mqtt: Option<mqtt::RawMqtt>,
+    health: Option<RawHealth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    listen: Spanned<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -43,6 +50,7 @@ struct RawPipeline {
     workers: Option<Count>,
     emit_rejected: Option<bool>,
     stats_interval: Option<Interval>,
+    stall_timeout: Option<Interval>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +154,8 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     /// Publish to a broker through the durable outbox; `None`: JSON lines on stdout only.
     pub mqtt: Option<mqtt::MqttConfig>,
+    /// Address of the `/healthz` + `/metrics` endpoint; `None`: off.
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 /// `[pipeline]`: how `whaled run` processes frames.
@@ -157,11 +167,18 @@ pub struct PipelineConfig {
     pub emit_rejected: bool,
     /// How often per-camera counters are logged at INFO.
     pub stats_interval: std::time::Duration,
+    /// A capture loop or an inference stuck this long counts as stalled (watchdog, /healthz).
+    pub stall_timeout: std::time::Duration,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        PipelineConfig { workers: 1, emit_rejected: false, stats_interval: std::time::Duration::from_secs(60) }
+        PipelineConfig {
+            workers: 1,
+            emit_rejected: false,
+            stats_interval: std::time::Duration::from_secs(60),
+            stall_timeout: std::time::Duration::from_secs(60),
+        }
     }
 }
 
@@ -274,6 +291,7 @@ impl Config {
             cameras: Vec::new(),
             pipeline: PipelineConfig::default(),
             mqtt: None,
+            health_listen: None,
         })
     }
 
@@ -430,6 +448,7 @@ impl Config {
             workers: raw.pipeline.workers.map_or(defaults.workers, Count::get),
             emit_rejected: raw.pipeline.emit_rejected.unwrap_or(defaults.emit_rejected),
             stats_interval: raw.pipeline.stats_interval.map_or(defaults.stats_interval, Interval::get),
+            stall_timeout: raw.pipeline.stall_timeout.map_or(defaults.stall_timeout, Interval::get),
         };
 
         let mqtt = match raw.mqtt {
@@ -437,10 +456,22 @@ impl Config {
             Some(m) => Some(m.validate(dir, &device_id, &at)?),
         };
 
+        let health_listen = match raw.health {
+            None => None,
+            Some(h) => Some(h.listen.get_ref().parse::<std::net::SocketAddr>().map_err(|_| {
+                at(
+                    h.listen.span(),
+                    "health.listen",
+                    format!("expected an address and port such as \"127.0.0.1:9820\", got {:?}", h.listen.get_ref()),
+                )
+            })?),
+        };
+
         Ok(Config {
             cameras,
             pipeline,
             mqtt,
+            health_listen,
             origin: Origin::File(path.to_path_buf()),
             device_id,
             inference: InferenceConfig {
@@ -663,6 +694,7 @@ mod tests {
             ("[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"../tests/photos\"\nsample_fps = 0\n", &["line 5", "expected a finite number greater than 0, got 0"]),
             ("[pipeline]\nstats_interval = \"often\"\n", &["line 2", "expected a duration such as"]),
             ("[mqtt]\nport = 1883\n", &["line 1", "missing field `host`"]),
+            ("[health]\nlisten = \"localhost\"\n", &["config/test.toml:2:10: health.listen: expected an address and port"]),
             ("[mqtt]\nhost = \"b\"\nprot = 1883\n", &["line 3", "unknown field `prot`"]),
             ("[mqtt]\nhost = \"b\"\nport = 70000\n", &["line 3", "70000"]),
             ("[mqtt]\nhost = \"b\"\ntopic_prefix = \"whaled/#\"\n", &["config/test.toml:3:16: mqtt.topic_prefix: expected a topic like"]),
