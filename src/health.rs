@@ -108,6 +108,18 @@ pub fn metrics(control: &Control, mqtt: Option<(bool, u64, u64, u64)>, uptime: D
             }
         }
     }
+    let m = control.model_latencies();
+    let _ = writeln!(out, "# HELP whaled_model_inference_ms Model inference time quantiles over the last 256 runs.\n# TYPE whaled_model_inference_ms gauge");
+    for (model, q, v) in [
+        ("prefilter", "0.5", m.prefilter_p50_ms),
+        ("prefilter", "0.95", m.prefilter_p95_ms),
+        ("identification", "0.5", m.identification_p50_ms),
+        ("identification", "0.95", m.identification_p95_ms),
+    ] {
+        if let Some(v) = v {
+            let _ = writeln!(out, "whaled_model_inference_ms{{model=\"{model}\",quantile=\"{q}\"}} {v:.3}");
+        }
+    }
     let _ = writeln!(out, "# HELP whaled_prefilter_threshold Current pre-filter threshold.\n# TYPE whaled_prefilter_threshold gauge\nwhaled_prefilter_threshold {}", control.threshold());
     if let Some((connected, depth, bytes, dropped)) = mqtt {
         let _ = writeln!(out, "# HELP whaled_mqtt_connected 1 while the broker connection is up.\n# TYPE whaled_mqtt_connected gauge\nwhaled_mqtt_connected {}", u8::from(connected));

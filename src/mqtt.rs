@@ -27,7 +27,7 @@ use serde::Serialize;
 use crate::config::mqtt::MqttConfig;
 use crate::error::{Error, Result};
 use crate::outbox::{Outbox, OutboxStats};
-use crate::pipeline::{CameraSnapshot, Control};
+use crate::pipeline::{CameraSnapshot, Control, ModelLatencies};
 
 /// Most outbox events published and not yet acknowledged.
 pub const WINDOW: usize = 32;
@@ -44,6 +44,7 @@ pub struct StatsMessage {
     pub uptime_s: f64,
     pub connected: bool,
     pub cameras: Vec<CameraSnapshot>,
+    pub models: ModelLatencies,
     pub outbox: OutboxWire,
     pub threshold: f64,
 }
@@ -494,6 +495,7 @@ impl Link {
             uptime_s: self.started.elapsed().as_secs_f64(),
             connected,
             cameras: self.control.snapshots(),
+            models: self.control.model_latencies(),
             outbox: self.outbox.lock().unwrap_or_else(|p| p.into_inner()).stats().into(),
             threshold: self.control.threshold(),
         }

@@ -155,6 +155,7 @@ pub struct Control {
     capture_beat: Vec<AtomicU64>,
     camera_state: Vec<std::sync::atomic::AtomicU8>,
     busy_since: Mutex<Vec<Option<Instant>>>,
+    models: Mutex<ModelWindows>,
     paused: Vec<AtomicBool>,
     snapshot: Vec<AtomicBool>,
     stats_requested: AtomicBool,
@@ -171,6 +172,7 @@ impl Control {
             capture_beat: names.iter().map(|_| AtomicU64::new(0)).collect(),
             camera_state: names.iter().map(|_| std::sync::atomic::AtomicU8::new(CAMERA_STARTING)).collect(),
             busy_since: Mutex::new(Vec::new()),
+            models: Mutex::new(ModelWindows::default()),
             paused: names.iter().map(|_| AtomicBool::new(false)).collect(),
             snapshot: names.iter().map(|_| AtomicBool::new(false)).collect(),
             stats_requested: AtomicBool::new(false),
@@ -219,6 +221,22 @@ impl Control {
     /// not by a restart): no capture loop and no inference stuck for `stall_after`.
     pub fn progressing(&self, stall_after: Duration) -> bool {
         self.problems(stall_after).iter().all(|p| p.contains("failing"))
+    }
+
+    /// p50/p95 inference time of each model over the last frames.
+    pub fn model_latencies(&self) -> ModelLatencies {
+        let m = self.models.lock().unwrap_or_else(|p| p.into_inner());
+        let (prefilter_p50_ms, prefilter_p95_ms) = quantiles(&m.prefilter);
+        let (identification_p50_ms, identification_p95_ms) = quantiles(&m.identification);
+        ModelLatencies { prefilter_p50_ms, prefilter_p95_ms, identification_p50_ms, identification_p95_ms }
+    }
+
+    fn record_models(&self, timings: &crate::detection::Timings, identified: bool) {
+        let mut m = self.models.lock().unwrap_or_else(|p| p.into_inner());
+        push_window(&mut m.prefilter, timings.prefilter_ms);
+        if identified {
+            push_window(&mut m.identification, timings.identification_ms);
+        }
     }
 
     pub fn names(&self) -> &[Arc<str>] {
@@ -299,6 +317,37 @@ const CAMERA_STARTING: u8 = 0;
 const CAMERA_RUNNING: u8 = 1;
 const CAMERA_FAILING: u8 = 2;
 const CAMERA_ENDED: u8 = 3;
+
+/// Inference latency of each model over the last frames (the stats topic's wire type).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ModelLatencies {
+    pub prefilter_p50_ms: Option<f64>,
+    pub prefilter_p95_ms: Option<f64>,
+    pub identification_p50_ms: Option<f64>,
+    pub identification_p95_ms: Option<f64>,
+}
+
+/// Last `LATENCY_WINDOW` inference times of the pre-filter and of identification, in ms.
+#[derive(Default)]
+struct ModelWindows {
+    prefilter: VecDeque<f64>,
+    identification: VecDeque<f64>,
+}
+
+fn push_window(w: &mut VecDeque<f64>, v: f64) {
+    if w.len() == LATENCY_WINDOW {
+        w.pop_front();
+    }
+    w.push_back(v);
+}
+
+/// (p50, p95) of a window.
+fn quantiles(w: &VecDeque<f64>) -> (Option<f64>, Option<f64>) {
+    let mut v: Vec<f64> = w.iter().copied().collect();
+    v.sort_by(f64::total_cmp);
+    let q = |q: f64| (!v.is_empty()).then(|| v[((v.len() - 1) as f64 * q).round() as usize]);
+    (q(0.5), q(0.95))
+}
 
 /// One camera as the pipeline runs it.
 pub struct Camera {
@@ -600,6 +649,7 @@ fn assess_one(
         }
     };
     CameraStats::add(&st.decoded);
+    control.record_models(&assessment.timings, assessment.identified.is_some());
     if assessment.passed {
         CameraStats::add(&st.passed);
     }
