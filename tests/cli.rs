@@ -293,3 +293,27 @@ fn defaults_use_the_models_of_an_installed_prefix() {
     );
     assert_eq!(json_lines(&out).len(), 1);
 }
+
+/// config/jetson.toml (docs/JETSON.md) is valid once its library path points at a real onnxruntime:
+/// here the CPU-only wheel's, with which TensorRT and CUDA are skipped with a WARN and identify works.
+#[test]
+fn jetson_example_config_validates_and_falls_back_to_cpu() {
+    let text = std::fs::read_to_string(repo().join("config/jetson.toml")).unwrap();
+    let lib_line = text.lines().find(|l| l.starts_with("library = ")).unwrap();
+    let text = text
+        .replace(lib_line, &format!("library = \"{}\"", ort_library().display()))
+        .replace("path = \"/dev/video0\"", "path = \"/dev/video-jetson-test\"");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "jetson.toml", text.as_bytes());
+    let ok = whaled(&["check-config", cfg.to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("backend onnxruntime"),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    let photos = photo_dir();
+    let run = whaled(&["identify", "--config", cfg.to_str().unwrap(), photos.path().to_str().unwrap()]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(stderr(&run).contains("`tensorrt`") && !json_lines(&run).is_empty());
+}
