@@ -193,6 +193,7 @@ fn identify_with_the_upstream_identification_network() {
 
 /// The onnxruntime backend chosen in a config file gives the same scores as tract (both fp32), and
 /// without a `variant` picks the manifest's preference for it (int8).
+#[cfg(feature = "onnxruntime")]
 #[test]
 fn onnxruntime_backend_from_config_matches_tract() {
     let photos = photo_dir();
@@ -296,6 +297,7 @@ fn defaults_use_the_models_of_an_installed_prefix() {
 
 /// config/jetson.toml (docs/JETSON.md) is valid once its library path points at a real onnxruntime:
 /// here the CPU-only wheel's, with which TensorRT and CUDA are skipped with a WARN and identify works.
+#[cfg(feature = "onnxruntime")]
 #[test]
 fn jetson_example_config_validates_and_falls_back_to_cpu() {
     let text = std::fs::read_to_string(repo().join("config/jetson.toml")).unwrap();

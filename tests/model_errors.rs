@@ -10,7 +10,11 @@ use whaled::head::IdentificationHead;
 use whaled::manifest::{BackendKind, ModelManifest, Role};
 use whaled::model::Model;
 
+/// Every backend this build has: onnxruntime only with the cargo feature (armv7 CI runs tract alone).
+#[cfg(feature = "onnxruntime")]
 const BACKENDS: [BackendKind; 2] = [BackendKind::Tract, BackendKind::Onnxruntime];
+#[cfg(not(feature = "onnxruntime"))]
+const BACKENDS: [BackendKind; 1] = [BackendKind::Tract];
 
 /// The B0 manifest with `edit` applied, written into `dir`, pointing at the generated ONNX file.
 fn edited_b0(dir: &Path, edit: impl Fn(String) -> String) -> ModelManifest {
@@ -111,6 +115,7 @@ fn head_files_must_match_the_embedder() {
     assert!(head.id(0).bytes().all(|b| b.is_ascii_hexdigit()));
 }
 
+#[cfg(feature = "onnxruntime")]
 #[test]
 fn onnxruntime_library_errors_are_clear() {
     // A missing library is caught by config validation; here the backend gets a library that is not onnxruntime.
@@ -122,4 +127,14 @@ fn onnxruntime_library_errors_are_clear() {
     assert!(e.contains("cannot load onnxruntime from /bin/true") || e.contains("already loaded from"), "{e}");
     // A failed load must not poison the backend: the real library still loads afterwards.
     Model::load(m, None, &inference(BackendKind::Onnxruntime)).expect("the real library loads after a failed attempt");
+}
+
+#[cfg(not(feature = "onnxruntime"))]
+#[test]
+fn onnxruntime_without_the_feature_is_a_clear_error() {
+    let m = ModelManifest::load(&b0_manifest()).unwrap();
+    let mut cfg = inference(BackendKind::Tract);
+    cfg.backend = BackendKind::Onnxruntime;
+    let e = Model::load(m, None, &cfg).unwrap_err().to_string();
+    assert!(e.contains("built without the `onnxruntime` feature"), "{e}");
 }

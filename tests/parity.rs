@@ -1,5 +1,6 @@
 //! tract and onnxruntime must compute the same thing on every shipped and generated model: fp32 outputs
 //! within 1e-4 and the same top-5; int8 (QDQ) the same top-1. Inputs are real preprocessed frames.
+#![cfg(feature = "onnxruntime")]
 
 mod common;
 

@@ -65,10 +65,12 @@ fn replay_once_emits_frames_in_order_and_accounts_for_all() {
 
 #[test]
 fn corrupt_frames_in_an_mjpeg_stream_are_counted_and_skipped() {
+    // The corrupt frames come first: the first frame always finds the worker idle, and a corrupt
+    // frame costs no inference, so this holds however slow the machine (or emulator) is.
     let good = jpeg(&frame(1, 320, 240), 85);
-    let mut stream = good.clone();
-    stream.extend_from_slice(&good[..good.len() / 3]); // truncated frame
+    let mut stream = good[..good.len() / 3].to_vec(); // truncated frame
     stream.extend_from_slice(b"\xff\xd8\xff\xe0garbage that is no JPEG at all");
+    stream.extend_from_slice(&good);
     stream.extend_from_slice(&good);
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "dump.mjpeg", &stream);
@@ -82,11 +84,11 @@ fn corrupt_frames_in_an_mjpeg_stream_are_counted_and_skipped() {
     })
     .unwrap();
     let s = &stats[0];
-    assert!(seqs(&got).iter().all(|n| [0, 3].contains(n)), "only the intact frames give detections: {:?}", seqs(&got));
+    assert!(seqs(&got).iter().all(|n| [2, 3].contains(n)), "only the intact frames give detections: {:?}", seqs(&got));
     assert_eq!(seqs(&got).last(), Some(&3));
     assert_eq!(s.frames_captured, 4);
     assert_eq!(s.frames_corrupt + s.frames_decoded + s.frames_dropped, 4, "{s:?}");
-    assert!(s.frames_corrupt >= 1, "at 2 fps at least one corrupt frame reaches the decoder: {s:?}");
+    assert!(s.frames_corrupt >= 1, "the first frame, corrupt, reaches the decoder and is counted: {s:?}");
 }
 
 #[test]

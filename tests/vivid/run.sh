@@ -1,28 +1,65 @@
 #!/usr/bin/env bash
 # Real V4L2 capture test: boots Debian's stock kernel under QEMU (software emulation, no KVM needed)
-# with the `vivid` test driver, runs examples/vivid_check as a static binary inside, and passes only
-# if the guest prints VIVID_CHECK_EXIT=0. Needs: qemu-system-x86, busybox-static, kmod, cpio,
-# libclang-dev (apt), and the Debian archive for the kernel package. Called by .ci/run.
+# with the `vivid` test driver, and inside it runs (1) examples/vivid_check, which drives the capture
+# code through formats, a driver unbind/rebind and shutdown, then (2) the `whaled` binary itself:
+# `whaled run` on the first camera it finds for 25 s, stopped by SIGTERM. Passes only if the guest
+# prints VIVID_CHECK_EXIT=0 and WHALED_RUN_EXIT=0.
+#
+#   tests/vivid/run.sh            # x86_64 guest, the debug binaries `cargo test` built
+#   tests/vivid/run.sh aarch64    # aarch64 guest (qemu-system-aarch64), the binaries cross/test.sh
+#                                 # built and tested for aarch64-unknown-linux-gnu (release, glibc 2.31)
+#
+# The binaries are dynamically linked; their loader and libraries go into the initramfs. Needs:
+# qemu-system-x86 / qemu-system-arm, busybox-static (and busybox-static:arm64), kmod, cpio, and the
+# Debian archive for the kernel package (arm64 packages need `dpkg --add-architecture arm64`).
+# Called by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-work=target/vivid
+arch=${1:-x86_64}
+case "$arch" in
+    x86_64)
+        deb_arch=amd64
+        bindir=target/debug
+        build=(cargo build --features onnxruntime --example vivid_check --bin whaled)
+        libdirs=(/lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu)
+        console=ttyS0
+        strip=strip
+        # `-cpu max` gives the guest RDRAND, so the kernel's random pool is ready at once (event ids
+        # need getrandom(), which would otherwise block for minutes in a guest with no entropy source).
+        qemu=(qemu-system-x86_64 -accel tcg -cpu max) ;;
+    aarch64)
+        deb_arch=arm64
+        bindir=target/aarch64-unknown-linux-gnu/release
+        build=(cargo-zigbuild build --release --features onnxruntime --target aarch64-unknown-linux-gnu.2.31 --example vivid_check --bin whaled)
+        libdirs=(/usr/aarch64-linux-gnu/lib)
+        console=ttyAMA0
+        strip=aarch64-linux-gnu-strip
+        # `-cpu max` has RNDR (the random pool is seeded at boot, as RDRAND does on x86);
+        # pauth-impdef makes pointer authentication cheap to emulate.
+        qemu=(qemu-system-aarch64 -M virt -cpu max,pauth-impdef=on) ;;
+    *) echo "tests/vivid/run.sh: unknown architecture '$arch' (x86_64 or aarch64)" >&2; exit 2 ;;
+esac
+work=target/vivid/$arch
 mkdir -p "$work"
 
-echo "== static vivid_check binary"
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --example vivid_check \
-    --target x86_64-unknown-linux-gnu --target-dir target/static
-bin=target/static/x86_64-unknown-linux-gnu/debug/examples/vivid_check
-if readelf -d "$bin" | grep -q NEEDED; then
-    echo "vivid_check is not statically linked" >&2
-    exit 1
-fi
+echo "== $arch binaries"
+# A no-op after the test run built them (same profile and features); rebuilds them if sources changed.
+"${build[@]}" --quiet
+for b in "$bindir/examples/vivid_check" "$bindir/whaled"; do
+    file "$b" | grep -q "$( [ "$arch" = x86_64 ] && echo x86-64 || echo aarch64)" || { echo "$b is not an $arch binary" >&2; exit 1; }
+done
 
-echo "== kernel"
-pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+echo "== kernel and busybox ($deb_arch)"
+if [ "$deb_arch" != "$(dpkg --print-architecture)" ] && ! dpkg --print-foreign-architectures | grep -qx "$deb_arch"; then
+    dpkg --add-architecture "$deb_arch"
+    apt-get update -qq
+fi
+pkg=$(apt-cache depends "linux-image-$deb_arch:$deb_arch" | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
 if [ ! -d "$work/kroot/lib/modules" ] || [ "$(cat "$work/kernel-package" 2>/dev/null)" != "$pkg" ]; then
-    rm -rf "$work/kroot" "$work"/*.deb
-    (cd "$work" && apt-get download "$pkg" 2>/dev/null)
+    rm -rf "$work/kroot" "$work/broot" "$work"/*.deb
+    (cd "$work" && apt-get download "$pkg" "busybox-static:$deb_arch" 2>/dev/null)
     dpkg-deb -x "$work"/linux-image-*.deb "$work/kroot"
+    dpkg-deb -x "$work"/busybox-static_*.deb "$work/broot"
     echo "$pkg" > "$work/kernel-package"
 fi
 kv=$(ls "$work/kroot/lib/modules")
@@ -32,8 +69,8 @@ echo "$pkg ($kv)"
 echo "== initramfs"
 root="$work/initrd"
 rm -rf "$root"
-mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules,models/efficientnet-lite0}
-cp "$(command -v busybox)" "$root/bin/busybox"
+mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules,models/efficientnet-lite0,usr/bin,usr/share/whaled,etc/whaled}
+cp "$work/broot/bin/busybox" "$root/bin/busybox"
 : > "$root/lib/modules/order"
 modprobe -d "$work/kroot" -S "$kv" --show-depends vivid | awk '/^insmod/{print $2}' | while read -r ko; do
     name=$(basename "$ko")
@@ -44,8 +81,39 @@ modprobe -d "$work/kroot" -S "$kv" --show-depends vivid | awk '/^insmod/{print $
     esac
     echo "$name" >> "$root/lib/modules/order"
 done
-strip -o "$root/vivid_check" "$bin"
+# The binaries, their ELF interpreter at the path they name, and their libraries (recursively) in /lib.
+"$strip" -o "$root/vivid_check" "$bindir/examples/vivid_check"
+"$strip" -o "$root/usr/bin/whaled" "$bindir/whaled"
+find_lib() {
+    local d
+    for d in "${libdirs[@]}"; do [ -e "$d/$1" ] && { echo "$d/$1"; return; }; done
+    echo "tests/vivid/run.sh: library $1 not found in ${libdirs[*]}" >&2
+    exit 1
+}
+copy_deps() {
+    local lib path
+    for lib in $(readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
+        [ -e "$root/lib/$lib" ] && continue
+        path=$(find_lib "$lib")
+        cp -L "$path" "$root/lib/$lib"
+        copy_deps "$root/lib/$lib"
+    done
+}
+for b in "$root/vivid_check" "$root/usr/bin/whaled"; do
+    interp=$(readelf -l "$b" | sed -n 's/.*Requesting program interpreter: \(.*\)]/\1/p')
+    mkdir -p "$root$(dirname "$interp")"
+    [ -e "$root$interp" ] || cp -L "$(find_lib "$(basename "$interp")")" "$root$interp"
+    copy_deps "$b"
+done
 cp models/efficientnet-lite0/model.toml models/efficientnet-lite0/efficientnet_lite0_fp32.onnx "$root/models/efficientnet-lite0/"
+ln -s /models "$root/usr/share/whaled/models"
+# `whaled run` with no [[camera]] takes the first V4L2 camera; rejected frames are printed too, so
+# stdout shows that frames went through capture, decoding and the pre-filter.
+cat > "$root/etc/whaled/whaled.toml" <<'TOML'
+[pipeline]
+emit_rejected = true
+stats_interval = "5s"
+TOML
 cat > "$root/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -58,19 +126,34 @@ for m in $(cat /lib/modules/order); do
         *) insmod /lib/modules/$m ;;
     esac
 done
+export LD_LIBRARY_PATH=/lib
 /vivid_check /models
-echo "VIVID_GUEST_RC=$?"
+echo "== whaled run on the vivid camera"
+/usr/bin/whaled run --config /etc/whaled/whaled.toml > /tmp/run.jsonl 2> /tmp/run.log &
+pid=$!
+sleep 25
+kill -TERM $pid
+wait $pid
+rc=$?
+n=$(grep -c '"camera":"camera0"' /tmp/run.jsonl)
+grep -v "^\s*$" /tmp/run.log | tail -8
+head -c 600 /tmp/run.jsonl; echo
+echo "whaled run: exit status $rc, $n detection(s) from camera0"
+if [ "$rc" = 0 ] && [ "$n" -ge 1 ] && ! grep -q "panicked" /tmp/run.log; then
+    echo "WHALED_RUN_EXIT=0"
+else
+    echo "WHALED_RUN_EXIT=1"
+fi
 poweroff -f
 INIT
 chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/initrd.img"
 
 echo "== boot"
-# QEMU's own exit status is always 0: the verdict is the console line. `-cpu max` gives the guest
-# RDRAND, so the kernel's random pool is ready at once (event ids need getrandom(), which would
-# otherwise block for minutes in an emulated guest with no entropy source).
-timeout 300 qemu-system-x86_64 -accel tcg -cpu max -m 1536 -smp 2 -nographic -no-reboot \
+# QEMU's own exit status is always 0: the verdict is the console lines.
+timeout 600 "${qemu[@]}" -m 1536 -smp 2 -nographic -no-reboot \
     -kernel "$work/kroot/boot/vmlinuz-$kv" -initrd "$work/initrd.img" \
-    -append "console=ttyS0 panic=-1 loglevel=4" | tee "$work/console.log" | grep -v "^\s*$" || true
+    -append "console=$console panic=-1 loglevel=4" | tee "$work/console.log" | grep -v "^\s*$" || true
 grep -q "VIVID_CHECK_EXIT=0" "$work/console.log"
-echo "vivid capture test passed"
+grep -q "WHALED_RUN_EXIT=0" "$work/console.log"
+echo "vivid capture test passed ($arch)"
