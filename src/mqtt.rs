@@ -15,10 +15,16 @@
 //! Will; `stopped` on a clean shutdown), `<camera>/detection` (QoS 1, via the outbox), `<camera>/snapshot`
 //! (JPEG, on request), `stats` (periodic, QoS 0), `cmd/<command>` (subscribed) with replies on
 //! `cmd/<command>/reply`. Retained commands are ignored.
+//!
+//! A session the broker keeps closing soon after CONNACK (typically another client connecting with our
+//! client id: two boxes with the same `device_id`) is logged at ERROR, shown by [`Publisher::problems`],
+//! and does not reset the backoff, so two such clients do not take the session from each other every
+//! `reconnect_min`. TLS files that become unreadable after start-up (checked at start-up by the config)
+//! fail the connection set-up, which backs off like any other connection failure.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use rumqttc::{Client, ConnectReturnCode, ConnectionError, Event, Incoming, LastWill, MqttOptions, Outgoing, QoS};
@@ -26,7 +32,7 @@ use serde::Serialize;
 
 use crate::config::mqtt::MqttConfig;
 use crate::error::{Error, Result};
-use crate::outbox::{Outbox, OutboxStats};
+use crate::outbox::{Outbox, OutboxStats, SharedOutbox};
 use crate::pipeline::{CameraSnapshot, Control, ModelLatencies};
 
 /// Most outbox events published and not yet acknowledged.
@@ -36,6 +42,12 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 const POLL: Duration = Duration::from_millis(20);
 /// Longer than rumqttc's own connection timeout (5 s), so that it, not us, gives up on a connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(7);
+/// A session closed sooner than this after CONNACK is "short": it does not reset the backoff, and
+/// [`FLAP_COUNT`] of them closed by the broker within [`FLAP_WINDOW`] mean it keeps taking the session
+/// away.
+const SHORT_SESSION: Duration = Duration::from_secs(10);
+const FLAP_COUNT: usize = 3;
+const FLAP_WINDOW: Duration = Duration::from_secs(120);
 
 /// `<prefix>/stats` payload (a wire type).
 #[derive(Debug, Clone, Serialize)]
@@ -55,7 +67,12 @@ pub struct OutboxWire {
     pub depth: u64,
     pub bytes: u64,
     pub oldest_age_s: Option<f64>,
+    /// Undelivered events dropped since start (size cap or full disk).
     pub dropped: u64,
+    /// Of `dropped`, those dropped because the disk was full before the size cap.
+    pub dropped_disk_full: u64,
+    /// The disk holding the outbox was found full within the last minute.
+    pub disk_full: bool,
 }
 
 impl From<OutboxStats> for OutboxWire {
@@ -65,6 +82,8 @@ impl From<OutboxStats> for OutboxWire {
             bytes: s.bytes,
             oldest_age_s: s.oldest_age_ms.map(|m| m as f64 / 1e3),
             dropped: s.dropped,
+            dropped_disk_full: s.dropped_disk_full,
+            disk_full: s.disk_full,
         }
     }
 }
@@ -118,12 +137,27 @@ impl Topics {
 
 /// The handle the rest of the daemon holds: append events, then close.
 pub struct Publisher {
-    outbox: Arc<Mutex<Outbox>>,
+    outbox: Arc<SharedOutbox>,
     topics: Topics,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     snapshots: mpsc::SyncSender<Snapshot>,
     connected: Arc<AtomicBool>,
+    flapping: Arc<Flapping>,
+    client_id: String,
+}
+
+/// When the broker last kept taking the session away (ms since `since`; 0: never).
+struct Flapping {
+    since: Instant,
+    at_ms: AtomicU64,
+}
+
+impl Flapping {
+    fn recent(&self) -> bool {
+        let at = self.at_ms.load(Ordering::SeqCst);
+        at > 0 && (self.since.elapsed().as_millis() as u64).saturating_sub(at) < FLAP_WINDOW.as_millis() as u64
+    }
 }
 
 impl Publisher {
@@ -136,14 +170,18 @@ impl Publisher {
         let (outbox, recovery) = Outbox::open(cfg.outbox.clone())?;
         if recovery.pending > 0 || recovery.damaged_segments > 0 {
             log::info!(
-                "outbox {}: {} undelivered events to send; {} damaged segment(s), {} bytes cut off",
+                "outbox {}: {} undelivered events to send; {} damaged segment(s): {} events lost, {} damaged bytes \
+                 skipped, {} bytes cut off",
                 cfg.outbox.dir.display(),
                 recovery.pending,
                 recovery.damaged_segments,
+                recovery.lost_records,
+                recovery.skipped_bytes,
                 recovery.truncated_bytes
             );
         }
-        let outbox = Arc::new(Mutex::new(outbox));
+        let outbox = Arc::new(SharedOutbox::new(outbox));
+        let flapping = Arc::new(Flapping { since: Instant::now(), at_ms: AtomicU64::new(0) });
         let stop = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicBool::new(false));
         let (snap_tx, snap_rx) = mpsc::sync_channel(2);
@@ -158,6 +196,9 @@ impl Publisher {
             started: Instant::now(),
             rng: seed(),
             connected: connected.clone(),
+            flapping: flapping.clone(),
+            short_sessions: VecDeque::new(),
+            flap_logged: None,
         };
         let thread = std::thread::Builder::new()
             .name("mqtt".into())
@@ -170,14 +211,15 @@ impl Publisher {
             thread: Some(thread),
             snapshots: snap_tx,
             connected,
+            flapping,
+            client_id: cfg.client_id.clone(),
         })
     }
 
     /// Stores a detection for delivery; returns its outbox id. An error means the event could not be
     /// stored (disk full, medium failing): the caller logs it as lost.
     pub fn publish_detection(&self, camera: &str, json: &[u8]) -> Result<u64> {
-        let mut o = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
-        o.append(&self.topics.detection(camera), json)
+        self.outbox.append(&self.topics.detection(camera), json)
     }
 
     /// A sender for snapshot JPEGs (the pipeline's workers hold one).
@@ -190,8 +232,36 @@ impl Publisher {
     pub fn probe(&self) -> Arc<dyn Fn() -> (bool, u64, u64, u64) + Send + Sync> {
         let (outbox, connected) = (self.outbox.clone(), self.connected.clone());
         Arc::new(move || {
-            let s = outbox.lock().unwrap_or_else(|p| p.into_inner()).stats();
+            let s = outbox.stats();
             (connected.load(Ordering::SeqCst), s.depth, s.bytes, s.dropped)
+        })
+    }
+
+    /// What `/healthz` should list besides a lost connection: a full outbox disk, a broker that keeps
+    /// taking the session away. Empty when all is well.
+    pub fn problems(&self) -> Vec<String> {
+        (self.problems_probe())()
+    }
+
+    /// [`problems`](Self::problems) as a cheap, shareable closure (for the health thread).
+    pub fn problems_probe(&self) -> Arc<dyn Fn() -> Vec<String> + Send + Sync> {
+        let (outbox, flapping, client_id) = (self.outbox.clone(), self.flapping.clone(), self.client_id.clone());
+        Arc::new(move || {
+            let mut out = Vec::new();
+            let s = outbox.stats();
+            if s.disk_full {
+                out.push(format!(
+                    "outbox {}: disk full before the size cap; {} undelivered events dropped to make room",
+                    outbox.dir().display(),
+                    s.dropped_disk_full
+                ));
+            }
+            if flapping.recent() {
+                out.push(format!(
+                    "mqtt: the broker keeps closing the session; another client may be using client id {client_id}"
+                ));
+            }
+            out
         })
     }
 
@@ -201,7 +271,7 @@ impl Publisher {
     }
 
     pub fn outbox_stats(&self) -> OutboxStats {
-        self.outbox.lock().unwrap_or_else(|p| p.into_inner()).stats()
+        self.outbox.stats()
     }
 
     /// Delivers what it can within a few seconds, publishes `stopped`, disconnects and syncs the outbox.
@@ -212,7 +282,7 @@ impl Publisher {
                 log::error!("the MQTT thread panicked");
             }
         }
-        if let Err(e) = self.outbox.lock().unwrap_or_else(|p| p.into_inner()).sync() {
+        if let Err(e) = self.outbox.sync() {
             log::error!("outbox not synced at shutdown: {e}");
         }
     }
@@ -229,19 +299,24 @@ struct Link {
     cfg: MqttConfig,
     topics: Topics,
     device_id: String,
-    outbox: Arc<Mutex<Outbox>>,
+    outbox: Arc<SharedOutbox>,
     stop: Arc<AtomicBool>,
     control: Arc<Control>,
     snapshots: mpsc::Receiver<Snapshot>,
     started: Instant,
     rng: u64,
     connected: Arc<AtomicBool>,
+    flapping: Arc<Flapping>,
+    /// When recent short sessions ended (see [`SHORT_SESSION`]).
+    short_sessions: VecDeque<Instant>,
+    flap_logged: Option<Instant>,
 }
 
 /// How a connection ended.
 enum End {
     Stopped,
-    Failed(String, bool),
+    /// Why, when CONNACK arrived if it did, and whether the broker closed the connection.
+    Failed(String, Option<Instant>, bool),
 }
 
 fn seed() -> u64 {
@@ -290,15 +365,23 @@ impl Link {
         loop {
             let end = match self.options() {
                 Ok(options) => self.session(options),
-                Err(e) => End::Failed(format!("cannot set up the connection: {e}"), true),
+                // E.g. a TLS file replaced or removed since start-up: backs off like a failed connect.
+                Err(e) => End::Failed(format!("cannot set up the connection: {e}"), None, false),
             };
             self.connected.store(false, Ordering::SeqCst);
             match end {
                 End::Stopped => return,
-                End::Failed(why, was_connected) => {
-                    if was_connected {
-                        backoff = self.cfg.reconnect_min;
-                        failures = 0;
+                End::Failed(why, connected_at, closed_by_broker) => {
+                    // A short session does not reset the backoff; one the broker closed may be a takeover.
+                    let short = connected_at.is_some_and(|t| t.elapsed() < SHORT_SESSION);
+                    match connected_at {
+                        Some(_) if short && closed_by_broker => self.short_session(&why),
+                        Some(_) if short => {}
+                        Some(_) => {
+                            backoff = self.cfg.reconnect_min;
+                            failures = 0;
+                        }
+                        None => {}
                     }
                     failures += 1;
                     let wait = backoff.mul_f64(0.5 + 0.5 * self.jitter());
@@ -309,7 +392,7 @@ impl Link {
                             "MQTT broker {}:{}: {why}; retry {failures} in {wait:.1?} ({} events waiting)",
                             self.cfg.host,
                             self.cfg.port,
-                            self.outbox.lock().unwrap_or_else(|p| p.into_inner()).stats().depth
+                            self.outbox.stats().depth
                         );
                     }
                     backoff = (backoff * 2).min(self.cfg.reconnect_max);
@@ -326,8 +409,38 @@ impl Link {
         }
     }
 
+    /// A session the broker closed soon after accepting it: after [`FLAP_COUNT`] within [`FLAP_WINDOW`],
+    /// ERROR (an operator must act: two clients share our id), at most once per window.
+    fn short_session(&mut self, why: &str) {
+        let now = Instant::now();
+        self.short_sessions.push_back(now);
+        while self.short_sessions.front().is_some_and(|t| now.duration_since(*t) > FLAP_WINDOW) {
+            self.short_sessions.pop_front();
+        }
+        let n = self.short_sessions.len();
+        if n < FLAP_COUNT {
+            return;
+        }
+        self.flapping.at_ms.store(self.flapping.since.elapsed().as_millis().max(1) as u64, Ordering::SeqCst);
+        if self.flap_logged.is_some_and(|t| t.elapsed() < FLAP_WINDOW) {
+            return;
+        }
+        self.flap_logged = Some(now);
+        let span = self.short_sessions.front().map_or(Duration::ZERO, |t| now.duration_since(*t));
+        log::error!(
+            "MQTT broker {}:{} closed the session {n} times in {:.0}s, each within {}s of accepting it (last: {why}): \
+             another client may be using client id {:?} (two devices with the same device_id?); events wait in \
+             the outbox meanwhile",
+            self.cfg.host,
+            self.cfg.port,
+            span.as_secs_f64(),
+            SHORT_SESSION.as_secs(),
+            self.cfg.client_id
+        );
+    }
+
     fn housekeeping(&mut self) {
-        if let Err(e) = self.outbox.lock().unwrap_or_else(|p| p.into_inner()).sync_if_due() {
+        if let Err(e) = self.outbox.sync_if_due() {
             log::error!("outbox: {e}");
         }
         // Snapshots cannot be sent while disconnected: drop them (they are on demand, not events).
@@ -338,10 +451,10 @@ impl Link {
     fn session(&mut self, options: MqttOptions) -> End {
         let (client, mut conn) = Client::new(options, 256);
         if let Err(e) = client.subscribe(self.topics.commands(), QoS::AtLeastOnce) {
-            return End::Failed(format!("subscribe: {e}"), false);
+            return End::Failed(format!("subscribe: {e}"), None, false);
         }
-        self.outbox.lock().unwrap_or_else(|p| p.into_inner()).rewind();
-        let mut connected = false;
+        self.outbox.rewind();
+        let mut connected: Option<Instant> = None;
         // One entry per publish requested, in order: Some(outbox id) for events.
         let mut requested: VecDeque<Option<u64>> = VecDeque::new();
         let mut inflight: HashMap<u16, u64> = HashMap::new();
@@ -352,13 +465,13 @@ impl Link {
         let mut stopped_sent = false;
         loop {
             if stopping.is_none() && self.stop.load(Ordering::SeqCst) {
-                if !connected {
+                if connected.is_none() {
                     return End::Stopped;
                 }
                 stopping = Some(Instant::now());
             }
             if let Some(since) = stopping {
-                let drained = self.outbox.lock().unwrap_or_else(|p| p.into_inner()).stats().depth == 0;
+                let drained = self.outbox.stats().depth == 0;
                 if !stopped_sent && (drained || since.elapsed() > DRAIN_TIMEOUT) {
                     if client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, "stopped").is_ok() {
                         requested.push_back(None);
@@ -372,17 +485,17 @@ impl Link {
             }
             // rumqttc's poll may only be cut short once connected: a timeout during the TCP/TLS
             // handshake drops the half-open connection (seen with TLS: connect, CONNACK, close, again).
-            let wait = if connected { POLL } else { CONNECT_TIMEOUT };
+            let wait = if connected.is_some() { POLL } else { CONNECT_TIMEOUT };
             match conn.recv_timeout(wait) {
-                Err(rumqttc::RecvTimeoutError::Timeout) if !connected => {
-                    return End::Failed("no answer from the broker (connect timed out)".into(), false)
+                Err(rumqttc::RecvTimeoutError::Timeout) if connected.is_none() => {
+                    return End::Failed("no answer from the broker (connect timed out)".into(), None, false)
                 }
                 Err(rumqttc::RecvTimeoutError::Timeout) => {}
                 Err(rumqttc::RecvTimeoutError::Disconnected) => {
-                    return End::Failed("connection closed".into(), connected)
+                    return End::Failed("connection closed".into(), connected, false)
                 }
                 Ok(Ok(Event::Incoming(Incoming::ConnAck(ack)))) => {
-                    connected = true;
+                    connected = Some(Instant::now());
                     self.connected.store(true, Ordering::SeqCst);
                     log::info!(
                         "MQTT connected to {}:{} as {} (session resumed: {})",
@@ -402,7 +515,7 @@ impl Link {
                 }
                 Ok(Ok(Event::Incoming(Incoming::PubAck(ack)))) => {
                     if let Some(id) = inflight.remove(&ack.pkid) {
-                        self.outbox.lock().unwrap_or_else(|p| p.into_inner()).ack(id);
+                        self.outbox.ack(id);
                     }
                 }
                 Ok(Ok(Event::Incoming(Incoming::Publish(p)))) => {
@@ -434,10 +547,20 @@ impl Link {
                     if stopping.is_some() {
                         return End::Stopped;
                     }
-                    return End::Failed(why, connected);
+                    let closed_by_broker = match &e {
+                        ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted) => true,
+                        ConnectionError::MqttState(rumqttc::StateError::Io(io)) | ConnectionError::Io(io) => matches!(
+                            io.kind(),
+                            std::io::ErrorKind::ConnectionReset
+                                | std::io::ErrorKind::ConnectionAborted
+                                | std::io::ErrorKind::UnexpectedEof
+                        ),
+                        _ => false,
+                    };
+                    return End::Failed(why, connected, closed_by_broker);
                 }
             }
-            if !connected {
+            if connected.is_none() {
                 continue;
             }
             // Refill the replay budget and send what the window allows.
@@ -445,12 +568,12 @@ impl Link {
             tokens = (tokens + last_refill.elapsed().as_secs_f64() * rate).min(rate.max(1.0));
             last_refill = Instant::now();
             while !stopped_sent && tokens >= 1.0 && inflight.len() + requested.len() < WINDOW {
-                let next = self.outbox.lock().unwrap_or_else(|p| p.into_inner()).next_to_send();
+                let next = self.outbox.next_to_send();
                 match next {
                     Ok(Some(r)) => {
                         if client.try_publish(r.topic, QoS::AtLeastOnce, false, r.message).is_err() {
                             // Request queue full: resend from the watermark on the next pass.
-                            self.outbox.lock().unwrap_or_else(|p| p.into_inner()).rewind();
+                            self.outbox.rewind();
                             break;
                         }
                         requested.push_back(Some(r.id));
@@ -483,7 +606,7 @@ impl Link {
                     }
                 }
             }
-            if let Err(e) = self.outbox.lock().unwrap_or_else(|p| p.into_inner()).sync_if_due() {
+            if let Err(e) = self.outbox.sync_if_due() {
                 log::error!("outbox: {e}");
             }
         }
@@ -496,7 +619,7 @@ impl Link {
             connected,
             cameras: self.control.snapshots(),
             models: self.control.model_latencies(),
-            outbox: self.outbox.lock().unwrap_or_else(|p| p.into_inner()).stats().into(),
+            outbox: self.outbox.stats().into(),
             threshold: self.control.threshold(),
         }
     }

@@ -1,7 +1,9 @@
 //! MQTT delivery against a real mosquitto started by each test on a free loopback port: a broker outage
-//! mid-stream, a daemon SIGKILLed while the broker is down, a torn outbox tail, the status topic's Last
-//! Will, TLS with a client certificate, a wrong password, commands, and every payload validated against
-//! the JSON Schemas in `schemas/`.
+//! mid-stream, a daemon SIGKILLed while the broker is down, a torn outbox tail, a damaged closed segment,
+//! a second daemon on the same outbox, the outbox on a full (tmpfs) disk, the status topic's Last Will,
+//! TLS with a client certificate, TLS files checked at start-up and backed off at run time, a wrong
+//! password, two clients with one client id, commands, and every payload validated against the JSON
+//! Schemas in `schemas/`.
 
 mod common;
 
@@ -13,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::broker::{free_port, unsafe_kill, Broker, Msg, Subscriber};
-use common::repo;
+use common::{logs, repo};
 use whaled::config::mqtt::MqttConfig;
 use whaled::config::Config;
 use whaled::identify::Identifier;
@@ -133,13 +135,13 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_whaled"))
-            .args(["--log-level", "info", "run", "--config"])
-            .arg(config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_whaled"));
+        cmd.args(["--log-level", "info", "run", "--config"]).arg(config);
+        Self::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Daemon {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (o, e) = (stdout.clone(), stderr.clone());
@@ -164,6 +166,19 @@ impl Daemon {
 
     fn stderr(&self) -> String {
         self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Waits for the process to exit on its own; panics after `timeout`.
+    fn exit_within(&mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                return (s, self.stderr());
+            }
+            assert!(t.elapsed() < timeout, "still running after {timeout:?}:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn wait_stdout_lines(&self, n: usize, timeout: Duration) {
@@ -412,7 +427,7 @@ fn make_certs(dir: &Path) {
 
 #[test]
 fn tls_with_a_client_certificate_delivers() {
-    let _ = env_logger::builder().is_test(true).filter_level(log::LevelFilter::Info).try_init();
+    logs::capture();
     let tmp = tempfile::tempdir().unwrap();
     let certs = tmp.path().join("certs");
     make_certs(&certs);
@@ -522,4 +537,232 @@ fn validate_all(msgs: &[Msg]) {
         *counts.entry(m.topic.rsplit('/').next().unwrap().to_string()).or_insert(0) += 1;
     }
     eprintln!("validated {counts:?}");
+}
+
+// ---- the outbox under stress ---------------------------------------------------------------------
+
+/// A bad block in the middle of a closed segment: every intact record around it is still delivered.
+#[test]
+fn damage_in_a_closed_segment_loses_only_the_damaged_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("outbox");
+    let (mut o, _) = Outbox::open(OutboxConfig { segment_bytes: 1000, ..OutboxConfig::new(dir.clone()) }).unwrap();
+    for seq in 0..30 {
+        o.append("whaled/t1/a/detection", &event("a", seq)).unwrap();
+    }
+    drop(o);
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    assert!(segs.len() >= 3, "{segs:?}");
+    // The third record of the first segment (seq 2): its payload bytes zeroed.
+    let mut bytes = std::fs::read(&segs[0]).unwrap();
+    let at = bytes.windows(5).position(|w| w == b"a-2\",").expect("event a-2 in the first segment");
+    for b in &mut bytes[at..at + 10] {
+        *b = 0;
+    }
+    std::fs::write(&segs[0], &bytes).unwrap();
+
+    let broker = Broker::start(&tmp.path().join("broker"), "");
+    let sub = Subscriber::start(broker.port, "shore", "whaled/t1/#");
+    let publisher = Publisher::start(&mqtt_config(broker.port, &dir), "t1", control(&["a"])).unwrap();
+    let msgs = sub.wait_for(Duration::from_secs(20), "every intact event", |m| {
+        first_seen(m).get("a").is_some_and(|v| v.contains(&29))
+    });
+    let want: Vec<u64> = (0..30).filter(|s| *s != 2).collect();
+    assert_eq!(first_seen(&msgs)["a"], want, "only the damaged event is missing");
+    let t = Instant::now();
+    while publisher.outbox_stats().depth > 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the watermark is stuck: {:?}", publisher.outbox_stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    publisher.close();
+}
+
+/// Two daemons on one outbox directory would interleave ids: the second refuses to start, naming it.
+#[test]
+fn a_second_daemon_on_the_same_outbox_refuses_to_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = daemon_config(tmp.path(), free_port(), ""); // no broker needed
+    let first = Daemon::start(&config);
+    first.wait_stdout_lines(1, Duration::from_secs(60));
+    let mut second = Daemon::start(&config);
+    let (status, stderr) = second.exit_within(Duration::from_secs(60));
+    assert!(!status.success(), "{stderr}");
+    let dir = tmp.path().join("outbox").display().to_string();
+    assert!(stderr.contains(&dir) && stderr.contains("in use by another process"), "{stderr}");
+    let (status, stderr) = first.terminate();
+    assert!(status.success(), "the first daemon carries on: {stderr}");
+}
+
+/// The issue's reproduction: the outbox on a tiny tmpfs (a private mount namespace, so nothing leaks),
+/// the broker down, a fast camera. The oldest undelivered events make room for the newest, the loss is
+/// counted in `stats` and reported once per 10 s, not once per event.
+#[test]
+fn a_full_outbox_disk_drops_the_oldest_keeps_the_newest_and_says_so_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // The shore subscriber's session exists before the daemon publishes (mosquitto persists it).
+    let mut broker = Broker::start_on(&tmp.path().join("broker"), port, "");
+    let sub = Subscriber::start(port, "shore", "whaled/boat/#");
+    broker.stop();
+
+    let outbox = tmp.path().join("outbox");
+    std::fs::create_dir_all(&outbox).unwrap();
+    let config = tmp.path().join("whaled.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_id = \"boat\"\n\
+             [[camera]]\nname = \"bow\"\nkind = \"replay\"\npath = \"{}\"\nfps = 50\n\
+             [pipeline]\nemit_rejected = true\n\
+             [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min = \"100ms\"\nreconnect_max = \"300ms\"\n\
+             stats_interval = \"1s\"\n[mqtt.outbox]\ndir = \"{}\"\n",
+            repo().join("tests/photos").display(),
+            outbox.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount -t tmpfs -o size=32k whaled-test \"$1\" && exec \"$2\" --log-level info run --config \"$3\"")
+        .arg("sh")
+        .arg(&outbox)
+        .arg(env!("CARGO_BIN_EXE_whaled"))
+        .arg(&config);
+    let d = Daemon::spawn(cmd);
+    let started = Instant::now();
+    // ~300 bytes per event: 400 events are several times what 32 KiB hold.
+    d.wait_stdout_lines(400, Duration::from_secs(180));
+    let printed = d.event_ids();
+    let filled_in = started.elapsed();
+    assert!(
+        d.stderr().contains("dropped undelivered events") && d.stderr().contains("disk is full"),
+        "no report of the full disk:\n{}",
+        d.stderr()
+    );
+
+    broker.restart();
+    let newest = printed.last().unwrap().clone();
+    let detections = |m: &[Msg]| -> Vec<String> {
+        m.iter()
+            .filter(|m| m.topic == "whaled/boat/bow/detection")
+            .map(|m| m.json()["event_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let msgs = sub.wait_for(Duration::from_secs(60), "the newest events and stats counting the drops", |m| {
+        detections(m).contains(&newest)
+            && m.iter()
+                .any(|x| x.topic == "whaled/boat/stats" && x.json()["outbox"]["dropped_disk_full"].as_u64() > Some(0))
+    });
+    let delivered: HashSet<String> = detections(&msgs).into_iter().collect();
+    assert!(!delivered.contains(&printed[0]), "the oldest undelivered event was dropped");
+    let stats = msgs.iter().rev().find(|x| x.topic == "whaled/boat/stats").unwrap().json();
+    assert_eq!(stats["outbox"]["disk_full"], true, "{stats}");
+    let dropped = stats["outbox"]["dropped_disk_full"].as_u64().unwrap();
+    assert_eq!(stats["outbox"]["dropped"].as_u64(), Some(dropped), "{stats}");
+    validate_all(&msgs);
+
+    let (status, stderr) = d.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(!stderr.contains("lost: cannot store it in the outbox"), "no event was refused:\n{stderr}");
+    let reports = stderr.lines().filter(|l| l.contains("ERROR") && l.contains("dropped undelivered events")).count();
+    let allowed = 2 + (started.elapsed().as_secs() / 10) as usize;
+    assert!(
+        (1..=allowed).contains(&reports),
+        "{reports} ERROR reports in {:.0?} (disk filled within {filled_in:.0?}; {dropped} dropped):\n{stderr}",
+        started.elapsed()
+    );
+}
+
+// ---- TLS files and client ids -------------------------------------------------------------------
+
+/// A config whose CA file is not a certificate fails `whaled check-config` (naming the file and the
+/// key); with the real CA it passes.
+#[test]
+fn check_config_checks_the_tls_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    make_certs(&certs);
+    let ca = tmp.path().join("ca.pem");
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let config = tmp.path().join("whaled.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mqtt]\nhost = \"127.0.0.1\"\n[mqtt.tls]\nca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+            ca.display(),
+            certs.join("client.crt").display(),
+            certs.join("client.key").display()
+        ),
+    )
+    .unwrap();
+    let check = || Command::new(env!("CARGO_BIN_EXE_whaled")).arg("check-config").arg(&config).output().unwrap();
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("mqtt.tls.ca") && stderr.contains(&ca.display().to_string()), "{stderr}");
+    std::fs::copy(certs.join("ca.crt"), &ca).unwrap();
+    let out = check();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A TLS file that disappears after start-up fails each connection set-up; the retries back off
+/// (they used to count as a dropped connection and run every `reconnect_min` forever).
+#[test]
+fn a_tls_file_removed_after_start_up_backs_off() {
+    logs::capture();
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    make_certs(&certs);
+    let port = free_port(); // never reached: the set-up fails first
+    let toml = format!(
+        "device_id = \"t1\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min = \"100ms\"\n\
+         reconnect_max = \"1s\"\n[mqtt.tls]\nca = \"{}\"\n[mqtt.outbox]\ndir = \"{}\"\n",
+        certs.join("ca.crt").display(),
+        tmp.path().join("outbox").display()
+    );
+    let cfg = Config::parse(&tmp.path().join("w.toml"), &toml).unwrap().mqtt.unwrap();
+    std::fs::remove_file(certs.join("ca.crt")).unwrap();
+    let p = Publisher::start(&cfg, "t1", control(&["a"])).unwrap();
+    let at = format!("127.0.0.1:{port}");
+    logs::wait_for(
+        log::Level::Warn,
+        &[&at, "cannot set up the connection", "ca.crt", "retry 3 in"],
+        Duration::from_secs(20),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let attempts = logs::matching(log::Level::Warn, &[&at, "cannot set up the connection"]).len();
+    assert!(attempts <= 5, "{attempts} retries logged: not backing off");
+    p.close();
+}
+
+/// Two publishers with one client id (two boxes with the same device_id): the broker keeps closing one
+/// session for the other. Said at ERROR, named, and listed for /healthz.
+#[test]
+fn two_clients_with_one_client_id_are_an_error() {
+    logs::capture();
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("broker"), "");
+    let client_id = format!("twin-{}", broker.port);
+    let publisher = |name: &str| {
+        let mut cfg = mqtt_config(broker.port, &tmp.path().join(name));
+        cfg.client_id = client_id.clone();
+        Publisher::start(&cfg, "t1", control(&["a"])).unwrap()
+    };
+    let (a, b) = (publisher("outbox-a"), publisher("outbox-b"));
+    let line = logs::wait_for(
+        log::Level::Error,
+        &["closed the session", "another client may be using client id", &format!("{client_id:?}")],
+        Duration::from_secs(30),
+    );
+    eprintln!("{line}");
+    let problems = [a.problems(), b.problems()].concat();
+    assert!(problems.iter().any(|p| p.contains(&client_id)), "{problems:?}");
+    a.close();
+    b.close();
+    assert!(broker.log().contains("already connected"), "mosquitto saw the same client id twice");
 }

@@ -117,6 +117,43 @@ pub fn default_outbox_dir() -> PathBuf {
     data.join("whaled/outbox")
 }
 
+/// What a TLS file named in `[mqtt.tls]` must hold.
+#[derive(Clone, Copy)]
+enum Pem {
+    /// At least one certificate a TLS client can use as a trust anchor.
+    CaCertificates,
+    /// At least one PEM certificate.
+    Certificates,
+    /// A PEM private key (PKCS#8, PKCS#1 or SEC1).
+    PrivateKey,
+}
+
+/// Checks a TLS file the way the connection will use it (rumqttc hands it to rustls).
+fn check_pem(bytes: &[u8], want: Pem) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = || {
+        CertificateDer::pem_slice_iter(bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("not a PEM file: {e}"))
+            .and_then(|c| if c.is_empty() { Err("holds no PEM certificate".to_string()) } else { Ok(c) })
+    };
+    match want {
+        Pem::Certificates => certs().map(|_| ()),
+        Pem::CaCertificates => {
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(certs()?);
+            if added == 0 {
+                return Err("holds no usable X.509 CA certificate".into());
+            }
+            Ok(())
+        }
+        Pem::PrivateKey => {
+            PrivateKeyDer::from_pem_slice(bytes).map(|_| ()).map_err(|e| format!("holds no PEM private key ({e})"))
+        }
+    }
+}
+
 impl RawMqtt {
     /// Validates; `at(span, key, message)` builds an error that names file, line and key.
     pub(super) fn validate(
@@ -167,23 +204,25 @@ impl RawMqtt {
         } else {
             None
         };
-        let existing = |p: Spanned<PathBuf>, key: &str| {
+        // Read and parsed here, so a missing, unreadable or wrong file fails start-up and check-config
+        // (naming file and key) instead of every connection attempt.
+        let pem = |p: Spanned<PathBuf>, key: &str, want: Pem| {
             let path = dir.join(p.get_ref());
-            if path.is_file() {
-                Ok(path)
-            } else {
-                Err(at(p.span(), key, format!("no such file {}", path.display())))
-            }
+            let bytes =
+                std::fs::read(&path).map_err(|e| at(p.span(), key, format!("cannot read {}: {e}", path.display())))?;
+            check_pem(&bytes, want).map_err(|why| at(p.span(), key, format!("{}: {why}", path.display())))?;
+            Ok(path)
         };
         let tls = match self.tls {
             None => None,
             Some(t) => {
-                let ca = existing(t.ca, "mqtt.tls.ca")?;
+                let ca = pem(t.ca, "mqtt.tls.ca", Pem::CaCertificates)?;
                 let client_auth = match (t.client_cert, t.client_key) {
                     (None, None) => None,
-                    (Some(c), Some(k)) => {
-                        Some((existing(c, "mqtt.tls.client_cert")?, existing(k, "mqtt.tls.client_key")?))
-                    }
+                    (Some(c), Some(k)) => Some((
+                        pem(c, "mqtt.tls.client_cert", Pem::Certificates)?,
+                        pem(k, "mqtt.tls.client_key", Pem::PrivateKey)?,
+                    )),
                     (Some(c), None) => return Err(at(c.span(), "mqtt.tls.client_cert", "needs client_key too".into())),
                     (None, Some(k)) => return Err(at(k.span(), "mqtt.tls.client_key", "needs client_cert too".into())),
                 };
@@ -222,5 +261,72 @@ impl RawMqtt {
             stats_interval: self.stats_interval.map_or(Duration::from_secs(60), Interval::get),
             outbox,
         })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use crate::config::Config;
+
+    /// A self-signed X.509 certificate (P-256) and its key, for tests that need TLS files to parse.
+    pub(crate) const TEST_CERT_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBkTCCATegAwIBAgIUMKin8PoWCZih0Ymffz2PkMto5IAwCgYIKoZIzj0EAwIw
+HTEbMBkGA1UEAwwSd2hhbGVkIGNvbmZpZyB0ZXN0MCAXDTI2MTEyOTE2MTI0N1oY
+DzIxMjYxMTA1MTYxMjQ3WjAdMRswGQYDVQQDDBJ3aGFsZWQgY29uZmlnIHRlc3Qw
+WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAQH9ixWxkSffTt0gjcspXpi8mMUhrUF
+EG6r3fRtG1VxAM/nwyxO8XU3R6tljC0+ZCLiX3xp6cXJgbjCTDSdVX6Yo1MwUTAd
+BgNVHQ4EFgQUWFlxYvaNDeS2cFCQ6Qh5XSVtSXswHwYDVR0jBBgwFoAUWFlxYvaN
+DeS2cFCQ6Qh5XSVtSXswDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBF
+AiEA1nXC2Erdq0Tplz48ncuZv57HCeGsMyTavupJqmspWq0CIG0mAh5JuMtCcFcr
+knmFFVZQPiUCKOVOAYCpB0iLnnQF
+-----END CERTIFICATE-----
+";
+    pub(crate) const TEST_KEY_PEM: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg4wMg0tBJ/UgKI9po
+unvwo+UuExTi8uHM9ZAH9yaqNX2hRANCAAQH9ixWxkSffTt0gjcspXpi8mMUhrUF
+EG6r3fRtG1VxAM/nwyxO8XU3R6tljC0+ZCLiX3xp6cXJgbjCTDSdVX6Y
+-----END PRIVATE KEY-----
+";
+
+    /// Each row: (ca, client_cert, client_key) file contents (`None`: the file does not exist, `"/"`:
+    /// a directory), and what the error must say.
+    #[test]
+    fn tls_files_are_read_and_parsed_at_load() {
+        let (cert, key) = (Some(TEST_CERT_PEM), Some(TEST_KEY_PEM));
+        // Valid PEM framing, but not an X.509 certificate inside.
+        let not_x509 = "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n";
+        type Case<'a> = (&'a str, Option<&'a str>, Option<&'a str>, Option<&'a str>, &'a [&'a str]);
+        let cases: [Case; 8] = [
+            ("all good", cert, cert, key, &[]),
+            ("no CA file", None, cert, key, &["mqtt.tls.ca", "cannot read", "ca.pem"]),
+            ("CA is a directory", Some("/"), cert, key, &["mqtt.tls.ca", "cannot read", "ca.pem"]),
+            ("CA not PEM", Some("just text"), cert, key, &["mqtt.tls.ca", "holds no PEM certificate", "ca.pem"]),
+            ("CA not X.509", Some(not_x509), cert, key, &["mqtt.tls.ca", "no usable X.509", "ca.pem"]),
+            ("CA is a key", key, cert, key, &["mqtt.tls.ca", "holds no PEM certificate"]),
+            ("cert is a key", cert, key, key, &["mqtt.tls.client_cert", "holds no PEM certificate", "client.pem"]),
+            ("key is a cert", cert, cert, cert, &["mqtt.tls.client_key", "no PEM private key", "client.key"]),
+        ];
+        for (what, ca, client_cert, client_key, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            for (name, content) in [("ca.pem", ca), ("client.pem", client_cert), ("client.key", client_key)] {
+                match content {
+                    Some("/") => std::fs::create_dir(dir.path().join(name)).unwrap(),
+                    Some(c) => std::fs::write(dir.path().join(name), c).unwrap(),
+                    None => {}
+                }
+            }
+            let src = "[mqtt]\nhost = \"shore\"\n[mqtt.tls]\nca = \"ca.pem\"\nclient_cert = \"client.pem\"\n\
+                       client_key = \"client.key\"\n";
+            let result = Config::parse(&dir.path().join("w.toml"), src);
+            if want.is_empty() {
+                let tls = result.unwrap_or_else(|e| panic!("{what}: {e}")).mqtt.unwrap().tls.unwrap();
+                assert_eq!(tls.ca, dir.path().join("ca.pem"), "{what}");
+                continue;
+            }
+            let e = result.err().unwrap_or_else(|| panic!("{what}: accepted")).to_string();
+            for w in want {
+                assert!(e.contains(w), "{what}: error {e:?} lacks {w:?}");
+            }
+        }
     }
 }
