@@ -30,12 +30,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let bytes = if variant == "photo" {
                 bytes
             } else {
-                let img = whaled::images::decode(&bytes, "x")?;
+                let img = whaled::decode::decode_image(&bytes, "x")?;
                 let s = (1920.0 / img.width() as f64).max(1080.0 / img.height() as f64);
                 let (w, h) = ((img.width() as f64 * s).round() as u32, (img.height() as f64 * s).round() as u32);
                 let big = image::imageops::resize(&img, w, h, image::imageops::FilterType::CatmullRom);
                 let crop = image::imageops::crop_imm(&big, (w - 1920) / 2, (h - 1080) / 2, 1920, 1080).to_image();
-                whaled::bench::mjpeg_like(&crop)?
+                whaled::images::encode_jpeg(&crop)?
             };
             let data = FrameData::Encoded(Arc::from(bytes));
             let name = f.display().to_string();

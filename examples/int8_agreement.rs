@@ -34,7 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         backend,
         threads: 1,
         jpeg_dct_scaling: true,
-        onnxruntime: OrtConfig { library: None, execution_providers: vec![ExecutionProvider::Cpu] },
+        onnxruntime: OrtConfig { library: None, execution_providers: vec![ExecutionProvider::Cpu], sessions: 1 },
     };
     let fp32 = Model::load(manifest.clone(), Some("fp32"), &cfg(BackendKind::Tract))?;
     let backends = [BackendKind::Tract, BackendKind::Onnxruntime];
@@ -47,7 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut same_top1, mut in_top5, mut backends_agree) = ([0usize; 2], [0usize; 2], 0usize);
     let (mut confident, mut confident_same, mut same_verdict) = (0usize, [0usize; 2], [0usize; 2]);
     for s in &samples {
-        pre.run(&whaled::images::decode_file(&s.path)?, &mut input)?;
+        pre.run(&whaled::decode::decode_file(&s.path)?, &mut input)?;
         let reference = fp32.run(&input)?;
         let want = argmax(&reference);
         let p_top1 = softmax(reference.iter().map(|&v| f64::from(v)))[want];

@@ -3,7 +3,8 @@
 //!
 //! 1. `whaled cameras`-style description of /dev/video0.
 //! 2. Format negotiation: preference [MJPEG, YUYV] on vivid (no MJPEG) must pick YUYV 640x480.
-//! 3. 30 frames captured with kernel timestamps, all decoded to RGB, three through the pre-filter.
+//! 3. 30 frames captured with kernel timestamps, all decoded to RGB, three through the pre-filter; then
+//!    20 more one at a time through the pipeline's decoder: each matches its own bytes, none its predecessor.
 //! 4. NV12, GREY and RGB24 negotiated in turn, 5 frames each decoded and through the pre-filter.
 //! 5. The live pipeline on that camera while the driver is unbound mid-stream and bound again:
 //!    capture errors are counted, the camera is reopened (reconnects >= 1) and frames flow again,
@@ -79,7 +80,7 @@ fn run() -> Result<(), String> {
     while frames.len() < 30 {
         match source.next().map_err(|e| e.to_string())? {
             SourceEvent::Frame(f) => frames.push(f),
-            SourceEvent::End => return Err("v4l2 source ended".into()),
+            other => return Err(format!("v4l2 source: {other:?}")),
         }
     }
     let n = source.negotiated().ok_or("no negotiated format")?;
@@ -94,7 +95,7 @@ fn run() -> Result<(), String> {
     check(age < Duration::from_secs(10), &format!("kernel timestamp maps to wall clock (last frame {age:?} old)"))?;
     let mut ws = identifier.workspace();
     for (i, f) in frames.iter().enumerate() {
-        let img = f.data.decode(&format!("vivid#{i}")).map_err(|e| e.to_string())?;
+        let img = whaled::decode::decode_frame(&f.data, &format!("vivid#{i}")).map_err(|e| e.to_string())?;
         if img.dimensions() != (640, 480) {
             return Err(format!("frame {i} decoded to {:?}", img.dimensions()));
         }
@@ -105,6 +106,37 @@ fn run() -> Result<(), String> {
         }
     }
     check(true, "30 YUYV frames decoded to RGB")?;
+    drop(frames);
+
+    // 3b: the live path's decoder on consecutive frames, each dropped before the next is captured (the
+    // allocator then hands the next frame the same address, and raw frames all have one length). Each
+    // decode must equal a direct conversion of that frame's bytes, and consecutive frames of vivid's
+    // pattern (its text overlay counts frames and time) must differ.
+    let mut decoder = whaled::decode::Decoder::new(true);
+    let (mut previous, mut same_as_previous, mut stale) = (None::<Vec<u8>>, 0, 0);
+    let mut addresses = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let f = match source.next().map_err(|e| e.to_string())? {
+            SourceEvent::Frame(f) => f,
+            other => return Err(format!("v4l2 source: {other:?}")),
+        };
+        let whaled::source::FrameData::Raw { format, width, height, stride, bytes } = &f.data else {
+            return Err("YUYV frames are raw".into());
+        };
+        addresses.insert(bytes.as_ptr() as usize);
+        let direct = whaled::source::pixels::to_rgb(*format, *width, *height, *stride, bytes, "direct")
+            .map_err(|e| e.to_string())?;
+        let decoded = decoder.decode(&f.data, |_, _| true, "vivid").map_err(|e| e.to_string())?.image.as_raw().clone();
+        stale += usize::from(decoded != *direct.as_raw());
+        same_as_previous += usize::from(previous.as_ref() == Some(&decoded));
+        previous = Some(decoded);
+    }
+    println!("20 consecutive frames: {} distinct payload addresses", addresses.len());
+    check(stale == 0, &format!("every decode matches its own frame ({stale} of 20 stale)"))?;
+    check(
+        same_as_previous == 0,
+        &format!("consecutive frames differ ({same_as_previous} of 19 equal to the previous)"),
+    )?;
     drop(source);
 
     // 4: the other raw formats whaled converts.
@@ -120,7 +152,7 @@ fn run() -> Result<(), String> {
                     check((a.width, a.height) == (640, 480), &format!("{format:?} frame {} is 640x480", f.seq))?;
                     scores.push(a.prefilter_score);
                 }
-                SourceEvent::End => return Err("v4l2 source ended".into()),
+                other => return Err(format!("v4l2 source: {other:?}")),
             }
         }
         let n = source.negotiated().ok_or("no negotiated format")?;

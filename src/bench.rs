@@ -103,22 +103,6 @@ pub fn bench_frame(model: &Model, frame: &FrameData, warmup: usize, runs: usize)
     Ok(FrameBench { full_decode, full_preprocess, scaled_decode, scaled_preprocess, scale, scaled_size })
 }
 
-/// Encodes `img` as a camera would send MJPEG: baseline, 4:2:2 chroma, quality 85.
-pub fn mjpeg_like(img: &RgbImage) -> Result<Vec<u8>> {
-    let mut c = turbojpeg::Compressor::new().map_err(|e| Error::Input(format!("JPEG encoder: {e}")))?;
-    let setup = c.set_quality(85).and_then(|()| c.set_subsamp(turbojpeg::Subsamp::Sub2x1));
-    setup.map_err(|e| Error::Input(format!("JPEG encoder: {e}")))?;
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let src = turbojpeg::Image {
-        pixels: img.as_raw().as_slice(),
-        width: w,
-        pitch: w * 3,
-        height: h,
-        format: turbojpeg::PixelFormat::RGB,
-    };
-    c.compress_to_vec(src).map_err(|e| Error::Input(format!("JPEG encoder: {e}")))
-}
-
 /// A deterministic 1920x1080 test frame (a sea-like gradient), used when no image is given.
 pub fn synthetic_frame() -> RgbImage {
     RgbImage::from_fn(1920, 1080, |x, y| {

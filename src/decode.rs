@@ -38,10 +38,28 @@ pub struct Decoded<'a> {
     pub scale: (usize, usize),
 }
 
-/// Identity of the last frame decoded: the payload's address and length (payloads are immutable
-/// `Arc`s, so an equal key within one call sequence is the same frame).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Key(usize, usize);
+/// Identity of the last frame decoded: a weak reference to its payload. Payloads are immutable `Arc`s,
+/// and a `Weak` keeps the allocation (not the frame) alive, so no later payload can be given the same
+/// address while it is cached: an address match *is* the same frame. (An address-and-length key is not:
+/// raw camera frames all have one length, and the allocator hands a dropped frame's address to the next.)
+#[derive(Debug, Clone)]
+struct Key(std::sync::Weak<[u8]>);
+
+impl Key {
+    fn of(data: &FrameData) -> Key {
+        match data {
+            FrameData::Encoded(b) | FrameData::Raw { bytes: b, .. } => Key(std::sync::Arc::downgrade(b)),
+        }
+    }
+
+    fn is(&self, data: &FrameData) -> bool {
+        match data {
+            FrameData::Encoded(b) | FrameData::Raw { bytes: b, .. } => {
+                std::ptr::addr_eq(self.0.as_ptr(), std::sync::Arc::as_ptr(b)) && self.0.strong_count() > 0
+            }
+        }
+    }
+}
 
 /// Per-thread decoding state; see the module docs.
 pub struct Decoder {
@@ -50,6 +68,9 @@ pub struct Decoder {
     rgb: RgbImage,
     last: Option<(Key, u32, u32, (usize, usize))>,
 }
+
+/// What the last frame decoded to (the key lives beside it, in `Decoder::last`).
+type Geometry = (u32, u32, (usize, usize));
 
 impl Decoder {
     /// `dct_scaling: false` always decodes JPEG at full size (for comparisons, and for users who
@@ -66,12 +87,10 @@ impl Decoder {
     /// Decodes `data` at the smallest scale whose output satisfies `fits(width, height)` (full size if
     /// none does, or for formats that cannot be scaled). `name` labels errors.
     pub fn decode(&mut self, data: &FrameData, fits: impl Fn(u32, u32) -> bool, name: &str) -> Result<Decoded<'_>> {
-        let key = match data {
-            FrameData::Encoded(b) => Key(b.as_ptr() as usize, b.len()),
-            FrameData::Raw { bytes, .. } => Key(bytes.as_ptr() as usize, bytes.len()),
-        };
-        let reusable = matches!(self.last, Some((k, ..)) if k == key)
-            && (fits(self.rgb.width(), self.rgb.height()) || self.last.is_some_and(|(.., s)| s == (1, 1)));
+        let reusable = self
+            .last
+            .as_ref()
+            .is_some_and(|(k, .., s)| k.is(data) && (fits(self.rgb.width(), self.rgb.height()) || *s == (1, 1)));
         if !reusable {
             self.last = None;
             let (full_w, full_h, scale) = match data {
@@ -88,18 +107,25 @@ impl Decoder {
                     (*width, *height, (1, 1))
                 }
             };
-            self.last = Some((key, full_w, full_h, scale));
+            self.last = Some((Key::of(data), full_w, full_h, scale));
         }
-        let (_, full_width, full_height, scale) = self.last.ok_or_else(|| Error::Input("decoder state lost".into()))?;
+        let (_, full_width, full_height, scale) =
+            self.last.as_ref().cloned().ok_or_else(|| Error::Input("decoder state lost".into()))?;
         Ok(Decoded { image: &self.rgb, full_width, full_height, scale })
     }
 
-    fn decode_jpeg(
-        &mut self,
-        bytes: &[u8],
-        fits: &dyn Fn(u32, u32) -> bool,
-        name: &str,
-    ) -> Result<(u32, u32, (usize, usize))> {
+    /// Decodes a JPEG. After any libjpeg-turbo error the decompressor is thrown away and the next frame
+    /// gets a fresh one: a handle that failed in the middle of a header can stay in a failed state and
+    /// refuse every later frame with the same error (one damaged MJPEG frame would blind the camera).
+    fn decode_jpeg(&mut self, bytes: &[u8], fits: &dyn Fn(u32, u32) -> bool, name: &str) -> Result<Geometry> {
+        let result = self.decode_jpeg_with(bytes, fits, name);
+        if result.is_err() {
+            self.turbo = None;
+        }
+        result
+    }
+
+    fn decode_jpeg_with(&mut self, bytes: &[u8], fits: &dyn Fn(u32, u32) -> bool, name: &str) -> Result<Geometry> {
         let fail = |msg: String| Error::Image { source_name: name.to_string(), msg };
         if self.turbo.is_none() {
             self.turbo =
@@ -149,6 +175,26 @@ impl Decoder {
         self.rgb = into_image(sw as u32, sh as u32, buf, name)?;
         Ok((w as u32, h as u32, (factor.num(), factor.denom())))
     }
+}
+
+/// Decodes an in-memory image (JPEG or PNG) to RGB8 at full size; `name` labels errors. JPEGs without
+/// Huffman tables (MJPEG from many UVC webcams) decode with the standard tables. The live pipeline uses
+/// a reusable [`Decoder`] instead, which also downscales in the DCT domain.
+pub fn decode_image(bytes: &[u8], name: &str) -> Result<RgbImage> {
+    decode_frame(&FrameData::Encoded(std::sync::Arc::from(bytes)), name)
+}
+
+/// Decodes an image file (format sniffed from its bytes) to RGB8 at full size.
+pub fn decode_file(path: &std::path::Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_image(&bytes, &path.display().to_string())
+}
+
+/// Decodes any frame (JPEG, PNG or raw camera pixels) to RGB8 at full size.
+pub fn decode_frame(data: &FrameData, name: &str) -> Result<RgbImage> {
+    let mut decoder = Decoder::new(false);
+    let decoded = decoder.decode(data, |_, _| true, name)?;
+    Ok(decoded.image.clone())
 }
 
 /// libjpeg-turbo's message without the crate's "TurboJPEG error: " prefix.
@@ -283,6 +329,59 @@ mod tests {
         assert!(e.contains("cam#1") && e.contains("65000x65000") && e.contains("megapixel limit"), "{e}");
     }
 
+    /// Issue 10 §1: fifty same-length YUYV frames, each dropped before the next is allocated (so the
+    /// allocator may hand the next one the same address), must each be decoded, never served from the
+    /// previous frame's pixels. Decoded twice per frame, as `assess` does for the two models.
+    #[test]
+    fn same_length_frames_at_a_reused_address_are_decoded_afresh() {
+        let (w, h) = (640u32, 480u32);
+        let mut d = Decoder::new(true);
+        let mut stale = 0;
+        let mut addresses = std::collections::HashSet::new();
+        for i in 0..50u8 {
+            let luma = 16 + i * 4;
+            let mut yuyv = vec![128u8; (w * h * 2) as usize];
+            yuyv.iter_mut().step_by(2).for_each(|y| *y = luma);
+            let bytes: Arc<[u8]> = Arc::from(yuyv);
+            addresses.insert(bytes.as_ptr() as usize);
+            let data = FrameData::Raw { format: pixels::RawFormat::Yuyv, width: w, height: h, stride: 0, bytes };
+            // The reference: the converter called directly, with no decoder (and no cache) involved.
+            let FrameData::Raw { bytes, .. } = &data else { unreachable!() };
+            let want = pixels::to_rgb(pixels::RawFormat::Yuyv, w, h, 0, bytes, "ref").unwrap();
+            for _ in 0..2 {
+                if d.decode(&data, |_, _| true, "cam").unwrap().image != &want {
+                    stale += 1;
+                }
+            }
+            drop(data);
+        }
+        assert_eq!(stale, 0, "stale frames among 50 ({} distinct payload addresses)", addresses.len());
+    }
+
+    /// A JPEG whose first DQT segment claims a length of 1 (what a USB transfer error makes).
+    fn bogus_dqt(mut j: Vec<u8>) -> Vec<u8> {
+        let dqt = j.windows(2).position(|w| w == [0xFF, 0xDB]).unwrap();
+        j[dqt + 2..dqt + 4].copy_from_slice(&[0, 1]);
+        j
+    }
+
+    /// Issue 10 §1b: one damaged header must not leave the decompressor failing every later frame.
+    #[test]
+    fn a_damaged_header_does_not_blind_the_decoder() {
+        let mut d = Decoder::new(true);
+        let e = d.decode(&encoded(bogus_dqt(jpeg(320, 240))), |_, _| true, "bad").err().unwrap().to_string();
+        assert!(e.contains("bad"), "{e}");
+        for _ in 0..3 {
+            let got = d.decode(&encoded(jpeg(320, 240)), |w, h| w >= 320 && h >= 240, "good");
+            assert_eq!(got.map(|g| g.image.dimensions()).map_err(|e| e.to_string()), Ok((320, 240)));
+        }
+        // Many bad frames in a row, then good ones: still decoded.
+        for _ in 0..20 {
+            assert!(d.decode(&encoded(bogus_dqt(jpeg(64, 48))), |_, _| true, "bad").is_err());
+        }
+        assert!(d.decode(&encoded(jpeg(64, 48)), |_, _| true, "good").is_ok());
+    }
+
     #[test]
     fn raw_frames_reuse_the_buffer() {
         let data = FrameData::Raw {
@@ -304,5 +403,57 @@ mod tests {
         assert_eq!(d.decode(&encoded(png), |_, _| true, "t").unwrap().image.dimensions(), (3, 5));
         let e = d.decode(&encoded(b"GIF89a....".to_vec()), |_, _| true, "x.gif").err().unwrap().to_string();
         assert!(e.contains("not a JPEG or PNG"), "{e}");
+    }
+
+    fn small_jpeg() -> Vec<u8> {
+        let img = RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 128]));
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&img).unwrap();
+        out
+    }
+
+    /// Removes every DHT segment, as MJPEG webcams do (they rely on the standard tables).
+    fn strip_dht(j: &[u8]) -> Vec<u8> {
+        let mut out = j[..2].to_vec();
+        let mut i = 2;
+        while i + 4 <= j.len() && j[i] == 0xFF && j[i + 1] != 0xDA {
+            let len = u16::from_be_bytes([j[i + 2], j[i + 3]]) as usize;
+            if j[i + 1] != 0xC4 {
+                out.extend_from_slice(&j[i..i + 2 + len]);
+            }
+            i += 2 + len;
+        }
+        out.extend_from_slice(&j[i..]);
+        out
+    }
+
+    #[test]
+    fn mjpeg_without_huffman_tables_decodes() {
+        let full = small_jpeg();
+        let bare = strip_dht(&full);
+        assert!(bare.len() < full.len() && !bare.windows(2).any(|w| w == [0xFF, 0xC4]));
+        let a = decode_image(&full, "full").unwrap();
+        let b = decode_image(&bare, "bare").unwrap();
+        assert_eq!(a.dimensions(), b.dimensions());
+        assert_eq!(a.as_raw(), b.as_raw(), "same pixels with the standard tables inserted");
+    }
+
+    #[test]
+    fn corrupt_and_truncated_frames_are_errors() {
+        let full = small_jpeg();
+        let cases: &[(&[u8], &str)] = &[
+            (&full[..full.len() / 2], "truncated JPEG"),
+            (b"", "not a JPEG or PNG image"),
+            (b"\xff\xd8\xff garbage", "frame"),
+            (&[0u8; 100], "not a JPEG or PNG image"),
+        ];
+        for (bytes, want) in cases {
+            let e = decode_image(bytes, "frame").unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        // Zero padding after EOI (some cameras) is fine.
+        let mut padded = full.clone();
+        padded.extend_from_slice(&[0; 16]);
+        assert!(decode_image(&padded, "padded").is_ok());
     }
 }

@@ -202,7 +202,8 @@ pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut pro
     let mut total_ms = 0.0;
     for s in samples {
         let name = s.path.display().to_string();
-        let result = crate::images::read_frame(&s.path).and_then(|frame| identifier.assess(&mut ws, &frame, &name));
+        let result =
+            crate::source::FrameData::read_file(&s.path).and_then(|frame| identifier.assess(&mut ws, &frame, &name));
         progress();
         let a = match result {
             Ok(a) => a,

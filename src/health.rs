@@ -12,8 +12,24 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::pipeline::{Control, Shutdown};
 
-/// What the daemon reports about MQTT: (connected, outbox depth, outbox bytes, dropped).
-pub type MqttProbe = Arc<dyn Fn() -> Option<(bool, u64, u64, u64)> + Send + Sync>;
+/// What the daemon reports about MQTT and its outbox (`None` when no broker is configured).
+pub type MqttProbe = Arc<dyn Fn() -> Option<MqttHealth> + Send + Sync>;
+
+/// The MQTT link and the outbox at one instant.
+#[derive(Debug, Clone, Default)]
+pub struct MqttHealth {
+    pub connected: bool,
+    /// Events waiting for the broker's acknowledgement.
+    pub depth: u64,
+    pub bytes: u64,
+    /// Undelivered events dropped by the size cap or a full disk since start.
+    pub dropped: u64,
+    /// Of those, dropped because the disk was full before the cap.
+    pub dropped_disk_full: u64,
+    /// What is wrong besides a lost connection (a full outbox disk, a broker that keeps taking the
+    /// session away), in words.
+    pub problems: Vec<String>,
+}
 
 /// `/healthz` body (a wire type).
 #[derive(Debug, Serialize)]
@@ -49,8 +65,11 @@ pub fn spawn(
                 let (code, body, kind) = match req.url() {
                     "/healthz" => {
                         let mut problems = control.problems(stall_after);
-                        if let Some((false, depth, ..)) = mqtt() {
-                            problems.push(format!("mqtt: not connected ({depth} events queued)"));
+                        if let Some(m) = mqtt() {
+                            if !m.connected {
+                                problems.push(format!("mqtt: not connected ({} events queued)", m.depth));
+                            }
+                            problems.extend(m.problems);
                         }
                         let report = HealthReport { healthy: problems.is_empty(), problems };
                         let code = if report.healthy { 200 } else { 503 };
@@ -73,13 +92,28 @@ pub fn spawn(
     Ok(bound)
 }
 
+/// A label value in the exposition format: backslash, double quote and newline escaped (a camera name
+/// may contain any of them).
+fn label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// The stats topic's counters in Prometheus text exposition format.
-pub fn metrics(control: &Control, mqtt: Option<(bool, u64, u64, u64)>, uptime: Duration) -> String {
+pub fn metrics(control: &Control, mqtt: Option<MqttHealth>, uptime: Duration) -> String {
     let mut out = String::new();
     let cams = control.snapshots();
     /// (metric name, help text, counter)
     type Counter = (&'static str, &'static str, fn(&crate::pipeline::CameraSnapshot) -> u64);
-    let counters: [Counter; 9] = [
+    let counters: [Counter; 10] = [
         ("frames_captured", "Frames delivered by the camera", |c| c.frames_captured),
         ("frames_sampled", "Frames offered to inference", |c| c.frames_sampled),
         ("frames_dropped", "Sampled frames replaced by a newer one before inference", |c| c.frames_dropped),
@@ -89,22 +123,23 @@ pub fn metrics(control: &Control, mqtt: Option<(bool, u64, u64, u64)>, uptime: D
         ("identified", "Frames run through identification", |c| c.identified),
         ("errors", "Capture and inference errors", |c| c.errors),
         ("reconnects", "Times the camera came back after failing", |c| c.reconnects),
+        ("bytes_copied", "Bytes of sampled frames copied out of the camera's buffers", |c| c.bytes_copied),
     ];
     for (name, help, get) in counters {
         let _ = writeln!(out, "# HELP whaled_{name}_total {help}.\n# TYPE whaled_{name}_total counter");
         for c in &cams {
-            let _ = writeln!(out, "whaled_{name}_total{{camera=\"{}\"}} {}", c.camera, get(c));
+            let _ = writeln!(out, "whaled_{name}_total{{camera=\"{}\"}} {}", label(&c.camera), get(c));
         }
     }
     let _ = writeln!(out, "# HELP whaled_camera_fps Current capture rate.\n# TYPE whaled_camera_fps gauge");
     for c in &cams {
-        let _ = writeln!(out, "whaled_camera_fps{{camera=\"{}\"}} {:.3}", c.camera, c.fps);
+        let _ = writeln!(out, "whaled_camera_fps{{camera=\"{}\"}} {:.3}", label(&c.camera), c.fps);
     }
     let _ = writeln!(out, "# HELP whaled_latency_ms Frame latency (decode to decision) quantiles over the last 256 frames.\n# TYPE whaled_latency_ms gauge");
     for c in &cams {
         for (q, v) in [("0.5", c.latency_p50_ms), ("0.95", c.latency_p95_ms)] {
             if let Some(v) = v {
-                let _ = writeln!(out, "whaled_latency_ms{{camera=\"{}\",quantile=\"{q}\"}} {v:.3}", c.camera);
+                let _ = writeln!(out, "whaled_latency_ms{{camera=\"{}\",quantile=\"{q}\"}} {v:.3}", label(&c.camera));
             }
         }
     }
@@ -121,12 +156,54 @@ pub fn metrics(control: &Control, mqtt: Option<(bool, u64, u64, u64)>, uptime: D
         }
     }
     let _ = writeln!(out, "# HELP whaled_prefilter_threshold Current pre-filter threshold.\n# TYPE whaled_prefilter_threshold gauge\nwhaled_prefilter_threshold {}", control.threshold());
-    if let Some((connected, depth, bytes, dropped)) = mqtt {
+    if let Some(MqttHealth { connected, depth, bytes, dropped, dropped_disk_full, .. }) = mqtt {
         let _ = writeln!(out, "# HELP whaled_mqtt_connected 1 while the broker connection is up.\n# TYPE whaled_mqtt_connected gauge\nwhaled_mqtt_connected {}", u8::from(connected));
         let _ = writeln!(out, "# HELP whaled_outbox_depth Events waiting for the broker's acknowledgement.\n# TYPE whaled_outbox_depth gauge\nwhaled_outbox_depth {depth}");
         let _ = writeln!(out, "# HELP whaled_outbox_bytes Size of the outbox on disk.\n# TYPE whaled_outbox_bytes gauge\nwhaled_outbox_bytes {bytes}");
-        let _ = writeln!(out, "# HELP whaled_outbox_dropped_total Events dropped by the outbox size cap.\n# TYPE whaled_outbox_dropped_total counter\nwhaled_outbox_dropped_total {dropped}");
+        let _ = writeln!(out, "# HELP whaled_outbox_dropped_total Undelivered events dropped by the size cap or a full disk.\n# TYPE whaled_outbox_dropped_total counter\nwhaled_outbox_dropped_total {dropped}");
+        let _ = writeln!(out, "# HELP whaled_outbox_dropped_disk_full_total Undelivered events dropped because the disk was full before the size cap.\n# TYPE whaled_outbox_dropped_disk_full_total counter\nwhaled_outbox_dropped_disk_full_total {dropped_disk_full}");
     }
     let _ = writeln!(out, "# HELP whaled_uptime_seconds Seconds since start.\n# TYPE whaled_uptime_seconds gauge\nwhaled_uptime_seconds {:.1}", uptime.as_secs_f64());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Camera names may hold any character but `/`, `+`, `#`, whitespace and controls: a `"` or `\` must
+    /// not end the label value early (Prometheus would reject the whole scrape).
+    #[test]
+    fn label_values_are_escaped() {
+        let cfg = crate::config::Config::defaults().unwrap();
+        let identifier = Arc::new(crate::identify::Identifier::from_config(&cfg).unwrap());
+        let names: Vec<Arc<str>> = vec![Arc::from(r#"bow"cam\1"#), Arc::from("mast")];
+        let control = Control::new(&names, identifier);
+        let text = metrics(&control, None, Duration::from_secs(1));
+        assert!(text.contains(r#"whaled_frames_captured_total{camera="bow\"cam\\1"} 0"#), "{text}");
+        assert!(text.contains(r#"whaled_camera_fps{camera="bow\"cam\\1"} 0.000"#), "{text}");
+        // Every sample line parses: name{label="value",...} number, with only escaped quotes inside values.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+            if let Some(labels) = series.split_once('{').map(|(_, l)| l) {
+                let mut chars = labels.chars();
+                let mut quotes = 0;
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => assert!(matches!(chars.next(), Some('\\' | '"' | 'n')), "{line}"),
+                        '"' => quotes += 1,
+                        _ => {}
+                    }
+                }
+                assert_eq!(quotes % 2, 0, "{line}");
+                assert!(labels.ends_with('}'), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn label_escapes_newlines_too() {
+        assert_eq!(label("a\nb\\\"c"), "a\\nb\\\\\\\"c");
+    }
 }

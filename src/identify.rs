@@ -18,7 +18,7 @@ use image::RgbImage;
 
 use crate::config::Config;
 use crate::decode::Decoder;
-use crate::detection::{Candidate, Timings};
+use crate::detection::{Candidate, Detection, FrameMeta, PrefilterInfo, RejectionReason, Timings};
 use crate::error::{Error, Result};
 use crate::head::IdentificationHead;
 use crate::manifest::{ModelManifest, OutputKind, Role};
@@ -78,6 +78,16 @@ pub struct Assessment {
     pub identified: Option<Identified>,
     pub model_version: String,
     pub timings: Timings,
+}
+
+/// Checks everything start-up checks, keeping nothing: the manifests and their roles, each ONNX file's
+/// SHA-256, the graphs' input and output shapes on the configured backend, and the identification head.
+/// Used by `whaled check-config` and by SIGHUP before a reload, so that a config they accept never fails
+/// at start-up. Returns one summary line per model.
+pub fn check(cfg: &Config) -> Result<Vec<String>> {
+    let lines = cfg.check_models()?;
+    Identifier::from_config(cfg)?;
+    Ok(lines)
 }
 
 impl Identifier {
@@ -261,6 +271,111 @@ impl Identifier {
     }
 }
 
+/// The wire record of an assessment: the upstream decision table (see `detection.rs` for the sentinels).
+impl Detection {
+    /// The record for an assessed frame.
+    pub fn from_assessment(a: &Assessment, meta: &FrameMeta, device_id: &str) -> Detection {
+        let mut d = Detection::base(meta, device_id, a.model_version.clone());
+        d.bbox = [0, 0, a.width, a.height];
+        d.cetacean_score = round4(a.prefilter_score);
+        d.is_cetacean = a.passed;
+        d.prefilter =
+            Some(PrefilterInfo { model: a.prefilter_model.clone(), score: a.prefilter_score, threshold: a.threshold });
+        d.timings = a.timings.clone();
+        if !a.passed {
+            d.rejected = true;
+            d.rejection_reason = Some(RejectionReason::NotAMarineMammal);
+            return d;
+        }
+        match &a.identified {
+            None => d.id_animal = "cetacean_unidentified".into(),
+            Some(Identified { ranked, low_confidence }) => {
+                if let Some((top, rest)) = ranked.split_first() {
+                    d.class_animal = top.class_animal.clone();
+                    d.id_animal = top.id_animal.clone();
+                    d.probability = top.probability;
+                    d.candidates = rest.to_vec();
+                }
+                if *low_confidence {
+                    d.rejected = true;
+                    d.rejection_reason = Some(RejectionReason::LowConfidence);
+                }
+            }
+        }
+        d
+    }
+}
+
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn assessment(passed: bool, identified: Option<Identified>) -> Assessment {
+        Assessment {
+            width: 640,
+            height: 480,
+            prefilter_model: "pf".into(),
+            prefilter_score: 0.123456,
+            threshold: 0.1,
+            passed,
+            identified,
+            model_version: "effb4-arcface-v1".into(),
+            timings: Timings { decode_ms: 1.5, prefilter_ms: 2.0, total_ms: 4.5, ..Timings::default() },
+        }
+    }
+
+    fn meta() -> FrameMeta {
+        FrameMeta { image_ind: "f.jpg".into(), source: "/p/f.jpg".into(), captured_at: SystemTime::UNIX_EPOCH }
+    }
+
+    fn cand(id: &str, sp: &str, p: f64) -> Candidate {
+        Candidate { class_animal: id.into(), id_animal: sp.into(), probability: p }
+    }
+
+    /// The upstream decision table: (passed, identification outcome) -> the fields consumers read.
+    #[test]
+    fn upstream_sentinels() {
+        let ranked = vec![
+            cand("aaaaaaaaaaaa", "beluga", 0.7024),
+            cand("bbbbbbbbbbbb", "fin_whale", 0.2116),
+            cand("cccccccccccc", "beluga", 0.086),
+        ];
+        let cases = [
+            (assessment(false, None), "", "unknown", 0.0, true, Some(RejectionReason::NotAMarineMammal), 0),
+            (assessment(true, None), "", "cetacean_unidentified", 0.0, false, None, 0),
+            (
+                assessment(true, Some(Identified { ranked: ranked.clone(), low_confidence: false })),
+                "aaaaaaaaaaaa",
+                "beluga",
+                0.7024,
+                false,
+                None,
+                2,
+            ),
+            (
+                assessment(true, Some(Identified { ranked, low_confidence: true })),
+                "aaaaaaaaaaaa",
+                "beluga",
+                0.7024,
+                true,
+                Some(RejectionReason::LowConfidence),
+                2,
+            ),
+        ];
+        for (a, class, species, p, rejected, reason, n_cands) in cases {
+            let d = Detection::from_assessment(&a, &meta(), "dev");
+            assert_eq!((d.class_animal.as_str(), d.id_animal.as_str(), d.probability), (class, species, p), "{d:?}");
+            assert_eq!((d.rejected, d.rejection_reason, d.candidates.len()), (rejected, reason, n_cands), "{d:?}");
+            assert_eq!(d.is_cetacean, a.passed);
+            assert_eq!(d.cetacean_score, 0.1235);
+            assert_eq!(d.bbox, [0, 0, 640, 480]);
+            assert_eq!(d.timings.total_ms, 4.5);
+            assert_eq!(d.captured_at, "1970-01-01T00:00:00.000Z");
+        }
+    }
 }

@@ -1,5 +1,6 @@
-//! Reading still images for `identify` and `eval`: expand directories, decode files, and describe a
-//! failure in one line (the record then says `corrupted_image` and the run goes on).
+//! Still images on disk, for `identify`, `eval` and replay cameras: expand directories into image files,
+//! file times, and JPEG encoding (snapshots). A leaf module: decoding is `decode.rs`'s, frames are
+//! `source`'s.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -44,87 +45,24 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Decodes an image file (format sniffed from its bytes) to RGB8.
-pub fn decode_file(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode(&bytes, &path.display().to_string())
-}
-
-/// Reads an image file's bytes as a frame for [`crate::identify::Identifier::assess`] (which decodes it
-/// at the scale its models need).
-pub fn read_frame(path: &Path) -> Result<crate::source::FrameData> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(crate::source::FrameData::Encoded(std::sync::Arc::from(bytes)))
-}
-
-/// Decodes an in-memory image (JPEG or PNG) to RGB8 at full size; `name` labels errors. JPEGs without
-/// Huffman tables (MJPEG from many UVC webcams) decode with the standard tables. The live pipeline uses
-/// a reusable [`crate::decode::Decoder`] instead, which also downscales in the DCT domain.
-pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage> {
-    let data = crate::source::FrameData::Encoded(std::sync::Arc::from(bytes));
-    let mut decoder = crate::decode::Decoder::new(false);
-    let decoded = decoder.decode(&data, |_, _| true, name)?;
-    Ok(decoded.image.clone())
+/// Encodes `img` as a camera would send MJPEG: baseline, 4:2:2 chroma, quality 85 (snapshots of raw
+/// frames, benchmark frames).
+pub fn encode_jpeg(img: &RgbImage) -> Result<Vec<u8>> {
+    let mut c = turbojpeg::Compressor::new().map_err(|e| Error::Input(format!("JPEG encoder: {e}")))?;
+    let setup = c.set_quality(85).and_then(|()| c.set_subsamp(turbojpeg::Subsamp::Sub2x1));
+    setup.map_err(|e| Error::Input(format!("JPEG encoder: {e}")))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let src = turbojpeg::Image {
+        pixels: img.as_raw().as_slice(),
+        width: w,
+        pitch: w * 3,
+        height: h,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    c.compress_to_vec(src).map_err(|e| Error::Input(format!("JPEG encoder: {e}")))
 }
 
 /// A file's modification time: the best capture time a still photo offers.
 pub fn mtime(path: &Path) -> SystemTime {
     std::fs::metadata(path).and_then(|m| m.modified()).unwrap_or_else(|_| SystemTime::now())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn jpeg() -> Vec<u8> {
-        let img = RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 128]));
-        let mut out = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&img).unwrap();
-        out
-    }
-
-    /// Removes every DHT segment, as MJPEG webcams do (they rely on the standard tables).
-    fn strip_dht(j: &[u8]) -> Vec<u8> {
-        let mut out = j[..2].to_vec();
-        let mut i = 2;
-        while i + 4 <= j.len() && j[i] == 0xFF && j[i + 1] != 0xDA {
-            let len = u16::from_be_bytes([j[i + 2], j[i + 3]]) as usize;
-            if j[i + 1] != 0xC4 {
-                out.extend_from_slice(&j[i..i + 2 + len]);
-            }
-            i += 2 + len;
-        }
-        out.extend_from_slice(&j[i..]);
-        out
-    }
-
-    #[test]
-    fn mjpeg_without_huffman_tables_decodes() {
-        let full = jpeg();
-        let bare = strip_dht(&full);
-        assert!(bare.len() < full.len() && !bare.windows(2).any(|w| w == [0xFF, 0xC4]));
-        let a = decode(&full, "full").unwrap();
-        let b = decode(&bare, "bare").unwrap();
-        assert_eq!(a.dimensions(), b.dimensions());
-        assert_eq!(a.as_raw(), b.as_raw(), "same pixels with the standard tables inserted");
-    }
-
-    #[test]
-    fn corrupt_and_truncated_frames_are_errors() {
-        let full = jpeg();
-        let cases: &[(&[u8], &str)] = &[
-            (&full[..full.len() / 2], "truncated JPEG"),
-            (b"", "not a JPEG or PNG image"),
-            (b"\xff\xd8\xff garbage", "frame"),
-            (&[0u8; 100], "not a JPEG or PNG image"),
-        ];
-        for (bytes, want) in cases {
-            let e = decode(bytes, "frame").unwrap_err().to_string();
-            assert!(e.contains(want), "{e}");
-        }
-        // Zero padding after EOI (some cameras) is fine.
-        let mut padded = full.clone();
-        padded.extend_from_slice(&[0; 16]);
-        assert!(decode(&padded, "padded").is_ok());
-    }
 }

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod manifest;
 pub mod model;
@@ -26,4 +27,6 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod scoring;
 pub mod service;
+pub mod sink;
 pub mod source;
+pub mod values;

@@ -1,10 +1,10 @@
-//! The `whaled` command line: a thin layer over the library. Parses arguments, sets up logging (stderr),
-//! and dispatches to `identify`, `eval` and `check-config`. Results go to stdout, logs to stderr.
+//! The `whaled` command line: a thin layer over the library. Parses arguments, sets up logging (stderr)
+//! and signals, and dispatches: `run` to [`whaled::daemon`], `identify`, `eval`, `bench`, `cameras` and
+//! `check-config` to their library functions. Results go to stdout, logs to stderr.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
@@ -14,8 +14,7 @@ use whaled::detection::{Detection, FrameMeta};
 use whaled::identify::Identifier;
 use whaled::manifest::{BackendKind, ModelManifest};
 use whaled::model::Model;
-use whaled::mqtt::Publisher;
-use whaled::pipeline::{self, Camera, Shutdown};
+use whaled::pipeline::Shutdown;
 use whaled::source::FrameData;
 use whaled::{eval, images, Error};
 
@@ -133,32 +132,7 @@ fn load(config: Option<PathBuf>) -> Result<(Config, Identifier), Error> {
 }
 
 fn run(config: Option<PathBuf>) -> Result<ExitCode, Error> {
-    let (mut cfg, identifier) = load(config)?;
-    if cfg.cameras.is_empty() {
-        let Some(node) = whaled::source::v4l2::device_nodes()
-            .into_iter()
-            .find(|p| whaled::source::v4l2::describe(p).is_ok_and(|d| !d.contains("no video capture")))
-        else {
-            return Err(Error::Input(
-                "no cameras configured and no V4L2 camera found (/dev/video*): add a [[camera]] block \
-                 (see config/whaled.toml), or try one without a camera: whaled run --config config/replay.toml"
-                    .into(),
-            ));
-        };
-        log::info!("no cameras configured: using the first camera found, {}", node.display());
-        cfg.cameras.push(whaled::config::CameraConfig::default_v4l2("camera0", node));
-    }
-    let cameras = cfg
-        .cameras
-        .iter()
-        .map(|c| {
-            Ok(Camera {
-                name: c.name.as_str().into(),
-                source: whaled::source::open(c)?,
-                sample_interval: c.sample_interval,
-            })
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
+    let (cfg, identifier) = load(config)?;
     let shutdown = Shutdown::new();
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while shutting down exits at once.
@@ -166,65 +140,12 @@ fn run(config: Option<PathBuf>) -> Result<ExitCode, Error> {
             .and_then(|_| signal_hook::flag::register(signal, shutdown.flag()))
             .map_err(|e| Error::Input(format!("cannot install signal handler: {e}")))?;
     }
-    let options = pipeline::Options {
-        workers: cfg.pipeline.workers,
-        emit_rejected: cfg.pipeline.emit_rejected,
-        stats_interval: Some(cfg.pipeline.stats_interval),
-        device_id: cfg.device_id.clone(),
-    };
-    log::info!("running {} camera(s) with {} inference worker(s)", cfg.cameras.len(), options.workers);
-    let identifier = Arc::new(identifier);
-    let names: Vec<Arc<str>> = cameras.iter().map(|c| c.name.clone()).collect();
-    let control = Arc::new(pipeline::Control::new(&names, identifier.clone()));
-    let publisher = match &cfg.mqtt {
-        Some(m) => {
-            log::info!(
-                "publishing to mqtt://{}:{} under {}/ (outbox {})",
-                m.host,
-                m.port,
-                m.topic_prefix,
-                m.outbox.dir.display()
-            );
-            let p = Publisher::start(m, &cfg.device_id, control.clone())?;
-            control.set_snapshot_sender(p.snapshot_sender());
-            Some(p)
-        }
-        None => None,
-    };
-    let probe = publisher.as_ref().map(Publisher::probe);
-    if let Some(addr) = cfg.health_listen {
-        let p = probe.clone();
-        let mqtt: whaled::health::MqttProbe = Arc::new(move || p.as_ref().map(|f| f()));
-        let bound = whaled::health::spawn(addr, control.clone(), mqtt, cfg.pipeline.stall_timeout, shutdown.clone())?;
-        log::info!("health endpoint on http://{bound}/healthz and /metrics");
-    }
-    let p = probe.clone();
-    let mqtt_status = Arc::new(move || p.as_ref().map(|f| (f().0, f().1)));
-    whaled::service::spawn_watchdog(control.clone(), cfg.pipeline.stall_timeout, shutdown.clone(), mqtt_status.clone());
-    let reexec = watch_signals(&shutdown, cfg.origin.clone())?;
-    whaled::service::ready(&format!("running: {}", whaled::service::summary(&control, mqtt_status())));
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let result = pipeline::run_controlled(identifier, cameras, &options, &shutdown, &control, |d| {
-        let line = serde_json::to_string(&d).map_err(|e| Error::Input(e.to_string()))?;
-        if let Some(p) = &publisher {
-            // Stored durably before anything else sees it; a failure here loses the event: ERROR.
-            if let Err(e) = p.publish_detection(d.camera.as_deref().unwrap_or("unknown"), line.as_bytes()) {
-                log::error!("event {} lost: cannot store it in the outbox: {e}", d.event_id);
-            }
-        }
-        writeln!(out, "{line}").and_then(|_| out.flush()).map_err(|e| Error::Input(format!("stdout: {e}")))
-    });
-    // Also sent by the signal thread as soon as a stop is requested; this covers sources that ended.
-    whaled::service::stopping();
-    if let Some(p) = publisher {
-        p.close();
-    }
-    let stats = result?;
-    for s in stats {
+    let reexec = whaled::daemon::watch_reload(&shutdown, cfg.origin.clone())?;
+    let stopped = whaled::daemon::run(cfg, identifier, &shutdown)?;
+    for s in stopped.stats {
         log::info!("final stats {}", serde_json::to_string(&s).unwrap_or_default());
     }
-    log::info!("stopped{}", if shutdown.is_triggered() { " on request" } else { ": every source ended" });
+    log::info!("stopped{}", if stopped.on_request { " on request" } else { ": every source ended" });
     if reexec.load(std::sync::atomic::Ordering::SeqCst) {
         // SIGHUP with a valid new config: start over in place (same PID, so systemd keeps tracking it).
         use std::os::unix::process::CommandExt;
@@ -234,44 +155,6 @@ fn run(config: Option<PathBuf>) -> Result<ExitCode, Error> {
         return Err(Error::Input(format!("re-exec after SIGHUP failed: {err}")));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// SIGINT/SIGTERM already trigger `shutdown`; this adds STOPPING=1 when it happens, and SIGHUP: the
-/// config is validated again and, if good, the daemon drains and re-executes itself with it (a bad
-/// config is logged at ERROR and the daemon keeps running as it is). Returns the re-exec flag.
-fn watch_signals(shutdown: &Shutdown, origin: Origin) -> Result<Arc<std::sync::atomic::AtomicBool>, Error> {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let hup = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
-        .map_err(|e| Error::Input(format!("cannot install signal handler: {e}")))?;
-    let reexec = Arc::new(AtomicBool::new(false));
-    let (shutdown, flag) = (shutdown.clone(), reexec.clone());
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            if shutdown.is_triggered() {
-                whaled::service::stopping();
-                return;
-            }
-            if hup.swap(false, Ordering::SeqCst) {
-                let checked = match &origin {
-                    Origin::File(p) => Config::load(p).and_then(|c| c.check_models().map(|_| c)),
-                    Origin::Defaults => Config::discover(None),
-                };
-                match checked {
-                    Ok(_) => {
-                        log::info!("SIGHUP: configuration valid; draining and restarting with it");
-                        whaled::service::reloading();
-                        flag.store(true, Ordering::SeqCst);
-                        shutdown.trigger();
-                    }
-                    Err(e) => log::error!("SIGHUP: new configuration rejected, keeping the running one: {e}"),
-                }
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        })
-        .map_err(|e| Error::Input(format!("cannot start the signal thread: {e}")))?;
-    Ok(reexec)
 }
 
 fn identify(config: Option<PathBuf>, paths: &[PathBuf]) -> Result<ExitCode, Error> {
@@ -296,7 +179,7 @@ fn identify(config: Option<PathBuf>, paths: &[PathBuf]) -> Result<ExitCode, Erro
             captured_at: images::mtime(path),
         };
         let name = path.display().to_string();
-        let assessed = images::read_frame(path).and_then(|frame| identifier.assess(&mut ws, &frame, &name));
+        let assessed = FrameData::read_file(path).and_then(|frame| identifier.assess(&mut ws, &frame, &name));
         let detection = match assessed {
             Ok(a) => Detection::from_assessment(&a, &meta, &cfg.device_id),
             Err(e @ (Error::Image { .. } | Error::Io { .. })) => {
@@ -363,7 +246,7 @@ fn cameras() -> Result<ExitCode, Error> {
 
 fn check_config(file: &std::path::Path) -> Result<ExitCode, Error> {
     let cfg = Config::load(file)?;
-    for line in cfg.check_models()? {
+    for line in whaled::identify::check(&cfg)? {
         println!("{line}");
     }
     println!("{}: ok (device_id {}, backend {})", file.display(), cfg.device_id, cfg.inference.backend.name());
@@ -391,15 +274,15 @@ fn bench(
         backend,
         threads: threads.max(1),
         jpeg_dct_scaling: true,
-        onnxruntime: OrtConfig { library: ort_library, execution_providers: vec![ExecutionProvider::Cpu] },
+        onnxruntime: OrtConfig { library: ort_library, execution_providers: vec![ExecutionProvider::Cpu], sessions: 1 },
     };
     let model = Model::load(ModelManifest::load(&manifest)?, variant, &inference)?;
     // The frame as a camera would deliver it: the given JPEG, or the synthetic frame as 4:2:2 MJPEG.
     let jpeg = match &image {
         Some(p) => std::fs::read(p).map_err(|e| Error::Io { path: p.clone(), source: e })?,
-        None => whaled::bench::mjpeg_like(&whaled::bench::synthetic_frame())?,
+        None => images::encode_jpeg(&whaled::bench::synthetic_frame())?,
     };
-    let frame = images::decode(&jpeg, "bench frame")?;
+    let frame = whaled::decode::decode_image(&jpeg, "bench frame")?;
     let f = whaled::bench::bench_frame(&model, &FrameData::Encoded(jpeg.into()), warmup, runs)?;
     let r = whaled::bench::bench_model(&model, &frame, warmup, runs)?;
     let overhead = |decode: f64, pre: f64| 100.0 * (decode + pre) / r.inference.median;

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::values::{Count, Positive, Probability};
 use crate::error::{Error, Result};
+use crate::values::{Count, Positive, Probability};
 
 /// Which inference backend runs a model; also keys the manifest's preferred variants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]

@@ -99,11 +99,7 @@ pub struct CommandReply {
     pub request_id: Option<serde_json::Value>,
 }
 
-/// A JPEG the pipeline captured for a snapshot request.
-pub struct Snapshot {
-    pub camera: String,
-    pub jpeg: Vec<u8>,
-}
+pub use crate::pipeline::Snapshot;
 
 /// The topics of one device.
 #[derive(Debug, Clone)]
@@ -263,6 +259,12 @@ impl Publisher {
             }
             out
         })
+    }
+
+    /// The outbox's counters, as a cheap, shareable closure (for /metrics).
+    pub fn outbox_probe(&self) -> Arc<dyn Fn() -> OutboxStats + Send + Sync> {
+        let outbox = self.outbox.clone();
+        Arc::new(move || outbox.stats())
     }
 
     /// Whether the broker connection is up now.

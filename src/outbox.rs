@@ -80,29 +80,7 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// The disk counts as full (stats, /healthz) for this long after the last ENOSPC.
 const DISK_FULL_FOR: Duration = Duration::from_secs(60);
 
-/// How the outbox is kept (from `[mqtt.outbox]`).
-#[derive(Debug, Clone)]
-pub struct OutboxConfig {
-    pub dir: PathBuf,
-    /// Total size of the segment files; beyond it the oldest segment is dropped (counted, ERROR).
-    pub max_bytes: u64,
-    /// A segment is closed and a new one started beyond this size.
-    pub segment_bytes: u64,
-    pub fsync_every: usize,
-    pub fsync_interval: Duration,
-}
-
-impl OutboxConfig {
-    pub fn new(dir: PathBuf) -> Self {
-        OutboxConfig {
-            dir,
-            max_bytes: 256 << 20,
-            segment_bytes: 4 << 20,
-            fsync_every: 16,
-            fsync_interval: Duration::from_millis(250),
-        }
-    }
-}
+pub use crate::config::OutboxConfig;
 
 /// One stored event.
 #[derive(Debug, Clone, PartialEq, Eq)]

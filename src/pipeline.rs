@@ -55,6 +55,13 @@ impl Shutdown {
     }
 }
 
+/// A JPEG of a camera's frame, taken when a snapshot was requested (`Control::request_snapshot`); the
+/// MQTT connection publishes it.
+pub struct Snapshot {
+    pub camera: String,
+    pub jpeg: Vec<u8>,
+}
+
 /// Live counters of one camera. Updated lock-free on the hot path except the two small windows.
 #[derive(Default)]
 pub struct CameraStats {
@@ -67,6 +74,8 @@ pub struct CameraStats {
     identified: AtomicU64,
     errors: AtomicU64,
     reconnects: AtomicU64,
+    /// Bytes copied out of the source for sampled frames (frames the sampler skips cost nothing).
+    bytes_copied: AtomicU64,
     latencies_ms: Mutex<VecDeque<f64>>,
     captures: Mutex<VecDeque<Instant>>,
 }
@@ -84,6 +93,8 @@ pub struct CameraSnapshot {
     pub identified: u64,
     pub errors: u64,
     pub reconnects: u64,
+    /// Bytes of sampled frames copied out of the camera's buffers since start.
+    pub bytes_copied: u64,
     pub fps: f64,
     pub latency_p50_ms: Option<f64>,
     pub latency_p95_ms: Option<f64>,
@@ -137,6 +148,7 @@ impl CameraStats {
             identified: get(&self.identified),
             errors: get(&self.errors),
             reconnects: get(&self.reconnects),
+            bytes_copied: get(&self.bytes_copied),
             fps,
             latency_p50_ms: p50,
             latency_p95_ms: p95,
@@ -155,12 +167,14 @@ pub struct Control {
     capture_beat: Vec<AtomicU64>,
     camera_state: Vec<std::sync::atomic::AtomicU8>,
     busy_since: Mutex<Vec<Option<Instant>>>,
+    /// Per camera: since when, and for how many frames in a row, every frame has been corrupt.
+    corrupt: Vec<Mutex<Option<(Instant, u64)>>>,
     models: Mutex<ModelWindows>,
     paused: Vec<AtomicBool>,
     snapshot: Vec<AtomicBool>,
     stats_requested: AtomicBool,
     identifier: Arc<Identifier>,
-    snapshot_tx: Mutex<Option<mpsc::SyncSender<crate::mqtt::Snapshot>>>,
+    snapshot_tx: Mutex<Option<mpsc::SyncSender<Snapshot>>>,
 }
 
 impl Control {
@@ -172,6 +186,7 @@ impl Control {
             capture_beat: names.iter().map(|_| AtomicU64::new(0)).collect(),
             camera_state: names.iter().map(|_| std::sync::atomic::AtomicU8::new(CAMERA_STARTING)).collect(),
             busy_since: Mutex::new(Vec::new()),
+            corrupt: names.iter().map(|_| Mutex::new(None)).collect(),
             models: Mutex::new(ModelWindows::default()),
             paused: names.iter().map(|_| AtomicBool::new(false)).collect(),
             snapshot: names.iter().map(|_| AtomicBool::new(false)).collect(),
@@ -194,9 +209,15 @@ impl Control {
         b[worker] = busy.then(Instant::now);
     }
 
-    /// What is wrong now, in words (empty = healthy): a camera failing or not delivering, a capture
-    /// loop or an inference that has not come round for `stall_after`.
+    /// What is wrong now, in words (empty = healthy): a camera failing, not delivering or delivering
+    /// only corrupt frames, a capture loop or an inference that has not come round for `stall_after`.
     pub fn problems(&self, stall_after: Duration) -> Vec<String> {
+        self.problems_by_kind(stall_after).into_iter().map(|(text, _)| text).collect()
+    }
+
+    /// [`problems`](Self::problems), each with whether it is a stall (true: only a restart can help) or a
+    /// camera problem the capture loop recovers from by itself (false).
+    fn problems_by_kind(&self, stall_after: Duration) -> Vec<(String, bool)> {
         let mut out = Vec::new();
         let now_ms = self.epoch.elapsed().as_millis() as u64;
         for (i, name) in self.names.iter().enumerate() {
@@ -204,23 +225,66 @@ impl Control {
             let since = Duration::from_millis(now_ms.saturating_sub(self.capture_beat[i].load(Ordering::Relaxed)));
             match state {
                 CAMERA_ENDED => {}
-                CAMERA_FAILING => out.push(format!("camera {name}: failing, reopening with backoff")),
-                _ if since > stall_after => out.push(format!("camera {name}: capture loop stalled for {since:.0?}")),
+                CAMERA_FAILING => out.push((format!("camera {name}: failing, reopening with backoff"), false)),
+                _ if since > stall_after => {
+                    out.push((format!("camera {name}: capture loop stalled for {since:.0?}"), true))
+                }
                 _ => {}
+            }
+            if let Some((since, n)) = *self.corrupt[i].lock().unwrap_or_else(|p| p.into_inner()) {
+                if corrupt_alarm(since, n) {
+                    let text = format!(
+                        "camera {name}: every frame corrupt for {:.0?} ({n} frames): damaged stream or cable",
+                        since.elapsed()
+                    );
+                    out.push((text, false));
+                }
             }
         }
         for (w, b) in self.busy_since.lock().unwrap_or_else(|p| p.into_inner()).iter().enumerate() {
             if let Some(t) = b.filter(|t| t.elapsed() > stall_after) {
-                out.push(format!("inference worker {w}: one frame for {:.0?}", t.elapsed()));
+                out.push((format!("inference worker {w}: one frame for {:.0?}", t.elapsed()), true));
             }
         }
         out
     }
 
-    /// Whether the pipeline is making progress (cameras may be failing: that is recovered by retries,
-    /// not by a restart): no capture loop and no inference stuck for `stall_after`.
+    /// Records a decoded (`ok`) or corrupt frame of camera `i`. Logs the start of a run of corrupt frames
+    /// at WARN, the moment it becomes an alarm (see [`corrupt_alarm`]) at WARN, and its end at INFO; the
+    /// frames in between at DEBUG, so one bad cable does not flood the log.
+    fn frame_decoded(&self, i: usize, ok: bool, err: Option<&Error>) {
+        let name = &self.names[i];
+        let mut c = self.corrupt[i].lock().unwrap_or_else(|p| p.into_inner());
+        match (ok, *c) {
+            (true, None) => {}
+            (true, Some((since, n))) => {
+                *c = None;
+                log::info!("camera {name}: decoding again after {n} corrupt frame(s) in {:.1?}", since.elapsed());
+            }
+            (false, None) => {
+                *c = Some((Instant::now(), 1));
+                log::warn!("camera {name}: skipping corrupt frame: {}", err.map(|e| e.to_string()).unwrap_or_default());
+            }
+            (false, Some((since, n))) => {
+                *c = Some((since, n + 1));
+                if corrupt_alarm(since, n + 1) && !corrupt_alarm(since, n) {
+                    log::warn!(
+                        "camera {name}: every frame for {:.1?} has been corrupt ({} frames); the last: {}",
+                        since.elapsed(),
+                        n + 1,
+                        err.map(|e| e.to_string()).unwrap_or_default()
+                    );
+                } else {
+                    log::debug!("camera {name}: corrupt frame: {}", err.map(|e| e.to_string()).unwrap_or_default());
+                }
+            }
+        }
+    }
+
+    /// Whether the pipeline is making progress (cameras may be failing or delivering corrupt frames: that
+    /// is recovered by retries, or needs a cable, not a restart): no capture loop and no inference stuck for `stall_after`.
     pub fn progressing(&self, stall_after: Duration) -> bool {
-        self.problems(stall_after).iter().all(|p| p.contains("failing"))
+        self.problems_by_kind(stall_after).iter().all(|(_, stall)| !stall)
     }
 
     /// p50/p95 inference time of each model over the last frames.
@@ -274,7 +338,7 @@ impl Control {
         }
     }
 
-    pub fn set_snapshot_sender(&self, tx: mpsc::SyncSender<crate::mqtt::Snapshot>) {
+    pub fn set_snapshot_sender(&self, tx: mpsc::SyncSender<Snapshot>) {
         *self.snapshot_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
     }
 
@@ -301,16 +365,27 @@ impl Control {
         }
         let jpeg = match &frame.data {
             crate::source::FrameData::Encoded(b) if b.starts_with(&[0xFF, 0xD8]) => Ok(b.to_vec()),
-            other => other.decode(&self.names[i]).and_then(|img| crate::bench::mjpeg_like(&img)),
+            other => {
+                crate::decode::decode_frame(other, &self.names[i]).and_then(|img| crate::images::encode_jpeg(&img))
+            }
         };
         match (jpeg, &*self.snapshot_tx.lock().unwrap_or_else(|p| p.into_inner())) {
             (Ok(jpeg), Some(tx)) => {
-                let _ = tx.try_send(crate::mqtt::Snapshot { camera: self.names[i].to_string(), jpeg });
+                let _ = tx.try_send(Snapshot { camera: self.names[i].to_string(), jpeg });
             }
             (Err(e), _) => log::warn!("camera {}: snapshot failed: {e}", self.names[i]),
             (_, None) => {}
         }
     }
+}
+
+/// A camera whose frames have all been corrupt for at least this long and this many frames is reported
+/// by `/healthz` (and once at WARN): a damaged stream, not a stray bad frame.
+const CORRUPT_ALARM_AFTER: Duration = Duration::from_secs(2);
+const CORRUPT_ALARM_FRAMES: u64 = 10;
+
+fn corrupt_alarm(since: Instant, frames: u64) -> bool {
+    frames >= CORRUPT_ALARM_FRAMES && since.elapsed() >= CORRUPT_ALARM_AFTER
 }
 
 const CAMERA_STARTING: u8 = 0;
@@ -527,29 +602,42 @@ fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, sh
     let mut last_sample: Option<Instant> = None;
     let mut backoff: Option<Duration> = None;
     while !shutdown.is_triggered() {
-        match cam.source.next() {
+        // Sampling is decided before the source copies the frame out of the driver's buffer.
+        let mut wanted = || {
+            let now = Instant::now();
+            let due = !paused.load(Ordering::Relaxed)
+                && match (cam.sample_interval, last_sample) {
+                    // 10 % slack: a camera at exactly the sample rate must not lose every other frame to jitter.
+                    (Some(every), Some(last)) => now.duration_since(last) + every / 10 >= every,
+                    _ => true,
+                };
+            if due {
+                last_sample = Some(now);
+            }
+            due
+        };
+        match cam.source.next_sampled(&mut wanted) {
             Ok(SourceEvent::Frame(frame)) => {
                 control.beat(i, CAMERA_RUNNING);
                 if backoff.take().is_some() {
                     CameraStats::add(&stats.reconnects);
                     log::warn!("camera {}: delivering frames again", cam.name);
                 }
-                let now = Instant::now();
-                stats.captured(now);
-                let due = !paused.load(Ordering::Relaxed)
-                    && match (cam.sample_interval, last_sample) {
-                        // 10 % slack: a camera at exactly the sample rate must not lose every other frame to jitter.
-                        (Some(every), Some(last)) => now.duration_since(last) + every / 10 >= every,
-                        _ => true,
-                    };
-                if due {
-                    last_sample = Some(now);
-                    CameraStats::add(&stats.sampled);
-                    if mailbox.offer(i, frame) {
-                        CameraStats::add(&stats.dropped);
-                        log::trace!("camera {}: inference busy, dropped the oldest sampled frame", cam.name);
-                    }
+                stats.captured(Instant::now());
+                CameraStats::add(&stats.sampled);
+                stats.bytes_copied.fetch_add(frame.data.len() as u64, Ordering::Relaxed);
+                if mailbox.offer(i, frame) {
+                    CameraStats::add(&stats.dropped);
+                    log::trace!("camera {}: inference busy, dropped the oldest sampled frame", cam.name);
                 }
+            }
+            Ok(SourceEvent::Skipped { .. }) => {
+                control.beat(i, CAMERA_RUNNING);
+                if backoff.take().is_some() {
+                    CameraStats::add(&stats.reconnects);
+                    log::warn!("camera {}: delivering frames again", cam.name);
+                }
+                stats.captured(Instant::now());
             }
             Ok(SourceEvent::End) => {
                 control.beat(i, CAMERA_ENDED);
@@ -639,7 +727,7 @@ fn assess_one(
         Ok(a) => a,
         Err(e @ Error::Image { .. }) => {
             CameraStats::add(&st.corrupt);
-            log::warn!("camera {}: skipping corrupt frame: {e}", names[i]);
+            control.frame_decoded(i, false, Some(&e));
             return None;
         }
         Err(e) => {
@@ -649,6 +737,7 @@ fn assess_one(
         }
     };
     CameraStats::add(&st.decoded);
+    control.frame_decoded(i, true, None);
     control.record_models(&assessment.timings, assessment.identified.is_some());
     if assessment.passed {
         CameraStats::add(&st.passed);

@@ -319,3 +319,142 @@ fn jetson_example_config_validates_and_falls_back_to_cpu() {
     assert!(run.status.success(), "{}", stderr(&run));
     assert!(stderr(&run).contains("`tensorrt`") && !json_lines(&run).is_empty());
 }
+
+/// `prefilter.score` of every record, by file name.
+fn scores(o: &Output) -> Vec<(String, Option<f64>)> {
+    json_lines(o)
+        .iter()
+        .map(|r| (r["image_ind"].as_str().unwrap().to_string(), r["prefilter"]["score"].as_f64()))
+        .collect()
+}
+
+/// Each file identified by a whaled process of its own: the reference, with no state carried over.
+fn one_by_one(files: &[PathBuf]) -> Vec<(String, Option<f64>)> {
+    files
+        .iter()
+        .flat_map(|f| {
+            let out = whaled(&["identify", f.to_str().unwrap()]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            scores(&out)
+        })
+        .collect()
+}
+
+/// Issue 10 §1: ten whales-dev photos as uncompressed 320x240 PNGs (so every file has the same length),
+/// scenes and whales interleaved. The decoder once keyed its cache on the payload's address and length:
+/// the allocator handed each file the previous one's address and six of ten records carried the
+/// previous file's score. In one run every score must equal the score of that file identified alone.
+#[test]
+fn identify_scores_same_length_files_each_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whales, scenes) = (whales_dev("cetacean", 5), whales_dev("non_cetacean", 5));
+    let mut files = Vec::new();
+    let mut len = None;
+    for (k, src) in scenes.iter().zip(&whales).flat_map(|(s, w)| [s, w]).enumerate() {
+        let img = image::open(src).unwrap().to_rgb8();
+        let img = image::imageops::resize(&img, 320, 240, image::imageops::FilterType::Triangle);
+        let mut png = Vec::new();
+        let enc = image::codecs::png::PngEncoder::new_with_quality(
+            &mut png,
+            image::codecs::png::CompressionType::Uncompressed,
+            image::codecs::png::FilterType::NoFilter,
+        );
+        image::ImageEncoder::write_image(enc, img.as_raw(), 320, 240, image::ExtendedColorType::Rgb8).unwrap();
+        assert_eq!(*len.get_or_insert(png.len()), png.len(), "the PNGs must all have one length");
+        files.push(write(dir.path(), &format!("{k:02}.png"), &png));
+    }
+    let together = whaled(&["identify", dir.path().to_str().unwrap()]);
+    assert!(together.status.success(), "{}", stderr(&together));
+    let together = scores(&together);
+    let alone = one_by_one(&files);
+    assert_eq!(together.len(), 10);
+    // The photos differ, so their scores do: a repeated score is a stale frame.
+    let distinct: std::collections::HashSet<u64> = alone.iter().map(|(_, s)| s.unwrap().to_bits()).collect();
+    assert_eq!(distinct.len(), 10, "{alone:?}");
+    for ((name, got), (_, want)) in together.iter().zip(&alone) {
+        let (got, want) = (got.unwrap(), want.unwrap());
+        assert!((got - want).abs() < 1e-9, "{name}: scored {got} in one run, {want} alone: {together:?}");
+    }
+}
+
+/// Issue 10 §1b: a photo whose first DQT segment claims a length of 1 (a USB transfer error in an MJPEG
+/// stream looks like this), then three valid photos. libjpeg-turbo's handle stayed failed after the
+/// header error and all four came out `corrupted_image`.
+#[test]
+fn identify_recovers_after_a_damaged_jpeg_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = whales_dev("cetacean", 4);
+    let mut bad = std::fs::read(&photos[0]).unwrap();
+    let dqt = bad.windows(2).position(|w| w == [0xFF, 0xDB]).expect("a DQT segment");
+    bad[dqt + 2..dqt + 4].copy_from_slice(&[0, 1]);
+    write(dir.path(), "0_damaged.jpg", &bad);
+    let mut good = Vec::new();
+    for (k, p) in photos[1..].iter().enumerate() {
+        good.push(write(dir.path(), &format!("{}_good.jpg", k + 1), &std::fs::read(p).unwrap()));
+    }
+    let out = whaled(&["identify", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let recs = json_lines(&out);
+    assert_eq!(recs.len(), 4);
+    assert_eq!(recs[0]["rejection_reason"], "corrupted_image", "{}", recs[0]);
+    let got = scores(&out);
+    for ((name, got), (_, want)) in got[1..].iter().zip(one_by_one(&good)) {
+        assert_eq!(*got, want, "{name}: after the damaged file: {recs:?}");
+        assert!(got.is_some(), "{name} was not assessed");
+    }
+}
+
+/// Issue 10 §4: check-config checks what start-up checks. One byte changed in the model file (its
+/// SHA-256 no longer matches the manifest) was "ok" for check-config and refused at start-up.
+#[test]
+fn check_config_verifies_model_digests_like_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("lite0");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(repo().join("models/efficientnet-lite0")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
+    }
+    let cfg = config(dir.path(), "[prefilter]\nmodel = \"./lite0\"\n");
+    let ok = whaled(&["check-config", cfg.to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // One byte of each ONNX variant (whichever the backend picks).
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "onnx") {
+            let mut bytes = std::fs::read(&p).unwrap();
+            let n = bytes.len();
+            bytes[n / 2] ^= 0x01;
+            std::fs::write(&p, &bytes).unwrap();
+        }
+    }
+    for args in
+        [vec!["check-config", cfg.to_str().unwrap()], vec!["identify", "--config", cfg.to_str().unwrap(), "/dev/null"]]
+    {
+        let out = whaled(&args);
+        assert!(!out.status.success(), "{args:?} accepted a corrupt model");
+        assert!(stderr(&out).contains("SHA-256"), "{args:?}: {}", stderr(&out));
+    }
+}
+
+/// Issue 10 §2: under systemd (`ProcSubset=pid`) /proc/sys/kernel/hostname is hidden; the default
+/// device_id must still be the box's host name. A private UTS and mount namespace with its own host name
+/// and /proc/sys hidden plays that box.
+#[test]
+fn default_device_id_is_the_host_name_even_with_proc_sys_hidden() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "");
+    let script = format!(
+        "hostname whale-box-7 && mount -t tmpfs none /proc/sys && ! test -e /proc/sys/kernel/hostname && exec {} check-config {}",
+        env!("CARGO_BIN_EXE_whaled"),
+        cfg.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--uts", "--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .output()
+        .expect("unshare (util-linux) runs");
+    assert!(out.status.success(), "needs root for unshare --uts --mount: {}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("device_id whale-box-7,"), "{stdout}");
+}

@@ -82,3 +82,37 @@ fn int8_keeps_the_fp32_top1() {
         assert_eq!(top_k(&int8, 1), want, "int8 on {backend:?}");
     }
 }
+
+/// onnxruntime with one session per worker (`OrtConfig::sessions`): four threads hammering one model
+/// with different frames must each get their own frame's output, equal to tract's on that frame (the
+/// independent reference). A pool that handed one session's output to another caller would fail here.
+#[test]
+fn onnxruntime_sessions_per_worker_keep_outputs_apart() {
+    let manifest = ModelManifest::load(&shipped_manifest()).unwrap();
+    let mut cfg = inference(BackendKind::Onnxruntime);
+    cfg.onnxruntime.sessions = 2;
+    let ort = Model::load(manifest.clone(), Some("fp32"), &cfg).unwrap();
+    let tract = Model::load(manifest.clone(), Some("fp32"), &inference(BackendKind::Tract)).unwrap();
+    let inputs: Vec<Vec<f32>> = (0..8)
+        .map(|i| {
+            let mut pre = Preprocessor::new(&manifest.input);
+            let mut t = Vec::new();
+            pre.run(&frame(i * 11 + 3, 640, 480), &mut t).unwrap();
+            t
+        })
+        .collect();
+    let want: Vec<Vec<f32>> = inputs.iter().map(|t| tract.run(t).unwrap()).collect();
+    std::thread::scope(|s| {
+        for worker in 0..4 {
+            let (ort, inputs, want) = (&ort, &inputs, &want);
+            s.spawn(move || {
+                for round in 0..6 {
+                    let k = (worker * 3 + round) % inputs.len();
+                    let got = ort.run(&inputs[k]).unwrap();
+                    let worst = got.iter().zip(&want[k]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                    assert!(worst <= 1e-4, "worker {worker}, frame {k}: max |diff| {worst}");
+                }
+            });
+        }
+    });
+}

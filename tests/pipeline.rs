@@ -91,6 +91,44 @@ fn corrupt_frames_in_an_mjpeg_stream_are_counted_and_skipped() {
     assert!(s.frames_corrupt >= 1, "the first frame, corrupt, reaches the decoder and is counted: {s:?}");
 }
 
+/// A JPEG whose first DQT segment claims a length of 1: what a USB transfer error makes of an MJPEG frame.
+fn damaged_header(mut j: Vec<u8>) -> Vec<u8> {
+    let dqt = j.windows(2).position(|w| w == [0xFF, 0xDB]).expect("a DQT segment");
+    j[dqt + 2..dqt + 4].copy_from_slice(&[0, 1]);
+    j
+}
+
+/// Issue 10 §1b, live: an MJPEG stream of damaged frames, then intact ones. libjpeg-turbo's handle once
+/// stayed failed after the first header error: every later frame was counted corrupt, none assessed.
+/// Paced so that every frame reaches the decoder (the slow-model test covers dropping).
+#[test]
+fn good_frames_after_damaged_headers_in_an_mjpeg_stream_are_assessed() {
+    let mut stream = Vec::new();
+    for i in 0..12 {
+        stream.extend(damaged_header(jpeg(&frame(i, 320, 240), 85)));
+    }
+    for i in 0..4 {
+        stream.extend(jpeg(&frame(100 + i, 320, 240), 85));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "dump.mjpeg", &stream);
+    let source = ReplaySource::open("usb".into(), &path, 8.0, false).unwrap();
+    assert_eq!(source.len(), 16);
+    let mut got = Vec::new();
+    let cams = vec![Camera { name: "usb".into(), source: Box::new(source), sample_interval: None }];
+    let stats = run(identifier(""), cams, &options(true), &Shutdown::new(), |d| {
+        got.push(d);
+        Ok(())
+    })
+    .unwrap();
+    let s = &stats[0];
+    let seq = seqs(&got);
+    assert!(seq.iter().all(|n| *n >= 12), "only intact frames give detections: {seq:?}");
+    assert_eq!(seq.last(), Some(&15), "the last intact frame is assessed: {s:?}");
+    assert_eq!(s.frames_corrupt + s.frames_decoded + s.frames_dropped, 16, "{s:?}");
+    assert!(s.frames_corrupt >= 1, "{s:?}");
+}
+
 #[test]
 fn cameras_share_the_models() {
     let id = identifier("");

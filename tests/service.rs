@@ -236,3 +236,45 @@ fn healthz_is_200_when_all_is_well() {
     unsafe_kill(d.id(), "TERM");
     assert!(wait_exit(&mut d, Duration::from_secs(20)).success());
 }
+
+/// Issue 10 §1b: a camera that delivers only corrupt frames is not merely a counter: `/healthz` names it,
+/// one WARN says so (not one line per frame), and the watchdog keeps being fed (a restart would not
+/// mend a cable; the other cameras go on).
+#[test]
+fn a_camera_with_only_corrupt_frames_shows_in_healthz_and_once_at_warn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let notify = tmp.path().join("notify");
+    let n = Notified::listen(&notify);
+    let mut dump = Vec::new();
+    for i in 0..5 {
+        let mut j = common::jpeg(&common::frame(i, 320, 240), 85);
+        let dqt = j.windows(2).position(|w| w == [0xFF, 0xDB]).unwrap();
+        j[dqt + 2..dqt + 4].copy_from_slice(&[0, 1]);
+        dump.extend(j);
+    }
+    let dump = common::write(tmp.path(), "usb.mjpeg", &dump);
+    let extra = format!(
+        "[[camera]]\nname = \"usb\"\nkind = \"replay\"\npath = \"{}\"\nfps = 20\nloop = true\n[health]\nlisten = \"127.0.0.1:{port}\"\n",
+        dump.display()
+    );
+    let mut d = start(&config(tmp.path(), &extra), &notify, &[]);
+    let t = Instant::now();
+    let body = loop {
+        if let Ok((_, body)) = std::panic::catch_unwind(|| http_get(port, "/healthz")) {
+            if body.contains("camera usb: every frame corrupt") {
+                break body;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "/healthz never reported the corrupt camera");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(body.contains("\"healthy\":false"), "{body}");
+    let pings = n.count("WATCHDOG=1");
+    n.wait("WATCHDOG=1", pings + 2, Duration::from_secs(10));
+    unsafe_kill(d.id(), "TERM");
+    assert!(wait_exit(&mut d, Duration::from_secs(20)).success());
+    let log = stderr_of(d);
+    let warns = log.lines().filter(|l| l.contains("WARN") && l.contains("camera usb")).count();
+    assert!(log.contains("every frame for") && (1..=3).contains(&warns), "{warns} WARN lines:\n{log}");
+}

@@ -1,5 +1,61 @@
-//! Inference backends behind [`crate::model::Backend`]: pure-Rust tract (default) and onnxruntime
-//! (optional cargo feature `onnxruntime`, library loaded at run time).
+//! Inference backends behind one trait, [`Backend`]: pure-Rust tract (default) and onnxruntime
+//! (optional cargo feature `onnxruntime`, library loaded at run time). The trait, what a backend is given
+//! to load ([`LoadRequest`]) and the shape checks both share live here, beside their implementations;
+//! [`crate::model::Model`] builds on them (this module never imports `model`).
 
 pub mod onnxruntime;
 pub mod tract;
+
+use std::path::Path;
+
+use crate::config::InferenceConfig;
+use crate::error::{Error, Result};
+use crate::manifest::{ModelManifest, Variant};
+
+/// One inference engine instance holding one model. Implemented by tract and onnxruntime.
+pub trait Backend: Send + Sync {
+    /// Runs a batch-1 input laid out as the manifest says and returns the declared output, flattened.
+    fn run(&self, input: &[f32]) -> Result<Vec<f32>>;
+}
+
+/// What a backend needs to build itself from a model file.
+pub struct LoadRequest<'a> {
+    pub manifest: &'a ModelManifest,
+    pub variant: &'a Variant,
+    pub onnx: &'a [u8],
+    pub inference: &'a InferenceConfig,
+}
+
+/// Compares a graph's declared dims (`None` = symbolic/unknown) against the manifest's expectation.
+/// Used by both backends so that they report mismatches in the same words.
+pub(crate) fn check_dims(
+    manifest: &Path,
+    what: &str,
+    name: &str,
+    declared: &[Option<i64>],
+    want: &[usize],
+) -> Result<()> {
+    let fmt = |d: &[Option<i64>]| {
+        d.iter().map(|x| x.map_or("?".to_string(), |v| v.to_string())).collect::<Vec<_>>().join("x")
+    };
+    let want_i: Vec<Option<i64>> = want.iter().map(|&w| Some(w as i64)).collect();
+    let ok = declared.len() == want.len()
+        && declared.iter().zip(want).all(|(d, &w)| d.is_none_or(|d| d == w as i64 || (d <= 0)));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::model(
+            manifest,
+            format!(
+                "the ONNX graph's {what} `{name}` is {}, but the manifest describes {}",
+                fmt(declared),
+                fmt(&want_i)
+            ),
+        ))
+    }
+}
+
+/// The output shapes a manifest's output kind accepts: `[1, n]` or `[1, n, 1, 1]` (1x1 conv heads).
+pub(crate) fn output_shape_ok(dims: &[usize], len: usize) -> bool {
+    matches!(dims, [1, n] if *n == len) || matches!(dims, [1, n, 1, 1] if *n == len) || matches!(dims, [n] if *n == len)
+}

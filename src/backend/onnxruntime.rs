@@ -5,9 +5,13 @@
 //! else `$ORT_DYLIB_PATH`, else the dynamic loader's search path, so the binary builds offline and runs
 //! without it when tract is configured. Execution providers are tried in the configured order; one
 //! that is unavailable or fails to register is skipped with a WARN and the next is tried (CPU last).
+//!
+//! An `ort` session runs one input at a time (`Session::run` takes `&mut self`), so a model holds one
+//! session per inference worker (`OrtConfig::sessions`) and each run takes whichever is free: with two
+//! workers two frames are inferred at once, as with tract, whose plans are shared.
 
+use crate::backend::{Backend, LoadRequest};
 use crate::error::Result;
-use crate::model::{Backend, LoadRequest};
 
 #[cfg(feature = "onnxruntime")]
 pub fn load(req: &LoadRequest) -> Result<Box<dyn Backend>> {
@@ -34,9 +38,9 @@ mod imp {
     use ort::session::Session;
     use ort::value::TensorRef;
 
+    use crate::backend::{check_dims, output_shape_ok, Backend, LoadRequest};
     use crate::config::{ExecutionProvider, OrtConfig};
     use crate::error::{Error, Result};
-    use crate::model::{check_dims, output_shape_ok, Backend, LoadRequest};
 
     /// The process-wide onnxruntime environment and the library it was loaded from. Only a success is
     /// kept: a failed load (wrong path) may be retried with another library.
@@ -76,7 +80,9 @@ mod imp {
     }
 
     pub struct OrtBackend {
-        session: Mutex<Session>,
+        /// One session per worker; a run takes the first free one (waiting on one only if all are busy).
+        sessions: Vec<Mutex<Session>>,
+        next: std::sync::atomic::AtomicUsize,
         input_name: String,
         output_name: String,
         shape: [usize; 4],
@@ -137,10 +143,15 @@ mod imp {
             if registered.is_empty() {
                 log::warn!("model {}: none of the configured execution providers registered; onnxruntime uses its CPU provider", m.name);
             }
-            let session = builder
-                .commit_from_memory(req.onnx)
-                .map_err(|e| oe(&format!("cannot load {}", req.variant.file.display()), e))?;
-
+            let mut sessions = Vec::with_capacity(cfg.sessions.max(1));
+            for _ in 0..cfg.sessions.max(1) {
+                let s = builder
+                    .clone()
+                    .commit_from_memory(req.onnx)
+                    .map_err(|e| oe(&format!("cannot load {}", req.variant.file.display()), e))?;
+                sessions.push(s);
+            }
+            let session = &sessions[0];
             if session.inputs().len() != 1 {
                 return Err(err(format!(
                     "the ONNX graph has {} inputs; whaled models take exactly one image",
@@ -181,11 +192,13 @@ mod imp {
                     }
                 }
             }
-            log::debug!("model {}: onnxruntime providers {:?}", m.name, registered);
+            log::debug!("model {}: onnxruntime providers {:?}, {} session(s)", m.name, registered, sessions.len());
+            let input_name = input.name().to_string();
             Ok(OrtBackend {
-                input_name: input.name().to_string(),
+                input_name,
                 output_name: m.output.name.clone(),
-                session: Mutex::new(session),
+                sessions: sessions.into_iter().map(Mutex::new).collect(),
+                next: std::sync::atomic::AtomicUsize::new(0),
                 shape,
                 model_name: m.name.clone(),
             })
@@ -196,8 +209,15 @@ mod imp {
         fn run(&self, input: &[f32]) -> Result<Vec<f32>> {
             let fail = |msg: String| Error::Inference { backend: "onnxruntime", model: self.model_name.clone(), msg };
             let tensor = TensorRef::from_array_view((self.shape, input)).map_err(|e| fail(e.to_string()))?;
+            // The first free session, starting at a rotating index; if all are busy, wait for one.
+            let n = self.sessions.len();
+            let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+            let free = (0..n).find_map(|k| self.sessions[(start + k) % n].try_lock().ok());
             // A poisoned lock only means another thread panicked mid-run; the session itself is intact.
-            let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+            let mut session = match free {
+                Some(s) => s,
+                None => self.sessions[start].lock().unwrap_or_else(|p| p.into_inner()),
+            };
             let outputs =
                 session.run(ort::inputs![self.input_name.as_str() => tensor]).map_err(|e| fail(e.to_string()))?;
             let value = outputs

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
+use crate::backend::{check_dims, output_shape_ok, Backend, LoadRequest};
 use crate::error::{Error, Result};
-use crate::model::{check_dims, output_shape_ok, Backend, LoadRequest};
 
 type Plan = Arc<TypedRunnableModel>;
 

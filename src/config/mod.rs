@@ -8,7 +8,8 @@
 //! fall back to a default on a box nobody watches.
 
 pub mod mqtt;
-pub mod values;
+pub use crate::values;
+pub use mqtt::OutboxConfig;
 
 use std::path::{Path, PathBuf};
 
@@ -59,14 +60,27 @@ struct RawCamera {
     name: Spanned<String>,
     kind: SourceKind,
     path: Spanned<PathBuf>,
-    fps: Option<Positive>,
+    fps: Option<Spanned<Positive>>,
     #[serde(rename = "loop")]
     looping: Option<Spanned<bool>>,
-    sample_fps: Option<Positive>,
+    sample_fps: Option<Spanned<Positive>>,
     formats: Option<Spanned<Vec<PixelFormat>>>,
     width: Option<Count>,
     height: Option<Count>,
     timeout: Option<Interval>,
+}
+
+/// What a V4L2 camera is asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct V4l2Settings {
+    pub path: PathBuf,
+    /// Pixel formats in order of preference.
+    pub formats: Vec<PixelFormat>,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    /// No frame for this long counts as a stalled camera.
+    pub timeout: std::time::Duration,
 }
 
 /// V4L2 pixel formats whaled can use, named as in the config.
@@ -110,7 +124,8 @@ struct RawOrt {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStage {
-    model: Spanned<String>,
+    /// Optional: `[prefilter] threshold = 0.1` alone tunes the shipped pre-filter.
+    model: Option<Spanned<String>>,
     variant: Option<String>,
     threshold: Option<Probability>,
 }
@@ -197,7 +212,7 @@ impl CameraConfig {
     pub fn default_v4l2(name: &str, path: PathBuf) -> CameraConfig {
         CameraConfig {
             name: name.to_string(),
-            source: SourceConfig::V4l2(crate::source::v4l2::V4l2Settings {
+            source: SourceConfig::V4l2(V4l2Settings {
                 path,
                 formats: vec![PixelFormat::Mjpeg, PixelFormat::Yuyv],
                 width: 1280,
@@ -214,7 +229,7 @@ impl CameraConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceConfig {
     Replay { path: PathBuf, fps: f64, looping: bool },
-    V4l2(crate::source::v4l2::V4l2Settings),
+    V4l2(V4l2Settings),
 }
 
 #[derive(Debug, Clone)]
@@ -232,6 +247,9 @@ pub struct OrtConfig {
     /// `libonnxruntime.so` to load; `None`: `$ORT_DYLIB_PATH`, else the dynamic loader's search path.
     pub library: Option<PathBuf>,
     pub execution_providers: Vec<ExecutionProvider>,
+    /// Sessions per model: one per inference worker (`[pipeline] workers`), so that workers run in
+    /// parallel (an `ort` session runs one input at a time). Each holds its own copy of the weights.
+    pub sessions: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -284,7 +302,11 @@ impl Config {
                 backend: BackendKind::Tract,
                 threads: 1,
                 jpeg_dct_scaling: true,
-                onnxruntime: OrtConfig { library: None, execution_providers: vec![ExecutionProvider::Cpu] },
+                onnxruntime: OrtConfig {
+                    library: None,
+                    execution_providers: vec![ExecutionProvider::Cpu],
+                    sessions: 1,
+                },
             },
             prefilter: PrefilterConfig { manifest, variant: None, threshold: None },
             identification: None,
@@ -341,21 +363,22 @@ impl Config {
             )));
         }
 
+        let shipped_prefilter = || {
+            find_shipped_model(DEFAULT_PREFILTER).ok_or_else(|| {
+                Error::Config(format!(
+                    "{}: no [prefilter] model given and the shipped model `{DEFAULT_PREFILTER}` is in none of {}",
+                    path.display(),
+                    display_dirs(&model_dirs())
+                ))
+            })
+        };
         let prefilter = match raw.prefilter {
-            None => PrefilterConfig {
-                manifest: find_shipped_model(DEFAULT_PREFILTER).ok_or_else(|| {
-                    Error::Config(format!(
-                        "{}: no [prefilter] table and the shipped model `{DEFAULT_PREFILTER}` is in none of {}",
-                        path.display(),
-                        display_dirs(&model_dirs())
-                    ))
-                })?,
-                variant: None,
-                threshold: None,
-            },
+            None => PrefilterConfig { manifest: shipped_prefilter()?, variant: None, threshold: None },
             Some(p) => PrefilterConfig {
-                manifest: resolve_model(dir, p.model.get_ref())
-                    .map_err(|m| at(p.model.span(), "prefilter.model", m))?,
+                manifest: match &p.model {
+                    Some(m) => resolve_model(dir, m.get_ref()).map_err(|e| at(m.span(), "prefilter.model", e))?,
+                    None => shipped_prefilter()?,
+                },
                 variant: p.variant,
                 threshold: p.threshold,
             },
@@ -384,6 +407,15 @@ impl Config {
             if cameras.iter().any(|o| &o.name == name) {
                 return Err(at(c.name.span(), "camera.name", format!("camera `{name}` is defined twice")));
             }
+            for (key, rate) in [("camera.fps", &c.fps), ("camera.sample_fps", &c.sample_fps)] {
+                if let Some(r) = rate.as_ref().filter(|r| !(MIN_FPS..=MAX_FPS).contains(&r.get_ref().get())) {
+                    return Err(at(
+                        r.span(),
+                        key,
+                        format!("expected {MIN_FPS} to {MAX_FPS} frames per second, got {:?}", r.get_ref().get()),
+                    ));
+                }
+            }
             let source = match c.kind {
                 SourceKind::Replay => {
                     let p = dir.join(c.path.get_ref());
@@ -406,7 +438,7 @@ impl Config {
                     }
                     SourceConfig::Replay {
                         path: p,
-                        fps: c.fps.map_or(5.0, |f| f.get()),
+                        fps: c.fps.as_ref().map_or(5.0, |f| f.get_ref().get()),
                         looping: c.looping.is_none_or(Spanned::into_inner),
                     }
                 }
@@ -426,12 +458,12 @@ impl Config {
                         Some(f) => f.into_inner(),
                     };
                     // Not checked for existence: a camera may be plugged in after start-up.
-                    SourceConfig::V4l2(crate::source::v4l2::V4l2Settings {
+                    SourceConfig::V4l2(V4l2Settings {
                         path: c.path.into_inner(),
                         formats,
                         width: c.width.map_or(1280, |w| w.get() as u32),
                         height: c.height.map_or(720, |h| h.get() as u32),
-                        fps: c.fps.map_or(30, |f| f.get().round().max(1.0) as u32),
+                        fps: c.fps.as_ref().map_or(30, |f| f.get_ref().get().round().max(1.0) as u32),
                         timeout: c.timeout.map_or(std::time::Duration::from_secs(3), Interval::get),
                     })
                 }
@@ -439,7 +471,7 @@ impl Config {
             cameras.push(CameraConfig {
                 name: name.clone(),
                 source,
-                sample_interval: c.sample_fps.map(|f| std::time::Duration::from_secs_f64(1.0 / f.get())),
+                sample_interval: c.sample_fps.map(|f| std::time::Duration::from_secs_f64(1.0 / f.get_ref().get())),
             });
         }
 
@@ -450,6 +482,7 @@ impl Config {
             stats_interval: raw.pipeline.stats_interval.map_or(defaults.stats_interval, Interval::get),
             stall_timeout: raw.pipeline.stall_timeout.map_or(defaults.stall_timeout, Interval::get),
         };
+        let workers = pipeline.workers;
 
         let mqtt = match raw.mqtt {
             None => None,
@@ -478,7 +511,7 @@ impl Config {
                 backend: raw.inference.backend.unwrap_or(BackendKind::Tract),
                 threads: raw.inference.threads.map_or(1, Count::get),
                 jpeg_dct_scaling: raw.inference.jpeg_dct_scaling.unwrap_or(true),
-                onnxruntime: OrtConfig { library, execution_providers },
+                onnxruntime: OrtConfig { library, execution_providers, sessions: workers },
             },
             prefilter,
             identification,
@@ -568,6 +601,10 @@ pub fn resolve_model(config_dir: &Path, reference: &str) -> std::result::Result<
     })
 }
 
+/// Frame rates (`fps`, `sample_fps`) whaled accepts: one frame per 1000 s up to 1000 a second.
+const MIN_FPS: f64 = 0.001;
+const MAX_FPS: f64 = 1000.0;
+
 /// 1 to 64 characters, none of them `/`, `+`, `#`, whitespace or control: usable as an MQTT topic level.
 fn topic_safe(v: &str) -> bool {
     !v.is_empty()
@@ -579,16 +616,36 @@ fn display_dirs(dirs: &[PathBuf]) -> String {
     dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
-/// The host name (sanitised into a topic-safe id), else "whaled".
+/// The host name from gethostname(2) (sanitised into a topic-safe id). Not from
+/// `/proc/sys/kernel/hostname`: the unit's `ProcSubset=pid` hides it, and every box would become the
+/// same `whaled`. A box with no host name falls back to its machine id, still unique in a fleet.
 fn default_device_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let id: String =
-        host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).take(64).collect();
-    if id.is_empty() {
+    let sanitise = |s: &str| -> String {
+        s.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).take(64).collect()
+    };
+    let id = sanitise(&host_name().unwrap_or_default());
+    if !id.is_empty() && id != "localhost" && id != "(none)" {
+        return id;
+    }
+    let machine: String = sanitise(&std::fs::read_to_string("/etc/machine-id").unwrap_or_default());
+    if machine.is_empty() {
         "whaled".into()
     } else {
-        id
+        format!("whaled-{}", machine.chars().take(12).collect::<String>())
     }
+}
+
+/// The kernel's host name (the UTS namespace's), through gethostname(2).
+pub fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for writes of its whole length; gethostname NUL-terminates within it
+    // when the name fits (a longer one is truncated, and we cut at the first NUL or the end).
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
 #[cfg(test)]
@@ -632,6 +689,10 @@ mod tests {
 
     #[test]
     fn shipped_model_by_name_or_path() {
+        // One setting of the shipped pre-filter, without naming it.
+        let tuned = parse("[prefilter]\nthreshold = 0.1\n").unwrap();
+        assert!(tuned.prefilter.manifest.ends_with("models/efficientnet-lite0/model.toml"));
+        assert_eq!(tuned.prefilter.threshold.map(|t| t.get()), Some(0.1));
         let by_name = parse("[prefilter]\nmodel = \"efficientnet-lite0\"").unwrap();
         let by_path = parse("[prefilter]\nmodel = \"../models/efficientnet-lite0\"").unwrap();
         assert!(by_path.prefilter.manifest.ends_with("models/efficientnet-lite0/model.toml"));
@@ -692,6 +753,8 @@ mod tests {
             ("[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"../tests/photos\"\nformats = [\"yuyv\"]\n", &["config/test.toml:5:11: camera.formats: only applies to kind = \"v4l2\""]),
             ("[[camera]]\nname = \"a b\"\nkind = \"replay\"\npath = \"../tests/photos\"\n", &["config/test.toml:2:8: camera.name: expected 1 to 64"]),
             ("[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"../tests/photos\"\nsample_fps = 0\n", &["line 5", "expected a finite number greater than 0, got 0"]),
+            ("[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"../tests/photos\"\nsample_fps = 1e-300\n", &["config/test.toml:5:14: camera.sample_fps: expected 0.001 to 1000 frames per second, got 1e-300"]),
+            ("[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"../tests/photos\"\nfps = 5e9\n", &["config/test.toml:5:7: camera.fps: expected 0.001 to 1000 frames per second, got 5000000000.0"]),
             ("[pipeline]\nstats_interval = \"often\"\n", &["line 2", "expected a duration such as"]),
             ("[mqtt]\nport = 1883\n", &["line 1", "missing field `host`"]),
             ("[health]\nlisten = \"localhost\"\n", &["config/test.toml:2:10: health.listen: expected an address and port"]),
@@ -701,7 +764,7 @@ mod tests {
             ("[mqtt]\nhost = \"b\"\npassword = \"x\"\npassword_env = \"Y\"\n", &["set only one of password, password_file and password_env"]),
             ("[mqtt]\nhost = \"b\"\npassword_env = \"WHALED_TEST_UNSET_VAR\"\n", &["config/test.toml:3:16: mqtt.password_env: environment variable WHALED_TEST_UNSET_VAR is not set"]),
             ("[mqtt]\nhost = \"b\"\npassword_file = \"no-such.pass\"\n", &["config/test.toml:3:17: mqtt.password_file: cannot read", "no-such.pass"]),
-            ("[mqtt]\nhost = \"b\"\n[mqtt.tls]\nca = \"ca.pem\"\n", &["config/test.toml:4:6: mqtt.tls.ca: no such file", "ca.pem"]),
+            ("[mqtt]\nhost = \"b\"\n[mqtt.tls]\nca = \"ca.pem\"\n", &["config/test.toml:4:6: mqtt.tls.ca: cannot read", "ca.pem: No such file"]),
             ("[mqtt]\nhost = \"b\"\n[mqtt.outbox]\nfsync_every = 0\n", &["line 4", "expected a whole number of at least 1, got 0"]),
             ("[pipeline]\nworkers = 0\n", &["line 2", "expected a whole number of at least 1, got 0"]),
         ];
@@ -717,7 +780,7 @@ mod tests {
     fn mqtt_block_defaults_and_secrets() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("pw"), "s3cret-value\n").unwrap();
-        std::fs::write(dir.path().join("ca.pem"), "x").unwrap();
+        std::fs::write(dir.path().join("ca.pem"), super::mqtt::tests::TEST_CERT_PEM).unwrap();
         let src = "device_id = \"boat\"\n[mqtt]\nhost = \"shore\"\nusername = \"u\"\npassword_file = \"pw\"\n\
                    [mqtt.tls]\nca = \"ca.pem\"\n[mqtt.outbox]\ndir = \"ob\"\nmax_size_mb = 8\n";
         let c = Config::parse(&dir.path().join("w.toml"), src).unwrap();

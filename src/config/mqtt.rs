@@ -11,7 +11,6 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::values::{Count, Interval, Positive};
-use crate::outbox::OutboxConfig;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -261,6 +260,31 @@ impl RawMqtt {
             stats_interval: self.stats_interval.map_or(Duration::from_secs(60), Interval::get),
             outbox,
         })
+    }
+}
+
+/// How the durable outbox (`crate::outbox`) is kept, from `[mqtt.outbox]`. Defined here, with the
+/// rest of the configuration, so that the config layer imports nothing above it.
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    pub dir: PathBuf,
+    /// Total size of the segment files; beyond it the oldest segment is dropped (counted, ERROR).
+    pub max_bytes: u64,
+    /// A segment is closed and a new one started beyond this size.
+    pub segment_bytes: u64,
+    pub fsync_every: usize,
+    pub fsync_interval: Duration,
+}
+
+impl OutboxConfig {
+    pub fn new(dir: PathBuf) -> Self {
+        OutboxConfig {
+            dir,
+            max_bytes: 256 << 20,
+            segment_bytes: 4 << 20,
+            fsync_every: 16,
+            fsync_interval: Duration::from_millis(250),
+        }
     }
 }
 

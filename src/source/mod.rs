@@ -29,14 +29,22 @@ pub enum FrameData {
 }
 
 impl FrameData {
-    /// Decodes the frame to RGB; `name` labels errors.
-    pub fn decode(&self, name: &str) -> crate::Result<image::RgbImage> {
+    /// Payload bytes.
+    pub fn len(&self) -> usize {
         match self {
-            FrameData::Encoded(bytes) => crate::images::decode(bytes, name),
-            FrameData::Raw { format, width, height, stride, bytes } => {
-                pixels::to_rgb(*format, *width, *height, *stride, bytes, name)
-            }
+            FrameData::Encoded(b) | FrameData::Raw { bytes: b, .. } => b.len(),
         }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads an image file's bytes as a frame (for `identify` and `eval`; decoded later, at the scale
+    /// the models need).
+    pub fn read_file(path: &std::path::Path) -> crate::Result<FrameData> {
+        let bytes = std::fs::read(path).map_err(|e| crate::Error::io(path, e))?;
+        Ok(FrameData::Encoded(Arc::from(bytes)))
     }
 }
 
@@ -44,6 +52,11 @@ impl FrameData {
 #[derive(Debug)]
 pub enum SourceEvent {
     Frame(Frame),
+    /// A frame was captured but the sampler did not want it: nothing was copied out of the driver's
+    /// buffer. Carries the number of bytes that were left there (for the stats).
+    Skipped {
+        bytes: usize,
+    },
     /// The source has no more frames and will not have any (a replay played once).
     End,
 }
@@ -51,7 +64,14 @@ pub enum SourceEvent {
 /// A camera or a recording.
 pub trait Source: Send {
     /// Blocks until the next frame (pacing itself to its configured rate) or the end of the stream.
-    fn next(&mut self) -> crate::Result<SourceEvent>;
+    /// `wanted` is asked once per captured frame, before its bytes are copied out of the driver's
+    /// buffer: a camera at 30 fps sampled at 2 fps copies 2 frames a second, not 30.
+    fn next_sampled(&mut self, wanted: &mut dyn FnMut() -> bool) -> crate::Result<SourceEvent>;
+
+    /// Every frame, copied.
+    fn next(&mut self) -> crate::Result<SourceEvent> {
+        self.next_sampled(&mut || true)
+    }
 }
 
 /// Opens the source a camera block describes.

@@ -64,7 +64,7 @@ impl ReplaySource {
 }
 
 impl Source for ReplaySource {
-    fn next(&mut self) -> Result<SourceEvent> {
+    fn next_sampled(&mut self, wanted: &mut dyn FnMut() -> bool) -> Result<SourceEvent> {
         if self.next_index == self.frames.len() {
             if !self.looping {
                 return Ok(SourceEvent::End);
@@ -78,6 +78,11 @@ impl Source for ReplaySource {
         }
         // Keep the cadence, but never try to catch up after a stall (that would burst frames).
         self.next_due = Some(due.max(now) + self.period);
+        if !wanted() {
+            self.next_index += 1;
+            self.seq += 1;
+            return Ok(SourceEvent::Skipped { bytes: self.frames[self.next_index - 1].len() });
+        }
         let data = FrameData::Encoded(self.frames[self.next_index].clone());
         self.next_index += 1;
         let frame = Frame { camera: self.camera.clone(), seq: self.seq, captured_at: SystemTime::now(), data };

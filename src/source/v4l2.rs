@@ -18,6 +18,7 @@ use v4l::{Device, FourCC};
 use super::pixels::RawFormat;
 use super::{Frame, FrameData, Source, SourceEvent};
 use crate::config::PixelFormat;
+pub use crate::config::V4l2Settings;
 use crate::error::{Error, Result};
 
 const BUFFERS: u32 = 4;
@@ -42,19 +43,6 @@ impl PixelFormat {
             PixelFormat::Rgb24 => Some(RawFormat::Rgb24),
         }
     }
-}
-
-/// What a V4L2 camera is asked for.
-#[derive(Debug, Clone, PartialEq)]
-pub struct V4l2Settings {
-    pub path: PathBuf,
-    /// Pixel formats in order of preference.
-    pub formats: Vec<PixelFormat>,
-    pub width: u32,
-    pub height: u32,
-    pub fps: u32,
-    /// No frame for this long counts as a stalled camera.
-    pub timeout: Duration,
 }
 
 /// The format a device agreed to.
@@ -171,13 +159,18 @@ impl V4l2Source {
 
 impl Source for V4l2Source {
     #[allow(clippy::useless_conversion)] // time_t is i32 on armv7
-    fn next(&mut self) -> Result<SourceEvent> {
+    fn next_sampled(&mut self, wanted: &mut dyn FnMut() -> bool) -> Result<SourceEvent> {
         if self.open.is_none() {
             self.open()?;
         }
         let Some(open) = self.open.as_mut() else { return Err(self.fail("not open", "")) };
+        // The frame is copied out of the mmap buffer only if the sampler wants it: the buffer goes back
+        // to the driver on the next call either way.
         let result = open.stream.next().map(|(buf, meta)| {
             let used = (meta.bytesused as usize).min(buf.len());
+            if !wanted() {
+                return Err(used);
+            }
             let captured_at = kernel_time(i64::from(meta.timestamp.sec), i64::from(meta.timestamp.usec));
             let n = open.negotiated;
             let data = match n.format.raw() {
@@ -190,13 +183,17 @@ impl Source for V4l2Source {
                     bytes: Arc::from(&buf[..used]),
                 },
             };
-            (data, captured_at)
+            Ok((data, captured_at))
         });
         match result {
-            Ok((data, captured_at)) => {
+            Ok(Ok((data, captured_at))) => {
                 let frame = Frame { camera: self.camera.clone(), seq: self.seq, captured_at, data };
                 self.seq += 1;
                 Ok(SourceEvent::Frame(frame))
+            }
+            Ok(Err(bytes)) => {
+                self.seq += 1;
+                Ok(SourceEvent::Skipped { bytes })
             }
             Err(e) => {
                 let what = if e.kind() == std::io::ErrorKind::TimedOut {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod logs;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -67,6 +68,7 @@ pub fn inference(backend: BackendKind) -> InferenceConfig {
         onnxruntime: OrtConfig {
             library: (backend == BackendKind::Onnxruntime).then(ort_library),
             execution_providers: vec![ExecutionProvider::Cpu],
+            sessions: 1,
         },
     }
 }
@@ -126,4 +128,31 @@ pub fn top_k(v: &[f32], k: usize) -> Vec<usize> {
     idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
     idx.truncate(k);
     idx
+}
+
+/// `../shared/data` beside the checkout (development photos; never copied into the repository). CI lays
+/// it there too, so a test that needs it fails, rather than skips, without it.
+pub fn shared_data() -> PathBuf {
+    let dir = repo().join("../shared/data");
+    assert!(
+        dir.join("whales-dev/manifest.csv").is_file(),
+        "{} is missing (see README: development data)",
+        dir.display()
+    );
+    dir
+}
+
+/// The first `n` photos of `label` (`cetacean` / `non_cetacean`) in whales-dev, in manifest order.
+pub fn whales_dev(label: &str, n: usize) -> Vec<PathBuf> {
+    let root = shared_data().join("whales-dev");
+    let csv = std::fs::read_to_string(root.join("manifest.csv")).expect("read whales-dev manifest");
+    csv.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut cols = l.split(',');
+            let (rel, lab) = (cols.next()?, cols.next()?);
+            (lab == label).then(|| root.join(rel))
+        })
+        .take(n)
+        .collect()
 }

@@ -1,0 +1,211 @@
+//! Where the live pipeline's detections go: a [`Sink`] per destination (the durable outbox that MQTT
+//! delivers from, stdout), fanned out by [`Sinks`] so that each fails on its own. A closed or full
+//! stdout is a convenience lost, said once at ERROR; the outbox goes on. Only when no sink is left
+//! does the daemon stop (nothing would receive what it finds).
+//!
+//! Order matters: the outbox comes first, so an event is on disk before anyone sees it (see
+//! ARCHITECTURE.md, invariants).
+
+use std::io::Write;
+
+use crate::detection::Detection;
+use crate::error::{Error, Result};
+
+/// One destination of detections. `deliver` gets the record and its JSON line (serialised once for
+/// every sink).
+pub trait Sink {
+    /// For logs: "stdout", "outbox".
+    fn name(&self) -> &'static str;
+    /// Delivers one detection. An error is this sink's alone; what it means is the sink's to say
+    /// ([`Failure`]).
+    fn deliver(&mut self, detection: &Detection, line: &str) -> std::result::Result<(), Failure>;
+}
+
+/// How a sink failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// This event is lost to this sink; later ones may still get through (a full disk, say).
+    Event(Error),
+    /// The sink is gone for good (a closed pipe): no further deliveries are attempted.
+    Closed(Error),
+}
+
+/// Detection lines on stdout, flushed per line so that `whaled run | jq` sees them at once.
+pub struct StdoutSink {
+    out: std::io::Stdout,
+}
+
+impl StdoutSink {
+    pub fn new() -> Self {
+        StdoutSink { out: std::io::stdout() }
+    }
+}
+
+impl Default for StdoutSink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sink for StdoutSink {
+    fn name(&self) -> &'static str {
+        "stdout"
+    }
+
+    fn deliver(&mut self, _: &Detection, line: &str) -> std::result::Result<(), Failure> {
+        let mut out = self.out.lock();
+        writeln!(out, "{line}").and_then(|_| out.flush()).map_err(|e| Failure::Closed(Error::Input(e.to_string())))
+    }
+}
+
+/// The durable outbox that the MQTT connection delivers from: an event stored here is on disk and will
+/// reach the broker (see `outbox.rs`). A failure loses this event (full disk past what the outbox can
+/// make room for); the next may be stored again.
+pub struct OutboxSink<'a> {
+    publisher: &'a crate::mqtt::Publisher,
+}
+
+impl<'a> OutboxSink<'a> {
+    pub fn new(publisher: &'a crate::mqtt::Publisher) -> Self {
+        OutboxSink { publisher }
+    }
+}
+
+impl Sink for OutboxSink<'_> {
+    fn name(&self) -> &'static str {
+        "outbox"
+    }
+
+    fn deliver(&mut self, d: &Detection, line: &str) -> std::result::Result<(), Failure> {
+        let camera = d.camera.as_deref().unwrap_or("unknown");
+        self.publisher.publish_detection(camera, line.as_bytes()).map(|_| ()).map_err(Failure::Event)
+    }
+}
+
+/// Events lost to one sink are said at most this often (with the count since), not once per frame.
+const LOSS_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One sink and its state in the fan-out.
+struct Slot<'a> {
+    sink: Box<dyn Sink + 'a>,
+    open: bool,
+    /// When a lost event was last logged, and how many were lost since without a line.
+    last_logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+/// The sinks of one daemon, in delivery order.
+pub struct Sinks<'a> {
+    sinks: Vec<Slot<'a>>,
+}
+
+impl<'a> Sinks<'a> {
+    /// `sinks` in delivery order (the outbox first).
+    pub fn new(sinks: Vec<Box<dyn Sink + 'a>>) -> Sinks<'a> {
+        Sinks {
+            sinks: sinks.into_iter().map(|sink| Slot { sink, open: true, last_logged: None, unlogged: 0 }).collect(),
+        }
+    }
+
+    /// Delivers `d` to every sink still open. Errors only when no sink is left open.
+    pub fn deliver(&mut self, d: &Detection) -> Result<()> {
+        let line = serde_json::to_string(d).map_err(|e| Error::Input(format!("detection to JSON: {e}")))?;
+        for slot in self.sinks.iter_mut().filter(|s| s.open) {
+            match slot.sink.deliver(d, &line) {
+                Ok(()) => {}
+                Err(Failure::Event(e)) => {
+                    // Data lost: ERROR, but one line per LOSS_LOG_EVERY, not one per frame.
+                    slot.unlogged += 1;
+                    if slot.last_logged.is_none_or(|t| t.elapsed() >= LOSS_LOG_EVERY) {
+                        log::error!(
+                            "{} event(s) lost to {} (the last, {}): {e}",
+                            slot.unlogged,
+                            slot.sink.name(),
+                            d.event_id
+                        );
+                        slot.last_logged = Some(std::time::Instant::now());
+                        slot.unlogged = 0;
+                    }
+                }
+                Err(Failure::Closed(e)) => {
+                    slot.open = false;
+                    log::error!("{}: {e}; no more detections go there (the other outputs go on)", slot.sink.name());
+                }
+            }
+        }
+        if self.sinks.iter().any(|s| s.open) {
+            Ok(())
+        } else {
+            Err(Error::Input("every output failed (see above): detections would go nowhere".into()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A sink that records what it got and fails as told: `fail_at` deliveries in, once (`Event`) or for
+    /// good (`Closed`).
+    struct Scripted {
+        name: &'static str,
+        got: Arc<Mutex<Vec<String>>>,
+        fail_at: usize,
+        closed: bool,
+        n: usize,
+    }
+
+    impl Sink for Scripted {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+
+        fn deliver(&mut self, d: &Detection, _: &str) -> std::result::Result<(), Failure> {
+            self.n += 1;
+            if self.n == self.fail_at {
+                let e = Error::Input("broken".into());
+                return Err(if self.closed { Failure::Closed(e) } else { Failure::Event(e) });
+            }
+            self.got.lock().unwrap().push(d.image_ind.clone());
+            Ok(())
+        }
+    }
+
+    fn detection(n: usize) -> Detection {
+        let meta = crate::detection::FrameMeta {
+            image_ind: format!("f{n}"),
+            source: "cam".into(),
+            captured_at: std::time::SystemTime::UNIX_EPOCH,
+        };
+        Detection::corrupted(&meta, "dev", "v".into(), "x".into())
+    }
+
+    fn scripted(name: &'static str, fail_at: usize, closed: bool) -> (Box<dyn Sink>, Arc<Mutex<Vec<String>>>) {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        (Box::new(Scripted { name, got: got.clone(), fail_at, closed, n: 0 }), got)
+    }
+
+    /// Each row: how the outbox and stdout fail; what each received; whether delivery stops.
+    #[test]
+    fn sinks_fail_independently() {
+        type Row = ((usize, bool), (usize, bool), &'static [&'static str], &'static [&'static str], bool);
+        let rows: &[Row] = &[
+            // stdout closes at the 2nd event: the outbox still gets all three.
+            ((0, false), (2, true), &["f0", "f1", "f2"], &["f0"], false),
+            // the outbox loses the 2nd event (disk full): stdout and later events unaffected.
+            ((2, false), (0, false), &["f0", "f2"], &["f0", "f1", "f2"], false),
+            // both gone: delivery fails (the daemon stops rather than drop everything silently).
+            ((1, true), (2, true), &[], &["f0"], true),
+        ];
+        for &((of, oc), (sf, sc), want_outbox, want_stdout, stops) in rows {
+            let (outbox, o_got) = scripted("outbox", of, oc);
+            let (stdout, s_got) = scripted("stdout", sf, sc);
+            let mut sinks = Sinks::new(vec![outbox, stdout]);
+            let results: Vec<bool> = (0..3).map(|n| sinks.deliver(&detection(n)).is_ok()).collect();
+            assert_eq!(*o_got.lock().unwrap(), want_outbox);
+            assert_eq!(*s_got.lock().unwrap(), want_stdout);
+            assert_eq!(results.last() == Some(&false), stops, "{results:?}");
+        }
+    }
+}
