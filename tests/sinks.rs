@@ -10,6 +10,16 @@ use std::time::{Duration, Instant};
 use common::broker::{Broker, Subscriber};
 use common::repo;
 
+/// The daemon, killed if the test fails before it exits.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Issue 10 §3: whaled's stdout is a pipe whose reader has gone (a `| head` that exited, a log shipper
 /// that died). Every detection of the replay must still reach the broker, the daemon must run to the end
 /// of its source and exit 0, and the broken stdout must be reported once at ERROR.
@@ -34,18 +44,20 @@ fn a_closed_stdout_does_not_stop_mqtt() {
     )
     .unwrap();
     let frames = std::fs::read_dir(repo().join("tests/photos")).unwrap().count();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_whaled"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take()); // the reader is gone: every write to stdout fails with EPIPE
-    let mut stderr = child.stderr.take().unwrap();
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_whaled"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    drop(child.0.stdout.take()); // the reader is gone: every write to stdout fails with EPIPE
+    let mut stderr = child.0.stderr.take().unwrap();
     let t = Instant::now();
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         assert!(t.elapsed() < Duration::from_secs(60), "whaled did not finish its replay");
