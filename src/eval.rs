@@ -3,6 +3,8 @@
 //! The manifest is the `../shared/data` CSV format (`relpath,label,individual_id,species,...`, paths
 //! relative to the CSV, label `cetacean` or `non_cetacean`). Metrics are pure functions over
 //! (score, label) pairs so they are tested on their own; the report is printed as a table or as JSON.
+//! Rates are also broken down per category (a `category` column, else the first folder of `relpath`)
+//! and per species (the `species` column), because one overall TNR hides which negatives pass.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +19,10 @@ pub struct Sample {
     pub path: PathBuf,
     pub positive: bool,
     pub individual_id: Option<String>,
+    /// The `category` column, else the first folder of `relpath` (`sharks/x.jpg` -> `sharks`).
+    pub category: Option<String>,
+    /// The `species` column, where present and not empty.
+    pub species: Option<String>,
 }
 
 /// Reads an evaluation manifest CSV.
@@ -30,6 +36,10 @@ pub fn read_manifest(csv_path: &Path) -> Result<Vec<Sample>> {
         return Err(err(format!("needs columns relpath and label; it has {:?}", headers.iter().collect::<Vec<_>>())));
     };
     let id_col = col("individual_id");
+    let (category_col, species_col) = (col("category"), col("species"));
+    let cell = |row: &csv::StringRecord, c: Option<usize>| {
+        c.and_then(|c| row.get(c)).filter(|s| !s.is_empty()).map(str::to_string)
+    };
     let mut out = Vec::new();
     for (i, row) in reader.records().enumerate() {
         let line = i + 2;
@@ -39,14 +49,19 @@ pub fn read_manifest(csv_path: &Path) -> Result<Vec<Sample>> {
             "cetacean" => true,
             "non_cetacean" => false,
             other => {
-                return Err(err(format!("line {line}: label must be `cetacean` or `non_cetacean`, got `{other}`")))
+                return Err(err(format!("line {line}: label must be `cetacean` or `non_cetacean`, got `{other}`")));
             }
         };
         if rel.is_empty() {
             return Err(err(format!("line {line}: empty relpath")));
         }
-        let individual_id = id_col.and_then(|c| row.get(c)).filter(|s| !s.is_empty()).map(str::to_string);
-        out.push(Sample { path: dir.join(rel), positive, individual_id });
+        let individual_id = cell(&row, id_col);
+        let category = cell(&row, category_col).or_else(|| match rel.split_once('/') {
+            Some((first, _)) if !first.is_empty() => Some(first.to_string()),
+            _ => None,
+        });
+        let species = cell(&row, species_col);
+        out.push(Sample { path: dir.join(rel), positive, individual_id, category, species });
     }
     if out.is_empty() {
         return Err(err("has no rows".into()));
@@ -154,6 +169,57 @@ pub fn balanced_threshold(scored: &[(f64, bool)]) -> Option<f64> {
     Some(if lo > 0.0 { (lo * hi).sqrt() } else { (lo + hi) / 2.0 })
 }
 
+/// The confusion counts of one group of samples (a category or a species) at one threshold; a rate is
+/// `None` where the group has no sample of that label.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GroupRates {
+    pub name: String,
+    pub positives: usize,
+    pub negatives: usize,
+    pub tp: usize,
+    pub fp: usize,
+    pub tn: usize,
+    #[serde(rename = "fn")]
+    pub fn_: usize,
+    pub tpr: Option<f64>,
+    pub tnr: Option<f64>,
+}
+
+/// Rates per group at `threshold` (`score >= threshold` passes), groups sorted by name; samples
+/// without a group (`None`) are left out.
+pub fn group_rates<'a>(
+    scored: impl IntoIterator<Item = (f64, bool, Option<&'a str>)>,
+    threshold: f64,
+) -> Vec<GroupRates> {
+    let mut groups: std::collections::BTreeMap<&str, [usize; 4]> = std::collections::BTreeMap::new();
+    for (score, positive, group) in scored {
+        let Some(g) = group else { continue };
+        let c = groups.entry(g).or_default();
+        let i = match (score >= threshold, positive) {
+            (true, true) => 0,
+            (true, false) => 1,
+            (false, false) => 2,
+            (false, true) => 3,
+        };
+        c[i] += 1;
+    }
+    let rate = |a: usize, b: usize| (a + b > 0).then(|| a as f64 / (a + b) as f64);
+    groups
+        .into_iter()
+        .map(|(name, [tp, fp, tn, fn_])| GroupRates {
+            name: name.to_string(),
+            positives: tp + fn_,
+            negatives: tn + fp,
+            tp,
+            fp,
+            tn,
+            fn_,
+            tpr: rate(tp, fn_),
+            tnr: rate(tn, fp),
+        })
+        .collect()
+}
+
 /// One image that could not be scored.
 #[derive(Debug, Clone, Serialize)]
 pub struct Failure {
@@ -186,6 +252,10 @@ pub struct Report {
     pub at_upstream_calibration: Option<Rates>,
     pub balanced_threshold: Option<f64>,
     pub at_balanced: Option<Rates>,
+    /// Per category at the configured threshold.
+    pub by_category: Vec<GroupRates>,
+    /// Per species at the configured threshold.
+    pub by_species: Vec<GroupRates>,
     pub identification: Option<IdAccuracy>,
     pub failures: Vec<Failure>,
     pub mean_ms_per_image: f64,
@@ -197,6 +267,7 @@ pub struct Report {
 pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut progress: impl FnMut()) -> Result<Report> {
     let mut ws: Workspace = identifier.workspace();
     let mut scored = Vec::with_capacity(samples.len());
+    let mut scored_samples: Vec<&Sample> = Vec::with_capacity(samples.len());
     let mut failures = Vec::new();
     let (mut id_n, mut id_top1, mut id_top5) = (0usize, 0usize, 0usize);
     let mut total_ms = 0.0;
@@ -214,6 +285,7 @@ pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut pro
         };
         total_ms += a.timings.total_ms;
         scored.push((a.prefilter_score, s.positive));
+        scored_samples.push(s);
         if let (true, Some(want), true) = (s.positive, &s.individual_id, identifier.has_identification()) {
             id_n += 1;
             if let Some(found) = &a.identified {
@@ -229,6 +301,10 @@ pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut pro
     let m = identifier.prefilter();
     let upstream = upstream_calibration(&scored);
     let balanced = balanced_threshold(&scored);
+    let threshold = identifier.threshold();
+    let by = |key: fn(&Sample) -> Option<&str>| {
+        group_rates(scored.iter().zip(&scored_samples).map(|(&(score, pos), s)| (score, pos, key(s))), threshold)
+    };
     Ok(Report {
         manifest: csv.to_path_buf(),
         model: m.manifest().name.clone(),
@@ -237,12 +313,14 @@ pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut pro
         random_weights: m.manifest().random_weights,
         positives: scored.iter().filter(|s| s.1).count(),
         negatives: scored.iter().filter(|s| !s.1).count(),
-        at_threshold: rates(&scored, identifier.threshold()),
+        at_threshold: rates(&scored, threshold),
         roc_auc: roc_auc(&scored),
         upstream_calibration_threshold: upstream,
         at_upstream_calibration: upstream.map(|t| rates(&scored, t)),
         balanced_threshold: balanced,
         at_balanced: balanced.map(|t| rates(&scored, t)),
+        by_category: by(|s| s.category.as_deref()),
+        by_species: by(|s| s.species.as_deref()),
         identification: (id_n > 0).then(|| IdAccuracy {
             n: id_n,
             top1: id_top1 as f64 / id_n as f64,
@@ -253,6 +331,43 @@ pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut pro
         mean_ms_per_image: total_ms / scored.len() as f64,
         roc: roc_curve(&scored),
     })
+}
+
+/// Per-group table: counts, confusion and the rates that apply (`-` where a group has no such sample).
+fn group_table(title: &str, threshold: f64, groups: &[GroupRates]) -> String {
+    use std::fmt::Write;
+    let width = groups.iter().map(|g| g.name.len()).max().unwrap_or(0).max(title.len() + 4);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<width$} {:>4} {:>4}   {:>3} {:>3} {:>3} {:>3} {:>6} {:>6}   (threshold {threshold:.4})",
+        format!("per {title}"),
+        "pos",
+        "neg",
+        "TP",
+        "FP",
+        "TN",
+        "FN",
+        "TPR",
+        "TNR"
+    );
+    let fmt = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.3}"));
+    for g in groups {
+        let _ = writeln!(
+            s,
+            "{:<width$} {:>4} {:>4}   {:>3} {:>3} {:>3} {:>3} {:>6} {:>6}",
+            g.name,
+            g.positives,
+            g.negatives,
+            g.tp,
+            g.fp,
+            g.tn,
+            g.fn_,
+            fmt(g.tpr),
+            fmt(g.tnr)
+        );
+    }
+    s
 }
 
 impl Report {
@@ -307,6 +422,12 @@ impl Report {
         }
         if self.upstream_calibration_threshold.is_none() {
             let _ = writeln!(s, "upstream calibration rule (TNR >= 0.90 with TPR >= 0.85): no threshold qualifies");
+        }
+        for (title, groups) in [("category", &self.by_category), ("species", &self.by_species)] {
+            if !groups.is_empty() {
+                let _ = writeln!(s);
+                s.push_str(&group_table(title, self.at_threshold.threshold, groups));
+            }
         }
         if let Some(id) = &self.identification {
             let _ = writeln!(
@@ -396,6 +517,67 @@ mod tests {
         assert!((t - (0.2f64 * 0.4).sqrt()).abs() < 1e-12, "{t}");
         let r = rates(&easy, t);
         assert_eq!((r.tpr, r.tnr), (1.0, 1.0));
+    }
+
+    /// Each case: manifest CSV text, then per row the expected (category, species).
+    #[test]
+    fn manifest_categories_and_species() {
+        type Want = &'static [(Option<&'static str>, Option<&'static str>)];
+        let cases: &[(&str, Want)] = &[
+            (
+                // No category column: the first folder of relpath; a file at the top level has none.
+                "relpath,label,individual_id,species\n\
+                 sharks/a.jpg,non_cetacean,,great_white_shark\n\
+                 positives/b.jpg,cetacean,abc,beluga\n\
+                 c.jpg,non_cetacean,,\n",
+                &[(Some("sharks"), Some("great_white_shark")), (Some("positives"), Some("beluga")), (None, None)],
+            ),
+            (
+                // A category column wins over the folder; an empty cell falls back to the folder.
+                "relpath,label,category\n\
+                 x/a.jpg,non_cetacean,boats\n\
+                 x/b.jpg,cetacean,\n",
+                &[(Some("boats"), None), (Some("x"), None)],
+            ),
+        ];
+        for (csv_text, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("manifest.csv");
+            std::fs::write(&path, csv_text).unwrap();
+            let samples = read_manifest(&path).unwrap();
+            let got: Vec<_> = samples.iter().map(|s| (s.category.as_deref(), s.species.as_deref())).collect();
+            assert_eq!(&got, want, "{csv_text}");
+        }
+    }
+
+    /// (score, positive, group) rows -> per-group (name, tp, fp, tn, fn, tpr, tnr) at threshold 0.5.
+    #[test]
+    fn group_rates_per_group() {
+        let rows = [
+            (0.9, true, Some("positives")),
+            (0.2, true, Some("positives")),
+            (0.6, false, Some("sharks")),
+            (0.1, false, Some("sharks")),
+            (0.3, false, Some("sharks")),
+            (0.5, false, Some("boats")), // exactly at the threshold: passes
+            (0.9, true, None),           // no group: left out
+        ];
+        type Row<'a> = (&'a str, usize, usize, usize, usize, Option<f64>, Option<f64>);
+        let want: &[Row] = &[
+            ("boats", 0, 1, 0, 0, None, Some(0.0)),
+            ("positives", 1, 0, 0, 1, Some(0.5), None),
+            ("sharks", 0, 1, 2, 0, None, Some(2.0 / 3.0)),
+        ];
+        let groups = group_rates(rows, 0.5);
+        let got: Vec<Row> = groups.iter().map(|g| (g.name.as_str(), g.tp, g.fp, g.tn, g.fn_, g.tpr, g.tnr)).collect();
+        assert_eq!(got, want);
+        let g = &group_rates(rows, 0.5)[2];
+        assert_eq!((g.positives, g.negatives), (0, 3));
+        let table = group_table("category", 0.5, &group_rates(rows, 0.5));
+        assert!(table.lines().nth(3).unwrap().ends_with("-  0.667"), "{table}");
+        let json = serde_json::to_value(&group_rates(rows, 0.5)[1]).unwrap();
+        assert_eq!(json["fn"], 1);
+        assert_eq!(json["tnr"], serde_json::Value::Null);
     }
 
     #[test]

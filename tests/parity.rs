@@ -20,10 +20,17 @@ struct Case {
     same_top: usize,
 }
 
+/// The default pre-filter (tools/train_prefilter.py): Lite0 backbone + logistic head, 2 logits.
+fn gate_manifest() -> std::path::PathBuf {
+    let models = shipped_manifest().parent().and_then(|d| d.parent()).map(std::path::Path::to_path_buf);
+    models.expect("models/ directory").join("marine-gate-lite0/model.toml")
+}
+
 fn cases() -> Vec<Case> {
     vec![
         Case { manifest: shipped_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
         Case { manifest: shipped_manifest(), variant: "int8", max_abs_diff: 0.5, same_top: 1 },
+        Case { manifest: gate_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 2 },
         Case { manifest: b0_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
         Case { manifest: resnet_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
         Case { manifest: b4_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
