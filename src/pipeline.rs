@@ -167,8 +167,9 @@ pub struct Control {
     capture_beat: Vec<AtomicU64>,
     camera_state: Vec<std::sync::atomic::AtomicU8>,
     busy_since: Mutex<Vec<Option<Instant>>>,
-    /// Per camera: since when, and for how many frames in a row, every frame has been corrupt.
-    corrupt: Vec<Mutex<Option<(Instant, u64)>>>,
+    /// Per camera: since when, and for how many frames in a row, every frame has been corrupt, and
+    /// whether that has been reported (at WARN) yet.
+    corrupt: Vec<Mutex<Option<(Instant, u64, bool)>>>,
     models: Mutex<ModelWindows>,
     paused: Vec<AtomicBool>,
     snapshot: Vec<AtomicBool>,
@@ -231,7 +232,7 @@ impl Control {
                 }
                 _ => {}
             }
-            if let Some((since, n)) = *self.corrupt[i].lock().unwrap_or_else(|p| p.into_inner()) {
+            if let Some((since, n, _)) = *self.corrupt[i].lock().unwrap_or_else(|p| p.into_inner()) {
                 if corrupt_alarm(since, n) {
                     let text = format!(
                         "camera {name}: every frame corrupt for {:.0?} ({n} frames): damaged stream or cable",
@@ -257,17 +258,18 @@ impl Control {
         let mut c = self.corrupt[i].lock().unwrap_or_else(|p| p.into_inner());
         match (ok, *c) {
             (true, None) => {}
-            (true, Some((since, n))) => {
+            (true, Some((since, n, _))) => {
                 *c = None;
                 log::info!("camera {name}: decoding again after {n} corrupt frame(s) in {:.1?}", since.elapsed());
             }
             (false, None) => {
-                *c = Some((Instant::now(), 1));
+                *c = Some((Instant::now(), 1, false));
                 log::warn!("camera {name}: skipping corrupt frame: {}", err.map(|e| e.to_string()).unwrap_or_default());
             }
-            (false, Some((since, n))) => {
-                *c = Some((since, n + 1));
-                if corrupt_alarm(since, n + 1) && !corrupt_alarm(since, n) {
+            (false, Some((since, n, reported))) => {
+                let alarm = corrupt_alarm(since, n + 1);
+                *c = Some((since, n + 1, reported || alarm));
+                if alarm && !reported {
                     log::warn!(
                         "camera {name}: every frame for {:.1?} has been corrupt ({} frames); the last: {}",
                         since.elapsed(),
