@@ -6,14 +6,20 @@
 #   cross/test.sh aarch64-unknown-linux-gnu        # Jetson, Raspberry Pi 4/5 (64-bit OS)
 #   cross/test.sh armv7-unknown-linux-gnueabihf    # Raspberry Pi 2/3/4 (32-bit OS), other ARMv7 boards
 #
-# What runs under emulation (CI, about 2 minutes): the library's unit tests (config, scoring, outbox,
-# decoding, preprocessing, inference on the shipped pre-filter), tests/model_errors.rs, tests/mqtt.rs
-# (the outbox and publisher against the host's mosquitto: outage, SIGKILL and restart, TLS) and
-# tests/service.rs (sd_notify, the progress-fed watchdog, SIGHUP re-exec, /healthz). With --full, the
-# whole `cargo test` suite, including tract-vs-onnxruntime parity on every model on aarch64, the CLI and
-# the pipeline: about 15 minutes on aarch64 under emulation, too long for every CI run (measured figures
-# in cross/README.md). Not here: the V4L2 capture test (tests/vivid/run.sh aarch64 boots an emulated
-# aarch64 machine for that) and the booted-systemd test (amd64 only).
+# What runs under emulation in CI: the library's unit tests (config, scoring, outbox, decoding,
+# preprocessing, inference on the shipped pre-filter), tests/model_errors.rs, tests/mqtt.rs (the outbox
+# and publisher against the host's mosquitto: outage, SIGKILL and restart, TLS), tests/service.rs
+# (sd_notify, the progress-fed watchdog, SIGHUP re-exec, /healthz), tests/parity.rs (tract's NEON
+# kernels against onnxruntime on every model) and tests/cli.rs (the cross-built binary end to end,
+# the B4 identification network included). parity.rs needs the onnxruntime feature, so on armv7
+# (tract only) it compiles to nothing; there tract is checked instead against this machine's
+# onnxruntime through `whaled identify` on the same photos (below). Measured on a 2-vCPU machine
+# (cross/README.md): aarch64 ~11.5 min of tests (parity 306 s, cli 269 s, mqtt 67 s, service 42 s),
+# armv7 ~7 min of tests (cli 172 s, mqtt 78 s) and 162 s for the parity check; plus ~10-15 min per
+# target for a cold build. With --full, the whole `cargo test`
+# suite (adds the pipeline and allocation tests: ~15 min on aarch64). Not here: the V4L2 capture test
+# (tests/vivid/run.sh aarch64 boots an emulated aarch64 machine for that) and the booted-systemd test
+# (amd64 only).
 #
 # Needs (installed by .ci/run): rustup target, Debian's libc6-dev-<arch>-cross (sysroot for qemu and
 # bindgen headers), qemu-user-static, cmake, libclang, cargo-zigbuild and ziglang (pip), root for the
@@ -102,19 +108,109 @@ fake_cpuinfo=target/cpuinfo-$target
 : > "$fake_cpuinfo"
 for n in 0 1; do printf "$cpuinfo" "$n" >> "$fake_cpuinfo"; done
 
+# Runs a command with the board's cpuinfo in place of /proc/cpuinfo.
+on_board() { unshare --mount --propagation private sh -c 'mount --bind "$0" /proc/cpuinfo && exec "$@"' "$fake_cpuinfo" "$@"; }
+
 echo "== build and test $target (release, under qemu-$qemu -cpu $cpu)"
 # Release: tract unoptimised under emulation would take minutes per inference. The same build yields
 # the binary that is packaged below, so the shipped binary is the tested one.
 if [ "$full" = --full ]; then
     selection=()
 else
-    selection=(--lib --test model_errors --test mqtt --test service)
+    selection=(--lib --test model_errors --test mqtt --test service --test parity --test cli)
 fi
+build_start=$SECONDS
 cargo-zigbuild test --release "${features[@]}" --target "$target.$glibc_floor" "${selection[@]}" --no-run
-unshare --mount --propagation private sh -c 'mount --bind "$0" /proc/cpuinfo && exec "$@"' "$fake_cpuinfo" \
-    cargo-zigbuild test --release "${features[@]}" --target "$target.$glibc_floor" "${selection[@]}"
+test_start=$SECONDS
+on_board cargo-zigbuild test --release "${features[@]}" --target "$target.$glibc_floor" "${selection[@]}"
+echo "$target: build $((test_start - build_start)) s, tests under emulation $((SECONDS - test_start)) s"
 
 bin=target/$target/release/whaled
+if [ -z "$ort_platform" ]; then
+    # tests/parity.rs compiles to nothing without the onnxruntime feature, so on this target tract's
+    # kernels (NEON on armv7) are checked here instead: the cross-built `whaled identify` (tract, under
+    # qemu with the board's cpuinfo) against this machine's `whaled identify` with the onnxruntime
+    # backend, on the same photos, for the shipped pre-filters (the marine gate; the zero-shot Lite0, fp32
+    # and int8) and every generated model
+    # (B0, ResNet-18, the B4 identification network through its head): pre-filter scores within
+    # ABS + REL x |score| (fp32: 1e-3 relative; int8: 0.02), and for the B4 the same top-5 identities
+    # with probabilities within 2e-4 (they are rounded to 4 dp).
+    echo "== parity: tract on $target against onnxruntime on this machine (whaled identify)"
+    parity_start=$SECONDS
+    # The reference: this machine's whaled with the onnxruntime backend ($HOST_WHALED, else the dev build
+    # .ci/test made, so this build is a no-op in CI).
+    host_whaled=${HOST_WHALED:-}
+    if [ -z "$host_whaled" ]; then
+        cargo build --quiet --features onnxruntime --bin whaled
+        host_whaled=target/debug/whaled
+    fi
+    host_ort=$(python3 -c 'import onnxruntime, os, glob; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))[-1])')
+    parity=target/parity-$target
+    rm -rf "$parity"
+    mkdir -p "$parity/one"
+    cp tests/photos/synthetic_0.jpg "$parity/one/"
+    gen=$PWD/models/generated
+    # name | pre-filter model | variant | identification model | photos | ABS | REL
+    cases=(
+        "gate-fp32|marine-gate-lite0|fp32||$PWD/tests/photos|1e-7|1e-3"
+        "lite0-fp32|efficientnet-lite0|fp32||$PWD/tests/photos|1e-7|1e-3"
+        "lite0-int8|efficientnet-lite0|int8||$PWD/tests/photos|0.02|0"
+        "b0-fp32|$gen/efficientnet-b0-random/model.toml|fp32||$PWD/tests/photos|1e-7|1e-3"
+        "resnet18-fp32|$gen/resnet18-random/model.toml|fp32||$PWD/tests/photos|1e-7|1e-3"
+        "b4-fp32|$gen/efficientnet-b0-random/model.toml|fp32|$gen/effb4-arcface-random/model.toml|$PWD/$parity/one|1e-7|1e-3"
+    )
+    for case in "${cases[@]}"; do
+        IFS='|' read -r name prefilter variant embedder photos abs rel <<<"$case"
+        for backend in tract onnxruntime; do
+            {
+                printf '[inference]\nbackend = "%s"\n' "$backend"
+                printf '[inference.onnxruntime]\nlibrary = "%s"\nexecution_providers = ["cpu"]\n' "$host_ort"
+                printf '[prefilter]\nmodel = "%s"\nvariant = "%s"\nthreshold = 0.0\n' "$prefilter" "$variant"
+                if [ -n "$embedder" ]; then printf '[identification]\nmodel = "%s"\nmin_confidence = 0.0\n' "$embedder"; fi
+            } > "$parity/$name-$backend.toml"
+        done
+        "$host_whaled" identify --config "$parity/$name-onnxruntime.toml" "$photos" > "$parity/$name-onnxruntime.jsonl" 2> "$parity/$name-onnxruntime.log" \
+            || { cat "$parity/$name-onnxruntime.log" >&2; echo "cross/test.sh: parity $name: onnxruntime on this machine failed" >&2; exit 1; }
+        t0=$SECONDS
+        on_board "$bin" identify --config "$parity/$name-tract.toml" "$photos" > "$parity/$name-tract.jsonl" 2> "$parity/$name-tract.log" \
+            || { cat "$parity/$name-tract.log" >&2; echo "cross/test.sh: parity $name: whaled on $target failed" >&2; exit 1; }
+        python3 - "$parity/$name-onnxruntime.jsonl" "$parity/$name-tract.jsonl" "$name" "$abs" "$rel" "$((SECONDS - t0))" <<'PY'
+import json, sys
+ref_path, got_path, name, secs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[6]
+abs_tol, rel_tol = float(sys.argv[4]), float(sys.argv[5])
+load = lambda p: {r["image_ind"]: r for r in map(json.loads, open(p))}
+ref, got = load(ref_path), load(got_path)
+problems = []
+if not ref or sorted(ref) != sorted(got):
+    problems.append(f"images differ: onnxruntime {sorted(ref)}, tract {sorted(got)}")
+score_diff = score_rel = prob_diff = 0.0
+for image in sorted(set(ref) & set(got)):
+    r, g = ref[image], got[image]
+    want = r["prefilter"]["score"]
+    d = abs(want - g["prefilter"]["score"])
+    score_diff, score_rel = max(score_diff, d), max(score_rel, d / abs(want) if want else 0.0)
+    if d > abs_tol + rel_tol * abs(want):
+        problems.append(f"{image}: pre-filter score {g['prefilter']['score']} (tract) vs {want} (onnxruntime), more than {abs_tol:g} + {rel_tol:g} x score apart")
+    top = lambda x: [x["class_animal"]] + [c["class_animal"] for c in x["candidates"]]
+    probs = lambda x: [x["probability"]] + [c["probability"] for c in x["candidates"]]
+    if top(r) != top(g):
+        problems.append(f"{image}: top-5 {top(g)} (tract) vs {top(r)} (onnxruntime)")
+    elif r["candidates"]:
+        prob_diff = max([prob_diff] + [abs(a - b) for a, b in zip(probs(r), probs(g))])
+        if prob_diff > 2e-4:
+            problems.append(f"{image}: probabilities {probs(g)} (tract) vs {probs(r)} (onnxruntime)")
+print(f"parity {name}: {len(got)} image(s), max |score difference| {score_diff:.1e} ({score_rel:.1e} relative)"
+      + (f", top-5 {'differs' if any('top-5' in p for p in problems) else 'identical'}, max |probability difference| {prob_diff:.1e}"
+         if any(r["candidates"] for r in ref.values()) else "")
+      + f"; {secs} s under emulation")
+for p in problems:
+    print(f"FAILED parity {name}: {p}", file=sys.stderr)
+sys.exit(1 if problems else 0)
+PY
+    done
+    echo "parity on $target: $((SECONDS - parity_start)) s"
+fi
+
 echo "== glibc floor of $bin"
 floor=$(readelf --version-info --wide "$bin" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
 echo "$target: highest glibc symbol version required: $floor (JetPack 5 / Ubuntu 20.04 has 2.31)"

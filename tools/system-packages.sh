@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Checks the Debian/Ubuntu packages that building (and testing) whaled needs beyond Rust itself, and
+# installs the missing ones when run as root; otherwise prints the exact apt-get line and exits 1.
+# Used by tools/demo.sh (the README's first command) and .ci/test (the second).
+#
+#   tools/system-packages.sh build   # C compiler, libclang (v4l bindgen), cmake + make + nasm (libjpeg-turbo)
+#   tools/system-packages.sh test    # the above + mosquitto (MQTT tests' broker) + openssl (TLS test)
+set -euo pipefail
+
+what=${1:-build}
+case "$what" in
+    build | test) ;;
+    *) echo "usage: tools/system-packages.sh build|test" >&2; exit 2 ;;
+esac
+
+missing=()
+need() { # need PACKAGE WHY: records a missing package and says why it is needed
+    missing+=("$1")
+    echo "missing: $1 ($2)" >&2
+}
+have() { command -v "$1" >/dev/null; }
+# libclang as bindgen (clang-sys) finds it: $LIBCLANG_PATH, else the unversioned libclang.so that
+# libclang-dev installs (its dependencies bring clang's own headers, which bindgen needs too).
+have_libclang() {
+    if [ -n "${LIBCLANG_PATH:-}" ]; then
+        compgen -G "$LIBCLANG_PATH/libclang*.so*" >/dev/null
+    else
+        compgen -G "/usr/lib/llvm-*/lib/libclang.so" >/dev/null || compgen -G "/usr/lib/*/libclang.so" >/dev/null
+    fi
+}
+
+have cc || need gcc "a C compiler: Rust links with cc, and libjpeg-turbo and ring are C"
+[ -e /usr/include/stdio.h ] || need libc6-dev "the C library's headers, for the C code above"
+have make || need make "cmake's build files for libjpeg-turbo are Makefiles"
+have_libclang || need libclang-dev "the v4l crate generates its bindings with bindgen, which loads libclang"
+have cmake || need cmake "libjpeg-turbo is built from source with cmake"
+have nasm || need nasm "libjpeg-turbo's x86 SIMD code is assembled with nasm"
+if [ "$what" = test ]; then
+    [ -x /usr/sbin/mosquitto ] || need mosquitto "the MQTT tests start their own broker"
+    have openssl || need openssl "the MQTT TLS test makes its certificates with openssl"
+fi
+
+[ ${#missing[@]} = 0 ] && exit 0
+line="apt-get install -y --no-install-recommends ${missing[*]}"
+if [ "$(id -u)" != 0 ]; then
+    echo "install them first, then run this again:  sudo $line" >&2
+    exit 1
+fi
+if ! have apt-get; then
+    echo "no apt-get on this machine: install the packages above (Debian/Ubuntu names) with its package manager" >&2
+    exit 1
+fi
+echo "installing: ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+# A fresh machine (or container image) may have no package lists yet.
+if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
