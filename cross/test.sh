@@ -104,6 +104,7 @@ python3 tools/gen_test_models.py --out models/generated
 # qemu-user 7.2 shows programs the host's /proc/cpuinfo (x86). onnxruntime's cpuinfo library then
 # dereferences NULL while loading (a segfault), and tract cannot see NEON on armv7. A board's cpuinfo,
 # bind-mounted in a private mount namespace for the test run only, gives them what a real one reads.
+mkdir -p target
 fake_cpuinfo=target/cpuinfo-$target
 : > "$fake_cpuinfo"
 for n in 0 1; do printf "$cpuinfo" "$n" >> "$fake_cpuinfo"; done
