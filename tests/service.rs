@@ -254,11 +254,19 @@ fn a_camera_with_only_corrupt_frames_shows_in_healthz_and_once_at_warn() {
         dump.extend(j);
     }
     let dump = common::write(tmp.path(), "usb.mjpeg", &dump);
-    let extra = format!(
-        "[[camera]]\nname = \"usb\"\nkind = \"replay\"\npath = \"{}\"\nfps = 20\nloop = true\n[health]\nlisten = \"127.0.0.1:{port}\"\n",
-        dump.display()
-    );
-    let mut d = start(&config(tmp.path(), &extra), &notify, &[]);
+    // Only this camera: no inference stands between its frames and the decoder, so the alarm comes as
+    // fast on qemu-user as here.
+    let config = tmp.path().join("whaled.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[camera]]\nname = \"usb\"\nkind = \"replay\"\npath = \"{}\"\nfps = 20\nloop = true\n\
+             [pipeline]\nstall_timeout = \"10s\"\n[health]\nlisten = \"127.0.0.1:{port}\"\n",
+            dump.display()
+        ),
+    )
+    .unwrap();
+    let mut d = start(&config, &notify, &[]);
     let t = Instant::now();
     let body = loop {
         if let Ok((_, body)) = std::panic::catch_unwind(|| http_get(port, "/healthz")) {
@@ -266,12 +274,12 @@ fn a_camera_with_only_corrupt_frames_shows_in_healthz_and_once_at_warn() {
                 break body;
             }
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "/healthz never reported the corrupt camera");
+        assert!(t.elapsed() < Duration::from_secs(300), "/healthz never reported the corrupt camera");
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(body.contains("\"healthy\":false"), "{body}");
     let pings = n.count("WATCHDOG=1");
-    n.wait("WATCHDOG=1", pings + 2, Duration::from_secs(10));
+    n.wait("WATCHDOG=1", pings + 2, Duration::from_secs(30));
     unsafe_kill(d.id(), "TERM");
     assert!(wait_exit(&mut d, Duration::from_secs(20)).success());
     let log = stderr_of(d);
