@@ -123,18 +123,24 @@ fn a_hung_inference_stops_the_watchdog_pings() {
     n.wait("READY=1", 1, Duration::from_secs(60));
     n.wait("WATCHDOG=1", 2, Duration::from_secs(20));
     // The worker hangs after 5 frames (0.5 s at 10 fps natively); stall_timeout is 10 s.
+    // On a loaded emulator an honest frame can outlast stall_timeout too: that stall is reported and
+    // then recovers (pings resume). The hang never recovers: after some report, pings stop for good.
     let t = Instant::now();
+    let mut seen = 0;
     loop {
-        let stalled = n.all().iter().any(|(_, m)| m.starts_with("STATUS=stalled: inference worker 0"));
+        let all = n.all();
+        let stalled = all[seen..].iter().any(|(_, m)| m.starts_with("STATUS=stalled: inference worker 0"));
+        seen = all.len();
         if stalled {
-            break;
+            let pings = n.count("WATCHDOG=1");
+            std::thread::sleep(Duration::from_secs(3));
+            if n.count("WATCHDOG=1") == pings {
+                break; // no WATCHDOG=1 while stalled: systemd would now kill and restart it
+            }
         }
-        assert!(t.elapsed() < Duration::from_secs(90), "never reported stalled: {:?}", n.all());
+        assert!(t.elapsed() < Duration::from_secs(180), "pings never stopped for a stall: {:?}", n.all());
         std::thread::sleep(Duration::from_millis(100));
     }
-    let pings = n.count("WATCHDOG=1");
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(n.count("WATCHDOG=1"), pings, "no WATCHDOG=1 while stalled: systemd would now kill and restart it");
     unsafe_kill(d.id(), "KILL");
     let err = stderr_of(d);
     assert!(err.contains("ERROR") && err.contains("pipeline stalled") && err.contains("inference worker 0"), "{err}");
