@@ -47,17 +47,11 @@ struct Key(std::sync::Weak<[u8]>);
 
 impl Key {
     fn of(data: &FrameData) -> Key {
-        match data {
-            FrameData::Encoded(b) | FrameData::Raw { bytes: b, .. } => Key(std::sync::Arc::downgrade(b)),
-        }
+        Key(std::sync::Arc::downgrade(data.payload()))
     }
 
     fn is(&self, data: &FrameData) -> bool {
-        match data {
-            FrameData::Encoded(b) | FrameData::Raw { bytes: b, .. } => {
-                std::ptr::addr_eq(self.0.as_ptr(), std::sync::Arc::as_ptr(b)) && self.0.strong_count() > 0
-            }
-        }
+        std::ptr::addr_eq(self.0.as_ptr(), std::sync::Arc::as_ptr(data.payload()))
     }
 }
 

@@ -619,27 +619,21 @@ fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, sh
             due
         };
         match cam.source.next_sampled(&mut wanted) {
-            Ok(SourceEvent::Frame(frame)) => {
+            Ok(event @ (SourceEvent::Frame(_) | SourceEvent::Skipped)) => {
                 control.beat(i, CAMERA_RUNNING);
                 if backoff.take().is_some() {
                     CameraStats::add(&stats.reconnects);
                     log::warn!("camera {}: delivering frames again", cam.name);
                 }
                 stats.captured(Instant::now());
-                CameraStats::add(&stats.sampled);
-                stats.bytes_copied.fetch_add(frame.data.len() as u64, Ordering::Relaxed);
-                if mailbox.offer(i, frame) {
-                    CameraStats::add(&stats.dropped);
-                    log::trace!("camera {}: inference busy, dropped the oldest sampled frame", cam.name);
+                if let SourceEvent::Frame(frame) = event {
+                    CameraStats::add(&stats.sampled);
+                    stats.bytes_copied.fetch_add(frame.data.payload().len() as u64, Ordering::Relaxed);
+                    if mailbox.offer(i, frame) {
+                        CameraStats::add(&stats.dropped);
+                        log::trace!("camera {}: inference busy, dropped the oldest sampled frame", cam.name);
+                    }
                 }
-            }
-            Ok(SourceEvent::Skipped { .. }) => {
-                control.beat(i, CAMERA_RUNNING);
-                if backoff.take().is_some() {
-                    CameraStats::add(&stats.reconnects);
-                    log::warn!("camera {}: delivering frames again", cam.name);
-                }
-                stats.captured(Instant::now());
             }
             Ok(SourceEvent::End) => {
                 control.beat(i, CAMERA_ENDED);

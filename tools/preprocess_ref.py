@@ -17,7 +17,11 @@ def _to_nchw(img, mean, std):
 
 
 def lite0(path, size=224, crop=0.875):
-    img = Image.open(path).convert("RGB")
+    return lite0_image(Image.open(path).convert("RGB"), size, crop)
+
+
+def lite0_image(img, size=224, crop=0.875):
+    """`lite0` of an already opened RGB image (tools/train_prefilter.py opens it at whaled's DCT scale)."""
     short = round(size / crop)
     w, h = img.size
     scale = short / min(w, h)

@@ -51,6 +51,9 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 from PIL import Image
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import preprocess_ref  # noqa: E402  (tools/ is not a package)
+
 LAMBDA = 0.5  # L2 penalty on the standardised weights (loss = weighted mean log-loss + LAMBDA/2 |w|^2)
 TARGET_TPR = 0.97
 ZERO_SHOT_CLASSES = [2, 3, 4, 5, 6, 147, 148, 149, 150]
@@ -113,17 +116,9 @@ def dct_open(path, short_min=256):
     return img.convert("RGB")
 
 
-def lite0_tensor(img, size=224, crop=0.875):
-    short = round(size / crop)
-    w, h = img.size
-    scale = short / min(w, h)
-    img = img.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    x = np.asarray(img, np.float32) / 255.0
-    x = (x - np.float32(0.5)) / np.float32(0.5)
-    return x.transpose(2, 0, 1)[None].astype(np.float32)
+def lite0_tensor(img):
+    """whaled's Lite0 preprocessing of an opened image: tools/preprocess_ref.py, the one reference."""
+    return preprocess_ref.lite0_image(img)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -29,15 +29,11 @@ pub enum FrameData {
 }
 
 impl FrameData {
-    /// Payload bytes.
-    pub fn len(&self) -> usize {
+    /// The payload as the source delivered it (encoded or raw).
+    pub fn payload(&self) -> &Arc<[u8]> {
         match self {
-            FrameData::Encoded(b) | FrameData::Raw { bytes: b, .. } => b.len(),
+            FrameData::Encoded(b) | FrameData::Raw { bytes: b, .. } => b,
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Reads an image file's bytes as a frame (for `identify` and `eval`; decoded later, at the scale
@@ -53,10 +49,8 @@ impl FrameData {
 pub enum SourceEvent {
     Frame(Frame),
     /// A frame was captured but the sampler did not want it: nothing was copied out of the driver's
-    /// buffer. Carries the number of bytes that were left there (for the stats).
-    Skipped {
-        bytes: usize,
-    },
+    /// buffer.
+    Skipped,
     /// The source has no more frames and will not have any (a replay played once).
     End,
 }

@@ -81,7 +81,7 @@ impl Source for ReplaySource {
         if !wanted() {
             self.next_index += 1;
             self.seq += 1;
-            return Ok(SourceEvent::Skipped { bytes: self.frames[self.next_index - 1].len() });
+            return Ok(SourceEvent::Skipped);
         }
         let data = FrameData::Encoded(self.frames[self.next_index].clone());
         self.next_index += 1;

@@ -169,7 +169,7 @@ impl Source for V4l2Source {
         let result = open.stream.next().map(|(buf, meta)| {
             let used = (meta.bytesused as usize).min(buf.len());
             if !wanted() {
-                return Err(used);
+                return None;
             }
             let captured_at = kernel_time(i64::from(meta.timestamp.sec), i64::from(meta.timestamp.usec));
             let n = open.negotiated;
@@ -183,17 +183,17 @@ impl Source for V4l2Source {
                     bytes: Arc::from(&buf[..used]),
                 },
             };
-            Ok((data, captured_at))
+            Some((data, captured_at))
         });
         match result {
-            Ok(Ok((data, captured_at))) => {
+            Ok(Some((data, captured_at))) => {
                 let frame = Frame { camera: self.camera.clone(), seq: self.seq, captured_at, data };
                 self.seq += 1;
                 Ok(SourceEvent::Frame(frame))
             }
-            Ok(Err(bytes)) => {
+            Ok(None) => {
                 self.seq += 1;
-                Ok(SourceEvent::Skipped { bytes })
+                Ok(SourceEvent::Skipped)
             }
             Err(e) => {
                 let what = if e.kind() == std::io::ErrorKind::TimedOut {
