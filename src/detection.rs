@@ -23,12 +23,50 @@ pub enum RejectionReason {
     CorruptedImage,
 }
 
-/// A ranked alternative (upstream: ranks 2..k).
+/// Where an identification candidate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchSource {
+    /// A slot of the model's ArcFace head.
+    Head,
+    /// The nearest enrolled photo of a gallery individual.
+    Gallery,
+}
+
+/// A ranked alternative (upstream: ranks 2..k). `source` and `cosine` are whaled's additions.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Candidate {
     pub class_animal: String,
     pub id_animal: String,
     pub probability: f64,
+    pub source: MatchSource,
+    /// Cosine similarity of the frame's embedding with the head row or nearest gallery photo (4 dp).
+    pub cosine: f64,
+}
+
+/// How the top answer was reached (not in upstream).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IdentificationInfo {
+    /// Where the top-1 candidate came from.
+    pub source: MatchSource,
+    /// Its cosine similarity (4 dp).
+    pub cosine: f64,
+    /// The best match was below `new_individual_below`: `class_animal` is `"new_individual"`, and the
+    /// nearest known individuals are all in `candidates`.
+    pub new_individual: bool,
+    /// The gallery searched (`None`: no gallery configured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gallery_version: Option<u64>,
+}
+
+/// The zero-shot stage's verdict (not in upstream's Detection, but upstream's gate score).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ZeroShotInfo {
+    pub model: String,
+    /// Sum of the positive prompts' softmax probabilities (unrounded).
+    pub score: f64,
+    pub threshold: f64,
+    pub passed: bool,
 }
 
 /// Pre-filter details (not in upstream): unrounded score, the threshold applied and the model.
@@ -84,6 +122,10 @@ pub struct Detection {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefilter: Option<PrefilterInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub zero_shot: Option<ZeroShotInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identification: Option<IdentificationInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub timings: Timings,
 }
@@ -118,6 +160,8 @@ impl Detection {
             camera: None,
             captured_at: humantime::format_rfc3339_millis(meta.captured_at).to_string(),
             prefilter: None,
+            zero_shot: None,
+            identification: None,
             error: None,
             timings: Timings::default(),
         }

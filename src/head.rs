@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::manifest::EmbedderSpec;
+use crate::manifest::HeadFiles;
 
 /// Class centres and their labels, ready for cosine scoring.
 #[derive(Debug)]
@@ -24,8 +24,23 @@ pub struct IdentificationHead {
 
 impl IdentificationHead {
     /// Loads the head files of `spec`; `dim` is the embedder's output size, `manifest` names errors.
-    pub fn load(manifest: &Path, spec: &EmbedderSpec, dim: usize) -> Result<Self> {
+    pub fn load(manifest: &Path, spec: &HeadFiles, dim: usize) -> Result<Self> {
         let err = |msg: String| Error::model(manifest, msg);
+        for (file, want) in [
+            (&spec.head, &spec.head_sha256),
+            (&spec.labels, &spec.labels_sha256),
+            (&spec.species_map, &spec.species_map_sha256),
+        ] {
+            if let Some(want) = want {
+                let got = sha256_file(file).map_err(|e| err(format!("cannot read {}: {e}", file.display())))?;
+                if &got != want {
+                    return Err(err(format!(
+                        "{} has SHA-256 {got}, the manifest says {want}: the file is corrupt or not the one the manifest describes",
+                        file.display()
+                    )));
+                }
+            }
+        }
         let open = |p: &Path| -> Result<npyz::NpyFile<std::io::BufReader<std::fs::File>>> {
             let f = std::fs::File::open(p).map_err(|e| err(format!("cannot open {}: {e}", p.display())))?;
             npyz::NpyFile::new(std::io::BufReader::new(f))
@@ -172,4 +187,21 @@ impl IdentificationHead {
             self.centres.chunks_exact(self.dim).map(|row| row.iter().zip(embedding).map(|(a, b)| a * b).sum::<f32>()),
         );
     }
+}
+
+/// SHA-256 of a file, lowercase hex, read in 1 MiB blocks.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -10,16 +10,21 @@
 //! input, so a 1080p JPEG is decoded at 1/4 size for the pre-filter and, only if it passes, again at
 //! 1/2 for a 512x512 embedder.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use image::RgbImage;
 
 use crate::config::Config;
 use crate::decode::Decoder;
-use crate::detection::{Candidate, Detection, FrameMeta, PrefilterInfo, RejectionReason, Timings};
+use crate::detection::{
+    Candidate, Detection, FrameMeta, IdentificationInfo, MatchSource, PrefilterInfo, RejectionReason, Timings,
+};
 use crate::error::{Error, Result};
+use crate::gallery::{Gallery, Match};
 use crate::head::IdentificationHead;
 use crate::manifest::{ModelManifest, OutputKind, Role};
 use crate::model::Model;
@@ -27,10 +32,16 @@ use crate::preprocess::Preprocessor;
 use crate::scoring::{l2_normalise, prefilter_score, rank, round4};
 use crate::source::FrameData;
 
-/// The identification stage: embedder model, head and upstream scoring constants.
+/// The identification stage: embedder model, head and/or gallery, and the scoring constants.
 pub struct Identification {
     model: Arc<Model>,
-    head: IdentificationHead,
+    dim: usize,
+    head: Option<IdentificationHead>,
+    /// Head slot of each head individual id (to merge a gallery individual with the same id).
+    head_slots: HashMap<String, usize>,
+    /// The gallery file and what it holds now (swapped whole by a shore update).
+    gallery: Option<(PathBuf, RwLock<Arc<Gallery>>)>,
+    new_individual_below: Option<f64>,
     scale: f64,
     top_k: usize,
     min_confidence: f64,
@@ -54,6 +65,8 @@ pub struct Workspace {
     embedder: Option<Preprocessor>,
     tensor: Vec<f32>,
     cosines: Vec<f32>,
+    gallery_scratch: Vec<f32>,
+    matches: Vec<Match>,
 }
 
 /// The outcome of the identification stage for a frame that passed the pre-filter.
@@ -63,6 +76,11 @@ pub struct Identified {
     pub ranked: Vec<Candidate>,
     /// Top-1 probability below `min_confidence`.
     pub low_confidence: bool,
+    /// Top-1 cosine below `new_individual_below`.
+    pub new_individual: bool,
+    /// The L2-normalised embedding (for galleries and multi-frame aggregation).
+    pub embedding: Vec<f32>,
+    pub gallery_version: Option<u64>,
 }
 
 /// Everything decided about one frame.
@@ -117,11 +135,43 @@ impl Identifier {
                 let OutputKind::Embedding { dim } = manifest.output.kind else {
                     return Err(Error::model(manifest.path(), "an embedder must output an embedding"));
                 };
-                let head = IdentificationHead::load(manifest.path(), &spec, dim)?;
+                let head = match &spec.head {
+                    Some(files) => Some(IdentificationHead::load(manifest.path(), files, dim)?),
+                    None => None,
+                };
                 let model = Model::load(manifest, idc.variant.as_deref(), &cfg.inference)?;
+                let gallery = match &idc.gallery {
+                    Some(path) => {
+                        let g = open_gallery(path, &model, dim)?;
+                        log::info!(
+                            "gallery {}: version {}, {} photos of {} individuals",
+                            path.display(),
+                            g.version(),
+                            g.len(),
+                            g.individuals()
+                        );
+                        Some((path.clone(), RwLock::new(Arc::new(g))))
+                    }
+                    None => None,
+                };
+                if head.is_none() && gallery.is_none() {
+                    return Err(Error::model(
+                        model.manifest().path(),
+                        "has no ArcFace head ([embedder] head/labels/species_map) and no gallery is configured \
+                         ([identification] gallery): there is nothing to identify against",
+                    ));
+                }
+                let head_slots = head
+                    .as_ref()
+                    .map(|h| (0..h.slots()).map(|s| (h.id(s).to_string(), s)).collect())
+                    .unwrap_or_default();
                 Some(Identification {
                     model,
+                    dim,
                     head,
+                    head_slots,
+                    gallery,
+                    new_individual_below: idc.new_individual_below.map(|p| p.get()),
                     scale: spec.scale,
                     top_k: idc.top_k.unwrap_or(spec.top_k),
                     min_confidence: idc.min_confidence.unwrap_or(spec.min_confidence).get(),
@@ -177,7 +227,63 @@ impl Identifier {
             embedder: self.identification.as_ref().map(|i| Preprocessor::new(&i.model.manifest().input)),
             tensor: Vec::new(),
             cosines: Vec::new(),
+            gallery_scratch: Vec::new(),
+            matches: Vec::new(),
         }
+    }
+
+    /// The L2-normalised embedding of a whole photo (no pre-filter): what galleries are built from.
+    pub fn embed(&self, ws: &mut Workspace, data: &FrameData, name: &str) -> Result<Vec<f32>> {
+        let id = self.identification.as_ref().ok_or_else(|| {
+            Error::Input("no identification model configured ([identification] model): nothing to embed with".into())
+        })?;
+        let pre =
+            ws.embedder.as_mut().ok_or_else(|| Error::Input("workspace was made for another identifier".into()))?;
+        let decoded = ws.decoder.decode(data, |w, h| pre.fits(w, h), name)?;
+        pre.run(decoded.image, &mut ws.tensor)?;
+        let mut embedding = id.model.run(&ws.tensor)?;
+        l2_normalise(&mut embedding);
+        Ok(embedding)
+    }
+
+    /// The species the head records for an individual id, if the head knows it.
+    pub fn head_species(&self, individual: &str) -> Option<&str> {
+        let id = self.identification.as_ref()?;
+        let slot = *id.head_slots.get(individual)?;
+        id.head.as_ref().map(|h| h.species(slot))
+    }
+
+    /// The identification model (`None`: pre-filter only).
+    pub fn embedder(&self) -> Option<&Arc<Model>> {
+        self.identification.as_ref().map(|i| &i.model)
+    }
+
+    /// The gallery in use now, if one is configured.
+    pub fn gallery(&self) -> Option<Arc<Gallery>> {
+        let (_, g) = self.identification.as_ref()?.gallery.as_ref()?;
+        Some(g.read().map_or_else(|p| Arc::clone(&p.into_inner()), |g| Arc::clone(&g)))
+    }
+
+    /// The configured gallery file.
+    pub fn gallery_path(&self) -> Option<&Path> {
+        self.identification.as_ref()?.gallery.as_ref().map(|(p, _)| p.as_path())
+    }
+
+    /// Installs `new` as the gallery: written to the gallery file atomically, then used for the frames
+    /// assessed from now on. Fails, changing nothing, if no gallery is configured, `new` belongs to
+    /// another embedder, or the file cannot be written.
+    pub fn replace_gallery(&self, new: Gallery) -> Result<()> {
+        let id =
+            self.identification.as_ref().ok_or_else(|| Error::Input("no identification model configured".into()))?;
+        let (path, slot) = id
+            .gallery
+            .as_ref()
+            .ok_or_else(|| Error::Input("no gallery configured ([identification] gallery)".into()))?;
+        new.check_embedder(id.model.sha256(), id.dim, "the new gallery")?;
+        Gallery::install(path, &new)?;
+        let mut guard = slot.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *guard = Arc::new(new);
+        Ok(())
     }
 
     /// The pre-filter score of decoded pixels (probability mass of the positive classes).
@@ -206,7 +312,7 @@ impl Identifier {
     pub fn assess(&self, ws: &mut Workspace, data: &FrameData, name: &str) -> Result<Assessment> {
         let start = Instant::now();
         let mut timings = Timings::default();
-        let Workspace { decoder, prefilter, embedder, tensor, cosines } = ws;
+        let Workspace { decoder, prefilter, embedder, tensor, cosines, gallery_scratch, matches } = ws;
         let decoded = decoder.decode(data, |w, h| prefilter.fits(w, h), name)?;
         let (width, height) = (decoded.full_width, decoded.full_height);
         timings.decode_ms += ms(start.elapsed());
@@ -221,7 +327,15 @@ impl Identifier {
                 let t = Instant::now();
                 let decoded = decoder.decode(data, |w, h| pre.fits(w, h), name)?;
                 timings.decode_ms += ms(t.elapsed());
-                Some(self.identify(id, pre, tensor, cosines, decoded.image, &mut timings)?)
+                let t = Instant::now();
+                pre.run(decoded.image, tensor)?;
+                let t1 = Instant::now();
+                let mut embedding = id.model.run(tensor)?;
+                l2_normalise(&mut embedding);
+                timings.preprocess_ms += ms(t1 - t);
+                let found = id.rank(embedding, cosines, gallery_scratch, matches);
+                timings.identification_ms += ms(t1.elapsed());
+                Some(found)
             }
             _ => None,
         };
@@ -238,36 +352,136 @@ impl Identifier {
             timings,
         })
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn identify(
+/// Opens the configured gallery and checks it belongs to `model`.
+fn open_gallery(path: &Path, model: &Model, dim: usize) -> Result<Gallery> {
+    if !path.exists() {
+        let g = Gallery::empty(dim, model.sha256())?;
+        g.create(path)?;
+        log::info!(
+            "gallery {}: created empty, bound to {} ({})",
+            path.display(),
+            model.manifest().name,
+            model.sha256()
+        );
+        return Ok(g);
+    }
+    let g = Gallery::open(path)?;
+    g.check_embedder(model.sha256(), dim, &format!("gallery {}", path.display()))?;
+    Ok(g)
+}
+
+/// What a candidate index of the combined ranking stands for.
+#[derive(Clone, Copy)]
+enum Slot {
+    Head(usize),
+    /// A gallery row (the nearest photo of an individual the head does not know, or knows less well).
+    Gallery(usize),
+}
+
+impl Identification {
+    fn rank(
         &self,
-        id: &Identification,
-        pre: &mut Preprocessor,
-        tensor: &mut Vec<f32>,
+        embedding: Vec<f32>,
         cosines: &mut Vec<f32>,
-        frame: &RgbImage,
-        timings: &mut Timings,
-    ) -> Result<Identified> {
-        let t = Instant::now();
-        pre.run(frame, tensor)?;
-        let t1 = Instant::now();
-        let mut embedding = id.model.run(tensor)?;
-        l2_normalise(&mut embedding);
-        id.head.cosines(&embedding, cosines);
-        let ranked = rank(cosines, id.scale, id.top_k);
-        timings.preprocess_ms += ms(t1 - t);
-        timings.identification_ms += ms(t1.elapsed());
-        let low_confidence = ranked.first().is_none_or(|r| r.probability < id.min_confidence);
+        scratch: &mut Vec<f32>,
+        matches: &mut Vec<Match>,
+    ) -> Identified {
+        let gallery = self
+            .gallery
+            .as_ref()
+            .map(|(_, g)| g.read().map_or_else(|p| Arc::clone(&p.into_inner()), |g| Arc::clone(&g)));
+        Ranker {
+            head: self.head.as_ref(),
+            head_slots: &self.head_slots,
+            gallery: gallery.as_deref(),
+            scale: self.scale,
+            top_k: self.top_k,
+            min_confidence: self.min_confidence,
+            new_individual_below: self.new_individual_below,
+        }
+        .rank(embedding, cosines, scratch, matches)
+    }
+}
+
+/// The identification rule over a head and a gallery, apart from any model (so it is tested alone).
+pub struct Ranker<'a> {
+    pub head: Option<&'a IdentificationHead>,
+    /// Head slot of each head individual id.
+    pub head_slots: &'a HashMap<String, usize>,
+    pub gallery: Option<&'a Gallery>,
+    pub scale: f64,
+    pub top_k: usize,
+    pub min_confidence: f64,
+    pub new_individual_below: Option<f64>,
+}
+
+impl Ranker<'_> {
+    /// Ranks an L2-normalised embedding against the head and the gallery together.
+    ///
+    /// The rule (ARCHITECTURE.md, "Identification"): every active head slot scores its cosine; every
+    /// gallery individual scores the cosine of its nearest photo; an individual in both keeps the larger
+    /// (and that source). Probabilities are the upstream softmax of `scale` x cosine over all of them, so
+    /// with no gallery the answer is exactly upstream's.
+    pub fn rank(
+        &self,
+        embedding: Vec<f32>,
+        cosines: &mut Vec<f32>,
+        scratch: &mut Vec<f32>,
+        matches: &mut Vec<Match>,
+    ) -> Identified {
+        match self.head {
+            Some(h) => h.cosines(&embedding, cosines),
+            None => cosines.clear(),
+        }
+        let mut slots: Vec<Slot> = (0..cosines.len()).map(Slot::Head).collect();
+        let gallery = self.gallery;
+        if let Some(g) = &gallery {
+            g.nearest(&embedding, scratch, matches);
+            for m in matches.iter() {
+                match self.head_slots.get(g.individual(m.individual)) {
+                    Some(&s) if m.cosine > cosines[s] => {
+                        cosines[s] = m.cosine;
+                        slots[s] = Slot::Gallery(m.row);
+                    }
+                    Some(_) => {}
+                    None => {
+                        cosines.push(m.cosine);
+                        slots.push(Slot::Gallery(m.row));
+                    }
+                }
+            }
+        }
+        let ranked = rank(cosines, self.scale, self.top_k);
+        let low_confidence = ranked.first().is_none_or(|r| r.probability < self.min_confidence);
+        let new_individual = match (self.new_individual_below, ranked.first()) {
+            (Some(t), Some(r)) => f64::from(cosines[r.slot]) < t,
+            _ => false,
+        };
         let ranked = ranked
             .iter()
-            .map(|r| Candidate {
-                class_animal: id.head.id(r.slot).to_string(),
-                id_animal: id.head.species(r.slot).to_string(),
-                probability: round4(r.probability),
+            .map(|r| {
+                let (class_animal, id_animal, source) = match (slots[r.slot], self.head, gallery) {
+                    (Slot::Head(s), Some(h), _) => (h.id(s).to_string(), h.species(s).to_string(), MatchSource::Head),
+                    (Slot::Gallery(row), _, Some(g)) => {
+                        let row = &g.rows()[row];
+                        (row.id.clone(), row.species.clone(), MatchSource::Gallery)
+                    }
+                    // Unreachable by construction: head slots exist only with a head, gallery slots only
+                    // with a gallery.
+                    _ => (String::new(), "unknown".to_string(), MatchSource::Head),
+                };
+                Candidate {
+                    class_animal,
+                    id_animal,
+                    probability: round4(r.probability),
+                    source,
+                    cosine: round4(f64::from(cosines[r.slot])),
+                }
             })
             .collect();
-        Ok(Identified { ranked, low_confidence })
+        Identified { ranked, low_confidence, new_individual, embedding, gallery_version: gallery.map(|g| g.version()) }
     }
 }
 
@@ -289,14 +503,26 @@ impl Detection {
         }
         match &a.identified {
             None => d.id_animal = "cetacean_unidentified".into(),
-            Some(Identified { ranked, low_confidence }) => {
-                if let Some((top, rest)) = ranked.split_first() {
-                    d.class_animal = top.class_animal.clone();
+            Some(found) => {
+                if let Some(top) = found.ranked.first() {
                     d.id_animal = top.id_animal.clone();
                     d.probability = top.probability;
-                    d.candidates = rest.to_vec();
+                    d.identification = Some(IdentificationInfo {
+                        source: top.source,
+                        cosine: top.cosine,
+                        new_individual: found.new_individual,
+                        gallery_version: found.gallery_version,
+                    });
+                    if found.new_individual {
+                        // Nobody known is close enough: the nearest known individuals are all candidates.
+                        d.class_animal = "new_individual".into();
+                        d.candidates = found.ranked.clone();
+                    } else {
+                        d.class_animal = top.class_animal.clone();
+                        d.candidates = found.ranked[1..].to_vec();
+                    }
                 }
-                if *low_confidence {
+                if found.low_confidence {
                     d.rejected = true;
                     d.rejection_reason = Some(RejectionReason::LowConfidence);
                 }
@@ -334,7 +560,111 @@ mod tests {
     }
 
     fn cand(id: &str, sp: &str, p: f64) -> Candidate {
-        Candidate { class_animal: id.into(), id_animal: sp.into(), probability: p }
+        Candidate {
+            class_animal: id.into(),
+            id_animal: sp.into(),
+            probability: p,
+            source: MatchSource::Head,
+            cosine: 0.5,
+        }
+    }
+
+    fn found(ranked: Vec<Candidate>, low_confidence: bool, new_individual: bool) -> Identified {
+        Identified { ranked, low_confidence, new_individual, embedding: vec![1.0], gallery_version: Some(3) }
+    }
+
+    fn unit(v: &[f32]) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / n).collect()
+    }
+
+    /// Head and gallery ranked together, checked against a brute-force union computed here: each id's
+    /// best cosine over its head row and gallery photos, softmax of 30 x cosine over all ids.
+    #[test]
+    fn head_and_gallery_rank_as_one_softmax() {
+        let vecs: Vec<Vec<f32>> = (0..9u32)
+            .map(|i| unit(&(0..8u32).map(|j| ((i * 31 + j * 17) % 13) as f32 - 6.0).collect::<Vec<_>>()))
+            .collect();
+        let head_ids = ["a", "b", "c", "d"];
+        let head = IdentificationHead::from_parts(
+            8,
+            vecs[..4].concat(),
+            head_ids.iter().map(|s| s.to_string()).collect(),
+            vec!["sp_head".into(); 4],
+        )
+        .unwrap();
+        let head_slots: HashMap<String, usize> = head_ids.iter().enumerate().map(|(i, s)| (s.to_string(), i)).collect();
+        let mut g = Gallery::empty(8, &"a".repeat(64)).unwrap();
+        let gallery_rows = [("b", 4), ("x", 5), ("c", 6), ("x", 7), ("y", 8)];
+        let d = crate::gallery::Delta {
+            dim: 8,
+            embedder_sha256: "a".repeat(64),
+            base_version: 0,
+            version: 7,
+            removes: vec![],
+            adds: gallery_rows
+                .iter()
+                .map(|(id, v)| {
+                    crate::gallery::Row::new(id, "sp_gal", "p.jpg", "t", SystemTime::UNIX_EPOCH, vecs[*v].clone())
+                        .unwrap()
+                })
+                .collect(),
+        };
+        g = g.apply(&d).unwrap();
+        for q in 0..9 {
+            let query = unit(&vecs[q].iter().zip(&vecs[(q + 3) % 9]).map(|(a, b)| a + 0.5 * b).collect::<Vec<_>>());
+            // Brute force.
+            let dot = |v: &[f32]| v.iter().zip(&query).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>();
+            let mut best: Vec<(String, f64, MatchSource)> = Vec::new();
+            let mut offer = |id: &str, c: f64, src: MatchSource| match best.iter_mut().find(|e| e.0 == id) {
+                Some(e) if c > e.1 => *e = (id.to_string(), c, src),
+                Some(_) => {}
+                None => best.push((id.to_string(), c, src)),
+            };
+            for (i, id) in head_ids.iter().enumerate() {
+                offer(id, dot(&vecs[i]), MatchSource::Head);
+            }
+            for (id, v) in gallery_rows {
+                offer(id, dot(&vecs[v]), MatchSource::Gallery);
+            }
+            let z: f64 = best.iter().map(|e| (30.0 * e.1).exp()).sum();
+            best.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let ranker = Ranker {
+                head: Some(&head),
+                head_slots: &head_slots,
+                gallery: Some(&g),
+                scale: 30.0,
+                top_k: 5,
+                min_confidence: 0.05,
+                new_individual_below: Some(0.9),
+            };
+            let got = ranker.rank(query.clone(), &mut Vec::new(), &mut Vec::new(), &mut Vec::new());
+            assert_eq!(got.ranked.len(), 5);
+            assert_eq!(got.gallery_version, Some(7));
+            for (c, (id, cos, src)) in got.ranked.iter().zip(&best) {
+                assert_eq!((&c.class_animal, c.source), (id, *src), "query {q}: {got:?}");
+                assert!((c.probability - round4((30.0 * cos).exp() / z)).abs() <= 1e-4, "query {q}: {c:?}");
+                assert!((c.cosine - cos).abs() < 1e-4, "query {q}: {c:?} vs {cos}");
+                let sp = if *src == MatchSource::Head { "sp_head" } else { "sp_gal" };
+                assert_eq!(c.id_animal, sp);
+            }
+            assert_eq!(got.new_individual, best[0].1 < 0.9, "query {q}");
+        }
+        // Gallery only (no head): the same rule over the gallery's individuals.
+        let empty = HashMap::new();
+        let ranker = Ranker {
+            head: None,
+            head_slots: &empty,
+            gallery: Some(&g),
+            scale: 30.0,
+            top_k: 5,
+            min_confidence: 0.05,
+            new_individual_below: None,
+        };
+        let got = ranker.rank(vecs[5].clone(), &mut Vec::new(), &mut Vec::new(), &mut Vec::new());
+        assert_eq!(got.ranked.len(), 4, "b, x, c, y");
+        assert_eq!((got.ranked[0].class_animal.as_str(), got.ranked[0].cosine), ("x", 1.0));
+        assert!(!got.new_individual);
     }
 
     /// The upstream decision table: (passed, identification outcome) -> the fields consumers read.
@@ -349,7 +679,7 @@ mod tests {
             (assessment(false, None), "", "unknown", 0.0, true, Some(RejectionReason::NotAMarineMammal), 0),
             (assessment(true, None), "", "cetacean_unidentified", 0.0, false, None, 0),
             (
-                assessment(true, Some(Identified { ranked: ranked.clone(), low_confidence: false })),
+                assessment(true, Some(found(ranked.clone(), false, false))),
                 "aaaaaaaaaaaa",
                 "beluga",
                 0.7024,
@@ -358,7 +688,7 @@ mod tests {
                 2,
             ),
             (
-                assessment(true, Some(Identified { ranked, low_confidence: true })),
+                assessment(true, Some(found(ranked.clone(), true, false))),
                 "aaaaaaaaaaaa",
                 "beluga",
                 0.7024,
@@ -366,6 +696,8 @@ mod tests {
                 Some(RejectionReason::LowConfidence),
                 2,
             ),
+            // Nobody close enough: "new_individual", the nearest known individuals all kept as candidates.
+            (assessment(true, Some(found(ranked, false, true))), "new_individual", "beluga", 0.7024, false, None, 3),
         ];
         for (a, class, species, p, rejected, reason, n_cands) in cases {
             let d = Detection::from_assessment(&a, &meta(), "dev");

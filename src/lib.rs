@@ -14,9 +14,11 @@ pub mod model;
 
 pub use error::{Error, Result};
 pub mod bench;
+pub mod catalogue;
 pub mod decode;
 pub mod detection;
 pub mod eval;
+pub mod gallery;
 pub mod head;
 pub mod health;
 pub mod identify;

@@ -84,8 +84,87 @@ enum Command {
     },
     /// List V4L2 cameras with their formats, frame sizes and rates (like v4l2-ctl --list-formats-ext).
     Cameras,
+    /// Galleries: a crew's own catalogue of individuals, searched beside the ArcFace head.
+    Gallery {
+        #[command(subcommand)]
+        command: GalleryCommand,
+    },
     /// Validate a config file (and the model manifests it names); exit 0 if valid.
     CheckConfig { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum GalleryCommand {
+    /// Build a new gallery from labelled photos: DIR/<individual id>/*.jpg, or a CSV with columns
+    /// path (or image, relpath), individual_id[, species].
+    Build {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The gallery file to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// Recorded as who added the rows (default: $USER@hostname).
+        #[arg(long)]
+        added_by: Option<String>,
+        input: PathBuf,
+    },
+    /// Add photos of one individual (to the configured gallery, or --gallery).
+    Enroll {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        gallery: Option<PathBuf>,
+        /// The individual's id (a new one or one the gallery or head knows).
+        #[arg(long)]
+        id: String,
+        /// Species (default: the head's record of the id, else "unknown").
+        #[arg(long)]
+        species: Option<String>,
+        #[arg(long)]
+        added_by: Option<String>,
+        #[arg(required = true)]
+        photos: Vec<PathBuf>,
+    },
+    /// Print a gallery's binding, version and individuals.
+    List {
+        gallery: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every photo of an individual.
+    Remove {
+        gallery: PathBuf,
+        #[arg(long)]
+        id: String,
+    },
+    /// Add the rows of other galleries (same embedder) that this one lacks.
+    Merge {
+        gallery: PathBuf,
+        #[arg(required = true)]
+        others: Vec<PathBuf>,
+    },
+    /// Write the delta that turns gallery OLD into NEW's content (for shore updates).
+    Delta {
+        old: PathBuf,
+        new: PathBuf,
+        /// The version the delta creates (default: OLD's version + 1).
+        #[arg(long)]
+        version: Option<u64>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Time a nearest-neighbour query over a synthetic gallery.
+    Bench {
+        #[arg(long, default_value_t = 100_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 512)]
+        dim: usize,
+        #[arg(long, default_value_t = 20_000)]
+        individuals: usize,
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -103,6 +182,7 @@ fn main() -> ExitCode {
         Command::Eval { config, manifest, json, roc } => run_eval(config, &manifest, json, roc),
         Command::CheckConfig { file } => check_config(&file),
         Command::Cameras => cameras(),
+        Command::Gallery { command } => gallery(command),
         Command::Bench { model, variant, backend, threads, ort_library, image, warmup, runs } => {
             bench(&model, variant.as_deref(), backend, threads, ort_library, image, warmup, runs)
         }
@@ -242,6 +322,106 @@ fn cameras() -> Result<ExitCode, Error> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn gallery(command: GalleryCommand) -> Result<ExitCode, Error> {
+    use whaled::catalogue;
+    use whaled::gallery::Gallery;
+    let report = |g: &Gallery, skipped: &[PathBuf], path: &std::path::Path| {
+        println!(
+            "{}: version {}, {} photos of {} individuals{}",
+            path.display(),
+            g.version(),
+            g.len(),
+            g.individuals(),
+            if skipped.is_empty() { String::new() } else { format!(" ({} unreadable photos skipped)", skipped.len()) }
+        );
+        if skipped.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    };
+    match command {
+        GalleryCommand::Build { config, out, added_by, input } => {
+            let (_cfg, identifier) = load(config)?;
+            let by = added_by.unwrap_or_else(catalogue::default_added_by);
+            let (g, skipped) = catalogue::build(&identifier, &input, &out, &by)?;
+            Ok(report(&g, &skipped, &out))
+        }
+        GalleryCommand::Enroll { config, gallery, id, species, added_by, photos } => {
+            let (_cfg, identifier) = load(config)?;
+            let path = match gallery.or_else(|| identifier.gallery_path().map(std::path::Path::to_path_buf)) {
+                Some(p) => p,
+                None => return Err(Error::Input("no gallery: pass --gallery or set [identification] gallery".into())),
+            };
+            let by = added_by.unwrap_or_else(catalogue::default_added_by);
+            let (g, skipped) = catalogue::enroll(&identifier, &path, &id, species.as_deref(), &photos, &by)?;
+            if identifier.gallery_path() == Some(path.as_path()) {
+                log::info!("a running whaled uses the new rows after `systemctl reload whaled` (SIGHUP)");
+            }
+            Ok(report(&g, &skipped, &path))
+        }
+        GalleryCommand::List { gallery, json } => {
+            let g = Gallery::open(&gallery)?;
+            let individuals = whaled::gallery::summary(&g);
+            if json {
+                let v = serde_json::json!({
+                    "gallery": gallery.display().to_string(),
+                    "version": g.version(),
+                    "dim": g.dim(),
+                    "embedder_sha256": g.embedder_sha256(),
+                    "photos": g.len(),
+                    "individuals": individuals.iter().map(|(id, sp, n)| serde_json::json!({"individual_id": id, "species": sp, "photos": n})).collect::<Vec<_>>(),
+                });
+                println!("{v}");
+            } else {
+                println!(
+                    "{}: version {}, {} photos of {} individuals, {}-d, embedder {}",
+                    gallery.display(),
+                    g.version(),
+                    g.len(),
+                    g.individuals(),
+                    g.dim(),
+                    g.embedder_sha256()
+                );
+                for (id, sp, n) in individuals {
+                    println!("{id}\t{sp}\t{n}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        GalleryCommand::Remove { gallery, id } => {
+            let (g, n) = Gallery::remove(&gallery, &id)?;
+            println!("removed {n} photos of {id}");
+            Ok(report(&g, &[], &gallery))
+        }
+        GalleryCommand::Merge { gallery, others } => {
+            let others = others.iter().map(|p| Gallery::open(p)).collect::<Result<Vec<_>, _>>()?;
+            let (g, n) = Gallery::merge(&gallery, &others)?;
+            println!("added {n} photos");
+            Ok(report(&g, &[], &gallery))
+        }
+        GalleryCommand::Delta { old, new, version, out } => {
+            let (o, n) = (Gallery::open(&old)?, Gallery::open(&new)?);
+            let d = catalogue::delta(&o, &n, version.unwrap_or(o.version() + 1))?;
+            std::fs::write(&out, d.to_bytes()).map_err(|e| Error::Io { path: out.clone(), source: e })?;
+            println!(
+                "{}: version {} -> {}, removes {} individuals, adds {} photos",
+                out.display(),
+                d.base_version,
+                d.version,
+                d.removes.len(),
+                d.adds.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        GalleryCommand::Bench { rows, dim, individuals, runs } => {
+            let ms = catalogue::bench_query(rows, dim, individuals, runs)?;
+            println!("gallery_rows={rows} dim={dim} individuals={individuals} runs={runs} query_median_ms={ms:.3}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 fn check_config(file: &std::path::Path) -> Result<ExitCode, Error> {

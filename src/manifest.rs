@@ -113,10 +113,13 @@ struct RawPrefilter {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEmbedder {
-    head: PathBuf,
-    labels: PathBuf,
-    species_map: PathBuf,
-    active_slots: Count,
+    head: Option<PathBuf>,
+    labels: Option<PathBuf>,
+    species_map: Option<PathBuf>,
+    head_sha256: Option<String>,
+    labels_sha256: Option<String>,
+    species_map_sha256: Option<String>,
+    active_slots: Option<Count>,
     scale: Positive,
     top_k: Count,
     min_confidence: Probability,
@@ -219,13 +222,24 @@ pub struct PrefilterSpec {
     pub threshold: Probability,
 }
 
-/// Identification settings: the ArcFace head, its labels and the upstream scoring constants.
+/// The ArcFace head files (upstream formats) and how many slots are active.
 #[derive(Debug, Clone)]
-pub struct EmbedderSpec {
+pub struct HeadFiles {
     pub head: PathBuf,
     pub labels: PathBuf,
     pub species_map: PathBuf,
+    /// Expected SHA-256 of each file (`None`: not checked), lowercase hex.
+    pub head_sha256: Option<String>,
+    pub labels_sha256: Option<String>,
+    pub species_map_sha256: Option<String>,
     pub active_slots: usize,
+}
+
+/// Identification settings: the ArcFace head (optional: an embedder without one identifies against a
+/// gallery only) and the upstream scoring constants.
+#[derive(Debug, Clone)]
+pub struct EmbedderSpec {
+    pub head: Option<HeadFiles>,
     pub scale: f64,
     pub top_k: usize,
     pub min_confidence: Probability,
@@ -358,11 +372,40 @@ impl ModelManifest {
                 if !matches!(kind, OutputKind::Embedding { .. }) {
                     return Err(err("an embedder's output.kind must be \"embedding\"".into()));
                 }
+                let sha = |key: &str, v: Option<String>| -> Result<Option<String>> {
+                    match v {
+                        Some(h) if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                            Err(err(format!("embedder.{key} must be 64 hex digits, got `{h}`")))
+                        }
+                        v => Ok(v.map(|h| h.to_ascii_lowercase())),
+                    }
+                };
+                let head = match (e.head, e.labels, e.species_map, e.active_slots) {
+                    (Some(h), Some(l), Some(s), Some(n)) => Some(HeadFiles {
+                        head: dir.join(h),
+                        labels: dir.join(l),
+                        species_map: dir.join(s),
+                        head_sha256: sha("head_sha256", e.head_sha256)?,
+                        labels_sha256: sha("labels_sha256", e.labels_sha256)?,
+                        species_map_sha256: sha("species_map_sha256", e.species_map_sha256)?,
+                        active_slots: n.get(),
+                    }),
+                    (None, None, None, None) => {
+                        if e.head_sha256.is_some() || e.labels_sha256.is_some() || e.species_map_sha256.is_some() {
+                            return Err(err("embedder: *_sha256 given without the head files".into()));
+                        }
+                        None
+                    }
+                    _ => {
+                        return Err(err(
+                            "embedder: head, labels, species_map and active_slots go together: give all four \
+                             (an ArcFace head) or none (identification against a gallery only)"
+                                .into(),
+                        ))
+                    }
+                };
                 Role::Embedder(EmbedderSpec {
-                    head: dir.join(e.head),
-                    labels: dir.join(e.labels),
-                    species_map: dir.join(e.species_map),
-                    active_slots: e.active_slots.get(),
+                    head,
                     scale: e.scale.get(),
                     top_k: e.top_k.get(),
                     min_confidence: e.min_confidence,

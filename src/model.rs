@@ -20,6 +20,8 @@ pub struct Model {
     variant: Variant,
     backend_kind: BackendKind,
     backend: Box<dyn Backend>,
+    /// SHA-256 of the ONNX file as loaded, lowercase hex: what galleries are bound to.
+    sha256: String,
 }
 
 impl std::fmt::Debug for Model {
@@ -40,8 +42,8 @@ impl Model {
         let onnx = std::fs::read(&variant.file).map_err(|e| {
             Error::model(manifest.path(), format!("cannot read ONNX file {}: {e}", variant.file.display()))
         })?;
+        let got = hex(&Sha256::digest(&onnx));
         if let Some(want) = &variant.sha256 {
-            let got = hex(&Sha256::digest(&onnx));
             if &got != want {
                 return Err(Error::model(manifest.path(), format!(
                     "{} has SHA-256 {got}, the manifest says {want}: the file is corrupt or not the one the manifest describes",
@@ -61,7 +63,7 @@ impl Model {
             backend_kind.name(),
             if manifest.random_weights { " -- RANDOM WEIGHTS, test model" } else { "" }
         );
-        Ok(Arc::new(Model { manifest, variant, backend_kind, backend }))
+        Ok(Arc::new(Model { manifest, variant, backend_kind, backend, sha256: got }))
     }
 
     pub fn manifest(&self) -> &ModelManifest {
@@ -70,6 +72,11 @@ impl Model {
 
     pub fn variant(&self) -> &Variant {
         &self.variant
+    }
+
+    /// SHA-256 of the ONNX file this model was loaded from (lowercase hex).
+    pub fn sha256(&self) -> &str {
+        &self.sha256
     }
 
     pub fn backend_kind(&self) -> BackendKind {

@@ -96,6 +96,7 @@ fn corrupt_or_missing_files_are_named() {
 fn head_files_must_match_the_embedder() {
     let m = ModelManifest::load(&b4_manifest()).unwrap();
     let Role::Embedder(spec) = &m.role else { panic!("b4 is an embedder") };
+    let spec = spec.head.as_ref().expect("b4 has a head");
     let e = IdentificationHead::load(m.path(), spec, 256).unwrap_err().to_string();
     assert!(e.contains("rows have 512 values but the embedder outputs 256"), "{e}");
 
@@ -108,6 +109,12 @@ fn head_files_must_match_the_embedder() {
     swapped.labels = spec.species_map.clone();
     let e = IdentificationHead::load(m.path(), &swapped, 512).unwrap_err().to_string();
     assert!(e.contains("species_map.csv is not a .npy file"), "{e}");
+
+    // A head file that is not the one the manifest's SHA-256 names (an SD card flipped a bit).
+    let mut pinned = spec.clone();
+    pinned.head_sha256 = Some("0".repeat(64));
+    let e = IdentificationHead::load(m.path(), &pinned, 512).unwrap_err().to_string();
+    assert!(e.contains("head.npy has SHA-256") && e.contains("the manifest says 0000"), "{e}");
 
     let head = IdentificationHead::load(m.path(), spec, 512).unwrap();
     assert_eq!(head.slots(), 13_837);

@@ -45,7 +45,9 @@ fn tract_and_onnxruntime_agree_on_every_model() {
         let tract = Model::load(manifest.clone(), Some(case.variant), &inference(BackendKind::Tract)).unwrap();
         let ort = Model::load(manifest.clone(), Some(case.variant), &inference(BackendKind::Onnxruntime)).unwrap();
         let head = match &manifest.role {
-            Role::Embedder(spec) => Some(IdentificationHead::load(manifest.path(), spec, 512).unwrap()),
+            Role::Embedder(spec) => {
+                Some(IdentificationHead::load(manifest.path(), spec.head.as_ref().unwrap(), 512).unwrap())
+            }
             Role::Prefilter(_) => None,
         };
         let mut pre = Preprocessor::new(&manifest.input);

@@ -137,6 +137,8 @@ struct RawIdentification {
     variant: Option<String>,
     min_confidence: Option<Probability>,
     top_k: Option<Count>,
+    gallery: Option<Spanned<PathBuf>>,
+    new_individual_below: Option<Probability>,
 }
 
 /// An onnxruntime execution provider, tried in the configured order.
@@ -267,6 +269,10 @@ pub struct IdentificationConfig {
     pub variant: Option<String>,
     pub min_confidence: Option<Probability>,
     pub top_k: Option<usize>,
+    /// A gallery file searched beside the head (created empty, bound to the embedder, if missing).
+    pub gallery: Option<PathBuf>,
+    /// A top-1 cosine below this is reported as `new_individual`; `None`: never.
+    pub new_individual_below: Option<Probability>,
 }
 
 impl Config {
@@ -391,6 +397,21 @@ impl Config {
                 variant: i.variant,
                 min_confidence: i.min_confidence,
                 top_k: i.top_k.map(Count::get),
+                gallery: match i.gallery {
+                    None => None,
+                    Some(g) => {
+                        let p = dir.join(g.get_ref());
+                        if !p.parent().is_some_and(Path::is_dir) {
+                            return Err(at(
+                                g.span(),
+                                "identification.gallery",
+                                format!("the directory of {} does not exist", p.display()),
+                            ));
+                        }
+                        Some(p)
+                    }
+                },
+                new_individual_below: i.new_individual_below,
             }),
         };
 
@@ -619,7 +640,7 @@ fn display_dirs(dirs: &[PathBuf]) -> String {
 /// The host name from gethostname(2) (sanitised into a topic-safe id). Not from
 /// `/proc/sys/kernel/hostname`: the unit's `ProcSubset=pid` hides it, and every box would become the
 /// same `whaled`. A box with no host name falls back to its machine id, still unique in a fleet.
-fn default_device_id() -> String {
+pub fn default_device_id() -> String {
     let sanitise = |s: &str| -> String {
         s.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).take(64).collect()
     };
