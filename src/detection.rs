@@ -54,9 +54,6 @@ pub struct IdentificationInfo {
     /// The best match was below `new_individual_below`: `class_animal` is `"new_individual"`, and the
     /// nearest known individuals are all in `candidates`.
     pub new_individual: bool,
-    /// The gallery searched (`None`: no gallery configured).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gallery_version: Option<u64>,
 }
 
 /// The zero-shot stage's verdict (not in upstream's Detection, but upstream's gate score).
@@ -125,6 +122,9 @@ pub struct Detection {
     pub zero_shot: Option<ZeroShotInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identification: Option<IdentificationInfo>,
+    /// The version of the gallery in use when the frame was assessed (absent: no gallery configured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gallery_version: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub timings: Timings,
@@ -162,6 +162,7 @@ impl Detection {
             prefilter: None,
             zero_shot: None,
             identification: None,
+            gallery_version: None,
             error: None,
             timings: Timings::default(),
         }

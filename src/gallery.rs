@@ -380,9 +380,21 @@ impl Gallery {
         Ok((new, added))
     }
 
-    /// Installs `new` (a whole gallery or `self` with a delta applied) as the file at `path`, atomically.
-    pub fn install(path: &Path, new: &Gallery) -> Result<()> {
+    /// Installs `new` (a whole gallery or a delta applied) as the file at `path`, atomically, provided
+    /// the file still holds version `expect` (else someone changed it since it was read: an error, and
+    /// nothing written).
+    pub fn install(path: &Path, new: &Gallery, expect: u64) -> Result<()> {
         let _lock = lock(path)?;
+        if path.exists() {
+            let on_disk = Gallery::open_locked(path)?.version;
+            if on_disk != expect {
+                return Err(Error::Input(format!(
+                    "{} is at version {on_disk} on disk but whaled holds version {expect}: it was changed \
+                     (`whaled gallery enroll`?) since it was loaded; reload whaled (SIGHUP), then update",
+                    path.display()
+                )));
+            }
+        }
         new.replace_file(path)
     }
 
@@ -559,9 +571,7 @@ fn parse(bytes: &[u8], what: &str, magic: &[u8; 8]) -> Result<(Parsed, usize)> {
         }
     }
     let (Some(mut parsed), Some((rows, removes, version, base, end))) = (cur, committed) else {
-        return Err(Error::Input(format!(
-            "{what}: no complete header and change (the file is empty or damaged at byte 8)"
-        )));
+        return Err(Error::Input(format!("{what}: incomplete: no complete header and change (cut short or damaged)")));
     };
     // We stopped at the first bad record: it must be a torn tail, not damage with intact changes after it.
     if off < bytes.len() && later_commit(bytes, off) {
@@ -794,7 +804,7 @@ mod tests {
         bytes[40] ^= 0xff; // inside the header
         std::fs::write(&path, &bytes).unwrap();
         let e = Gallery::open(&path).unwrap_err().to_string();
-        assert!(e.contains("no complete header"), "{e}");
+        assert!(e.contains("incomplete"), "{e}");
     }
 
     #[test]

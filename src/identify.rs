@@ -95,6 +95,8 @@ pub struct Assessment {
     /// `None` when the frame was rejected or no identification model is configured.
     pub identified: Option<Identified>,
     pub model_version: String,
+    /// The gallery's version when the frame was assessed (`None`: no gallery configured).
+    pub gallery_version: Option<u64>,
     pub timings: Timings,
 }
 
@@ -271,7 +273,8 @@ impl Identifier {
 
     /// Installs `new` as the gallery: written to the gallery file atomically, then used for the frames
     /// assessed from now on. Fails, changing nothing, if no gallery is configured, `new` belongs to
-    /// another embedder, or the file cannot be written.
+    /// another embedder, the file was changed by someone else since it was loaded (a `whaled gallery
+    /// enroll` before a reload), or the file cannot be written.
     pub fn replace_gallery(&self, new: Gallery) -> Result<()> {
         let id =
             self.identification.as_ref().ok_or_else(|| Error::Input("no identification model configured".into()))?;
@@ -280,8 +283,8 @@ impl Identifier {
             .as_ref()
             .ok_or_else(|| Error::Input("no gallery configured ([identification] gallery)".into()))?;
         new.check_embedder(id.model.sha256(), id.dim, "the new gallery")?;
-        Gallery::install(path, &new)?;
         let mut guard = slot.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Gallery::install(path, &new, guard.version())?;
         *guard = Arc::new(new);
         Ok(())
     }
@@ -340,6 +343,10 @@ impl Identifier {
             _ => None,
         };
         timings.total_ms = ms(start.elapsed());
+        let gallery_version = match &identified {
+            Some(found) => found.gallery_version,
+            None => self.gallery().map(|g| g.version()),
+        };
         Ok(Assessment {
             width,
             height,
@@ -349,6 +356,7 @@ impl Identifier {
             passed,
             identified,
             model_version: self.model_version(),
+            gallery_version,
             timings,
         })
     }
@@ -357,15 +365,9 @@ impl Identifier {
 /// Opens the configured gallery and checks it belongs to `model`.
 fn open_gallery(path: &Path, model: &Model, dim: usize) -> Result<Gallery> {
     if !path.exists() {
-        let g = Gallery::empty(dim, model.sha256())?;
-        g.create(path)?;
-        log::info!(
-            "gallery {}: created empty, bound to {} ({})",
-            path.display(),
-            model.manifest().name,
-            model.sha256()
-        );
-        return Ok(g);
+        // Written on the first change (an enrolment or an update from shore).
+        log::info!("gallery {}: no such file yet; starting with an empty gallery", path.display());
+        return Gallery::empty(dim, model.sha256());
     }
     let g = Gallery::open(path)?;
     g.check_embedder(model.sha256(), dim, &format!("gallery {}", path.display()))?;
@@ -496,6 +498,7 @@ impl Detection {
         d.prefilter =
             Some(PrefilterInfo { model: a.prefilter_model.clone(), score: a.prefilter_score, threshold: a.threshold });
         d.timings = a.timings.clone();
+        d.gallery_version = a.gallery_version;
         if !a.passed {
             d.rejected = true;
             d.rejection_reason = Some(RejectionReason::NotAMarineMammal);
@@ -511,7 +514,6 @@ impl Detection {
                         source: top.source,
                         cosine: top.cosine,
                         new_individual: found.new_individual,
-                        gallery_version: found.gallery_version,
                     });
                     if found.new_individual {
                         // Nobody known is close enough: the nearest known individuals are all candidates.
@@ -551,6 +553,7 @@ mod tests {
             passed,
             identified,
             model_version: "effb4-arcface-v1".into(),
+            gallery_version: Some(3),
             timings: Timings { decode_ms: 1.5, prefilter_ms: 2.0, total_ms: 4.5, ..Timings::default() },
         }
     }

@@ -59,6 +59,77 @@ pub struct StatsMessage {
     pub models: ModelLatencies,
     pub outbox: OutboxWire,
     pub threshold: f64,
+    /// The gallery in use (absent: none configured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gallery: Option<GalleryWire>,
+}
+
+/// The gallery part of the stats payload (a wire type).
+#[derive(Debug, Clone, Serialize)]
+pub struct GalleryWire {
+    pub version: u64,
+    pub photos: usize,
+    pub individuals: usize,
+}
+
+/// The JSON line that starts a `cmd/gallery_update` message; the gallery or delta file follows the
+/// newline.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GalleryUpdate {
+    request_id: Option<serde_json::Value>,
+    kind: UpdateKind,
+    /// The version the gallery will have.
+    version: u64,
+    /// SHA-256 (hex) of the bytes after the newline.
+    sha256: String,
+}
+
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum UpdateKind {
+    Full,
+    Delta,
+}
+
+/// Verifies and applies a gallery update; `Ok` names the new version. Nothing changes on any error.
+fn apply_gallery_update(
+    identifier: &crate::identify::Identifier,
+    u: &GalleryUpdate,
+    body: &[u8],
+) -> crate::error::Result<String> {
+    use crate::error::Error;
+    use crate::gallery::{Delta, Gallery};
+    use sha2::{Digest, Sha256};
+    let got: String = Sha256::digest(body).iter().map(|b| format!("{b:02x}")).collect();
+    if !got.eq_ignore_ascii_case(&u.sha256) {
+        return Err(Error::Input(format!(
+            "the {} bytes received have SHA-256 {got}, the header says {}: a partial or corrupted transfer; nothing changed",
+            body.len(),
+            u.sha256
+        )));
+    }
+    let current =
+        identifier.gallery().ok_or_else(|| Error::Input("no gallery configured ([identification] gallery)".into()))?;
+    let new = match u.kind {
+        UpdateKind::Full => Gallery::from_bytes(body, "the gallery received")?,
+        UpdateKind::Delta => current.apply(&Delta::from_bytes(body, "the delta received")?)?,
+    };
+    if new.version() != u.version {
+        return Err(Error::Input(format!(
+            "the header says version {} but the {} holds version {}",
+            u.version,
+            if matches!(u.kind, UpdateKind::Full) { "gallery" } else { "delta" },
+            new.version()
+        )));
+    }
+    if new.version() <= current.version() && matches!(u.kind, UpdateKind::Full) {
+        log::warn!("gallery update: version {} replaces version {} (not newer)", new.version(), current.version());
+    }
+    let summary =
+        format!("gallery version {}: {} photos of {} individuals", new.version(), new.len(), new.individuals());
+    identifier.replace_gallery(new)?;
+    Ok(summary)
 }
 
 /// The outbox part of the stats payload (a wire type).
@@ -97,6 +168,9 @@ pub struct CommandReply {
     /// Echoed from the request's `request_id`, if it had one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<serde_json::Value>,
+    /// `gallery_update`: the gallery's version after the command (the new one, or the unchanged one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gallery_version: Option<u64>,
 }
 
 pub use crate::pipeline::Snapshot;
@@ -623,6 +697,11 @@ impl Link {
             models: self.control.model_latencies(),
             outbox: self.outbox.stats().into(),
             threshold: self.control.threshold(),
+            gallery: self.control.identifier().gallery().map(|g| GalleryWire {
+                version: g.version(),
+                photos: g.len(),
+                individuals: g.individuals(),
+            }),
         }
     }
 
@@ -633,6 +712,9 @@ impl Link {
             // A retained "pause" would otherwise disable a camera after every restart.
             log::warn!("ignoring retained command on {} (commands must not be retained)", p.topic);
             return None;
+        }
+        if name == "gallery_update" {
+            return self.gallery_update(&p.payload);
         }
         let body: serde_json::Value = if p.payload.is_empty() {
             serde_json::Value::Object(Default::default())
@@ -661,14 +743,49 @@ impl Link {
                 self.control.request_stats();
                 (true, "stats published".into())
             }
-            _ => (false, format!("unknown command {name:?}; known: pause, resume, set_threshold, stats, snapshot")),
+            _ => (
+                false,
+                format!(
+                    "unknown command {name:?}; known: pause, resume, set_threshold, stats, snapshot, gallery_update"
+                ),
+            ),
         };
         reply(&name, ok, message, request_id)
+    }
+
+    /// `cmd/gallery_update`: a JSON header line, a newline, then a gallery or delta file. Every reply
+    /// carries the gallery's version after the command.
+    fn gallery_update(&self, payload: &[u8]) -> Option<Vec<u8>> {
+        let identifier = self.control.identifier();
+        let (ok, message, request_id) = match payload.iter().position(|&b| b == b'\n') {
+            None => (false, "expected a JSON header line, a newline, then the gallery or delta bytes".into(), None),
+            Some(nl) => match serde_json::from_slice::<GalleryUpdate>(&payload[..nl]) {
+                Err(e) => (
+                    false,
+                    format!("header: {e} (expected {{\"kind\": \"full\"|\"delta\", \"version\": N, \"sha256\": HEX}})"),
+                    None,
+                ),
+                Ok(header) => match apply_gallery_update(identifier, &header, &payload[nl + 1..]) {
+                    Ok(summary) => {
+                        log::info!("gallery updated from shore: {summary}");
+                        (true, summary, header.request_id)
+                    }
+                    Err(e) => (false, e.to_string(), header.request_id),
+                },
+            },
+        };
+        if !ok {
+            log::warn!("gallery update refused: {message}");
+        }
+        let gallery_version = identifier.gallery().map(|g| g.version());
+        serde_json::to_vec(&CommandReply { command: "gallery_update".into(), ok, message, request_id, gallery_version })
+            .ok()
     }
 }
 
 fn reply(command: &str, ok: bool, message: String, request_id: Option<serde_json::Value>) -> Option<Vec<u8>> {
-    serde_json::to_vec(&CommandReply { command: command.to_string(), ok, message, request_id }).ok()
+    serde_json::to_vec(&CommandReply { command: command.to_string(), ok, message, request_id, gallery_version: None })
+        .ok()
 }
 
 /// A connection error in words an operator can act on.

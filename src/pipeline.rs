@@ -179,6 +179,11 @@ pub struct Control {
 }
 
 impl Control {
+    /// The identifier the workers use (for commands that change it: thresholds, galleries).
+    pub fn identifier(&self) -> &Arc<Identifier> {
+        &self.identifier
+    }
+
     pub fn new(names: &[Arc<str>], identifier: Arc<Identifier>) -> Control {
         Control {
             names: names.to_vec(),
