@@ -80,6 +80,7 @@ pub struct Timings {
     pub decode_ms: f64,
     pub preprocess_ms: f64,
     pub prefilter_ms: f64,
+    pub zero_shot_ms: f64,
     pub identification_ms: f64,
     pub total_ms: f64,
 }

@@ -19,9 +19,11 @@ use std::time::Instant;
 use image::RgbImage;
 
 use crate::config::Config;
+use crate::config::ZeroShotPosition;
 use crate::decode::Decoder;
 use crate::detection::{
     Candidate, Detection, FrameMeta, IdentificationInfo, MatchSource, PrefilterInfo, RejectionReason, Timings,
+    ZeroShotInfo,
 };
 use crate::error::{Error, Result};
 use crate::gallery::{Gallery, Match};
@@ -29,7 +31,7 @@ use crate::head::IdentificationHead;
 use crate::manifest::{ModelManifest, OutputKind, Role};
 use crate::model::Model;
 use crate::preprocess::Preprocessor;
-use crate::scoring::{l2_normalise, prefilter_score, rank, round4};
+use crate::scoring::{l2_normalise, prefilter_score, rank, round4, zero_shot_score};
 use crate::source::FrameData;
 
 /// The identification stage: embedder model, head and/or gallery, and the scoring constants.
@@ -48,6 +50,96 @@ pub struct Identification {
     model_version: String,
 }
 
+/// The zero-shot gate stage: image encoder, normalised text embeddings and the upstream rule's constants.
+pub struct ZeroShot {
+    model: Arc<Model>,
+    /// `prompts x dim`, rows L2-normalised.
+    text: Vec<f32>,
+    positives: usize,
+    scale: f64,
+    threshold: f64,
+    position: ZeroShotPosition,
+}
+
+impl ZeroShot {
+    fn load(cfg: &crate::config::ZeroShotConfig, inference: &crate::config::InferenceConfig) -> Result<ZeroShot> {
+        let manifest = ModelManifest::load(&cfg.manifest)?;
+        let Role::ZeroShot(spec) = manifest.role.clone() else {
+            return Err(Error::model(
+                manifest.path(),
+                "is configured as [zero_shot] but its role is not \"zero_shot\"",
+            ));
+        };
+        let OutputKind::Embedding { dim } = manifest.output.kind else {
+            return Err(Error::model(manifest.path(), "a zero_shot model must output an embedding"));
+        };
+        let path = manifest.path().to_path_buf();
+        let err = |msg: String| Error::model(&path, msg);
+        let file = &spec.text_embeddings;
+        if let Some(want) = &spec.text_embeddings_sha256 {
+            let got =
+                crate::head::sha256_file(file).map_err(|e| err(format!("cannot read {}: {e}", file.display())))?;
+            if &got != want {
+                return Err(err(format!(
+                    "{} has SHA-256 {got}, the manifest says {want}: the file is corrupt or not the one the manifest describes",
+                    file.display()
+                )));
+            }
+        }
+        let f = std::fs::File::open(file).map_err(|e| err(format!("cannot open {}: {e}", file.display())))?;
+        let npy = npyz::NpyFile::new(std::io::BufReader::new(f))
+            .map_err(|e| err(format!("{} is not a .npy file: {e}", file.display())))?;
+        let shape = npy.shape().to_vec();
+        let [prompts, cols] = shape[..] else {
+            return Err(err(format!("{} has shape {shape:?}; expected [prompts, {dim}]", file.display())));
+        };
+        if cols as usize != dim || npy.order() != npyz::Order::C {
+            return Err(err(format!(
+                "{} has shape {shape:?} ({:?} order); expected C-ordered [prompts, {dim}] (the image embedding's size)",
+                file.display(),
+                npy.order()
+            )));
+        }
+        if spec.positives >= prompts as usize {
+            return Err(err(format!(
+                "zero_shot.positives = {} but {} has {prompts} prompts: the rule needs negative prompts too",
+                spec.positives,
+                file.display()
+            )));
+        }
+        let mut text: Vec<f32> =
+            npy.into_vec().map_err(|e| err(format!("{}: expected float32 values: {e}", file.display())))?;
+        for (i, row) in text.chunks_exact_mut(dim).enumerate() {
+            let n = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            if !n.is_finite() || n == 0.0 {
+                return Err(err(format!("{}: prompt {i} has norm {n}", file.display())));
+            }
+            row.iter_mut().for_each(|v| *v /= n);
+        }
+        let threshold = cfg.threshold.unwrap_or(spec.threshold).get();
+        let model = Model::load(manifest, cfg.variant.as_deref(), inference)?;
+        Ok(ZeroShot { model, text, positives: spec.positives, scale: spec.scale, threshold, position: cfg.position })
+    }
+
+    /// Scores decoded pixels: (score, passed).
+    fn score(
+        &self,
+        pre: &mut Preprocessor,
+        tensor: &mut Vec<f32>,
+        frame: &RgbImage,
+        timings: &mut Timings,
+    ) -> Result<(f64, bool)> {
+        let t = Instant::now();
+        pre.run(frame, tensor)?;
+        let t1 = Instant::now();
+        let image = self.model.run(tensor)?;
+        let score = zero_shot_score(&image, &self.text, self.positives, self.scale);
+        timings.preprocess_ms += ms(t1 - t);
+        timings.zero_shot_ms += ms(t1.elapsed());
+        Ok((score, score >= self.threshold))
+    }
+}
+
 /// Loaded models and thresholds; immutable once built.
 pub struct Identifier {
     prefilter: Arc<Model>,
@@ -55,6 +147,7 @@ pub struct Identifier {
     /// The pre-filter threshold as `f64` bits: changeable at run time (MQTT `set_threshold`).
     threshold: AtomicU64,
     identification: Option<Identification>,
+    zero_shot: Option<ZeroShot>,
     jpeg_dct_scaling: bool,
 }
 
@@ -63,6 +156,7 @@ pub struct Workspace {
     decoder: Decoder,
     prefilter: Preprocessor,
     embedder: Option<Preprocessor>,
+    zero_shot: Option<Preprocessor>,
     tensor: Vec<f32>,
     cosines: Vec<f32>,
     gallery_scratch: Vec<f32>,
@@ -89,8 +183,13 @@ pub struct Assessment {
     pub width: u32,
     pub height: u32,
     pub prefilter_model: String,
+    /// 0 when the pre-filter did not run (the zero-shot stage ran first and rejected the frame).
     pub prefilter_score: f64,
+    pub prefilter_ran: bool,
     pub threshold: f64,
+    /// The zero-shot stage's verdict, if it ran.
+    pub zero_shot: Option<ZeroShotInfo>,
+    /// Every gate that ran passed the frame.
     pub passed: bool,
     /// `None` when the frame was rejected or no identification model is configured.
     pub identified: Option<Identified>,
@@ -181,7 +280,12 @@ impl Identifier {
                 })
             }
         };
+        let zero_shot = match &cfg.zero_shot {
+            Some(z) => Some(ZeroShot::load(z, &cfg.inference)?),
+            None => None,
+        };
         Ok(Identifier {
+            zero_shot,
             prefilter,
             positive_classes,
             threshold: AtomicU64::new(threshold.to_bits()),
@@ -227,6 +331,7 @@ impl Identifier {
             decoder: Decoder::new(self.jpeg_dct_scaling),
             prefilter: Preprocessor::new(&self.prefilter.manifest().input),
             embedder: self.identification.as_ref().map(|i| Preprocessor::new(&i.model.manifest().input)),
+            zero_shot: self.zero_shot.as_ref().map(|z| Preprocessor::new(&z.model.manifest().input)),
             tensor: Vec::new(),
             cosines: Vec::new(),
             gallery_scratch: Vec::new(),
@@ -315,13 +420,35 @@ impl Identifier {
     pub fn assess(&self, ws: &mut Workspace, data: &FrameData, name: &str) -> Result<Assessment> {
         let start = Instant::now();
         let mut timings = Timings::default();
-        let Workspace { decoder, prefilter, embedder, tensor, cosines, gallery_scratch, matches } = ws;
+        let Workspace { decoder, prefilter, embedder, zero_shot, tensor, cosines, gallery_scratch, matches } = ws;
         let decoded = decoder.decode(data, |w, h| prefilter.fits(w, h), name)?;
         let (width, height) = (decoded.full_width, decoded.full_height);
         timings.decode_ms += ms(start.elapsed());
-        let score = self.score(prefilter, tensor, decoded.image, &mut timings)?;
         let threshold = self.threshold();
-        let passed = score >= threshold;
+        // The zero-shot gate, before or after the pre-filter; a frame goes on only while every gate passes.
+        let mut zero_shot_info = None;
+        let mut run_zero_shot = |decoder: &mut Decoder, timings: &mut Timings, tensor: &mut Vec<f32>| -> Result<bool> {
+            let (Some(zs), Some(pre)) = (&self.zero_shot, zero_shot.as_mut()) else { return Ok(true) };
+            let t = Instant::now();
+            let decoded = decoder.decode(data, |w, h| pre.fits(w, h), name)?;
+            timings.decode_ms += ms(t.elapsed());
+            let (score, passed) = zs.score(pre, tensor, decoded.image, timings)?;
+            zero_shot_info =
+                Some(ZeroShotInfo { model: zs.model.manifest().name.clone(), score, threshold: zs.threshold, passed });
+            Ok(passed)
+        };
+        let before = self.zero_shot.as_ref().is_some_and(|z| z.position == ZeroShotPosition::BeforePrefilter);
+        let mut passed = if before { run_zero_shot(decoder, &mut timings, tensor)? } else { true };
+        let (mut score, mut prefilter_ran) = (0.0, false);
+        if passed {
+            let decoded = decoder.decode(data, |w, h| prefilter.fits(w, h), name)?;
+            score = self.score(prefilter, tensor, decoded.image, &mut timings)?;
+            prefilter_ran = true;
+            passed = score >= threshold;
+        }
+        if passed && !before {
+            passed = run_zero_shot(decoder, &mut timings, tensor)?;
+        }
         let identified = match (&self.identification, passed) {
             (Some(id), true) => {
                 let pre = embedder
@@ -352,7 +479,9 @@ impl Identifier {
             height,
             prefilter_model: self.prefilter.manifest().name.clone(),
             prefilter_score: score,
+            prefilter_ran,
             threshold,
+            zero_shot: zero_shot_info,
             passed,
             identified,
             model_version: self.model_version(),
@@ -493,10 +622,18 @@ impl Detection {
     pub fn from_assessment(a: &Assessment, meta: &FrameMeta, device_id: &str) -> Detection {
         let mut d = Detection::base(meta, device_id, a.model_version.clone());
         d.bbox = [0, 0, a.width, a.height];
-        d.cetacean_score = round4(a.prefilter_score);
+        // cetacean_score: the pre-filter's score, or the zero-shot score when it rejected the frame first.
+        d.cetacean_score = match (&a.zero_shot, a.prefilter_ran) {
+            (Some(z), false) => round4(z.score),
+            _ => round4(a.prefilter_score),
+        };
         d.is_cetacean = a.passed;
-        d.prefilter =
-            Some(PrefilterInfo { model: a.prefilter_model.clone(), score: a.prefilter_score, threshold: a.threshold });
+        d.prefilter = a.prefilter_ran.then(|| PrefilterInfo {
+            model: a.prefilter_model.clone(),
+            score: a.prefilter_score,
+            threshold: a.threshold,
+        });
+        d.zero_shot = a.zero_shot.clone();
         d.timings = a.timings.clone();
         d.gallery_version = a.gallery_version;
         if !a.passed {
@@ -549,7 +686,9 @@ mod tests {
             height: 480,
             prefilter_model: "pf".into(),
             prefilter_score: 0.123456,
+            prefilter_ran: true,
             threshold: 0.1,
+            zero_shot: None,
             passed,
             identified,
             model_version: "effb4-arcface-v1".into(),

@@ -48,6 +48,17 @@ struct RawManifest {
     output: RawOutput,
     prefilter: Option<RawPrefilter>,
     embedder: Option<RawEmbedder>,
+    zero_shot: Option<RawZeroShot>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawZeroShot {
+    text_embeddings: PathBuf,
+    text_embeddings_sha256: Option<String>,
+    positives: Count,
+    scale: Positive,
+    threshold: Probability,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +66,7 @@ struct RawManifest {
 enum RoleName {
     Prefilter,
     Embedder,
+    ZeroShot,
 }
 
 #[derive(Debug, Deserialize)]
@@ -246,11 +258,34 @@ pub struct EmbedderSpec {
     pub model_version: String,
 }
 
+/// The zero-shot gate (upstream's CLIP rule): an image encoder plus text embeddings of prompts, the
+/// first `positives` of which describe a cetacean.
+#[derive(Debug, Clone)]
+pub struct ZeroShotSpec {
+    /// float32 `.npy`, `[prompts, dim]`.
+    pub text_embeddings: PathBuf,
+    pub text_embeddings_sha256: Option<String>,
+    pub positives: usize,
+    pub scale: f64,
+    pub threshold: Probability,
+}
+
 /// What the model is for; each role carries its own settings.
 #[derive(Debug, Clone)]
 pub enum Role {
     Prefilter(PrefilterSpec),
     Embedder(EmbedderSpec),
+    ZeroShot(ZeroShotSpec),
+}
+
+impl Role {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Prefilter(_) => "prefilter",
+            Role::Embedder(_) => "embedder",
+            Role::ZeroShot(_) => "zero_shot",
+        }
+    }
 }
 
 /// A parsed, validated model manifest.
@@ -350,7 +385,35 @@ impl ModelManifest {
         };
         let output = OutputSpec { name: o.name, kind };
 
+        if raw.role != RoleName::ZeroShot && raw.zero_shot.is_some() {
+            return Err(err("a [zero_shot] table needs role = \"zero_shot\"".into()));
+        }
         let role = match (raw.role, raw.prefilter, raw.embedder) {
+            (RoleName::ZeroShot, None, None) => {
+                let Some(z) = raw.zero_shot else {
+                    return Err(err("role = \"zero_shot\" needs a [zero_shot] table".into()));
+                };
+                if !matches!(kind, OutputKind::Embedding { .. }) {
+                    return Err(err(
+                        "a zero_shot model's output.kind must be \"embedding\" (the image embedding)".into()
+                    ));
+                }
+                if let Some(h) = &z.text_embeddings_sha256 {
+                    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(err(format!("zero_shot.text_embeddings_sha256 must be 64 hex digits, got `{h}`")));
+                    }
+                }
+                Role::ZeroShot(ZeroShotSpec {
+                    text_embeddings: dir.join(z.text_embeddings),
+                    text_embeddings_sha256: z.text_embeddings_sha256.map(|h| h.to_ascii_lowercase()),
+                    positives: z.positives.get(),
+                    scale: z.scale.get(),
+                    threshold: z.threshold,
+                })
+            }
+            (RoleName::ZeroShot, _, _) => {
+                return Err(err("role = \"zero_shot\" takes a [zero_shot] table, no [prefilter] or [embedder]".into()))
+            }
             (RoleName::Prefilter, Some(p), None) => {
                 let classes = match kind {
                     OutputKind::Logits { classes } | OutputKind::Probabilities { classes } => classes,

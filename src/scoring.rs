@@ -46,6 +46,24 @@ pub fn rank(cosines: &[f32], scale: f64, k: usize) -> Vec<Ranked> {
     order.into_iter().map(|slot| Ranked { slot, probability: probs[slot] }).collect()
 }
 
+/// The upstream zero-shot (CLIP) gate score: with the image embedding and every text row L2-normalised,
+/// softmax over all prompts of `scale` x cosine, summed over the first `positives` prompts. `text` is
+/// `prompts x image.len()`, rows already L2-normalised.
+pub fn zero_shot_score(image: &[f32], text: &[f32], positives: usize, scale: f64) -> f64 {
+    let dim = image.len();
+    if dim == 0 {
+        return 0.0;
+    }
+    let norm = image.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+    if norm == 0.0 || !norm.is_finite() {
+        return 0.0;
+    }
+    let cos = text
+        .chunks_exact(dim)
+        .map(|row| row.iter().zip(image).map(|(&t, &x)| f64::from(t) * f64::from(x)).sum::<f64>() / norm * scale);
+    softmax(cos).iter().take(positives).sum()
+}
+
 /// L2-normalises `v` in place (a zero vector stays zero).
 pub fn l2_normalise(v: &mut [f32]) {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -105,6 +123,37 @@ mod tests {
         let probs = [0.1f32, 0.2, 0.7];
         let s = prefilter_score(&probs, OutputKind::Probabilities { classes: 3 }, &[0, 2]);
         assert!((s - 0.8).abs() < 1e-6);
+    }
+
+    /// The upstream CLIP gate rule on known vectors; expected values from numpy in float64:
+    /// i = img/|img|, t = T/|T| per row, p = softmax(scale * t @ i), score = p[:positives].sum().
+    #[test]
+    fn zero_shot_score_matches_numpy() {
+        let img = [0.3f32, -1.2, 0.8, 2.0];
+        let raw: [[f32; 4]; 5] = [
+            [1.0, 0.0, 0.0, 1.0],
+            [0.5, -2.0, 0.0, 1.0],
+            [0.0, 0.0, 1.0, 0.0],
+            [-1.0, 1.0, 0.0, 0.0],
+            [0.2, 0.1, -0.3, 0.9],
+        ];
+        let text: Vec<f32> = raw
+            .iter()
+            .flat_map(|r| {
+                let n = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+                r.map(|v| v / n)
+            })
+            .collect();
+        for (positives, scale, want) in
+            [(2, 100.0, 0.9999999845877949), (2, 10.0, 0.8765633518699008), (3, 1.0, 0.6877199383907927)]
+        {
+            let got = zero_shot_score(&img, &text, positives, scale);
+            assert!((got - want).abs() < 1e-6, "positives {positives}, scale {scale}: {got} vs {want}");
+        }
+        // The image embedding's own norm does not matter; a zero embedding scores 0.
+        let scaled: Vec<f32> = img.iter().map(|v| v * 7.5).collect();
+        assert!((zero_shot_score(&scaled, &text, 2, 10.0) - 0.8765633518699008).abs() < 1e-6);
+        assert_eq!(zero_shot_score(&[0.0; 4], &text, 2, 10.0), 0.0);
     }
 
     /// Expected values are Python's own `round(x, 4)` outputs.

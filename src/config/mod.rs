@@ -17,7 +17,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::error::{Error, Result};
-use crate::manifest::{BackendKind, ModelManifest, Role};
+use crate::manifest::{BackendKind, ModelManifest};
 use values::{line_col, Count, Interval, Positive, Probability};
 
 /// The model the built-in defaults use as pre-filter (a directory under a model search directory).
@@ -31,6 +31,7 @@ struct RawConfig {
     inference: RawInference,
     prefilter: Option<RawStage>,
     identification: Option<RawIdentification>,
+    zero_shot: Option<RawZeroShot>,
     #[serde(default, rename = "camera")]
     cameras: Vec<RawCamera>,
     #[serde(default)]
@@ -132,6 +133,35 @@ struct RawStage {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawZeroShot {
+    model: Spanned<String>,
+    variant: Option<String>,
+    threshold: Option<Probability>,
+    position: Option<ZeroShotPosition>,
+}
+
+/// Where the zero-shot gate runs relative to the pre-filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ZeroShotPosition {
+    /// Zero-shot first; the pre-filter runs only on frames it passes.
+    BeforePrefilter,
+    /// The cheap pre-filter first (default): the zero-shot encoder runs only on frames it passes.
+    AfterPrefilter,
+}
+
+/// `[zero_shot]`: the optional zero-shot gate stage.
+#[derive(Debug, Clone)]
+pub struct ZeroShotConfig {
+    pub manifest: PathBuf,
+    pub variant: Option<String>,
+    /// Overrides the manifest's threshold.
+    pub threshold: Option<Probability>,
+    pub position: ZeroShotPosition,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawIdentification {
     model: Spanned<String>,
     variant: Option<String>,
@@ -166,6 +196,8 @@ pub struct Config {
     pub inference: InferenceConfig,
     pub prefilter: PrefilterConfig,
     pub identification: Option<IdentificationConfig>,
+    /// The zero-shot gate stage; `None`: off.
+    pub zero_shot: Option<ZeroShotConfig>,
     /// The cameras `whaled run` watches, in config order (names unique).
     pub cameras: Vec<CameraConfig>,
     pub pipeline: PipelineConfig,
@@ -316,6 +348,7 @@ impl Config {
             },
             prefilter: PrefilterConfig { manifest, variant: None, threshold: None },
             identification: None,
+            zero_shot: None,
             cameras: Vec::new(),
             pipeline: PipelineConfig::default(),
             mqtt: None,
@@ -412,6 +445,17 @@ impl Config {
                     }
                 },
                 new_individual_below: i.new_individual_below,
+            }),
+        };
+
+        let zero_shot = match raw.zero_shot {
+            None => None,
+            Some(z) => Some(ZeroShotConfig {
+                manifest: resolve_model(dir, z.model.get_ref())
+                    .map_err(|m| at(z.model.span(), "zero_shot.model", m))?,
+                variant: z.variant,
+                threshold: z.threshold,
+                position: z.position.unwrap_or(ZeroShotPosition::AfterPrefilter),
             }),
         };
 
@@ -536,6 +580,7 @@ impl Config {
             },
             prefilter,
             identification,
+            zero_shot,
         })
     }
 }
@@ -548,13 +593,13 @@ impl Config {
         if let Some(i) = &self.identification {
             stages.push((&i.manifest, i.variant.as_deref(), "embedder"));
         }
+        if let Some(z) = &self.zero_shot {
+            stages.push((&z.manifest, z.variant.as_deref(), "zero_shot"));
+        }
         let mut lines = Vec::new();
         for (path, variant, want) in stages {
             let m = ModelManifest::load(path)?;
-            let role = match m.role {
-                Role::Prefilter(_) => "prefilter",
-                Role::Embedder(_) => "embedder",
-            };
+            let role = m.role.name();
             if role != want {
                 return Err(Error::model(path, format!("is configured as the {want} but its role is \"{role}\"")));
             }
