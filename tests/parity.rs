@@ -48,7 +48,7 @@ fn tract_and_onnxruntime_agree_on_every_model() {
             Role::Embedder(spec) => {
                 Some(IdentificationHead::load(manifest.path(), spec.head.as_ref().unwrap(), 512).unwrap())
             }
-            Role::Prefilter(_) => None,
+            Role::Prefilter(_) | Role::ZeroShot(_) => None,
         };
         let mut pre = Preprocessor::new(&manifest.input);
         let mut input = Vec::new();
