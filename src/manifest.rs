@@ -66,6 +66,7 @@ struct RawZeroShot {
 enum RoleName {
     Prefilter,
     Embedder,
+    #[serde(rename = "zero_shot")]
     ZeroShot,
 }
 

@@ -150,6 +150,26 @@ mod tests {
             let got = zero_shot_score(&img, &text, positives, scale);
             assert!((got - want).abs() < 1e-6, "positives {positives}, scale {scale}: {got} vs {want}");
         }
+        // Nearly equal cosines (0.9847, 0.9847, 0.9918, 0.9928, 0.9526): the scale decides (numpy, float64).
+        let img_b = [1.0f32, 1.0, 0.0, -0.5];
+        let raw_b: [[f32; 4]; 5] = [
+            [3.0, 2.5, 0.5, -1.0],
+            [1.0, 1.2, -0.2, -0.4],
+            [0.9, 1.1, 0.1, -0.6],
+            [2.0, 2.0, 0.3, -0.8],
+            [0.5, 0.4, 0.2, -0.3],
+        ];
+        let text_b: Vec<f32> = raw_b
+            .iter()
+            .flat_map(|r| {
+                let n = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+                r.map(|v| v / n)
+            })
+            .collect();
+        for (scale, want) in [(10.0, 0.409630288126218), (100.0, 0.316914959243628)] {
+            let got = zero_shot_score(&img_b, &text_b, 2, scale);
+            assert!((got - want).abs() < 1e-5, "case B, scale {scale}: {got} vs {want}");
+        }
         // The image embedding's own norm does not matter; a zero embedding scores 0.
         let scaled: Vec<f32> = img.iter().map(|v| v * 7.5).collect();
         assert!((zero_shot_score(&scaled, &text, 2, 10.0) - 0.8765633518699008).abs() < 1e-6);

@@ -7,15 +7,23 @@
                             -> global average pool -> Linear(1792 -> 512) -> L2 normalise; plus a random
                             15,587 x 512 ArcFace head (`head.npy`), `encoder_classes.npy` (12-hex ids) and
                             `species_map.csv` in the upstream formats, 13,837 active slots.
+  zeroshot-random/          a `role = "zero_shot"` model in upstream's CLIP-rule shape: a small conv image
+                            encoder (224x224 -> 512-d `image_embeds`), its random text encoder
+                            (`text_encoder.onnx`, token ids [N, 77] -> `text_embeds` [N, 512]), a word-level
+                            `tokenizer.json`, upstream's 24 prompts (`prompts.txt`, 10 positive first) and the
+                            `text_embeddings.npy` that tools/text_embeddings.py makes from them, plus
+                            `samples/zs_*.png` (224x224 synthetic frames that score on both sides of 0.52).
 
 Every weight is drawn from a seeded numpy generator: the same command writes the same bytes. These models
-identify nothing; they exist so tests and benchmarks run the real topologies. Needs numpy + onnx only.
+identify nothing; they exist so tests and benchmarks run the real topologies. Needs numpy + onnx; the
+zero-shot model also needs onnxruntime, tokenizers and pillow (requirements-dev.txt).
 
 Usage: python3 tools/gen_test_models.py --out models/generated
 """
 import argparse
 import hashlib
 import os
+import re
 
 import numpy as np
 import onnx
@@ -101,6 +109,168 @@ def resnet18(rng):
     return g.finish(x, "logits", [1, 1000], "resnet18_random: RANDOM WEIGHTS, real topology; 1000 logits.")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Zero-shot (upstream's CLIP rule): image encoder + text embeddings of upstream's 24 prompts.
+
+ZS_PROMPTS = [
+    # 10 positive (upstream order)
+    "a photo of a whale in the ocean", "an aerial photo of a whale", "a photo of a humpback whale",
+    "a photo of a blue whale", "a photo of a killer whale", "a photo of a dolphin swimming",
+    "a photo of a beluga whale", "a photo of a marine mammal in the sea", "a photo of a whale fluke or dorsal fin",
+    "a photograph of a cetacean",
+    # 14 negative
+    "a photo of text on a blank page", "a screenshot of a document", "a photo of a person", "a photo of a building",
+    "a photo of a car", "a photo of a cat", "a photo of a dog", "a photo of food",
+    "a photo of a landscape without animals", "a blank white image", "a photo of a fish",
+    "a photo of a boat on water", "a photo of a shark", "an abstract pattern"]
+ZS_POSITIVES = 10
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
+ZS_CHANNELS = [3, 24, 48, 96, 128]
+ZS_DIM, ZS_CONTEXT, ZS_TOKEN_DIM = 512, 77, 64
+
+
+def _conv_np(x, w, b, stride):
+    """float64 reference of ob.Graph.conv (torch padding k//2) on one CHW image."""
+    c, h, wd = x.shape
+    k = w.shape[2]
+    p = k // 2
+    xp = np.pad(x, ((0, 0), (p, p), (p, p)))
+    oh, ow = (h + 2 * p - k) // stride + 1, (wd + 2 * p - k) // stride + 1
+    cols = np.empty((c, k, k, oh, ow))
+    for i in range(k):
+        for j in range(k):
+            cols[:, i, j] = xp[:, i:i + stride * oh:stride, j:j + stride * ow:stride]
+    return np.einsum("ockl,cklhw->ohw", w.astype(np.float64), cols) + b.astype(np.float64)[:, None, None]
+
+
+def zs_synthetic_frame(rng, size=224):
+    """A photo-like uint8 RGB frame: colour gradient + soft blobs + sensor noise (seeded)."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = rng.uniform(0, 255, 3) + rng.uniform(-120, 120, 3) * (xx[..., None] - 0.5) \
+        + rng.uniform(-120, 120, 3) * (yy[..., None] - 0.5)
+    for _ in range(int(rng.integers(2, 7))):
+        cx, cy = rng.uniform(0, 1, 2)
+        sd = rng.uniform(0.03, 0.25)
+        img = img + rng.uniform(-150, 150, 3) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sd * sd))[..., None]
+    img = img + rng.standard_normal((size, size, 3)) * rng.uniform(0, 25)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def zs_image_encoder(rng):
+    """4 stride-2 3x3 convs + ReLU -> GAP (128) -> Gemm -> 512-d `image_embeds` (unnormalised, like CLIP's).
+
+    Pooled ReLU features of random convs share a large common part, which would make every image's
+    embedding point the same way; so the Gemm standardises them first (mean/std over 32 seeded synthetic
+    frames, computed in float64 numpy, no onnxruntime involved) and different images get clearly
+    different embedding directions."""
+    convs = [rng.conv(cout, cin, 3) for cin, cout in zip(ZS_CHANNELS[:-1], ZS_CHANNELS[1:])]
+    calib = np.random.default_rng(6)
+    feats = []
+    for _ in range(32):
+        x = ((zs_synthetic_frame(calib) / 255.0 - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
+        for w, b in convs:
+            x = np.maximum(_conv_np(x, w, b, 2), 0.0)
+        feats.append(x.mean((1, 2)))
+    feats = np.array(feats)
+    mu, sd = feats.mean(0), feats.std(0) + 1e-3
+    proj = rng.rng.standard_normal((ZS_DIM, ZS_CHANNELS[-1])) / np.sqrt(ZS_CHANNELS[-1])
+    g = ob.Graph("zeroshot_image_random", (224, 224))
+    x, hw = g.in_name, (224, 224)
+    for w, b in convs:
+        x, hw = g.conv(x, w, b, hw, stride=2)
+        x = g.relu(x)
+    x = g.gemm(g.flatten(g.gap(x)), proj / sd[None, :], -(proj @ (mu / sd)))
+    return g.finish(x, "image_embeds", [1, ZS_DIM],
+                    "zeroshot_image_random: RANDOM WEIGHTS; 224x224 CLIP-normalised RGB -> 512-d image_embeds.")
+
+
+def zs_words():
+    return sorted({w for p in ZS_PROMPTS for w in re.findall(r"\w+", p.lower())})
+
+
+def zs_tokenizer():
+    """Word-level tokenizer.json in CLIP's shape: lowercase, <|startoftext|> ... <|endoftext|>, pad id 0."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    specials = ["<pad>", "<|startoftext|>", "<|endoftext|>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + zs_words())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.add_special_tokens(specials)
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 1), ("<|endoftext|>", 2)])
+    tok.enable_padding(pad_id=0, pad_token="<pad>", length=ZS_CONTEXT)
+    return tok, len(vocab)
+
+
+def zs_text_encoder(rng, vocab_size):
+    """input_ids int64 [N, 77] -> mean of the non-pad (id != 0) token embeddings -> MatMul + bias -> [N, 512].
+
+    The bias (a shared direction as long as a typical projected prompt) plays the part of CLIP's shared
+    "a photo of" context: the 24 prompts sit close together, so softmax(100 * cos) spreads its mass over
+    several prompts and image scores land across (0, 1) instead of at 0 or 1."""
+    from onnx import TensorProto, helper, numpy_helper
+    emb = rng.rng.standard_normal((vocab_size, ZS_TOKEN_DIM)).astype(np.float32)
+    proj = (rng.rng.standard_normal((ZS_TOKEN_DIM, ZS_DIM)) / np.sqrt(ZS_TOKEN_DIM)).astype(np.float32)
+    words = zs_words()
+    rows = np.array([emb[[1] + [4 + words.index(w) for w in re.findall(r"\w+", p.lower())] + [2]]
+                     .astype(np.float64).mean(0) @ proj for p in ZS_PROMPTS])
+    bias = rng.rng.standard_normal(ZS_DIM)
+    bias = (bias / np.linalg.norm(bias) * np.linalg.norm(rows, axis=1).mean()).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in (
+        (emb, "token_embedding"), (proj, "projection"), (bias, "projection_bias"),
+        (np.array(0, np.int64), "pad_id"), (np.array([1], np.int64), "axis1"), (np.array([2], np.int64), "axis2"))]
+    mk = helper.make_node
+    nodes = [
+        mk("Equal", ["input_ids", "pad_id"], ["is_pad"]),
+        mk("Not", ["is_pad"], ["not_pad"]),
+        mk("Cast", ["not_pad"], ["mask"], to=TensorProto.FLOAT),
+        mk("Gather", ["token_embedding", "input_ids"], ["tokens"], axis=0),
+        mk("Unsqueeze", ["mask", "axis2"], ["mask3"]),
+        mk("Mul", ["tokens", "mask3"], ["masked"]),
+        mk("ReduceSum", ["masked", "axis1"], ["summed"], keepdims=0),
+        mk("ReduceSum", ["mask", "axis1"], ["count"], keepdims=1),
+        mk("Div", ["summed", "count"], ["mean"]),
+        mk("MatMul", ["mean", "projection"], ["projected"]),
+        mk("Add", ["projected", "projection_bias"], ["text_embeds"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "zeroshot_text_random",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", ZS_CONTEXT])],
+        [helper.make_tensor_value_info("text_embeds", TensorProto.FLOAT, ["N", ZS_DIM])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ob.OPSET)], producer_name="whaled-tools",
+                              doc_string="zeroshot_text_random: RANDOM WEIGHTS; token ids -> masked mean -> 512-d.")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def zeroshot(d):
+    """Writes models/generated/zeroshot-random/ (see the module docstring)."""
+    from PIL import Image
+    import text_embeddings as te
+    os.makedirs(os.path.join(d, "samples"), exist_ok=True)
+    rng = Init(8)
+    onnx.save(zs_image_encoder(rng), os.path.join(d, "image_encoder.onnx"))
+    tok, vocab_size = zs_tokenizer()
+    tok.save(os.path.join(d, "tokenizer.json"), pretty=True)
+    onnx.save(zs_text_encoder(rng, vocab_size), os.path.join(d, "text_encoder.onnx"))
+    with open(os.path.join(d, "prompts.txt"), "w") as f:
+        f.write("".join(p + "\n" for p in ZS_PROMPTS))
+    # The shipped artefact, made by the same code path as `tools/text_embeddings.py` on a real CLIP encoder.
+    prompts = te.read_prompts(os.path.join(d, "prompts.txt"))
+    emb = te.encode_prompts(os.path.join(d, "text_encoder.onnx"), os.path.join(d, "tokenizer.json"), prompts,
+                            context=ZS_CONTEXT)
+    text_sha = te.write_npy(os.path.join(d, "text_embeddings.npy"), emb)
+    samples = np.random.default_rng(9)
+    for i in range(6):
+        Image.fromarray(zs_synthetic_frame(samples)).save(os.path.join(d, "samples", f"zs_{i}.png"))
+    open(os.path.join(d, "model.toml"), "w").write(ZEROSHOT_MANIFEST.format(
+        sha=sha256(os.path.join(d, "image_encoder.onnx")), text_sha=text_sha,
+        snippet=te.manifest_snippet("text_embeddings.npy", text_sha, ZS_POSITIVES).split("\n", 1)[1]))
+
+
 def sha256(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -178,12 +348,45 @@ model_version = "effb4-arcface-random"
 """
 
 
+ZEROSHOT_MANIFEST = """# GENERATED by tools/gen_test_models.py -- RANDOM WEIGHTS: recognises nothing; for tests and benchmarks.
+# Upstream's CLIP zero-shot rule with generated encoders. text_embeddings.npy was made by
+# tools/text_embeddings.py from text_encoder.onnx + tokenizer.json + prompts.txt (kept here for that).
+name = "zeroshot-random"
+role = "zero_shot"
+description = "Zero-shot gate: small conv image encoder + upstream's 24 prompts through a random text encoder (random weights)"
+random_weights = true
+license = "Apache-2.0 (generated)"
+
+[[variants]]
+name = "fp32"
+file = "image_encoder.onnx"
+sha256 = "{sha}"
+
+[input]
+name = "input"
+width = 224
+height = 224
+layout = "nchw"
+resize = "stretch"
+interpolation = "bicubic"
+mean = [0.48145466, 0.4578275, 0.40821073]
+std = [0.26862954, 0.26130258, 0.27577711]
+
+[output]
+name = "image_embeds"
+kind = "embedding"
+dim = 512
+
+[zero_shot]
+{snippet}"""
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="models/generated")
-    ap.add_argument("--only", choices=["b0", "resnet18", "b4"], action="append")
+    ap.add_argument("--only", choices=["b0", "resnet18", "b4", "zeroshot"], action="append")
     args = ap.parse_args()
-    only = set(args.only or ["b0", "resnet18", "b4"])
+    only = set(args.only or ["b0", "resnet18", "b4", "zeroshot"])
 
     def save(sub, fname, model):
         d = os.path.join(args.out, sub)
@@ -216,6 +419,8 @@ def main():
             for i in ids:
                 f.write(f"{i},{SPECIES[int(rng.integers(len(SPECIES)))]}\n")
         open(os.path.join(d, "model.toml"), "w").write(EMBEDDER_MANIFEST.format(sha=sha256(p)))
+    if "zeroshot" in only:
+        zeroshot(os.path.join(args.out, "zeroshot-random"))
     print(f"wrote {sorted(only)} under {args.out}")
 
 

@@ -24,6 +24,16 @@ pub fn generated() -> PathBuf {
     DIR.get_or_init(|| {
         let dir = repo().join("models/generated");
         if dir.join("effb4-arcface-random/model.toml").is_file() {
+            if !dir.join("zeroshot-random/model.toml").is_file() {
+                // A directory from before the zero-shot test model (`.ci/test` regenerates everything first).
+                let status = Command::new("python3")
+                    .arg(repo().join("tools/gen_test_models.py"))
+                    .args(["--only", "zeroshot", "--out"])
+                    .arg(&dir)
+                    .status()
+                    .expect("python3 must be installed to generate the test models");
+                assert!(status.success(), "tools/gen_test_models.py --only zeroshot failed");
+            }
             return dir;
         }
         let tmp = repo().join(format!("models/.generated-{}", std::process::id()));
