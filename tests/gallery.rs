@@ -498,3 +498,67 @@ fn crc32(data: &[u8]) -> u32 {
     }
     !crc
 }
+
+/// A CSV catalogue (paths relative to the CSV, species given), and its errors.
+#[test]
+fn build_from_a_csv_catalogue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lite0 = embedder(tmp.path(), "models/efficientnet-lite0/efficientnet_lite0_fp32.onnx", "lite0-embedder");
+    let g = tmp.path().join("csv.wgal");
+    let cfg = config(tmp.path(), &lite0, &g, "");
+    let photos = individuals(3, 0);
+    let dir = tmp.path().join("survey");
+    std::fs::create_dir_all(dir.join("img")).unwrap();
+    let mut csv = String::from("path,individual_id,species\n");
+    for (i, (p, id)) in photos.iter().enumerate() {
+        std::fs::copy(p, dir.join(format!("img/{i}.jpg"))).unwrap();
+        csv.push_str(&format!("img/{i}.jpg,{id},\"humpback_whale\"\n"));
+    }
+    std::fs::write(dir.join("catalogue.csv"), &csv).unwrap();
+    let csv_path = dir.join("catalogue.csv");
+    ok(&whaled(&[
+        "gallery",
+        "build",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        g.to_str().unwrap(),
+        csv_path.to_str().unwrap(),
+    ]));
+    let l = list(&g);
+    let ids: Vec<&str> =
+        l["individuals"].as_array().unwrap().iter().map(|i| i["individual_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, photos.iter().map(|p| p.1.as_str()).collect::<Vec<_>>());
+    assert!(l["individuals"].as_array().unwrap().iter().all(|i| i["species"] == "humpback_whale"), "{l}");
+
+    // A CSV without the columns, and one naming a photo that is not there (built from the rest, exit 1).
+    std::fs::write(dir.join("bad.csv"), "file,id\nimg/0.jpg,x\n").unwrap();
+    let out = whaled(&[
+        "gallery",
+        "build",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        tmp.path().join("b.wgal").to_str().unwrap(),
+        dir.join("bad.csv").to_str().unwrap(),
+    ]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && e.contains("needs a path column"), "{e}");
+    csv.push_str("img/missing.jpg,zz,orca\n");
+    std::fs::write(dir.join("gap.csv"), &csv).unwrap();
+    let out = whaled(&[
+        "gallery",
+        "build",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        tmp.path().join("c.wgal").to_str().unwrap(),
+        dir.join("gap.csv").to_str().unwrap(),
+    ]);
+    let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{o}{e}");
+    assert!(
+        e.contains("missing.jpg") && o.contains("3 photos of 3 individuals (1 unreadable photos skipped)"),
+        "{o}{e}"
+    );
+}
