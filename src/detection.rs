@@ -74,6 +74,40 @@ pub struct PrefilterInfo {
     pub threshold: f64,
 }
 
+/// How good a GPS fix is (gpsd's TPV `mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum FixMode {
+    #[serde(rename = "2d")]
+    TwoD,
+    #[serde(rename = "3d")]
+    ThreeD,
+}
+
+/// Where the box was when a frame was captured: the latest GPS fix (from gpsd), if one was current.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Position {
+    /// WGS84 degrees.
+    pub lat: f64,
+    pub lon: f64,
+    pub fix_mode: FixMode,
+    /// The fix's own UTC time (RFC 3339, from the satellites): correct even when the system clock is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix_time: Option<String>,
+    /// Seconds between the fix's arrival and the frame's capture (monotonic clock).
+    pub age_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub altitude_m: Option<f64>,
+    /// Speed over ground, m/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speed_mps: Option<f64>,
+    /// Course over ground, degrees from true north.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub course_deg: Option<f64>,
+    /// Estimated horizontal error, metres (gpsd `eph`), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub horizontal_error_m: Option<f64>,
+}
+
 /// Per-stage wall time in milliseconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Timings {
@@ -123,6 +157,14 @@ pub struct Detection {
     pub zero_shot: Option<ZeroShotInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identification: Option<IdentificationInfo>,
+    /// The GPS fix current at capture (absent: no `[gps]`, or no fix; stats count those frames).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<Position>,
+    /// Whether the kernel considered the system clock synchronised (NTP/PPS/chrony) at capture; absent
+    /// when it cannot be read. `false`: `captured_at` may be wrong (a Pi with no RTC booted at sea);
+    /// `position.fix_time` is then the time to trust.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_synced: Option<bool>,
     /// The version of the gallery in use when the frame was assessed (absent: no gallery configured).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gallery_version: Option<u64>,
@@ -164,6 +206,8 @@ impl Detection {
             zero_shot: None,
             identification: None,
             gallery_version: None,
+            position: None,
+            clock_synced: None,
             error: None,
             timings: Timings::default(),
         }
