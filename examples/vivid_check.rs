@@ -173,7 +173,8 @@ fn run() -> Result<(), String> {
         source: whaled::source::open(&camera).map_err(|e| e.to_string())?,
         sample_interval: camera.sample_interval,
     }];
-    let options = Options { workers: 1, emit_rejected: true, stats_interval: None, device_id: "vm".into() };
+    let options =
+        Options { workers: 1, emit_rejected: true, stats_interval: None, device_id: "vm".into(), ..Options::default() };
     let stopper = shutdown.clone();
     let chaos = std::thread::spawn(move || -> Result<(), String> {
         std::thread::sleep(Duration::from_secs(4));

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::config::{CameraConfig, Config, Origin};
+use crate::config::{CameraConfig, Config, Origin, PublishMode};
 use crate::error::{Error, Result};
 use crate::health::{MqttHealth, MqttProbe};
 use crate::identify::Identifier;
@@ -57,7 +57,23 @@ pub fn run(mut cfg: Config, identifier: Identifier, shutdown: &Shutdown) -> Resu
         emit_rejected: cfg.pipeline.emit_rejected,
         stats_interval: Some(cfg.pipeline.stats_interval),
         device_id: cfg.device_id.clone(),
+        sightings: (cfg.sightings.publish != PublishMode::Detections).then(|| cfg.sightings.clone()),
+        // Beside the outbox: open sightings survive a crash as an `end` the next run sends.
+        state_file: cfg.mqtt.as_ref().map(|m| m.outbox.dir.join("open-sightings.json")),
+        gps: cfg.gps.as_ref().map(|g| {
+            log::info!("GPS from gpsd at {}", g.address);
+            Arc::new(crate::gps::Gps::start(g))
+        }),
     };
+    if let Some(s) = &options.sightings {
+        log::info!(
+            "sightings on (publish {:?}): gap {:?}, at most {} identified frames per sighting, one per {:?}",
+            s.publish,
+            s.gap,
+            s.max_identified,
+            s.identify_interval
+        );
+    }
     log::info!("running {} camera(s) with {} inference worker(s)", cfg.cameras.len(), options.workers);
     let identifier = Arc::new(identifier);
     let names: Vec<Arc<str>> = cameras.iter().map(|c| c.name.clone()).collect();
@@ -95,7 +111,7 @@ pub fn run(mut cfg: Config, identifier: Identifier, shutdown: &Shutdown) -> Resu
     }
     outputs.push(Box::new(StdoutSink::new()));
     let mut sinks = Sinks::new(outputs);
-    let result = pipeline::run_controlled(identifier, cameras, &options, shutdown, &control, |d| sinks.deliver(&d));
+    let result = pipeline::run_controlled(identifier, cameras, &options, shutdown, &control, |e| sinks.deliver(&e));
     drop(sinks);
     // Also sent by the signal thread as soon as a stop is requested; this covers sources that ended.
     crate::service::stopping();

@@ -157,6 +157,9 @@ pub struct Detection {
     pub zero_shot: Option<ZeroShotInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identification: Option<IdentificationInfo>,
+    /// The sighting this frame belongs to (`[sightings] publish = "both"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sighting_id: Option<String>,
     /// The GPS fix current at capture (absent: no `[gps]`, or no fix; stats count those frames).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub position: Option<Position>,
@@ -171,6 +174,108 @@ pub struct Detection {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub timings: Timings,
+}
+
+/// The phase of a sighting that an event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SightingPhase {
+    New,
+    Update,
+    End,
+}
+
+/// Why a sighting ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// No frame passed the gates for `gap`.
+    Gap,
+    /// It lasted `max_duration`; the next passing frame starts a new sighting.
+    MaxDuration,
+    /// The camera delivered no frame at all for `gap`.
+    CameraSilent,
+    /// whaled stopped (SIGTERM, a reload) while it was open.
+    Shutdown,
+    /// whaled found it open at start-up: the previous run ended without closing it (a crash, power).
+    Restart,
+}
+
+/// Frame counts of a sighting.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SightingFrames {
+    /// Frames of the camera assessed while the sighting was open (passing or not).
+    pub sampled: u64,
+    /// Of those, frames that passed the gates.
+    pub passed: u64,
+    /// Passing frames run through identification.
+    pub identified: u64,
+    /// Passing frames not identified because of the frame budget.
+    pub skipped_budget: u64,
+}
+
+/// The best frame of a sighting (highest pre-filter score).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BestFrame {
+    /// The frame's `image_ind` (`<camera>#<seq>`), as in its detection.
+    pub image_ind: String,
+    pub captured_at: String,
+    pub score: f64,
+}
+
+/// An aggregated candidate: the rule's probability, and how many identified frames had it as top-1.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SightingCandidate {
+    pub class_animal: String,
+    pub id_animal: String,
+    pub probability: f64,
+    pub source: MatchSource,
+    pub votes: u64,
+}
+
+/// The aggregated identification of a sighting.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SightingIdentification {
+    /// `mean_embedding`: the identified frames' L2-normalised embeddings averaged, re-normalised and
+    /// ranked like one frame (head + gallery, softmax of scale x cosine).
+    pub rule: &'static str,
+    /// The frames the answer uses.
+    pub frames: u64,
+    pub top: Vec<SightingCandidate>,
+    pub new_individual: bool,
+}
+
+/// One lifecycle event of a sighting, on `<prefix>/<camera>/sighting` (a wire type).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SightingEvent {
+    /// Unique per event (de-duplicate on it; delivery is at-least-once).
+    pub event_id: String,
+    /// The same for every event of one sighting.
+    pub sighting_id: String,
+    pub event: SightingPhase,
+    pub device_id: String,
+    pub camera: String,
+    pub model_version: String,
+    pub started_at: String,
+    /// The last passing frame's capture time.
+    pub last_seen_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<EndReason>,
+    pub frames: SightingFrames,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_frame: Option<BestFrame>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identification: Option<SightingIdentification>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_position: Option<Position>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_position: Option<Position>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_synced: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gallery_version: Option<u64>,
 }
 
 impl Detection {
@@ -208,6 +313,7 @@ impl Detection {
             gallery_version: None,
             position: None,
             clock_synced: None,
+            sighting_id: None,
             error: None,
             timings: Timings::default(),
         }

@@ -353,6 +353,12 @@ impl Identifier {
         Ok(embedding)
     }
 
+    /// Ranks an L2-normalised embedding like a frame's (head + gallery): a sighting's aggregate.
+    pub fn rank_embedding(&self, embedding: Vec<f32>) -> Option<Identified> {
+        let id = self.identification.as_ref()?;
+        Some(id.rank(embedding, &mut Vec::new(), &mut Vec::new(), &mut Vec::new()))
+    }
+
     /// The species the head records for an individual id, if the head knows it.
     pub fn head_species(&self, individual: &str) -> Option<&str> {
         let id = self.identification.as_ref()?;
@@ -418,6 +424,18 @@ impl Identifier {
     /// Decodes and assesses one frame; `name` labels errors. A frame that cannot be decoded is
     /// `Err(Error::Image)`; any other error is the models'.
     pub fn assess(&self, ws: &mut Workspace, data: &FrameData, name: &str) -> Result<Assessment> {
+        self.assess_with(ws, data, name, &mut |_| true)
+    }
+
+    /// [`Identifier::assess`], identifying a frame that passes the gates only if `identify(score)` says
+    /// so (the sighting's frame budget): skipped frames have `identified: None`.
+    pub fn assess_with(
+        &self,
+        ws: &mut Workspace,
+        data: &FrameData,
+        name: &str,
+        identify: &mut dyn FnMut(f64) -> bool,
+    ) -> Result<Assessment> {
         let start = Instant::now();
         let mut timings = Timings::default();
         let Workspace { decoder, prefilter, embedder, zero_shot, tensor, cosines, gallery_scratch, matches } = ws;
@@ -449,7 +467,7 @@ impl Identifier {
         if passed && !before {
             passed = run_zero_shot(decoder, &mut timings, tensor)?;
         }
-        let identified = match (&self.identification, passed) {
+        let identified = match (&self.identification, passed && identify(score)) {
             (Some(id), true) => {
                 let pre = embedder
                     .as_mut()

@@ -12,7 +12,7 @@
 //! camera's events in capture order and de-duplicate on `event_id` (delivery is at-least-once).
 //!
 //! Topics (prefix default `whaled/<device_id>`): `status` (retained `online`; `offline` as the Last
-//! Will; `stopped` on a clean shutdown), `<camera>/detection` (QoS 1, via the outbox), `<camera>/snapshot`
+//! Will; `stopped` on a clean shutdown), `<camera>/detection` and `<camera>/sighting` (QoS 1, via the outbox), `<camera>/snapshot`
 //! (JPEG, on request), `stats` (periodic, QoS 0), `cmd/<command>` (subscribed) with replies on
 //! `cmd/<command>/reply`. Retained commands are ignored.
 //!
@@ -191,6 +191,9 @@ impl Topics {
     pub fn detection(&self, camera: &str) -> String {
         format!("{}/{camera}/detection", self.prefix)
     }
+    pub fn sighting(&self, camera: &str) -> String {
+        format!("{}/{camera}/sighting", self.prefix)
+    }
     pub fn snapshot(&self, camera: &str) -> String {
         format!("{}/{camera}/snapshot", self.prefix)
     }
@@ -290,6 +293,11 @@ impl Publisher {
     /// stored (disk full, medium failing): the caller logs it as lost.
     pub fn publish_detection(&self, camera: &str, json: &[u8]) -> Result<u64> {
         self.outbox.append(&self.topics.detection(camera), json)
+    }
+
+    /// Stores a sighting event for delivery (QoS 1, `<prefix>/<camera>/sighting`), like a detection.
+    pub fn publish_sighting(&self, camera: &str, json: &[u8]) -> Result<u64> {
+        self.outbox.append(&self.topics.sighting(camera), json)
     }
 
     /// A sender for snapshot JPEGs (the pipeline's workers hold one).

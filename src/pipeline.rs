@@ -20,10 +20,25 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::detection::{Detection, FrameMeta};
+use crate::config::{PublishMode, SightingsConfig};
+use crate::detection::{Detection, EndReason, FrameMeta, SightingEvent};
 use crate::error::{Error, Result};
 use crate::identify::Identifier;
+use crate::sighting::{Decision, FrameIdentity, FrameInfo, RankedCandidate, Ranking, Tracker};
 use crate::source::{Frame, Source, SourceEvent};
+
+/// What the pipeline emits: per-frame detections and sighting events.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Detection(Detection),
+    Sighting(SightingEvent),
+    /// An `end` (reason `restart`) for a sighting a previous run left open, as read from the state file.
+    Restored {
+        camera: String,
+        event_id: String,
+        json: serde_json::Value,
+    },
+}
 
 /// Detections waiting for the sink; beyond this, workers wait (and frames are dropped upstream).
 const OUTPUT_CAPACITY: usize = 64;
@@ -72,6 +87,10 @@ pub struct CameraStats {
     corrupt: AtomicU64,
     passed: AtomicU64,
     identified: AtomicU64,
+    /// Passing frames the sighting's frame budget did not identify.
+    skipped_budget: AtomicU64,
+    /// Frames assessed while `[gps]` had no current fix.
+    without_fix: AtomicU64,
     errors: AtomicU64,
     reconnects: AtomicU64,
     /// Bytes copied out of the source for sampled frames (frames the sampler skips cost nothing).
@@ -91,6 +110,10 @@ pub struct CameraSnapshot {
     pub frames_corrupt: u64,
     pub passed_prefilter: u64,
     pub identified: u64,
+    /// Passing frames not identified because of the sighting frame budget.
+    pub skipped_budget: u64,
+    /// Frames assessed with `[gps]` configured but no current fix (their records carry no position).
+    pub frames_without_fix: u64,
     pub errors: u64,
     pub reconnects: u64,
     /// Bytes of sampled frames copied out of the camera's buffers since start.
@@ -146,6 +169,8 @@ impl CameraStats {
             frames_corrupt: get(&self.corrupt),
             passed_prefilter: get(&self.passed),
             identified: get(&self.identified),
+            skipped_budget: get(&self.skipped_budget),
+            frames_without_fix: get(&self.without_fix),
             errors: get(&self.errors),
             reconnects: get(&self.reconnects),
             bytes_copied: get(&self.bytes_copied),
@@ -491,8 +516,8 @@ impl Mailbox {
     }
 }
 
-/// How the pipeline runs (from `[pipeline]` in the config).
-#[derive(Debug, Clone)]
+/// How the pipeline runs (from `[pipeline]` and `[sightings]` in the config).
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Inference threads sharing the models.
     pub workers: usize,
@@ -501,6 +526,13 @@ pub struct Options {
     /// Log every camera's counters at INFO this often.
     pub stats_interval: Option<Duration>,
     pub device_id: String,
+    /// Sightings and the frame budget (`None`: per-frame detections only, every passing frame identified).
+    pub sightings: Option<SightingsConfig>,
+    /// Where open sightings are recorded, so that a run that dies leaves them to be ended (reason
+    /// `restart`) by the next.
+    pub state_file: Option<std::path::PathBuf>,
+    /// The GPS (`[gps]`): every record is stamped with the fix current at capture.
+    pub gps: Option<Arc<crate::gps::Gps>>,
 }
 
 /// Runs the pipeline until every source ends or `shutdown` is triggered; `sink` receives each detection
@@ -510,11 +542,14 @@ pub fn run(
     cameras: Vec<Camera>,
     options: &Options,
     shutdown: &Shutdown,
-    sink: impl FnMut(Detection) -> Result<()>,
+    mut sink: impl FnMut(Detection) -> Result<()>,
 ) -> Result<Vec<CameraSnapshot>> {
     let names: Vec<Arc<str>> = cameras.iter().map(|c| c.name.clone()).collect();
     let control = Arc::new(Control::new(&names, identifier.clone()));
-    run_controlled(identifier, cameras, options, shutdown, &control, sink)
+    run_controlled(identifier, cameras, options, shutdown, &control, |e| match e {
+        Event::Detection(d) => sink(d),
+        Event::Sighting(_) | Event::Restored { .. } => Ok(()),
+    })
 }
 
 /// [`run`] with a [`Control`] made by the caller (for MQTT commands and the stats topic); its camera
@@ -525,11 +560,32 @@ pub fn run_controlled(
     options: &Options,
     shutdown: &Shutdown,
     control: &Arc<Control>,
-    mut sink: impl FnMut(Detection) -> Result<()>,
+    mut sink: impl FnMut(Event) -> Result<()>,
 ) -> Result<Vec<CameraSnapshot>> {
     let names: Vec<Arc<str>> = cameras.iter().map(|c| c.name.clone()).collect();
     if names != control.names {
         return Err(Error::Input("pipeline control was made for other cameras".into()));
+    }
+    let model_version = identifier.model_version();
+    let trackers: Option<Vec<Mutex<Tracker>>> = options.sightings.as_ref().map(|s| {
+        names
+            .iter()
+            .map(|n| {
+                Mutex::new(Tracker::new(
+                    n,
+                    &options.device_id,
+                    &model_version,
+                    s.clone(),
+                    identifier.has_identification(),
+                ))
+            })
+            .collect()
+    });
+    // Sightings a previous run left open: end them now (reason "restart"), before anything new.
+    if let Some(path) = &options.state_file {
+        for e in restore_open_sightings(path) {
+            sink(e)?;
+        }
     }
     let stats: Vec<Arc<CameraStats>> = control.stats.clone();
     let mailbox = Arc::new(Mailbox {
@@ -540,7 +596,7 @@ pub fn run_controlled(
         }),
         ready: Condvar::new(),
     });
-    let (tx, rx) = mpsc::sync_channel::<Detection>(OUTPUT_CAPACITY);
+    let (tx, rx) = mpsc::sync_channel::<Event>(OUTPUT_CAPACITY);
     let mut sink_error = None;
 
     std::thread::scope(|scope| {
@@ -560,8 +616,11 @@ pub fn run_controlled(
         for w in 0..options.workers.max(1) {
             let (mailbox, stats, shutdown, tx) = (mailbox.clone(), stats.clone(), shutdown.clone(), tx.clone());
             let (identifier, names, control) = (identifier.clone(), names.clone(), control.clone());
+            let trackers = trackers.as_deref();
             if let Err(e) = std::thread::Builder::new().name(format!("infer-{w}")).spawn_scoped(scope, move || {
-                infer(w, &identifier, &names, &mailbox, &stats, &shutdown, &tx, options, &control)
+                let ctx =
+                    Ctx { identifier: &identifier, names: &names, stats: &stats, options, control: &control, trackers };
+                infer(w, &ctx, &mailbox, &shutdown, &tx)
             }) {
                 log::error!("cannot start inference thread {w}: {e}");
             }
@@ -569,34 +628,130 @@ pub fn run_controlled(
         drop(tx);
         // Ends when every worker has exited and dropped its sender.
         let mut next_stats = options.stats_interval.map(|d| Instant::now() + d);
+        let mut next_tick = Instant::now() + TICK;
+        let mut deliver = |e: Event, sink_error: &mut Option<Error>| {
+            if sink_error.is_none() {
+                if let Err(e) = sink(e) {
+                    log::error!("output failed, stopping: {e}");
+                    *sink_error = Some(e);
+                    shutdown.trigger();
+                }
+            }
+        };
         loop {
-            let received = match next_stats {
-                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
-                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-            };
-            match received {
-                Ok(d) if sink_error.is_none() => {
-                    if let Err(e) = sink(d) {
-                        log::error!("output failed, stopping: {e}");
-                        sink_error = Some(e);
-                        shutdown.trigger();
+            let wake = next_stats.map_or(next_tick, |s| s.min(next_tick));
+            match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+                Ok(e) => {
+                    let sighting = matches!(e, Event::Sighting(_));
+                    deliver(e, &mut sink_error);
+                    if sighting {
+                        save_open_sightings(options.state_file.as_deref(), trackers.as_deref());
                     }
                 }
-                Ok(_) => {}
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    for (n, s) in names.iter().zip(&stats) {
-                        log::info!("stats {}", serde_json::to_string(&s.snapshot(n)).unwrap_or_default());
-                    }
-                    next_stats = options.stats_interval.map(|d| Instant::now() + d);
-                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
+            let now = Instant::now();
+            if next_stats.is_some_and(|at| now >= at) {
+                for (n, s) in names.iter().zip(&stats) {
+                    log::info!("stats {}", serde_json::to_string(&s.snapshot(n)).unwrap_or_default());
+                }
+                next_stats = options.stats_interval.map(|d| now + d);
+            }
+            if now >= next_tick {
+                next_tick = now + TICK;
+                if let Some(trackers) = &trackers {
+                    let mut events = Vec::new();
+                    for t in trackers {
+                        lock(t).tick(now, std::time::SystemTime::now(), &mut events);
+                    }
+                    for e in events {
+                        deliver(Event::Sighting(e), &mut sink_error);
+                    }
+                    save_open_sightings(options.state_file.as_deref(), Some(trackers));
+                }
+            }
+        }
+        // Every worker is done: end the sightings still open.
+        if let Some(trackers) = &trackers {
+            let mut events = Vec::new();
+            for t in trackers {
+                lock(t).close(EndReason::Shutdown, std::time::SystemTime::now(), &mut events);
+            }
+            for e in events {
+                deliver(Event::Sighting(e), &mut sink_error);
+            }
+            save_open_sightings(options.state_file.as_deref(), Some(trackers));
         }
     });
     match sink_error {
         Some(e) => Err(e),
         None => Ok(names.iter().zip(&stats).map(|(n, s)| s.snapshot(n)).collect()),
     }
+}
+
+/// How often sightings are checked for silent cameras and held-back updates.
+const TICK: Duration = Duration::from_secs(1);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Records the open sightings (as the `end` each would get after a crash) in the state file, replaced
+/// atomically; removes the file when none is open. Failures are logged, not fatal: the file only
+/// closes sightings after a crash.
+fn save_open_sightings(path: Option<&std::path::Path>, trackers: Option<&[Mutex<Tracker>]>) {
+    let (Some(path), Some(trackers)) = (path, trackers) else { return };
+    let open: Vec<SightingEvent> = trackers.iter().filter_map(|t| lock(t).restart_record()).collect();
+    let result = if open.is_empty() {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    } else {
+        let tmp = path.with_extension("tmp");
+        serde_json::to_vec(&open)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path))
+    };
+    if let Err(e) = result {
+        log::warn!("sightings state {}: {e}", path.display());
+    }
+}
+
+/// The `end` events of sightings a previous run left open (fresh event ids); the file is then removed.
+fn restore_open_sightings(path: &std::path::Path) -> Vec<Event> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            log::error!("sightings state {}: {e}; sightings left open by the last run are not ended", path.display());
+            return Vec::new();
+        }
+    };
+    let events: Vec<serde_json::Value> = match serde_json::from_slice(&bytes) {
+        Ok(serde_json::Value::Array(v)) => v,
+        _ => {
+            log::error!("sightings state {}: not a JSON array (damaged); ignored", path.display());
+            Vec::new()
+        }
+    };
+    let mut out = Vec::new();
+    for mut json in events {
+        let camera = json.get("camera").and_then(|c| c.as_str()).unwrap_or("unknown").to_string();
+        let event_id = uuid::Uuid::now_v7().to_string();
+        json["event_id"] = serde_json::Value::String(event_id.clone());
+        log::warn!(
+            "camera {camera}: sighting {} was open when whaled last stopped; ending it (reason restart)",
+            json.get("sighting_id").and_then(|c| c.as_str()).unwrap_or("?")
+        );
+        out.push(Event::Restored { camera, event_id, json });
+    }
+    if let Err(e) = std::fs::remove_file(path) {
+        log::warn!("sightings state {}: {e}", path.display());
+    }
+    out
 }
 
 /// First and longest wait before reopening a failed source.
@@ -672,24 +827,25 @@ fn sleep_unless_shutdown(total: Duration, shutdown: &Shutdown) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn infer(
-    worker: usize,
-    identifier: &Identifier,
-    names: &[Arc<str>],
-    mailbox: &Mailbox,
-    stats: &[Arc<CameraStats>],
-    shutdown: &Shutdown,
-    out: &mpsc::SyncSender<Detection>,
-    options: &Options,
-    control: &Control,
-) {
-    let mut ws = identifier.workspace();
+/// What every inference worker shares.
+struct Ctx<'a> {
+    identifier: &'a Identifier,
+    names: &'a [Arc<str>],
+    stats: &'a [Arc<CameraStats>],
+    options: &'a Options,
+    control: &'a Control,
+    /// One per camera, when sightings are on.
+    trackers: Option<&'a [Mutex<Tracker>]>,
+}
+
+fn infer(worker: usize, ctx: &Ctx<'_>, mailbox: &Mailbox, shutdown: &Shutdown, out: &mpsc::SyncSender<Event>) {
+    let mut ws = ctx.identifier.workspace();
     // Test hook for the watchdog test (tests/systemd): hang for good after this many frames.
     let stall_after: Option<u64> = std::env::var("WHALED_TEST_HANG_AFTER_FRAMES").ok().and_then(|v| v.parse().ok());
     let mut assessed = 0u64;
+    let mut events = Vec::new();
     while let Some((i, frame)) = mailbox.take(shutdown) {
-        control.set_busy(worker, true);
+        ctx.control.set_busy(worker, true);
         if stall_after.is_some_and(|n| assessed >= n) {
             log::warn!("WHALED_TEST_HANG_AFTER_FRAMES: inference worker {worker} now hangs (test hook)");
             loop {
@@ -697,62 +853,139 @@ fn infer(
             }
         }
         assessed += 1;
-        let result = assess_one(i, &frame, identifier, names, stats, &mut ws, options, control);
-        control.set_busy(worker, false);
-        if let Some(detection) = result {
-            if out.send(detection).is_err() {
-                break;
+        assess_one(i, &frame, ctx, &mut ws, &mut events);
+        ctx.control.set_busy(worker, false);
+        for e in events.drain(..) {
+            if out.send(e).is_err() {
+                return;
             }
         }
     }
     log::debug!("inference worker {:?} done", std::thread::current().name());
 }
 
-/// Assesses one frame and updates its camera's counters; the detection to emit, if any.
-#[allow(clippy::too_many_arguments)]
-fn assess_one(
-    i: usize,
-    frame: &Frame,
-    identifier: &Identifier,
-    names: &[Arc<str>],
-    stats: &[Arc<CameraStats>],
-    ws: &mut crate::identify::Workspace,
-    options: &Options,
-    control: &Control,
-) -> Option<Detection> {
-    let st = &stats[i];
+/// Assesses one frame, updates its camera's counters and sighting; pushes what to emit.
+fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::Workspace, out: &mut Vec<Event>) {
+    let (identifier, names, control, options) = (ctx.identifier, ctx.names, ctx.control, ctx.options);
+    let st = &ctx.stats[i];
     control.maybe_snapshot(i, frame);
     let started = Instant::now();
     let name = format!("{}#{}", names[i], frame.seq);
-    let assessment = match identifier.assess(ws, &frame.data, &name) {
-        Ok(a) => a,
-        Err(e @ Error::Image { .. }) => {
-            CameraStats::add(&st.corrupt);
-            control.frame_decoded(i, false, Some(&e));
-            return None;
+    let tracker = ctx.trackers.and_then(|t| t.get(i));
+    let clock_synced = crate::clock::synchronised();
+    // The fix current when the frame was captured (the capture time mapped onto the monotonic clock).
+    let position = options.gps.as_ref().and_then(|g| {
+        let ago = std::time::SystemTime::now().duration_since(frame.captured_at).unwrap_or(Duration::ZERO);
+        let at = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
+        let p = g.position(at);
+        if p.is_none() {
+            CameraStats::add(&st.without_fix);
         }
-        Err(e) => {
-            CameraStats::add(&st.errors);
-            log::error!("camera {}: frame {} not assessed: {e}", names[i], frame.seq);
-            return None;
+        p
+    });
+    let info = |passed: bool, score: f64| FrameInfo {
+        time: frame.captured_at,
+        passed,
+        score,
+        image_ind: name.clone(),
+        position: position.clone(),
+        clock_synced,
+        gallery_version: identifier.gallery().map(|g| g.version()),
+    };
+    let mut sightings = Vec::new();
+    let mut decision = Decision::Skip;
+    let mut budget = |score: f64| match tracker {
+        None => true,
+        Some(t) => {
+            decision = lock(t).frame(&info(true, score), Instant::now(), &mut sightings);
+            matches!(decision, Decision::Identify(_))
         }
     };
+    let result = identifier.assess_with(ws, &frame.data, &name, &mut budget);
+    let assessment = match result {
+        Ok(a) => a,
+        Err(e) => {
+            if let (Some(t), Decision::Identify(sid)) = (tracker, &decision) {
+                // Its sighting must not wait for an answer that will not come.
+                lock(t).identified(sid, None, &|_| None, Instant::now(), frame.captured_at, &mut sightings);
+            }
+            out.extend(sightings.into_iter().map(Event::Sighting));
+            match e {
+                Error::Image { .. } => {
+                    CameraStats::add(&st.corrupt);
+                    control.frame_decoded(i, false, Some(&e));
+                }
+                e => {
+                    CameraStats::add(&st.errors);
+                    log::error!("camera {}: frame {} not assessed: {e}", names[i], frame.seq);
+                }
+            }
+            return;
+        }
+    };
+    if let Some(t) = tracker {
+        let mut t = lock(t);
+        if !assessment.passed {
+            t.frame(&info(false, assessment.prefilter_score), Instant::now(), &mut sightings);
+        }
+        if let Decision::Identify(sid) = &decision {
+            let result = assessment.identified.as_ref().map(|found| FrameIdentity {
+                embedding: found.embedding.clone(),
+                top1: found.ranked.first().map(|c| (c.class_animal.clone(), c.id_animal.clone())),
+            });
+            let rank = |mean: Vec<f32>| {
+                identifier.rank_embedding(mean).map(|found| Ranking {
+                    top: found
+                        .ranked
+                        .into_iter()
+                        .map(|c| RankedCandidate {
+                            class_animal: c.class_animal,
+                            id_animal: c.id_animal,
+                            probability: c.probability,
+                            source: c.source,
+                        })
+                        .collect(),
+                    new_individual: found.new_individual,
+                })
+            };
+            t.identified(sid, result, &rank, Instant::now(), frame.captured_at, &mut sightings);
+        }
+    }
     CameraStats::add(&st.decoded);
     control.frame_decoded(i, true, None);
     control.record_models(&assessment.timings, assessment.identified.is_some());
     if assessment.passed {
         CameraStats::add(&st.passed);
+        if tracker.is_some() && assessment.identified.is_none() && identifier.has_identification() {
+            CameraStats::add(&st.skipped_budget);
+        }
     }
     if assessment.identified.is_some() {
         CameraStats::add(&st.identified);
     }
     st.latency(started.elapsed().as_secs_f64() * 1e3);
-    let meta = FrameMeta { image_ind: name, source: names[i].to_string(), captured_at: frame.captured_at };
     log::debug!("camera {}: frame {} score {:.4}", names[i], frame.seq, assessment.prefilter_score);
-    if !assessment.passed && !options.emit_rejected {
-        return None;
+    let publish = options.sightings.as_ref().map_or(PublishMode::Detections, |s| s.publish);
+    let emit = match publish {
+        PublishMode::Sightings => false,
+        PublishMode::Detections => assessment.passed || options.emit_rejected,
+        // Frames the budget skipped are in the sighting's counts only (without an identification model,
+        // every passing frame).
+        PublishMode::Both => {
+            (assessment.passed && (assessment.identified.is_some() || !identifier.has_identification()))
+                || (!assessment.passed && options.emit_rejected)
+        }
+    };
+    if emit {
+        let meta = FrameMeta { image_ind: name.clone(), source: names[i].to_string(), captured_at: frame.captured_at };
+        let mut detection = Detection::from_assessment(&assessment, &meta, &options.device_id);
+        detection.camera = Some(names[i].to_string());
+        detection.clock_synced = clock_synced;
+        detection.position = position;
+        if let (Some(t), true) = (tracker, assessment.passed) {
+            detection.sighting_id = lock(t).open_id();
+        }
+        out.push(Event::Detection(detection));
     }
-    let mut detection = Detection::from_assessment(&assessment, &meta, &options.device_id);
-    detection.camera = Some(names[i].to_string());
-    Some(detection)
+    out.extend(sightings.into_iter().map(Event::Sighting));
 }

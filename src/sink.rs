@@ -8,17 +8,17 @@
 
 use std::io::Write;
 
-use crate::detection::Detection;
 use crate::error::{Error, Result};
+use crate::pipeline::Event;
 
-/// One destination of detections. `deliver` gets the record and its JSON line (serialised once for
-/// every sink).
+/// One destination of events (detections, sightings). `deliver` gets the event and its JSON line
+/// (serialised once for every sink).
 pub trait Sink {
     /// For logs: "stdout", "outbox".
     fn name(&self) -> &'static str;
     /// Delivers one detection. An error is this sink's alone; what it means is the sink's to say
     /// ([`Failure`]).
-    fn deliver(&mut self, detection: &Detection, line: &str) -> std::result::Result<(), Failure>;
+    fn deliver(&mut self, event: &Event, line: &str) -> std::result::Result<(), Failure>;
 }
 
 /// How a sink failed.
@@ -52,7 +52,7 @@ impl Sink for StdoutSink {
         "stdout"
     }
 
-    fn deliver(&mut self, _: &Detection, line: &str) -> std::result::Result<(), Failure> {
+    fn deliver(&mut self, _: &Event, line: &str) -> std::result::Result<(), Failure> {
         let mut out = self.out.lock();
         writeln!(out, "{line}").and_then(|_| out.flush()).map_err(|e| Failure::Closed(Error::Input(e.to_string())))
     }
@@ -76,9 +76,15 @@ impl Sink for OutboxSink<'_> {
         "outbox"
     }
 
-    fn deliver(&mut self, d: &Detection, line: &str) -> std::result::Result<(), Failure> {
-        let camera = d.camera.as_deref().unwrap_or("unknown");
-        self.publisher.publish_detection(camera, line.as_bytes()).map(|_| ()).map_err(Failure::Event)
+    fn deliver(&mut self, e: &Event, line: &str) -> std::result::Result<(), Failure> {
+        let stored = match e {
+            Event::Detection(d) => {
+                self.publisher.publish_detection(d.camera.as_deref().unwrap_or("unknown"), line.as_bytes())
+            }
+            Event::Sighting(s) => self.publisher.publish_sighting(&s.camera, line.as_bytes()),
+            Event::Restored { camera, .. } => self.publisher.publish_sighting(camera, line.as_bytes()),
+        };
+        stored.map(|_| ()).map_err(Failure::Event)
     }
 }
 
@@ -107,9 +113,15 @@ impl<'a> Sinks<'a> {
         }
     }
 
-    /// Delivers `d` to every sink still open. Errors only when no sink is left open.
-    pub fn deliver(&mut self, d: &Detection) -> Result<()> {
-        let line = serde_json::to_string(d).map_err(|e| Error::Input(format!("detection to JSON: {e}")))?;
+    /// Delivers `e` to every sink still open. Errors only when no sink is left open.
+    pub fn deliver(&mut self, e: &Event) -> Result<()> {
+        let (line, event_id) = match e {
+            Event::Detection(d) => (serde_json::to_string(d), d.event_id.as_str()),
+            Event::Sighting(s) => (serde_json::to_string(s), s.event_id.as_str()),
+            Event::Restored { json, event_id, .. } => (serde_json::to_string(json), event_id.as_str()),
+        };
+        let line = line.map_err(|err| Error::Input(format!("event {event_id} to JSON: {err}")))?;
+        let d = e;
         for slot in self.sinks.iter_mut().filter(|s| s.open) {
             match slot.sink.deliver(d, &line) {
                 Ok(()) => {}
@@ -121,7 +133,7 @@ impl<'a> Sinks<'a> {
                             "{} event(s) lost to {} (the last, {}): {e}",
                             slot.unlogged,
                             slot.sink.name(),
-                            d.event_id
+                            event_id
                         );
                         slot.last_logged = Some(std::time::Instant::now());
                         slot.unlogged = 0;
@@ -161,24 +173,25 @@ mod tests {
             self.name
         }
 
-        fn deliver(&mut self, d: &Detection, _: &str) -> std::result::Result<(), Failure> {
+        fn deliver(&mut self, e: &Event, _: &str) -> std::result::Result<(), Failure> {
             self.n += 1;
             if self.n == self.fail_at {
                 let e = Error::Input("broken".into());
                 return Err(if self.closed { Failure::Closed(e) } else { Failure::Event(e) });
             }
+            let Event::Detection(d) = e else { panic!("only detections here") };
             self.got.lock().unwrap().push(d.image_ind.clone());
             Ok(())
         }
     }
 
-    fn detection(n: usize) -> Detection {
+    fn detection(n: usize) -> Event {
         let meta = crate::detection::FrameMeta {
             image_ind: format!("f{n}"),
             source: "cam".into(),
             captured_at: std::time::SystemTime::UNIX_EPOCH,
         };
-        Detection::corrupted(&meta, "dev", "v".into(), "x".into())
+        Event::Detection(crate::detection::Detection::corrupted(&meta, "dev", "v".into(), "x".into()))
     }
 
     fn scripted(name: &'static str, fail_at: usize, closed: bool) -> (Box<dyn Sink>, Arc<Mutex<Vec<String>>>) {

@@ -9,8 +9,11 @@ use std::path::Path;
 const LAYERS: &[(&str, &[&str])] = &[
     ("foundations", &["error", "values"]),
     ("configuration and wire types", &["config", "manifest", "detection", "scoring"]),
-    ("frames and models", &["images", "source", "decode", "preprocess", "backend", "model", "head", "gallery"]),
-    ("the core", &["identify"]),
+    (
+        "frames and models",
+        &["images", "source", "decode", "preprocess", "backend", "model", "head", "gallery", "gps", "clock"],
+    ),
+    ("the core", &["identify", "sighting"]),
     ("the frame path", &["pipeline"]),
     ("outputs and service", &["outbox", "mqtt", "sink", "health", "service"]),
     ("front ends", &["daemon", "eval", "bench", "catalogue"]),

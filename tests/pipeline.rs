@@ -21,7 +21,7 @@ fn identifier(config: &str) -> Arc<Identifier> {
 }
 
 fn options(emit_rejected: bool) -> Options {
-    Options { workers: 1, emit_rejected, stats_interval: None, device_id: "test".into() }
+    Options { workers: 1, emit_rejected, stats_interval: None, device_id: "test".into(), ..Options::default() }
 }
 
 fn jpegs(n: u32) -> Vec<Arc<[u8]>> {

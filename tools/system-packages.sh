@@ -5,6 +5,7 @@
 #
 #   tools/system-packages.sh build   # C compiler, libclang (v4l bindgen), cmake + make + nasm (libjpeg-turbo)
 #   tools/system-packages.sh test    # the above + mosquitto (MQTT tests' broker) + openssl (TLS test)
+#                                    # + gpsd, gpsd-clients, python3-gps (GPS tests: gpsfake)
 set -euo pipefail
 
 what=${1:-build}
@@ -38,6 +39,9 @@ have nasm || need nasm "libjpeg-turbo's x86 SIMD code is assembled with nasm"
 if [ "$what" = test ]; then
     [ -x /usr/sbin/mosquitto ] || need mosquitto "the MQTT tests start their own broker"
     have openssl || need openssl "the MQTT TLS test makes its certificates with openssl"
+    [ -x /usr/sbin/gpsd ] || need gpsd "the GPS tests run a real gpsd (through gpsfake)"
+    have gpsfake || need gpsd-clients "the GPS tests feed gpsd NMEA logs with gpsfake"
+    /usr/bin/python3 -c 'import gps' 2>/dev/null || need python3-gps "gpsfake (run by /usr/bin/python3) imports the gps module"
 fi
 
 [ ${#missing[@]} = 0 ] && exit 0

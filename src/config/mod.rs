@@ -7,6 +7,7 @@
 //! strings or re-checks ranges. Unknown keys are errors (`deny_unknown_fields`): a typo must not silently
 //! fall back to a default on a box nobody watches.
 
+pub mod gps;
 pub mod mqtt;
 pub use crate::values;
 pub use mqtt::OutboxConfig;
@@ -37,7 +38,64 @@ struct RawConfig {
     #[serde(default)]
     pipeline: RawPipeline,
     mqtt: Option<mqtt::RawMqtt>,
+    gps: Option<gps::RawGps>,
     health: Option<RawHealth>,
+    sightings: Option<RawSightings>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSightings {
+    publish: Option<PublishMode>,
+    gap: Option<Interval>,
+    max_duration: Option<Interval>,
+    update_interval: Option<Interval>,
+    identify_interval: Option<Interval>,
+    identify_quality: Option<Probability>,
+    max_identified: Option<Count>,
+}
+
+/// What `whaled run` publishes (and prints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishMode {
+    /// Sighting events only (the default with `[mqtt]`): a few messages per encounter.
+    Sightings,
+    /// Per-frame detections only, every passing frame identified: the upstream's behaviour.
+    Detections,
+    /// Both; per-frame detections only for the frames the budget identifies.
+    Both,
+}
+
+/// `[sightings]`: frames of one encounter -> one sighting, and the frame budget (see `sighting.rs`).
+#[derive(Debug, Clone)]
+pub struct SightingsConfig {
+    pub publish: PublishMode,
+    /// Passing frames no further apart than this belong to one sighting.
+    pub gap: std::time::Duration,
+    pub max_duration: std::time::Duration,
+    /// At most one `update` event per this interval.
+    pub update_interval: std::time::Duration,
+    /// After the first, at most one identified frame per this interval of capture time.
+    pub identify_interval: std::time::Duration,
+    /// ... whose pre-filter score is at least this fraction of the sighting's best so far.
+    pub identify_quality: f64,
+    /// At most this many identified frames per sighting.
+    pub max_identified: usize,
+}
+
+impl Default for SightingsConfig {
+    fn default() -> Self {
+        SightingsConfig {
+            publish: PublishMode::Detections,
+            gap: std::time::Duration::from_secs(10),
+            max_duration: std::time::Duration::from_secs(600),
+            update_interval: std::time::Duration::from_secs(10),
+            identify_interval: std::time::Duration::from_secs(2),
+            identify_quality: 0.9,
+            max_identified: 30,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,8 +261,12 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     /// Publish to a broker through the durable outbox; `None`: JSON lines on stdout only.
     pub mqtt: Option<mqtt::MqttConfig>,
+    /// Read the box's position from gpsd; `None`: off (detections carry no `position`).
+    pub gps: Option<gps::GpsConfig>,
     /// Address of the `/healthz` + `/metrics` endpoint; `None`: off.
     pub health_listen: Option<std::net::SocketAddr>,
+    /// Sightings and the frame budget; `publish` defaults to sightings with `[mqtt]`, else detections.
+    pub sightings: SightingsConfig,
 }
 
 /// `[pipeline]`: how `whaled run` processes frames.
@@ -352,7 +414,9 @@ impl Config {
             cameras: Vec::new(),
             pipeline: PipelineConfig::default(),
             mqtt: None,
+            gps: None,
             health_listen: None,
+            sightings: SightingsConfig::default(),
         })
     }
 
@@ -553,6 +617,39 @@ impl Config {
             None => None,
             Some(m) => Some(m.validate(dir, &device_id, &at)?),
         };
+        let gps = match raw.gps {
+            None => None,
+            Some(g) => Some(g.validate(&at)?),
+        };
+
+        let d = SightingsConfig::default();
+        let sightings = match raw.sightings {
+            None => SightingsConfig {
+                publish: if mqtt.is_some() { PublishMode::Sightings } else { PublishMode::Detections },
+                ..d
+            },
+            Some(r) => SightingsConfig {
+                publish: r.publish.unwrap_or(if mqtt.is_some() {
+                    PublishMode::Sightings
+                } else {
+                    PublishMode::Detections
+                }),
+                gap: r.gap.map_or(d.gap, Interval::get),
+                max_duration: r.max_duration.map_or(d.max_duration, Interval::get),
+                update_interval: r.update_interval.map_or(d.update_interval, Interval::get),
+                identify_interval: r.identify_interval.map_or(d.identify_interval, Interval::get),
+                identify_quality: r.identify_quality.map_or(d.identify_quality, Probability::get),
+                max_identified: r.max_identified.map_or(d.max_identified, Count::get),
+            },
+        };
+        if sightings.max_duration <= sightings.gap {
+            return Err(Error::Config(format!(
+                "{}: sightings.max_duration ({:?}) must be longer than sightings.gap ({:?})",
+                path.display(),
+                sightings.max_duration,
+                sightings.gap
+            )));
+        }
 
         let health_listen = match raw.health {
             None => None,
@@ -569,7 +666,9 @@ impl Config {
             cameras,
             pipeline,
             mqtt,
+            gps,
             health_listen,
+            sightings,
             origin: Origin::File(path.to_path_buf()),
             device_id,
             inference: InferenceConfig {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod gpsd;
 pub mod logs;
 
 use std::path::{Path, PathBuf};
