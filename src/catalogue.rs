@@ -141,9 +141,9 @@ pub fn build(identifier: &Identifier, input: &Path, out: &Path, added_by: &str) 
     let photos = labelled_photos(input)?;
     let (dim, sha) = embedder_identity(identifier)?;
     let (rows, skipped) = rows_for(identifier, &photos, None, added_by)?;
-    let mut g = Gallery::empty(dim, &sha)?;
+    // One file, written whole and renamed into place: a crash leaves no gallery or the whole one.
+    let g = Gallery::with_rows(dim, &sha, 1, rows)?;
     g.create(out)?;
-    g = Gallery::append(out, rows)?;
     Ok((g, skipped))
 }
 
@@ -159,36 +159,48 @@ pub fn enroll(
     let (dim, sha) = embedder_identity(identifier)?;
     if path.exists() {
         Gallery::open(path)?.check_embedder(&sha, dim, &format!("gallery {}", path.display()))?;
-    } else {
-        Gallery::empty(dim, &sha)?.create(path)?;
     }
     let files = images::expand(photos)?;
     let photos: Vec<Photo> = files.into_iter().map(|path| Photo { path, id: id.into(), species: None }).collect();
     let (rows, skipped) = rows_for(identifier, &photos, species, added_by)?;
+    if !path.exists() {
+        let g = Gallery::with_rows(dim, &sha, 1, rows)?;
+        g.create(path)?;
+        return Ok((g, skipped));
+    }
     Ok((Gallery::append(path, rows)?, skipped))
 }
 
 /// `whaled gallery delta`: the change from gallery `old` to gallery `new` (same embedder), as a delta
-/// that turns version `old` into `new`'s content at version `version`.
+/// that turns `old` (its version and exact content) into `new`'s content at `version`.
 pub fn delta(old: &Gallery, new: &Gallery, version: u64) -> Result<Delta> {
     new.check_embedder(old.embedder_sha256(), old.dim(), "the new gallery")?;
-    let same = |a: &Row, b: &Row| a.id == b.id && a.photo == b.photo && a.embedding() == b.embedding();
-    // Individuals whose rows changed at all are removed and re-added whole: a delta removes by id.
-    let mut changed: Vec<String> = Vec::new();
-    for r in old.rows().iter().chain(new.rows()) {
-        let old_rows: Vec<&Row> = old.rows().iter().filter(|x| x.id == r.id).collect();
-        let new_rows: Vec<&Row> = new.rows().iter().filter(|x| x.id == r.id).collect();
-        let equal = old_rows.len() == new_rows.len() && old_rows.iter().zip(&new_rows).all(|(a, b)| same(a, b));
-        if !equal && !changed.contains(&r.id) {
-            changed.push(r.id.clone());
-        }
+    if version <= old.version() {
+        return Err(Error::Input(format!(
+            "the delta's version {version} must be above the old gallery's {}",
+            old.version()
+        )));
     }
-    let removes = changed.iter().filter(|id| old.rows().iter().any(|r| &r.id == *id)).cloned().collect();
+    let group = |g: &Gallery| {
+        let mut m: std::collections::HashMap<String, Vec<Row>> = std::collections::HashMap::new();
+        for r in g.rows() {
+            m.entry(r.id.clone()).or_default().push(r.clone());
+        }
+        m
+    };
+    let (before, after) = (group(old), group(new));
+    // An individual whose rows changed in any way (added, removed, species corrected) is removed and
+    // re-added whole: a delta removes by id.
+    let mut removes: Vec<String> = before.keys().filter(|id| after.get(*id) != before.get(*id)).cloned().collect();
+    removes.sort();
+    let changed: std::collections::HashSet<&String> =
+        after.keys().filter(|id| before.get(*id) != after.get(*id)).collect();
     let adds = new.rows().iter().filter(|r| changed.contains(&r.id)).cloned().collect();
     Ok(Delta {
         dim: old.dim(),
         embedder_sha256: old.embedder_sha256().to_string(),
         base_version: old.version(),
+        base_content_sha256: old.content_sha256(),
         version,
         removes,
         adds,
@@ -204,7 +216,6 @@ pub fn bench_query(rows: usize, dim: usize, individuals: usize, runs: usize) -> 
         state ^= state << 17;
         (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
     };
-    let mut g = Gallery::empty(dim, &"0".repeat(64))?;
     let mut all = Vec::with_capacity(rows);
     for r in 0..rows {
         let v: Vec<f32> = (0..dim).map(|_| next()).collect();
@@ -217,19 +228,8 @@ pub fn bench_query(rows: usize, dim: usize, individuals: usize, runs: usize) -> 
             v,
         )?);
     }
-    let bytes = {
-        let mut d = Delta {
-            dim,
-            embedder_sha256: "0".repeat(64),
-            base_version: 0,
-            version: 1,
-            removes: Vec::new(),
-            adds: Vec::new(),
-        };
-        d.adds = all;
-        g = g.apply(&d)?;
-        g.to_bytes().len()
-    };
+    let g = Gallery::with_rows(dim, &"0".repeat(64), 1, all)?;
+    let bytes = g.to_bytes().len();
     log::info!("bench gallery: {rows} rows, {} individuals, {bytes} bytes", g.individuals());
     let query: Vec<f32> = (0..dim).map(|_| next()).collect();
     let (mut scratch, mut out) = (Vec::new(), Vec::new());

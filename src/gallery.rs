@@ -11,7 +11,8 @@
 //!   'H' header   u32 dim, 64 ASCII hex: SHA-256 of the embedder's ONNX file, u64 version
 //!   'R' row      i64 added (ms since epoch), str id, str species, str photo, str added_by, dim x f32 LE
 //!   'V' version  u64 (ends a transaction: the rows before it and the version they make)
-//!   'B' base     u64 (deltas only: the version the delta applies to)
+//!   'B' base     u64 + 64 ASCII hex (deltas only: the version the delta applies to and the SHA-256
+//!                of that version's rows, [`Gallery::content_sha256`])
 //!   'D' remove   str id (deltas only: every row of that individual goes)
 //!  str = u16 LE length + UTF-8
 //! ```
@@ -21,14 +22,21 @@
 //!    embedder (its SHA-256 must equal the loaded model file's, checked at load and on every update).
 //! 2. An append (`enroll`) is one transaction: its rows and a closing `V` record go in one `write(2)`,
 //!    then `fdatasync`. On open, bytes after the last complete `V` (or the header) are a transaction
-//!    torn by a crash or a full disk: they are cut off (WARN), so an enrolment is all there or not at
-//!    all. A damaged record *before* the last `V` is data loss and an error naming the offset: a gallery
-//!    silently missing individuals would give wrong answers.
+//!    torn by a crash or a full disk: they are cut off (WARN; the bytes are kept in `<file>.torn-<time>`),
+//!    so an enrolment is all there or not at all. A damaged record *before* the last `V`, or a complete
+//!    record with a bad checksum at the very end (written whole, then damaged), is data loss and an
+//!    error naming the offset: a gallery silently missing individuals would give wrong answers.
 //! 3. Every other change (remove, merge, a shore update) writes a whole new file beside the old one,
 //!    fsyncs it, renames it over the old and fsyncs the directory: readers see the old gallery or the
-//!    new one, never a mix. Each change raises the version by one (a shore update sets its own).
-//! 4. Writers hold an exclusive `flock` on `<file>.lock` for the duration of the change.
-//! 5. Rows are L2-normalised when read, so a query is a dot product.
+//!    new one, never a mix; it keeps the old file's mode and owner. Each change raises the version by one
+//!    (a shore update sets its own, and must raise it unless forced). A delta applies only to the exact
+//!    rows it was made from (version and content SHA-256), never to a gallery changed on board since.
+//! 4. Writers hold an exclusive `flock` on `<file>.lock` (opened read-only, created world-readable, so
+//!    whoever created it the daemon's user can lock it) for the duration of the change. The daemon
+//!    waits at most [`LOCK_WAIT`], and installs an update only if the file is still the one it loaded
+//!    ([`FileStamp`]: size, mtime, inode).
+//! 5. `gallery build` and the first enrolment into a new file write it whole (one rename).
+//! 6. Rows are L2-normalised when made, so a query is a dot product; a non-finite query matches nobody.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -72,6 +80,11 @@ impl Row {
         if id.is_empty() || id.chars().any(char::is_control) {
             return Err(Error::Input(format!("gallery row: individual id {id:?} is empty or has control characters")));
         }
+        if id == "new_individual" {
+            return Err(Error::Input(
+                "gallery row: \"new_individual\" is the answer for an unknown animal, not an id".into(),
+            ));
+        }
         for (what, s) in [("id", id), ("species", species), ("photo", photo), ("added_by", added_by)] {
             if s.len() > MAX_STR {
                 return Err(Error::Input(format!("gallery row {id}: {what} is longer than {MAX_STR} bytes")));
@@ -111,6 +124,8 @@ pub struct Gallery {
     vectors: Vec<f32>,
     /// Distinct individual ids, first appearance order; `row_individual[r]` indexes it.
     individuals: Vec<String>,
+    /// `individuals` position of each id.
+    index: HashMap<String, u32>,
     row_individual: Vec<u32>,
 }
 
@@ -139,6 +154,7 @@ impl Gallery {
             rows: Vec::new(),
             vectors: Vec::new(),
             individuals: Vec::new(),
+            index: HashMap::new(),
             row_individual: Vec::new(),
         })
     }
@@ -197,14 +213,12 @@ impl Gallery {
                 self.dim
             )));
         }
-        let ind = match self.individuals.iter().rposition(|i| i == &row.id) {
-            Some(i) => i,
-            None => {
-                self.individuals.push(row.id.clone());
-                self.individuals.len() - 1
-            }
-        };
-        self.row_individual.push(ind as u32);
+        let next = self.individuals.len() as u32;
+        let ind = *self.index.entry(row.id.clone()).or_insert(next);
+        if ind == next {
+            self.individuals.push(row.id.clone());
+        }
+        self.row_individual.push(ind);
         self.vectors.extend_from_slice(&row.embedding);
         self.rows.push(row);
         Ok(())
@@ -235,6 +249,29 @@ impl Gallery {
                 *m = Match { individual: ind as usize, row: r, cosine: c };
             }
         }
+        // A non-finite query compares with nothing: no match rather than a made-up one.
+        out.retain(|m| m.row != usize::MAX);
+    }
+
+    /// A new gallery of `rows` at `version` (a build, a test).
+    pub fn with_rows(dim: usize, embedder_sha256: &str, version: u64, rows: Vec<Row>) -> Result<Gallery> {
+        let mut g = Gallery::empty(dim, embedder_sha256)?;
+        g.version = version;
+        for r in rows {
+            g.push(r)?;
+        }
+        Ok(g)
+    }
+
+    /// SHA-256 (hex) of the rows, in order: what a delta names as its base, so that it is never applied
+    /// to a gallery that has the same version number but other content.
+    pub fn content_sha256(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for r in &self.rows {
+            h.update(row_payload(r));
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// The species recorded for an individual's row.
@@ -267,10 +304,27 @@ impl Gallery {
                 path.display(),
                 bytes.len() - good
             );
+            // Keep what is cut off beside the gallery, for whoever wants to look at it.
+            let mut keep = path.as_os_str().to_owned();
+            keep.push(format!(
+                ".torn-{}",
+                SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+            ));
+            if let Err(e) = std::fs::write(&keep, &bytes[good..]) {
+                log::warn!("gallery {}: cannot keep the torn bytes: {e}", path.display());
+            }
             let f = OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, e))?;
             f.set_len(good as u64).and_then(|()| f.sync_data()).map_err(|e| Error::io(path, e))?;
         }
         Ok(g)
+    }
+
+    /// Identifies the file at `path` as last read or written, for [`Gallery::install`]'s check that
+    /// nobody changed it since (size, modification time, inode).
+    pub fn stamp(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp { len: m.len(), mtime_ns: (m.mtime(), m.mtime_nsec()), inode: m.ino() })
     }
 
     /// A gallery from the bytes of a gallery file (a shore update); damage anywhere is an error.
@@ -308,10 +362,18 @@ impl Gallery {
     /// Replaces the file at `path` with this gallery, atomically (invariant 3). The caller holds the lock
     /// or owns the path.
     fn replace_file(&self, path: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
         let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let old = std::fs::metadata(path).ok();
         let result = (|| -> std::io::Result<()> {
             let mut f = File::create(&tmp)?;
             f.write_all(&self.to_bytes())?;
+            if let Some(m) = &old {
+                // The new file keeps the old one's mode and (when allowed) owner: a gallery the daemon's
+                // user owns stays writable by it after root ran `whaled gallery remove`.
+                f.set_permissions(m.permissions())?;
+                let _ = std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()));
+            }
             f.sync_all()?;
             std::fs::rename(&tmp, path)?;
             sync_dir(path)
@@ -364,12 +426,15 @@ impl Gallery {
     pub fn merge(path: &Path, others: &[Gallery]) -> Result<(Gallery, usize)> {
         let _lock = lock(path)?;
         let g = Gallery::open_locked(path)?;
+        let key =
+            |r: &Row| (r.id.clone(), r.photo.clone(), r.embedding.iter().map(|v| v.to_bits()).collect::<Vec<u32>>());
+        let mut have: std::collections::HashSet<_> = g.rows.iter().map(key).collect();
         let mut rows = g.rows.clone();
         let mut added = 0;
         for o in others {
             o.check_embedder(&g.embedder_sha256, g.dim, "a gallery to merge")?;
             for r in &o.rows {
-                if !rows.iter().any(|x| x.id == r.id && x.photo == r.photo && x.embedding == r.embedding) {
+                if have.insert(key(r)) {
                     rows.push(r.clone());
                     added += 1;
                 }
@@ -381,21 +446,19 @@ impl Gallery {
     }
 
     /// Installs `new` (a whole gallery or a delta applied) as the file at `path`, atomically, provided
-    /// the file still holds version `expect` (else someone changed it since it was read: an error, and
-    /// nothing written).
-    pub fn install(path: &Path, new: &Gallery, expect: u64) -> Result<()> {
-        let _lock = lock(path)?;
-        if path.exists() {
-            let on_disk = Gallery::open_locked(path)?.version;
-            if on_disk != expect {
-                return Err(Error::Input(format!(
-                    "{} is at version {on_disk} on disk but whaled holds version {expect}: it was changed \
-                     (`whaled gallery enroll`?) since it was loaded; reload whaled (SIGHUP), then update",
-                    path.display()
-                )));
-            }
+    /// the file is still the one `expect` stamped (`None`: there was no file) — else someone changed it
+    /// since it was read (a `whaled gallery enroll`): an error, and nothing written. Waits at most
+    /// [`LOCK_WAIT`] for another writer. Returns the new file's stamp.
+    pub fn install(path: &Path, new: &Gallery, expect: Option<FileStamp>) -> Result<Option<FileStamp>> {
+        let _lock = lock_within(path, LOCK_WAIT)?;
+        if Gallery::stamp(path) != expect {
+            return Err(Error::Input(format!(
+                "{} changed on disk since whaled loaded it (`whaled gallery enroll`?); reload whaled (SIGHUP), then update",
+                path.display()
+            )));
         }
-        new.replace_file(path)
+        new.replace_file(path)?;
+        Ok(Gallery::stamp(path))
     }
 
     /// This gallery with `delta` applied, or an error (and nothing changed) if the delta does not apply.
@@ -403,6 +466,13 @@ impl Gallery {
         if delta.base_version != self.version {
             return Err(Error::Input(format!(
                 "the delta applies to gallery version {}, this gallery is at version {}; send the whole gallery",
+                delta.base_version, self.version
+            )));
+        }
+        if delta.base_content_sha256 != self.content_sha256() {
+            return Err(Error::Input(format!(
+                "the delta applies to version {} as shore has it, but this gallery's version {} holds other rows \
+                 (changed on board since); send the whole gallery",
                 delta.base_version, self.version
             )));
         }
@@ -414,13 +484,14 @@ impl Gallery {
         }
         self.check_embedder(&delta.embedder_sha256, delta.dim, "the delta")?;
         for id in &delta.removes {
-            if !self.rows.iter().any(|r| &r.id == id) {
+            if !self.index.contains_key(id) {
                 return Err(Error::Input(format!(
                     "the delta removes individual {id:?}, which the gallery does not have"
                 )));
             }
         }
-        let kept = self.rows.iter().filter(|r| !delta.removes.contains(&r.id)).cloned();
+        let removes: std::collections::HashSet<&String> = delta.removes.iter().collect();
+        let kept = self.rows.iter().filter(|r| !removes.contains(&r.id)).cloned();
         self.rebuilt(kept.chain(delta.adds.iter().cloned()), delta.version)
     }
 }
@@ -432,6 +503,9 @@ pub struct Delta {
     pub dim: usize,
     pub embedder_sha256: String,
     pub base_version: u64,
+    /// [`Gallery::content_sha256`] of the base: a gallery at the same version with other rows (a local
+    /// enrolment since) does not take the delta.
+    pub base_content_sha256: String,
     pub version: u64,
     pub removes: Vec<String>,
     pub adds: Vec<Row>,
@@ -443,6 +517,7 @@ impl Delta {
         frame(&mut out, &header_payload(self.dim, &self.embedder_sha256, self.version));
         let mut b = vec![b'B'];
         b.extend_from_slice(&self.base_version.to_le_bytes());
+        b.extend_from_slice(self.base_content_sha256.as_bytes());
         frame(&mut out, &b);
         for id in &self.removes {
             let mut p = vec![b'D'];
@@ -461,13 +536,14 @@ impl Delta {
         if good != bytes.len() {
             return Err(Error::Input(format!("{what}: {} bytes after the last complete change", bytes.len() - good)));
         }
-        let Some(base_version) = p.base else {
+        let Some((base_version, base_content_sha256)) = p.base else {
             return Err(Error::Input(format!("{what}: a delta without its base version")));
         };
         Ok(Delta {
             dim: p.dim,
             embedder_sha256: p.sha,
             base_version,
+            base_content_sha256,
             version: p.version,
             removes: p.removes,
             adds: p.rows,
@@ -484,7 +560,7 @@ struct Parsed {
     dim: usize,
     sha: String,
     version: u64,
-    base: Option<u64>,
+    base: Option<(u64, String)>,
     rows: Vec<Row>,
     removes: Vec<String>,
 }
@@ -500,6 +576,9 @@ impl Parsed {
     }
 }
 
+/// The last complete transaction seen while parsing: (rows, removes, version, base, end offset).
+type Commit = (usize, usize, u64, Option<(u64, String)>, usize);
+
 /// Parses framed records after `magic`; returns the content up to the last complete transaction and its
 /// end offset. Damage before that end is an error.
 fn parse(bytes: &[u8], what: &str, magic: &[u8; 8]) -> Result<(Parsed, usize)> {
@@ -511,8 +590,8 @@ fn parse(bytes: &[u8], what: &str, magic: &[u8; 8]) -> Result<(Parsed, usize)> {
     let mut off = 8;
     let mut cur: Option<Parsed> = None;
     // The last commit: (rows, removes, version, base, end offset).
-    let mut committed: Option<(usize, usize, u64, Option<u64>, usize)> = None;
-    let mut pending_base = None;
+    let mut committed: Option<Commit> = None;
+    let mut pending_base: Option<(u64, String)> = None;
     while off < bytes.len() {
         let Some(head) = bytes.get(off..off + 8) else { break };
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
@@ -522,6 +601,14 @@ fn parse(bytes: &[u8], what: &str, magic: &[u8; 8]) -> Result<(Parsed, usize)> {
         }
         let Some(payload) = bytes.get(off + 8..off + 8 + len) else { break };
         if crc32fast::hash(payload) != crc {
+            if off + 8 + len == bytes.len() {
+                // A whole record up to the end of the file: written completely, then damaged (a torn
+                // write is short, or zeros). Not a crash's leftover: refuse rather than cut data off.
+                return Err(bad(
+                    off,
+                    "damaged record (checksum) at the end of the file (data loss; restore the gallery)",
+                ));
+            }
             break;
         }
         let rec_off = off;
@@ -558,11 +645,19 @@ fn parse(bytes: &[u8], what: &str, magic: &[u8; 8]) -> Result<(Parsed, usize)> {
                             .map_err(|e| bad(rec_off, &e.to_string()))?;
                         p.rows.push(row);
                     }
+                    b'D' | b'B' if magic == MAGIC => {
+                        return Err(bad(rec_off, "a delta record in a gallery file (send deltas as kind \"delta\")"))
+                    }
                     b'D' => p.removes.push(r.str()?),
-                    b'B' => pending_base = Some(r.u64()?),
+                    b'B' => {
+                        let v = r.u64()?;
+                        let sha = String::from_utf8(r.take(64)?.to_vec())
+                            .map_err(|_| bad(rec_off, "base SHA-256 not ASCII"))?;
+                        pending_base = Some((v, sha));
+                    }
                     b'V' => {
                         let version = r.u64()?;
-                        let base = pending_base.or(committed.and_then(|c| c.3));
+                        let base = pending_base.clone().or_else(|| committed.as_ref().and_then(|c| c.3.clone()));
                         committed = Some((p.rows.len(), p.removes.len(), version, base, off));
                     }
                     k => return Err(bad(rec_off, &format!("unknown record kind {k:#04x}"))),
@@ -689,18 +784,70 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// What identifies a gallery file's content as last seen (see [`Gallery::stamp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    len: u64,
+    mtime_ns: (i64, i64),
+    inode: u64,
+}
+
+/// The longest the daemon waits for another writer's lock (a shore update must not stall MQTT).
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+
 /// Holds `<path>.lock` exclusively until dropped.
 pub struct Lock(#[allow(dead_code)] File);
 
-fn lock(path: &Path) -> Result<Lock> {
+/// The lock file, opened read-only (flock needs no write access), created world-readable if missing:
+/// whoever runs a gallery command first, the daemon's user can still take the lock.
+fn open_lock(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     let lp = lock_path(path);
-    let f = OpenOptions::new().create(true).truncate(false).write(true).open(&lp).map_err(|e| Error::io(&lp, e))?;
-    // SAFETY: flock on a file descriptor we own; it does not touch memory.
-    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
-    if rc != 0 {
-        return Err(Error::io(&lp, std::io::Error::last_os_error()));
+    match File::open(&lp) {
+        Ok(f) => Ok(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let created = OpenOptions::new().write(true).create(true).truncate(false).mode(0o644).open(&lp);
+            drop(created.map_err(|e| Error::io(&lp, e))?);
+            File::open(&lp).map_err(|e| Error::io(&lp, e))
+        }
+        Err(e) => Err(Error::io(&lp, e)),
     }
+}
+
+fn flock(f: &File, flags: i32) -> std::io::Result<()> {
+    // SAFETY: flock on a file descriptor we own; it does not touch memory.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(f), flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn lock(path: &Path) -> Result<Lock> {
+    let f = open_lock(path)?;
+    flock(&f, libc::LOCK_EX).map_err(|e| Error::io(&lock_path(path), e))?;
     Ok(Lock(f))
+}
+
+fn lock_within(path: &Path, wait: Duration) -> Result<Lock> {
+    let f = open_lock(path)?;
+    let t = std::time::Instant::now();
+    loop {
+        match flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => return Ok(Lock(f)),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) && t.elapsed() < wait => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                return Err(Error::Input(format!(
+                    "{}: another process holds the gallery lock (a `whaled gallery` command?) for over {wait:?}",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(Error::io(&lock_path(path), e)),
+        }
+    }
 }
 
 fn lock_path(path: &Path) -> PathBuf {
@@ -816,6 +963,7 @@ mod tests {
             dim: 16,
             embedder_sha256: SHA.into(),
             base_version: 0,
+            base_content_sha256: g.content_sha256(),
             version: 5,
             removes: vec!["a".into()],
             adds: vec![row("c", 3)],
@@ -827,8 +975,33 @@ mod tests {
         assert!(n.apply(&d).unwrap_err().to_string().contains("version 0"));
         let wrong = Delta { embedder_sha256: "ff".repeat(32), ..d.clone() };
         assert!(g.apply(&wrong).unwrap_err().to_string().contains("SHA-256"));
-        let missing = Delta { removes: vec!["zz".into()], ..d };
+        let missing = Delta { removes: vec!["zz".into()], ..d.clone() };
         assert!(g.apply(&missing).unwrap_err().to_string().contains("zz"));
+        // Same version number, other rows (enrolled on board since shore's copy): refused.
+        let mut diverged = g.clone();
+        diverged.push(row("x", 9)).unwrap();
+        assert!(diverged.apply(&d).unwrap_err().to_string().contains("holds other rows"));
+        // A gallery file carrying delta records is refused.
+        let mut bytes = g.to_bytes();
+        let mut b = vec![b'B'];
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(SHA.as_bytes());
+        frame(&mut bytes, &b);
+        frame(&mut bytes, &version_payload(1));
+        assert!(Gallery::from_bytes(&bytes, "mem")
+            .unwrap_err()
+            .to_string()
+            .contains("a delta record in a gallery file"));
+    }
+
+    #[test]
+    fn a_nan_query_matches_nobody() {
+        let mut g = Gallery::empty(16, SHA).unwrap();
+        g.push(row("a", 1)).unwrap();
+        let (mut s, mut out) = (Vec::new(), Vec::new());
+        g.nearest(&[f32::NAN; 16], &mut s, &mut out);
+        assert!(out.is_empty());
+        assert!(Row::new("new_individual", "s", "p", "t", SystemTime::UNIX_EPOCH, vec![1.0]).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use image::RgbImage;
@@ -26,7 +26,7 @@ use crate::detection::{
     ZeroShotInfo,
 };
 use crate::error::{Error, Result};
-use crate::gallery::{Gallery, Match};
+use crate::gallery::{FileStamp, Gallery, Match};
 use crate::head::IdentificationHead;
 use crate::manifest::{ModelManifest, OutputKind, Role};
 use crate::model::Model;
@@ -42,7 +42,7 @@ pub struct Identification {
     /// Head slot of each head individual id (to merge a gallery individual with the same id).
     head_slots: HashMap<String, usize>,
     /// The gallery file and what it holds now (swapped whole by a shore update).
-    gallery: Option<(PathBuf, RwLock<Arc<Gallery>>)>,
+    gallery: Option<GallerySlot>,
     new_individual_below: Option<f64>,
     scale: f64,
     top_k: usize,
@@ -137,6 +137,21 @@ impl ZeroShot {
         timings.preprocess_ms += ms(t1 - t);
         timings.zero_shot_ms += ms(t1.elapsed());
         Ok((score, score >= self.threshold))
+    }
+}
+
+/// The configured gallery: its file, what it holds now (swapped whole by a shore update), and the
+/// writer's mutex holding the file's stamp as last loaded or written (updates are serialised, and one
+/// that finds the file changed by someone else is refused).
+struct GallerySlot {
+    path: PathBuf,
+    current: RwLock<Arc<Gallery>>,
+    writer: Mutex<Option<FileStamp>>,
+}
+
+impl GallerySlot {
+    fn get(&self) -> Arc<Gallery> {
+        self.current.read().map_or_else(|p| Arc::clone(&p.into_inner()), |g| Arc::clone(&g))
     }
 }
 
@@ -251,16 +266,22 @@ impl Identifier {
                             g.len(),
                             g.individuals()
                         );
-                        Some((path.clone(), RwLock::new(Arc::new(g))))
+                        Some(GallerySlot {
+                            path: path.clone(),
+                            current: RwLock::new(Arc::new(g)),
+                            writer: Mutex::new(Gallery::stamp(path)),
+                        })
                     }
                     None => None,
                 };
                 if head.is_none() && gallery.is_none() {
-                    return Err(Error::model(
-                        model.manifest().path(),
-                        "has no ArcFace head ([embedder] head/labels/species_map) and no gallery is configured \
-                         ([identification] gallery): there is nothing to identify against",
-                    ));
+                    // Fine for `whaled gallery build` (which embeds photos); for identification it means
+                    // every passing frame is reported as cetacean_unidentified.
+                    log::warn!(
+                        "model {}: no ArcFace head and no [identification] gallery: nothing to identify against \
+                         (frames that pass are reported as cetacean_unidentified)",
+                        model.manifest().path().display()
+                    );
                 }
                 let head_slots = head
                     .as_ref()
@@ -349,6 +370,7 @@ impl Identifier {
         let decoded = ws.decoder.decode(data, |w, h| pre.fits(w, h), name)?;
         pre.run(decoded.image, &mut ws.tensor)?;
         let mut embedding = id.model.run(&ws.tensor)?;
+        finite(&embedding, &id.model)?;
         l2_normalise(&mut embedding);
         Ok(embedding)
     }
@@ -373,13 +395,12 @@ impl Identifier {
 
     /// The gallery in use now, if one is configured.
     pub fn gallery(&self) -> Option<Arc<Gallery>> {
-        let (_, g) = self.identification.as_ref()?.gallery.as_ref()?;
-        Some(g.read().map_or_else(|p| Arc::clone(&p.into_inner()), |g| Arc::clone(&g)))
+        Some(self.identification.as_ref()?.gallery.as_ref()?.get())
     }
 
     /// The configured gallery file.
     pub fn gallery_path(&self) -> Option<&Path> {
-        self.identification.as_ref()?.gallery.as_ref().map(|(p, _)| p.as_path())
+        self.identification.as_ref()?.gallery.as_ref().map(|g| g.path.as_path())
     }
 
     /// Installs `new` as the gallery: written to the gallery file atomically, then used for the frames
@@ -389,14 +410,15 @@ impl Identifier {
     pub fn replace_gallery(&self, new: Gallery) -> Result<()> {
         let id =
             self.identification.as_ref().ok_or_else(|| Error::Input("no identification model configured".into()))?;
-        let (path, slot) = id
+        let slot = id
             .gallery
             .as_ref()
             .ok_or_else(|| Error::Input("no gallery configured ([identification] gallery)".into()))?;
         new.check_embedder(id.model.sha256(), id.dim, "the new gallery")?;
-        let mut guard = slot.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        Gallery::install(path, &new, guard.version())?;
-        *guard = Arc::new(new);
+        // The file work happens under the writer's mutex only: frames keep reading the current gallery.
+        let mut stamp = slot.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *stamp = Gallery::install(&slot.path, &new, *stamp)?;
+        *slot.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
         Ok(())
     }
 
@@ -479,6 +501,7 @@ impl Identifier {
                 pre.run(decoded.image, tensor)?;
                 let t1 = Instant::now();
                 let mut embedding = id.model.run(tensor)?;
+                finite(&embedding, &id.model)?;
                 l2_normalise(&mut embedding);
                 timings.preprocess_ms += ms(t1 - t);
                 let found = id.rank(embedding, cosines, gallery_scratch, matches);
@@ -509,6 +532,19 @@ impl Identifier {
     }
 }
 
+/// An embedding with NaN or infinite values (an fp16 overflow, a broken model) identifies nobody: an
+/// inference error, never a ranking of garbage.
+fn finite(embedding: &[f32], model: &Model) -> Result<()> {
+    if embedding.iter().all(|v| v.is_finite()) {
+        return Ok(());
+    }
+    Err(Error::Inference {
+        backend: model.backend_kind().name(),
+        model: model.manifest().name.clone(),
+        msg: "the embedding has NaN or infinite values".into(),
+    })
+}
+
 /// Opens the configured gallery and checks it belongs to `model`.
 fn open_gallery(path: &Path, model: &Model, dim: usize) -> Result<Gallery> {
     if !path.exists() {
@@ -537,10 +573,7 @@ impl Identification {
         scratch: &mut Vec<f32>,
         matches: &mut Vec<Match>,
     ) -> Identified {
-        let gallery = self
-            .gallery
-            .as_ref()
-            .map(|(_, g)| g.read().map_or_else(|p| Arc::clone(&p.into_inner()), |g| Arc::clone(&g)));
+        let gallery = self.gallery.as_ref().map(GallerySlot::get);
         Ranker {
             head: self.head.as_ref(),
             head_slots: &self.head_slots,
@@ -603,10 +636,13 @@ impl Ranker<'_> {
             }
         }
         let ranked = rank(cosines, self.scale, self.top_k);
-        let low_confidence = ranked.first().is_none_or(|r| r.probability < self.min_confidence);
+        // Nobody to compare with (an empty gallery and no head): not a low-confidence answer but no
+        // answer; with `new_individual_below` set it is a new individual.
+        let low_confidence = ranked.first().is_some_and(|r| r.probability < self.min_confidence);
         let new_individual = match (self.new_individual_below, ranked.first()) {
             (Some(t), Some(r)) => f64::from(cosines[r.slot]) < t,
-            _ => false,
+            (Some(_), None) => true,
+            (None, _) => false,
         };
         let ranked = ranked
             .iter()
@@ -661,6 +697,12 @@ impl Detection {
         }
         match &a.identified {
             None => d.id_animal = "cetacean_unidentified".into(),
+            Some(found) if found.ranked.is_empty() => {
+                d.id_animal = "cetacean_unidentified".into();
+                if found.new_individual {
+                    d.class_animal = "new_individual".into();
+                }
+            }
             Some(found) => {
                 if let Some(top) = found.ranked.first() {
                     d.id_animal = top.id_animal.clone();
@@ -760,6 +802,7 @@ mod tests {
             dim: 8,
             embedder_sha256: "a".repeat(64),
             base_version: 0,
+            base_content_sha256: g.content_sha256(),
             version: 7,
             removes: vec![],
             adds: gallery_rows

@@ -148,7 +148,7 @@ enum GalleryCommand {
     Delta {
         old: PathBuf,
         new: PathBuf,
-        /// The version the delta creates (default: OLD's version + 1).
+        /// The version the delta creates (default: NEW's version).
         #[arg(long)]
         version: Option<u64>,
         #[arg(long)]
@@ -285,7 +285,11 @@ fn run_eval(
     json: bool,
     roc: Option<PathBuf>,
 ) -> Result<ExitCode, Error> {
-    let (_cfg, identifier) = load(config)?;
+    let mut cfg = Config::discover(config.as_deref())?;
+    if cfg.zero_shot.take().is_some() {
+        log::info!("eval measures the pre-filter: the [zero_shot] stage is not applied");
+    }
+    let identifier = Identifier::from_config(&cfg)?;
     let samples = eval::read_manifest(manifest)?;
     let bar =
         indicatif::ProgressBar::with_draw_target(Some(samples.len() as u64), indicatif::ProgressDrawTarget::stderr());
@@ -404,7 +408,7 @@ fn gallery(command: GalleryCommand) -> Result<ExitCode, Error> {
         }
         GalleryCommand::Delta { old, new, version, out } => {
             let (o, n) = (Gallery::open(&old)?, Gallery::open(&new)?);
-            let d = catalogue::delta(&o, &n, version.unwrap_or(o.version() + 1))?;
+            let d = catalogue::delta(&o, &n, version.unwrap_or(n.version()))?;
             std::fs::write(&out, d.to_bytes()).map_err(|e| Error::Io { path: out.clone(), source: e })?;
             println!(
                 "{}: version {} -> {}, removes {} individuals, adds {} photos",

@@ -83,6 +83,8 @@ struct GalleryUpdate {
     version: u64,
     /// SHA-256 (hex) of the bytes after the newline.
     sha256: String,
+    /// Replace the gallery even if the one sent is not newer (a full gallery only).
+    force: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, serde::Deserialize)]
@@ -115,6 +117,9 @@ fn apply_gallery_update(
         UpdateKind::Full => Gallery::from_bytes(body, "the gallery received")?,
         UpdateKind::Delta => current.apply(&Delta::from_bytes(body, "the delta received")?)?,
     };
+    if let Some(m) = identifier.embedder() {
+        new.check_embedder(m.sha256(), m.manifest().output.kind.values(), "the gallery received")?;
+    }
     if new.version() != u.version {
         return Err(Error::Input(format!(
             "the header says version {} but the {} holds version {}",
@@ -123,8 +128,12 @@ fn apply_gallery_update(
             new.version()
         )));
     }
-    if new.version() <= current.version() && matches!(u.kind, UpdateKind::Full) {
-        log::warn!("gallery update: version {} replaces version {} (not newer)", new.version(), current.version());
+    if new.version() <= current.version() && !u.force.unwrap_or(false) {
+        return Err(Error::Input(format!(
+            "the gallery sent is version {}, not above the one in use ({}); add \"force\": true to replace it anyway",
+            new.version(),
+            current.version()
+        )));
     }
     let summary =
         format!("gallery version {}: {} photos of {} individuals", new.version(), new.len(), new.individuals());
@@ -771,7 +780,10 @@ impl Link {
                 Err(e) => (
                     false,
                     format!("header: {e} (expected {{\"kind\": \"full\"|\"delta\", \"version\": N, \"sha256\": HEX}})"),
-                    None,
+                    // Still echo the request id if the header is JSON with one, so shore can match the reply.
+                    serde_json::from_slice::<serde_json::Value>(&payload[..nl])
+                        .ok()
+                        .and_then(|v| v.get("request_id").cloned()),
                 ),
                 Ok(header) => match apply_gallery_update(identifier, &header, &payload[nl + 1..]) {
                     Ok(summary) => {

@@ -91,6 +91,8 @@ pub struct CameraStats {
     skipped_budget: AtomicU64,
     /// Frames assessed while `[gps]` had no current fix.
     without_fix: AtomicU64,
+    /// Would-be sightings with fewer than `min_frames` passing frames (never published).
+    sightings_discarded: AtomicU64,
     errors: AtomicU64,
     reconnects: AtomicU64,
     /// Bytes copied out of the source for sampled frames (frames the sampler skips cost nothing).
@@ -114,6 +116,8 @@ pub struct CameraSnapshot {
     pub skipped_budget: u64,
     /// Frames assessed with `[gps]` configured but no current fix (their records carry no position).
     pub frames_without_fix: u64,
+    /// Would-be sightings with fewer than `[sightings] min_frames` passing frames: not published.
+    pub sightings_discarded: u64,
     pub errors: u64,
     pub reconnects: u64,
     /// Bytes of sampled frames copied out of the camera's buffers since start.
@@ -171,6 +175,7 @@ impl CameraStats {
             identified: get(&self.identified),
             skipped_budget: get(&self.skipped_budget),
             frames_without_fix: get(&self.without_fix),
+            sightings_discarded: get(&self.sightings_discarded),
             errors: get(&self.errors),
             reconnects: get(&self.reconnects),
             bytes_copied: get(&self.bytes_copied),
@@ -327,9 +332,11 @@ impl Control {
         ModelLatencies { prefilter_p50_ms, prefilter_p95_ms, identification_p50_ms, identification_p95_ms }
     }
 
-    fn record_models(&self, timings: &crate::detection::Timings, identified: bool) {
+    fn record_models(&self, timings: &crate::detection::Timings, prefilter_ran: bool, identified: bool) {
         let mut m = self.models.lock().unwrap_or_else(|p| p.into_inner());
-        push_window(&mut m.prefilter, timings.prefilter_ms);
+        if prefilter_ran {
+            push_window(&mut m.prefilter, timings.prefilter_ms);
+        }
         if identified {
             push_window(&mut m.identification, timings.identification_ms);
         }
@@ -950,10 +957,11 @@ fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::
             };
             t.identified(sid, result, &rank, Instant::now(), frame.captured_at, &mut sightings);
         }
+        st.sightings_discarded.store(t.discarded(), Ordering::Relaxed);
     }
     CameraStats::add(&st.decoded);
     control.frame_decoded(i, true, None);
-    control.record_models(&assessment.timings, assessment.identified.is_some());
+    control.record_models(&assessment.timings, assessment.prefilter_ran, assessment.identified.is_some());
     if assessment.passed {
         CameraStats::add(&st.passed);
         if tracker.is_some() && assessment.identified.is_none() && identifier.has_identification() {

@@ -18,8 +18,9 @@
 //!   sighting. The pre-filter still runs on every sampled frame; skipped frames are counted.
 //! - **Aggregate**: the mean of the identified frames' L2-normalised embeddings, re-normalised, ranked
 //!   like one frame; each candidate also carries its votes (identified frames that had it as top-1).
-//! - **Events**: `new` once the first passing frame has been identified (at once when nothing is to be
-//!   identified); `update` when the aggregate's top-1 changes, at most one per `update_interval` (a
+//! - **Events**: `new` once the sighting has `min_frames` passing frames (default 2: a gate's stray
+//!   false positive on one frame is no encounter, and is never published, only counted) and its first
+//!   frame has been identified; `update` when the aggregate's top-1 changes, at most one per `update_interval` (a
 //!   change inside the interval is sent when it ends, if still current); `end` as above, with the
 //!   final aggregate.
 
@@ -78,6 +79,7 @@ pub struct Tracker {
     identifies: bool,
     open: Option<Open>,
     last_frame: Option<Instant>,
+    discarded: u64,
 }
 
 struct Open {
@@ -92,6 +94,8 @@ struct Open {
     votes: Vec<(String, u64)>,
     aggregate: Option<SightingIdentification>,
     new_sent: bool,
+    /// The first frame's identification has not come back yet (`new` waits for it).
+    awaiting_first: bool,
     published_top1: Option<String>,
     last_update: Option<Instant>,
     update_pending: bool,
@@ -129,6 +133,7 @@ impl Tracker {
             identifies,
             open: None,
             last_frame: None,
+            discarded: 0,
         }
     }
 
@@ -215,6 +220,7 @@ impl Tracker {
                     votes: Vec::new(),
                     aggregate: None,
                     new_sent: false,
+                    awaiting_first: false,
                     published_top1: None,
                     last_update: None,
                     update_pending: false,
@@ -226,18 +232,19 @@ impl Tracker {
                 let d = if self.identifies {
                     o.frames.identified = 1;
                     o.last_identified = Some(f.time);
+                    o.awaiting_first = true;
                     Decision::Identify(id)
                 } else {
                     Decision::Skip
                 };
                 self.open = Some(o);
-                if d == Decision::Skip {
-                    self.emit(SightingPhase::New, None, f.time, out);
-                }
                 d
             }
             (None, false) => Decision::Skip,
         };
+        if f.passed {
+            self.maybe_new(f.time, out);
+        }
         self.flush_update(now, f.time, out);
         decision
     }
@@ -298,9 +305,10 @@ impl Tracker {
                 }
             }
         }
+        o.awaiting_first = false;
         let top1 = o.aggregate.as_ref().and_then(|a| a.top.first()).map(|c| c.class_animal.clone());
         if !o.new_sent {
-            self.emit(SightingPhase::New, None, time, out);
+            self.maybe_new(time, out);
         } else if top1 != o.published_top1 {
             o.update_pending = true;
             self.flush_update(now, time, out);
@@ -325,7 +333,7 @@ impl Tracker {
     /// The `end` event this sighting would get if whaled died now (reason `restart`, ended at its last
     /// passing frame), for the state file; `None` when none is open.
     pub fn restart_record(&self) -> Option<SightingEvent> {
-        let o = self.open.as_ref()?;
+        let o = self.open.as_ref().filter(|o| o.new_sent)?;
         Some(self.event(o, SightingPhase::End, Some(EndReason::Restart), o.last_pass))
     }
 
@@ -346,8 +354,25 @@ impl Tracker {
         }
     }
 
+    /// Sends `new` once the sighting has `min_frames` passing frames and its first identification
+    /// (if any) is back.
+    fn maybe_new(&mut self, time: SystemTime, out: &mut Vec<SightingEvent>) {
+        let min = self.settings.min_frames as u64;
+        if self.open.as_ref().is_some_and(|o| !o.new_sent && !o.awaiting_first && o.frames.passed >= min) {
+            self.emit(SightingPhase::New, None, time, out);
+        }
+    }
+
     fn end(&mut self, reason: EndReason, at: SystemTime, out: &mut Vec<SightingEvent>) {
         if let Some(o) = &self.open {
+            if o.frames.passed < self.settings.min_frames as u64 {
+                // Fewer passing frames than a sighting needs: a gate's stray false positive, not an
+                // encounter. Never published; counted.
+                log::debug!("camera {}: {} passing frame(s) only: not a sighting", self.camera, o.frames.passed);
+                self.discarded += 1;
+                self.open = None;
+                return;
+            }
             if !o.new_sent {
                 // Its identification never came back (it failed, or whaled is stopping): say it started.
                 self.emit(SightingPhase::New, None, at, out);
@@ -355,6 +380,11 @@ impl Tracker {
         }
         self.emit(SightingPhase::End, Some(reason), at, out);
         self.open = None;
+    }
+
+    /// Open sightings dropped for having fewer than `min_frames` passing frames, since start.
+    pub fn discarded(&self) -> u64 {
+        self.discarded
     }
 
     fn emit(&mut self, phase: SightingPhase, reason: Option<EndReason>, at: SystemTime, out: &mut Vec<SightingEvent>) {
@@ -403,6 +433,7 @@ mod tests {
             identify_interval: Duration::from_secs(2),
             identify_quality: 0.9,
             max_identified: 3,
+            min_frames: 1,
             ..SightingsConfig::default()
         }
     }
@@ -474,6 +505,20 @@ mod tests {
         assert_eq!((agg.frames, agg.top[0].votes), (3, 3));
         assert_ne!(events[0].sighting_id, events[2].sighting_id);
         assert_eq!(events[0].sighting_id, events[1].sighting_id);
+    }
+
+    /// With min_frames = 2 a one-frame false positive makes no event; two frames make a sighting.
+    #[test]
+    fn a_single_passing_frame_is_no_sighting() {
+        let mut t = Tracker::new("cam", "dev", "m", SightingsConfig { min_frames: 2, ..settings() }, false);
+        let start = Instant::now();
+        let mut events = Vec::new();
+        for (time, passed) in [(0.0, true), (1.0, false), (5.0, false), (6.0, true), (6.5, true), (12.0, false)] {
+            t.frame(&frame(time, passed, 0.8), start + Duration::from_secs_f64(time), &mut events);
+        }
+        let phases: Vec<_> = events.iter().map(|e| (e.event, e.frames.passed)).collect();
+        assert_eq!(phases, [(SightingPhase::New, 2), (SightingPhase::End, 2)]);
+        assert_eq!(t.discarded(), 1);
     }
 
     #[test]

@@ -179,3 +179,15 @@ fn the_exporter_refuses_missing_extra_and_misshaped_keys() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// The checkpoint reader against files real torch wrote (views at offsets, shared storage, fp16, bf16,
+/// the legacy format), compared with the values torch saved beside them.
+#[test]
+fn the_reader_reads_what_torch_writes() {
+    let out = python(&["tools/check_torch_fixtures.py"]);
+    let text = check(&out, "check_torch_fixtures.py");
+    assert!(
+        text.contains("lightning_zip.ckpt: 7 tensors") && text.contains("lightning_legacy.ckpt: 7 tensors"),
+        "{text}"
+    );
+}

@@ -344,6 +344,7 @@ fn shore_updates_apply_atomically_and_bad_ones_change_nothing() {
     let broker = Broker::start(&tmp.path().join("broker"), "");
     let extra = format!(
         "[[camera]]\nname = \"bow\"\nkind = \"replay\"\npath = \"{}\"\nfps = 4\n\
+         [sightings]\npublish = \"detections\"\n\
          [mqtt]\nhost = \"127.0.0.1\"\nport = {}\nstats_interval = \"1s\"\nmax_packet_size = 4194304\n[mqtt.outbox]\ndir = \"{}\"\n",
         cam.display(),
         broker.port,
@@ -466,6 +467,17 @@ fn shore_updates_apply_atomically_and_bad_ones_change_nothing() {
     let r = send(update("full", 3, &v3, &v3, 13), 9);
     assert_eq!((r["ok"].as_bool(), r["gallery_version"].as_u64()), (Some(true), Some(3)), "{r}");
     assert_eq!(std::fs::read(&g).unwrap(), v3, "the file is the gallery sent");
+    // The same version again: refused unless forced.
+    let r = send(update("full", 3, &v3, &v3, 14), 10);
+    assert!(r["ok"] == false && r["message"].as_str().unwrap().contains("not above"), "{r}");
+    let mut forced = format!(
+        "{{\"kind\": \"full\", \"version\": 3, \"force\": true, \"sha256\": \"{}\"}}\n",
+        Sha256::digest(&v3).iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+    .into_bytes();
+    forced.extend_from_slice(&v3);
+    let r = send(forced, 11);
+    assert_eq!((r["ok"].as_bool(), r["gallery_version"].as_u64()), (Some(true), Some(3)), "{r}");
 
     let all = sub.snapshot();
     let (det, stats, reply) =

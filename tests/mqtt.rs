@@ -31,7 +31,7 @@ fn control(cameras: &[&str]) -> Arc<Control> {
 
 fn mqtt_config(port: u16, outbox: &Path) -> MqttConfig {
     let toml = format!(
-        "device_id = \"t1\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min = \"100ms\"\nreconnect_max = \"400ms\"\n\
+        "device_id = \"t1\"\n[sightings]\npublish = \"detections\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min = \"100ms\"\nreconnect_max = \"400ms\"\n\
          replay_rate = 2000\n[mqtt.outbox]\ndir = \"{}\"\n",
         outbox.display()
     );
@@ -227,7 +227,7 @@ fn daemon_config(dir: &Path, port: u16, mqtt_extra: &str) -> PathBuf {
             "device_id = \"boat\"\n\
              [[camera]]\nname = \"bow\"\nkind = \"replay\"\npath = \"{}\"\nfps = 8\n\
              [pipeline]\nemit_rejected = true\n\
-             [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n\
+             [sightings]\npublish = \"detections\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n\
              stats_interval = \"1s\"\n{mqtt_extra}\n[mqtt.outbox]\ndir = \"{}\"\n",
             repo().join("tests/photos").display(),
             dir.join("outbox").display()
@@ -443,7 +443,7 @@ fn tls_with_a_client_certificate_delivers() {
     let sub = Subscriber::start(broker.port, "shore", "whaled/t1/#"); // plain listener, same broker
     let mut cfg = mqtt_config(tls_port, &tmp.path().join("outbox"));
     let toml = format!(
-        "device_id = \"t1\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {tls_port}\nreconnect_min = \"100ms\"\n\
+        "device_id = \"t1\"\n[sightings]\npublish = \"detections\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {tls_port}\nreconnect_min = \"100ms\"\n\
          [mqtt.tls]\nca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
         c("ca.crt"),
         c("client.crt"),
@@ -619,7 +619,7 @@ fn a_full_outbox_disk_drops_the_oldest_keeps_the_newest_and_says_so_once() {
             "device_id = \"boat\"\n\
              [[camera]]\nname = \"bow\"\nkind = \"replay\"\npath = \"{}\"\nfps = 50\n\
              [pipeline]\nemit_rejected = true\n\
-             [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min = \"100ms\"\nreconnect_max = \"300ms\"\n\
+             [sightings]\npublish = \"detections\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min = \"100ms\"\nreconnect_max = \"300ms\"\n\
              stats_interval = \"1s\"\n[mqtt.outbox]\ndir = \"{}\"\n",
             repo().join("tests/photos").display(),
             outbox.display()
@@ -699,7 +699,7 @@ fn check_config_checks_the_tls_files() {
     std::fs::write(
         &config,
         format!(
-            "[mqtt]\nhost = \"127.0.0.1\"\n[mqtt.tls]\nca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+            "[sightings]\npublish = \"detections\"\n[mqtt]\nhost = \"127.0.0.1\"\n[mqtt.tls]\nca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
             ca.display(),
             certs.join("client.crt").display(),
             certs.join("client.key").display()
@@ -726,7 +726,7 @@ fn a_tls_file_removed_after_start_up_backs_off() {
     make_certs(&certs);
     let port = free_port(); // never reached: the set-up fails first
     let toml = format!(
-        "device_id = \"t1\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min = \"100ms\"\n\
+        "device_id = \"t1\"\n[sightings]\npublish = \"detections\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min = \"100ms\"\n\
          reconnect_max = \"1s\"\n[mqtt.tls]\nca = \"{}\"\n[mqtt.outbox]\ndir = \"{}\"\n",
         certs.join("ca.crt").display(),
         tmp.path().join("outbox").display()

@@ -35,7 +35,7 @@ fn a_closed_stdout_does_not_stop_mqtt() {
             "device_id = \"boat\"\n\
              [[camera]]\nname = \"bow\"\nkind = \"replay\"\npath = \"{}\"\nfps = 4\nloop = false\n\
              [pipeline]\nemit_rejected = true\n\
-             [mqtt]\nhost = \"127.0.0.1\"\nport = {}\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n\
+             [sightings]\npublish = \"detections\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {}\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n\
              [mqtt.outbox]\ndir = \"{}\"\n",
             repo().join("tests/photos").display(),
             broker.port,

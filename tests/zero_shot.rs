@@ -106,6 +106,46 @@ fn the_stage_applies_the_upstream_rule_before_or_after_the_prefilter() {
         assert_eq!(passed, 3, "{position}");
         eprintln!("{position}: 6 photos, verdicts as the reference, max |score - reference| = {worst:.2e}");
     }
+
+    // Now a pre-filter threshold that rejects some photos too: each stage runs only on what the stage
+    // before it passed, and a frame goes on only if both pass.
+    let base = check(&identify(tmp.path(), "", &pngs), "whaled identify (pre-filter only)");
+    let pf: Vec<f64> = base
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["prefilter"]["score"].as_f64().unwrap())
+        .collect();
+    let mut sorted = pf.clone();
+    sorted.sort_by(f64::total_cmp);
+    let pf_threshold = (sorted[2] + sorted[3]) / 2.0;
+    for position in ["after_prefilter", "before_prefilter"] {
+        let cfg = tmp.path().join("whaled.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[prefilter]\nthreshold = {pf_threshold}\n[zero_shot]\nmodel = \"{}\"\nthreshold = {threshold}\nposition = \"{position}\"\n",
+                zs_manifest().display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_whaled"))
+            .arg("identify")
+            .arg("--config")
+            .arg(&cfg)
+            .args(&pngs)
+            .output()
+            .unwrap();
+        for ((line, (name, zs)), p) in check(&out, "whaled identify").lines().zip(&refs).zip(&pf) {
+            let d: serde_json::Value = serde_json::from_str(line).unwrap();
+            let (pf_pass, zs_pass) = (*p >= pf_threshold, *zs >= threshold);
+            assert_eq!(d["is_cetacean"].as_bool(), Some(pf_pass && zs_pass), "{position} {name}: {d}");
+            let (pf_ran, zs_ran) = match position {
+                "after_prefilter" => (true, pf_pass),
+                _ => (zs_pass, true),
+            };
+            assert_eq!(d.get("prefilter").is_some(), pf_ran, "{position} {name}: {d}");
+            assert_eq!(d.get("zero_shot").is_some(), zs_ran, "{position} {name}: {d}");
+        }
+    }
 }
 
 #[test]

@@ -53,6 +53,7 @@ struct RawSightings {
     identify_interval: Option<Interval>,
     identify_quality: Option<Probability>,
     max_identified: Option<Count>,
+    min_frames: Option<Count>,
 }
 
 /// What `whaled run` publishes (and prints).
@@ -82,6 +83,9 @@ pub struct SightingsConfig {
     pub identify_quality: f64,
     /// At most this many identified frames per sighting.
     pub max_identified: usize,
+    /// A sighting is published only once it has this many passing frames (fewer: a stray false
+    /// positive, counted, never sent).
+    pub min_frames: usize,
 }
 
 impl Default for SightingsConfig {
@@ -94,6 +98,7 @@ impl Default for SightingsConfig {
             identify_interval: std::time::Duration::from_secs(2),
             identify_quality: 0.9,
             max_identified: 30,
+            min_frames: 2,
         }
     }
 }
@@ -123,6 +128,7 @@ struct RawCamera {
     #[serde(rename = "loop")]
     looping: Option<Spanned<bool>>,
     sample_fps: Option<Spanned<Positive>>,
+    speed: Option<Spanned<Positive>>,
     formats: Option<Spanned<Vec<PixelFormat>>>,
     width: Option<Count>,
     height: Option<Count>,
@@ -324,7 +330,14 @@ impl CameraConfig {
 /// What a camera reads from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceConfig {
-    Replay { path: PathBuf, fps: f64, looping: bool },
+    /// `speed`: play `speed` times faster than `fps`, with capture times on the recording's own clock
+    /// (frame n at start + n / fps): a long survey replayed in minutes with its real timing.
+    Replay {
+        path: PathBuf,
+        fps: f64,
+        looping: bool,
+        speed: Option<f64>,
+    },
     V4l2(V4l2Settings),
 }
 
@@ -569,11 +582,24 @@ impl Config {
                         path: p,
                         fps: c.fps.as_ref().map_or(5.0, |f| f.get_ref().get()),
                         looping: c.looping.is_none_or(Spanned::into_inner),
+                        speed: match &c.speed {
+                            Some(k) if !(0.01..=1000.0).contains(&k.get_ref().get()) => {
+                                return Err(at(
+                                    k.span(),
+                                    "camera.speed",
+                                    format!("expected 0.01 to 1000, got {}", k.get_ref().get()),
+                                ))
+                            }
+                            k => k.as_ref().map(|k| k.get_ref().get()),
+                        },
                     }
                 }
                 SourceKind::V4l2 => {
                     if let Some(l) = &c.looping {
                         return Err(at(l.span(), "camera.loop", "only applies to kind = \"replay\"".into()));
+                    }
+                    if let Some(k) = &c.speed {
+                        return Err(at(k.span(), "camera.speed", "only applies to kind = \"replay\"".into()));
                     }
                     let formats = match c.formats {
                         None => vec![PixelFormat::Mjpeg, PixelFormat::Yuyv],
@@ -640,6 +666,7 @@ impl Config {
                 identify_interval: r.identify_interval.map_or(d.identify_interval, Interval::get),
                 identify_quality: r.identify_quality.map_or(d.identify_quality, Probability::get),
                 max_identified: r.max_identified.map_or(d.max_identified, Count::get),
+                min_frames: r.min_frames.map_or(d.min_frames, Count::get),
             },
         };
         if sightings.max_duration <= sightings.gap {
@@ -841,7 +868,7 @@ mod tests {
         assert_eq!(c.cameras.len(), 1);
         assert_eq!(c.cameras[0].name, "bow");
         assert_eq!(c.cameras[0].sample_interval, Some(std::time::Duration::from_millis(500)));
-        let SourceConfig::Replay { path, fps, looping } = &c.cameras[0].source else { panic!("replay") };
+        let SourceConfig::Replay { path, fps, looping, .. } = &c.cameras[0].source else { panic!("replay") };
         assert!(path.ends_with("tests/photos") && *fps == 10.0 && !looping);
         assert_eq!((c.pipeline.workers, c.pipeline.emit_rejected), (2, true));
         assert_eq!(c.pipeline.stats_interval, std::time::Duration::from_secs(5));

@@ -71,8 +71,12 @@ pub trait Source: Send {
 /// Opens the source a camera block describes.
 pub fn open(cfg: &crate::config::CameraConfig) -> crate::Result<Box<dyn Source>> {
     match &cfg.source {
-        crate::config::SourceConfig::Replay { path, fps, looping } => {
-            Ok(Box::new(replay::ReplaySource::open(Arc::from(cfg.name.as_str()), path, *fps, *looping)?))
+        crate::config::SourceConfig::Replay { path, fps, looping, speed } => {
+            let mut r = replay::ReplaySource::open(Arc::from(cfg.name.as_str()), path, *fps, *looping)?;
+            if let Some(k) = speed {
+                r.set_speed(*fps, *k);
+            }
+            Ok(Box::new(r))
         }
         crate::config::SourceConfig::V4l2(settings) => {
             Ok(Box::new(v4l2::V4l2Source::new(Arc::from(cfg.name.as_str()), settings.clone())))

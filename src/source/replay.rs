@@ -19,6 +19,9 @@ pub struct ReplaySource {
     next_index: usize,
     seq: u64,
     next_due: Option<Instant>,
+    /// With a speed-up: the recording's own frame period and its first frame's time (capture times are
+    /// `start + seq x period`, not the wall clock).
+    virtual_clock: Option<(Duration, Option<SystemTime>)>,
 }
 
 impl ReplaySource {
@@ -51,7 +54,15 @@ impl ReplaySource {
             next_index: 0,
             seq: 0,
             next_due: None,
+            virtual_clock: None,
         }
+    }
+
+    /// Plays `speed` times faster than the recording's `fps`, stamping frames on the recording's clock.
+    pub fn set_speed(&mut self, fps: f64, speed: f64) {
+        let recorded = Duration::from_secs_f64(1.0 / fps.max(1e-3));
+        self.period = recorded.div_f64(speed.max(1e-3));
+        self.virtual_clock = Some((recorded, None));
     }
 
     pub fn len(&self) -> usize {
@@ -85,7 +96,14 @@ impl Source for ReplaySource {
         }
         let data = FrameData::Encoded(self.frames[self.next_index].clone());
         self.next_index += 1;
-        let frame = Frame { camera: self.camera.clone(), seq: self.seq, captured_at: SystemTime::now(), data };
+        let captured_at = match &mut self.virtual_clock {
+            None => SystemTime::now(),
+            Some((period, start)) => {
+                let t0 = *start.get_or_insert_with(SystemTime::now);
+                t0 + period.saturating_mul(u32::try_from(self.seq).unwrap_or(u32::MAX))
+            }
+        };
+        let frame = Frame { camera: self.camera.clone(), seq: self.seq, captured_at, data };
         self.seq += 1;
         Ok(SourceEvent::Frame(frame))
     }
