@@ -14,19 +14,37 @@ use crate::model::Model;
 use crate::preprocess::Preprocessor;
 use crate::source::FrameData;
 
-/// Latency statistics over the timed runs, in milliseconds.
-#[derive(Debug, Clone, Copy)]
+/// Latency statistics over the timed runs, in milliseconds (the seed's protocol: mean ± standard
+/// deviation, p50, p95; plus p90 and min).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Stats {
+    pub mean: f64,
+    /// Sample standard deviation (n - 1).
+    pub std: f64,
     pub median: f64,
     pub p90: f64,
+    pub p95: f64,
     pub min: f64,
 }
 
 impl Stats {
-    fn of(mut v: Vec<f64>) -> Stats {
+    /// Statistics of `v` (nearest-rank percentiles); all zero for no samples.
+    pub fn of(mut v: Vec<f64>) -> Stats {
+        if v.is_empty() {
+            return Stats::default();
+        }
         v.sort_by(f64::total_cmp);
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let std =
+            if v.len() > 1 { (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
         let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        Stats { median: at(0.5), p90: at(0.9), min: v[0] }
+        Stats { mean, std, median: at(0.5), p90: at(0.9), p95: at(0.95), min: v[0] }
+    }
+
+    /// As JSON (`whaled bench --json`).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({"mean": self.mean, "std": self.std, "p50": self.median, "p90": self.p90, "p95": self.p95, "min": self.min})
     }
 }
 
@@ -109,4 +127,18 @@ pub fn synthetic_frame() -> RgbImage {
         let r = ((x * 7 + y * 3) % 61) as u8;
         image::Rgb([20 + r, (80 + y / 12) as u8, (150 + x / 24) as u8])
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// numpy: mean 3.0, std(ddof=1) 1.5811388300841898, percentiles by nearest rank on 5 values.
+    #[test]
+    fn stats_match_numpy() {
+        let s = Stats::of(vec![5.0, 1.0, 4.0, 2.0, 3.0]);
+        assert_eq!((s.mean, s.median, s.p95, s.min), (3.0, 3.0, 5.0, 1.0));
+        assert!((s.std - 1.5811388300841898).abs() < 1e-12);
+        assert_eq!(Stats::of(Vec::new()), Stats::default());
+    }
 }

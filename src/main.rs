@@ -77,10 +77,15 @@ enum Command {
         /// Image to feed (default: a synthetic 1920x1080 frame).
         #[arg(long)]
         image: Option<PathBuf>,
-        #[arg(long, default_value_t = 3)]
+        /// Untimed runs first (the seed's protocol: 10).
+        #[arg(long, default_value_t = 10)]
         warmup: usize,
-        #[arg(long, default_value_t = 20)]
+        /// Timed runs (the seed's protocol: 100).
+        #[arg(long, default_value_t = 100)]
         runs: usize,
+        /// One JSON object instead of the key=value line.
+        #[arg(long)]
+        json: bool,
     },
     /// List V4L2 cameras with their formats, frame sizes and rates (like v4l2-ctl --list-formats-ext).
     Cameras,
@@ -183,8 +188,8 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Cameras => cameras(),
         Command::Gallery { command } => gallery(command),
-        Command::Bench { model, variant, backend, threads, ort_library, image, warmup, runs } => {
-            bench(&model, variant.as_deref(), backend, threads, ort_library, image, warmup, runs)
+        Command::Bench { model, variant, backend, threads, ort_library, image, warmup, runs, json } => {
+            bench(&model, variant.as_deref(), backend, threads, ort_library, image, warmup, runs, json)
         }
     };
     match result {
@@ -447,6 +452,7 @@ fn bench(
     image: Option<PathBuf>,
     warmup: usize,
     runs: usize,
+    json: bool,
 ) -> Result<ExitCode, Error> {
     let backend = match backend {
         BackendArg::Tract => BackendKind::Tract,
@@ -470,10 +476,27 @@ fn bench(
     let f = whaled::bench::bench_frame(&model, &FrameData::Encoded(jpeg.into()), warmup, runs)?;
     let r = whaled::bench::bench_model(&model, &frame, warmup, runs)?;
     let overhead = |decode: f64, pre: f64| 100.0 * (decode + pre) / r.inference.median;
+    let (read_ms, load) = model.load_times();
+    if json {
+        let v = serde_json::json!({
+            "model": model.manifest().name, "variant": model.variant().name, "backend": backend.name(),
+            "threads": inference.threads, "frame": [frame.width(), frame.height()], "warmup": warmup, "runs": runs.max(1),
+            "load_ms": {"read_verify": read_ms, "parse": load.parse_ms, "optimise": load.optimise_ms},
+            "inference_ms": r.inference.json(), "preprocess_ms": r.preprocess.json(),
+            "decode_full_ms": f.full_decode.json(), "decode_scaled_ms": f.scaled_decode.json(),
+            "dct_scale": [f.scale.0, f.scale.1],
+        });
+        println!("{v}");
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
-        "model={} variant={} backend={} threads={} frame={}x{} runs={} preprocess_median_ms={:.2} inference_median_ms={:.2} inference_p90_ms={:.2} inference_min_ms={:.2} \
+        "model={} variant={} backend={} threads={} frame={}x{} warmup={} runs={} load_read_ms={:.1} load_parse_ms={} load_optimise_ms={:.1} \
+         inference_mean_ms={:.2} inference_std_ms={:.2} inference_p50_ms={:.2} inference_p95_ms={:.2} \
+         preprocess_median_ms={:.2} inference_median_ms={:.2} inference_p90_ms={:.2} inference_min_ms={:.2} \
          decode_full_ms={:.2} preprocess_full_ms={:.2} overhead_full_pct={:.1} dct_scale={}/{} decoded={}x{} decode_scaled_ms={:.2} preprocess_scaled_ms={:.2} overhead_scaled_pct={:.1}",
-        model.manifest().name, model.variant().name, backend.name(), inference.threads, frame.width(), frame.height(), runs.max(1),
+        model.manifest().name, model.variant().name, backend.name(), inference.threads, frame.width(), frame.height(), warmup, runs.max(1),
+        read_ms, load.parse_ms.map_or("-".to_string(), |p| format!("{p:.1}")), load.optimise_ms,
+        r.inference.mean, r.inference.std, r.inference.median, r.inference.p95,
         r.preprocess.median, r.inference.median, r.inference.p90, r.inference.min,
         f.full_decode.median, f.full_preprocess.median, overhead(f.full_decode.median, f.full_preprocess.median),
         f.scale.0, f.scale.1, f.scaled_size.0, f.scaled_size.1, f.scaled_decode.median, f.scaled_preprocess.median,

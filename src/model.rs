@@ -22,6 +22,8 @@ pub struct Model {
     backend: Box<dyn Backend>,
     /// SHA-256 of the ONNX file as loaded, lowercase hex: what galleries are bound to.
     sha256: String,
+    /// Reading and verifying the file, milliseconds.
+    read_ms: f64,
 }
 
 impl std::fmt::Debug for Model {
@@ -38,6 +40,7 @@ impl Model {
     /// Loads the manifest's `variant` (or the backend's preferred one) on the configured backend.
     pub fn load(manifest: ModelManifest, variant: Option<&str>, inference: &InferenceConfig) -> Result<Arc<Model>> {
         let backend_kind = inference.backend;
+        let started = std::time::Instant::now();
         let variant = manifest.select_variant(variant, backend_kind)?.clone();
         let onnx = std::fs::read(&variant.file).map_err(|e| {
             Error::model(manifest.path(), format!("cannot read ONNX file {}: {e}", variant.file.display()))
@@ -50,6 +53,7 @@ impl Model {
                     variant.file.display())));
             }
         }
+        let read_ms = started.elapsed().as_secs_f64() * 1e3;
         let req = LoadRequest { manifest: &manifest, variant: &variant, onnx: &onnx, inference };
         let backend: Box<dyn Backend> = match backend_kind {
             BackendKind::Tract => Box::new(backend::tract::TractBackend::load(&req)?),
@@ -63,7 +67,7 @@ impl Model {
             backend_kind.name(),
             if manifest.random_weights { " -- RANDOM WEIGHTS, test model" } else { "" }
         );
-        Ok(Arc::new(Model { manifest, variant, backend_kind, backend, sha256: got }))
+        Ok(Arc::new(Model { manifest, variant, backend_kind, backend, sha256: got, read_ms }))
     }
 
     pub fn manifest(&self) -> &ModelManifest {
@@ -72,6 +76,11 @@ impl Model {
 
     pub fn variant(&self) -> &Variant {
         &self.variant
+    }
+
+    /// Load phases, milliseconds: (reading + verifying the file, the backend's parse and optimise).
+    pub fn load_times(&self) -> (f64, crate::backend::LoadTimes) {
+        (self.read_ms, self.backend.load_times())
     }
 
     /// SHA-256 of the ONNX file this model was loaded from (lowercase hex).

@@ -16,6 +16,16 @@ use crate::manifest::{ModelManifest, Variant};
 pub trait Backend: Send + Sync {
     /// Runs a batch-1 input laid out as the manifest says and returns the declared output, flattened.
     fn run(&self, input: &[f32]) -> Result<Vec<f32>>;
+    /// How long building the backend took, by phase (`whaled bench`).
+    fn load_times(&self) -> LoadTimes;
+}
+
+/// Model load phases, milliseconds: parsing the ONNX graph (where the backend separates it) and
+/// optimising it into something runnable (for onnxruntime, the whole session creation).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoadTimes {
+    pub parse_ms: Option<f64>,
+    pub optimise_ms: f64,
 }
 
 /// What a backend needs to build itself from a model file.

@@ -87,6 +87,7 @@ mod imp {
         output_name: String,
         shape: [usize; 4],
         model_name: String,
+        load_times: crate::backend::LoadTimes,
     }
 
     impl OrtBackend {
@@ -144,13 +145,17 @@ mod imp {
                 log::warn!("model {}: none of the configured execution providers registered; onnxruntime uses its CPU provider", m.name);
             }
             let mut sessions = Vec::with_capacity(cfg.sessions.max(1));
+            let started = std::time::Instant::now();
+            let mut first_ms = None;
             for _ in 0..cfg.sessions.max(1) {
                 let s = builder
                     .clone()
                     .commit_from_memory(req.onnx)
                     .map_err(|e| oe(&format!("cannot load {}", req.variant.file.display()), e))?;
                 sessions.push(s);
+                first_ms.get_or_insert(started.elapsed().as_secs_f64() * 1e3);
             }
+            let load_times = crate::backend::LoadTimes { parse_ms: None, optimise_ms: first_ms.unwrap_or(0.0) };
             let session = &sessions[0];
             if session.inputs().len() != 1 {
                 return Err(err(format!(
@@ -201,11 +206,16 @@ mod imp {
                 next: std::sync::atomic::AtomicUsize::new(0),
                 shape,
                 model_name: m.name.clone(),
+                load_times,
             })
         }
     }
 
     impl Backend for OrtBackend {
+        fn load_times(&self) -> crate::backend::LoadTimes {
+            self.load_times
+        }
+
         fn run(&self, input: &[f32]) -> Result<Vec<f32>> {
             let fail = |msg: String| Error::Inference { backend: "onnxruntime", model: self.model_name.clone(), msg };
             let tensor = TensorRef::from_array_view((self.shape, input)).map_err(|e| fail(e.to_string()))?;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
-use crate::backend::{check_dims, output_shape_ok, Backend, LoadRequest};
+use crate::backend::{check_dims, output_shape_ok, Backend, LoadRequest, LoadTimes};
 use crate::error::{Error, Result};
 
 type Plan = Arc<TypedRunnableModel>;
@@ -18,6 +18,7 @@ pub struct TractBackend {
     plan: Plan,
     shape: [usize; 4],
     model_name: String,
+    load_times: LoadTimes,
 }
 
 impl TractBackend {
@@ -26,6 +27,7 @@ impl TractBackend {
         let err = |msg: String| Error::model(m.path(), msg);
         let te = |what: &str, e: TractError| err(format!("{what} {}: {e:#}", req.variant.file.display()));
 
+        let started = std::time::Instant::now();
         let mut model =
             tract_onnx::onnx().model_for_read(&mut &req.onnx[..]).map_err(|e| te("tract cannot parse ONNX file", e))?;
 
@@ -62,6 +64,7 @@ impl TractBackend {
                 .unwrap_or_default();
             err(format!("the ONNX graph has no output `{out_name}` (it has: {})", names.join(", ")))
         })?;
+        let parsed = std::time::Instant::now();
         let typed = model.into_optimized().map_err(|e| te("tract cannot optimise", e))?;
         let out_dims: Vec<usize> = typed
             .output_fact(0)
@@ -82,11 +85,19 @@ impl TractBackend {
             options.executor = Some(tract_linalg::multithread::Executor::multithread(req.inference.threads));
         }
         let plan = typed.into_runnable_with_options(&options).map_err(|e| te("tract cannot plan", e))?;
-        Ok(TractBackend { plan, shape, model_name: m.name.clone() })
+        let load_times = LoadTimes {
+            parse_ms: Some((parsed - started).as_secs_f64() * 1e3),
+            optimise_ms: parsed.elapsed().as_secs_f64() * 1e3,
+        };
+        Ok(TractBackend { plan, shape, model_name: m.name.clone(), load_times })
     }
 }
 
 impl Backend for TractBackend {
+    fn load_times(&self) -> LoadTimes {
+        self.load_times
+    }
+
     fn run(&self, input: &[f32]) -> Result<Vec<f32>> {
         let fail = |e: TractError| Error::Inference {
             backend: "tract",
