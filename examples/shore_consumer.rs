@@ -34,7 +34,8 @@ struct Row {
     position: String,
 }
 
-/// The fold: de-duplicates on `event_id`, keeps each sighting's newest state.
+/// The fold: de-duplicates on `event_id`, keeps each sighting's newest state. (A long-running consumer
+/// would forget the ids of sightings ended long ago; a day of a box's events is a few thousand ids.)
 #[derive(Default)]
 struct Table {
     seen: HashSet<String>,
@@ -53,8 +54,10 @@ impl Table {
         let sampled = e["frames"]["sampled"].as_u64().unwrap_or(0);
         let top = &e["identification"]["top"][0];
         let row = self.rows.entry(sighting.to_string()).or_default();
-        if row.state == "end" && e["event"] != "end" {
-            return false; // an older event arriving after the end
+        if row.state.starts_with("end") {
+            // The first `end` is final: a later event (or a second `end`, reason `restart`, after a
+            // crash between delivering the first and recording it) changes nothing.
+            return false;
         }
         if row.sampled > sampled && e["event"] != "end" {
             return false; // older than what the row holds

@@ -191,7 +191,7 @@ pub enum SightingPhase {
 pub enum EndReason {
     /// No frame passed the gates for `gap`.
     Gap,
-    /// It lasted `max_duration`; the next passing frame starts a new sighting.
+    /// A passing frame came `max_duration` after its start; that frame starts the next sighting.
     MaxDuration,
     /// The camera delivered no frame at all for `gap`.
     CameraSilent,

@@ -41,7 +41,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const MAX_LINE: usize = 64 << 10;
 const WATCH: &[u8] = b"?WATCH={\"enable\":true,\"json\":true};\n";
 
-/// Counters of the gpsd connection, for stats and `/healthz`.
+/// Counters of the gpsd connection (tests and logs; frames without a fix are counted per camera in
+/// `stats` as `frames_without_fix`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GpsStats {
     /// A connection to gpsd is open now.

@@ -38,6 +38,8 @@ pub enum Event {
         event_id: String,
         json: serde_json::Value,
     },
+    /// A worker left sighting events in a tracker: the output thread drains them (never delivered).
+    Wake,
 }
 
 /// Detections waiting for the sink; beyond this, workers wait (and frames are dropped upstream).
@@ -555,7 +557,7 @@ pub fn run(
     let control = Arc::new(Control::new(&names, identifier.clone()));
     run_controlled(identifier, cameras, options, shutdown, &control, |e| match e {
         Event::Detection(d) => sink(d),
-        Event::Sighting(_) | Event::Restored { .. } => Ok(()),
+        Event::Sighting(_) | Event::Restored { .. } | Event::Wake => Ok(()),
     })
 }
 
@@ -593,7 +595,14 @@ pub fn run_controlled(
         for e in restore_open_sightings(path) {
             sink(e)?;
         }
+        // Only once every `end` is stored (a failure above leaves the file for the next start).
+        if let Err(e) = std::fs::remove_file(path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("sightings state {}: {e}", path.display());
+            }
+        }
     }
+    let mut state = StateFile::new(options.state_file.clone());
     let stats: Vec<Arc<CameraStats>> = control.stats.clone();
     let mailbox = Arc::new(Mailbox {
         state: Mutex::new(MailboxState {
@@ -645,14 +654,35 @@ pub fn run_controlled(
                 }
             }
         };
+        // Sighting events leave the trackers only here, in each camera's order, before anything a worker
+        // sent after them; the state file is written from the records taken with them.
+        let mut drain = |deliver: &mut dyn FnMut(Event, &mut Option<Error>), sink_error: &mut Option<Error>| {
+            let Some(trackers) = &trackers else { return };
+            let mut records = Vec::new();
+            for (t, st) in trackers.iter().zip(&stats) {
+                let (events, record, discarded) = {
+                    let mut t = lock(t);
+                    let (events, record) = t.drain();
+                    (events, record, t.discarded())
+                };
+                st.sightings_discarded.store(discarded, Ordering::Relaxed);
+                for e in events {
+                    deliver(Event::Sighting(e), sink_error);
+                }
+                records.extend(record);
+            }
+            // A failed output delivered nothing: keep the last record for the next start to end.
+            if sink_error.is_none() {
+                state.save(&records);
+            }
+        };
         loop {
             let wake = next_stats.map_or(next_tick, |s| s.min(next_tick));
             match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                 Ok(e) => {
-                    let sighting = matches!(e, Event::Sighting(_));
-                    deliver(e, &mut sink_error);
-                    if sighting {
-                        save_open_sightings(options.state_file.as_deref(), trackers.as_deref());
+                    drain(&mut deliver, &mut sink_error);
+                    if !matches!(e, Event::Wake) {
+                        deliver(e, &mut sink_error);
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -668,27 +698,22 @@ pub fn run_controlled(
             if now >= next_tick {
                 next_tick = now + TICK;
                 if let Some(trackers) = &trackers {
-                    let mut events = Vec::new();
                     for t in trackers {
-                        lock(t).tick(now, std::time::SystemTime::now(), &mut events);
+                        lock(t).tick(now, std::time::SystemTime::now());
                     }
-                    for e in events {
-                        deliver(Event::Sighting(e), &mut sink_error);
-                    }
-                    save_open_sightings(options.state_file.as_deref(), Some(trackers));
                 }
+                drain(&mut deliver, &mut sink_error);
             }
         }
-        // Every worker is done: end the sightings still open.
-        if let Some(trackers) = &trackers {
-            let mut events = Vec::new();
-            for t in trackers {
-                lock(t).close(EndReason::Shutdown, std::time::SystemTime::now(), &mut events);
+        // Every worker is done: end the sightings still open, unless the output failed (then the state
+        // file keeps them for the next start to end).
+        if sink_error.is_none() {
+            if let Some(trackers) = &trackers {
+                for t in trackers {
+                    lock(t).close(EndReason::Shutdown, std::time::SystemTime::now());
+                }
             }
-            for e in events {
-                deliver(Event::Sighting(e), &mut sink_error);
-            }
-            save_open_sightings(options.state_file.as_deref(), Some(trackers));
+            drain(&mut deliver, &mut sink_error);
         }
     });
     match sink_error {
@@ -704,26 +729,55 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Records the open sightings (as the `end` each would get after a crash) in the state file, replaced
-/// atomically; removes the file when none is open. Failures are logged, not fatal: the file only
-/// closes sightings after a crash.
-fn save_open_sightings(path: Option<&std::path::Path>, trackers: Option<&[Mutex<Tracker>]>) {
-    let (Some(path), Some(trackers)) = (path, trackers) else { return };
-    let open: Vec<SightingEvent> = trackers.iter().filter_map(|t| lock(t).restart_record()).collect();
-    let result = if open.is_empty() {
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+/// The open sightings (as the `end` each would get after a crash), kept in a file beside the outbox.
+/// Written (temporary file, fsync, rename, fsync of the directory) when the set of open sightings
+/// changes, and at most every [`STATE_EVERY`] otherwise (SD cards wear); removed when none is open.
+/// Failures are logged, not fatal: the file only closes sightings after a crash.
+struct StateFile {
+    path: Option<std::path::PathBuf>,
+    ids: Vec<String>,
+    written: Option<Instant>,
+}
+
+const STATE_EVERY: Duration = Duration::from_secs(10);
+
+impl StateFile {
+    fn new(path: Option<std::path::PathBuf>) -> StateFile {
+        StateFile { path, ids: Vec::new(), written: None }
+    }
+
+    fn save(&mut self, open: &[SightingEvent]) {
+        let Some(path) = &self.path else { return };
+        let ids: Vec<String> = open.iter().map(|e| e.sighting_id.clone()).collect();
+        if ids == self.ids && (ids.is_empty() || self.written.is_some_and(|t| t.elapsed() < STATE_EVERY)) {
+            return;
         }
-    } else {
-        let tmp = path.with_extension("tmp");
-        serde_json::to_vec(&open)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, path))
-    };
-    if let Err(e) = result {
-        log::warn!("sightings state {}: {e}", path.display());
+        let result = if open.is_empty() {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        } else {
+            let tmp = path.with_extension("tmp");
+            (|| -> std::io::Result<()> {
+                let bytes = serde_json::to_vec(open).map_err(std::io::Error::other)?;
+                let mut f = std::fs::File::create(&tmp)?;
+                std::io::Write::write_all(&mut f, &bytes)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, path)?;
+                if let Some(dir) = path.parent() {
+                    std::fs::File::open(dir)?.sync_all()?;
+                }
+                Ok(())
+            })()
+        };
+        match result {
+            Ok(()) => {
+                self.ids = ids;
+                self.written = Some(Instant::now());
+            }
+            Err(e) => log::warn!("sightings state {}: {e}", path.display()),
+        }
     }
 }
 
@@ -746,17 +800,22 @@ fn restore_open_sightings(path: &std::path::Path) -> Vec<Event> {
     };
     let mut out = Vec::new();
     for mut json in events {
-        let camera = json.get("camera").and_then(|c| c.as_str()).unwrap_or("unknown").to_string();
+        let camera = json.get("camera").and_then(|c| c.as_str()).map(str::to_string);
+        let sighting = json.get("sighting_id").and_then(|c| c.as_str()).map(str::to_string);
+        let (Some(camera), Some(sighting)) = (camera, sighting) else {
+            log::error!("sightings state {}: a record without camera or sighting_id; skipped", path.display());
+            continue;
+        };
+        if camera.is_empty() || camera.contains(['/', '+', '#']) {
+            log::error!("sightings state {}: camera {camera:?} is not a topic level; skipped", path.display());
+            continue;
+        }
         let event_id = uuid::Uuid::now_v7().to_string();
         json["event_id"] = serde_json::Value::String(event_id.clone());
         log::warn!(
-            "camera {camera}: sighting {} was open when whaled last stopped; ending it (reason restart)",
-            json.get("sighting_id").and_then(|c| c.as_str()).unwrap_or("?")
+            "camera {camera}: sighting {sighting} was open when whaled last stopped; ending it (reason restart)"
         );
         out.push(Event::Restored { camera, event_id, json });
-    }
-    if let Err(e) = std::fs::remove_file(path) {
-        log::warn!("sightings state {}: {e}", path.display());
     }
     out
 }
@@ -880,11 +939,9 @@ fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::
     let name = format!("{}#{}", names[i], frame.seq);
     let tracker = ctx.trackers.and_then(|t| t.get(i));
     let clock_synced = crate::clock::synchronised();
-    // The fix current when the frame was captured (the capture time mapped onto the monotonic clock).
+    // The fix current when the frame was captured (on the monotonic clock: a clock step changes nothing).
     let position = options.gps.as_ref().and_then(|g| {
-        let ago = std::time::SystemTime::now().duration_since(frame.captured_at).unwrap_or(Duration::ZERO);
-        let at = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
-        let p = g.position(at);
+        let p = g.position(frame.captured_mono);
         if p.is_none() {
             CameraStats::add(&st.without_fix);
         }
@@ -892,6 +949,7 @@ fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::
     });
     let info = |passed: bool, score: f64| FrameInfo {
         time: frame.captured_at,
+        mono: frame.captured_mono,
         passed,
         score,
         image_ind: name.clone(),
@@ -899,13 +957,18 @@ fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::
         clock_synced,
         gallery_version: identifier.gallery().map(|g| g.version()),
     };
-    let mut sightings = Vec::new();
     let mut decision = Decision::Skip;
     let mut budget = |score: f64| match tracker {
         None => true,
         Some(t) => {
-            decision = lock(t).frame(&info(true, score), Instant::now(), &mut sightings);
+            decision = lock(t).frame(&info(true, score), Instant::now());
             matches!(decision, Decision::Identify(_))
+        }
+    };
+    // Sighting events stay in the tracker until the output thread drains it; a Wake makes it look.
+    let wake = |out: &mut Vec<Event>| {
+        if tracker.is_some_and(|t| lock(t).has_pending()) {
+            out.push(Event::Wake);
         }
     };
     let result = identifier.assess_with(ws, &frame.data, &name, &mut budget);
@@ -914,9 +977,9 @@ fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::
         Err(e) => {
             if let (Some(t), Decision::Identify(sid)) = (tracker, &decision) {
                 // Its sighting must not wait for an answer that will not come.
-                lock(t).identified(sid, None, &|_| None, Instant::now(), frame.captured_at, &mut sightings);
+                lock(t).identified(sid, None, &|_| None, frame.captured_mono, frame.captured_at);
             }
-            out.extend(sightings.into_iter().map(Event::Sighting));
+            wake(out);
             match e {
                 Error::Image { .. } => {
                     CameraStats::add(&st.corrupt);
@@ -933,7 +996,7 @@ fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::
     if let Some(t) = tracker {
         let mut t = lock(t);
         if !assessment.passed {
-            t.frame(&info(false, assessment.prefilter_score), Instant::now(), &mut sightings);
+            t.frame(&info(false, assessment.prefilter_score), Instant::now());
         }
         if let Decision::Identify(sid) = &decision {
             let result = assessment.identified.as_ref().map(|found| FrameIdentity {
@@ -955,9 +1018,8 @@ fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::
                     new_individual: found.new_individual,
                 })
             };
-            t.identified(sid, result, &rank, Instant::now(), frame.captured_at, &mut sightings);
+            t.identified(sid, result, &rank, frame.captured_mono, frame.captured_at);
         }
-        st.sightings_discarded.store(t.discarded(), Ordering::Relaxed);
     }
     CameraStats::add(&st.decoded);
     control.frame_decoded(i, true, None);
@@ -990,10 +1052,15 @@ fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::
         detection.camera = Some(names[i].to_string());
         detection.clock_synced = clock_synced;
         detection.position = position;
-        if let (Some(t), true) = (tracker, assessment.passed) {
-            detection.sighting_id = lock(t).open_id();
-        }
+        detection.sighting_id = match (&decision, tracker, assessment.passed) {
+            (Decision::Identify(sid), _, _) => Some(sid.clone()),
+            (_, Some(t), true) => lock(t).open_id(),
+            _ => None,
+        };
+        // The Wake first: the output thread delivers the sighting's events before this detection.
+        wake(out);
         out.push(Event::Detection(detection));
+    } else {
+        wake(out);
     }
-    out.extend(sightings.into_iter().map(Event::Sighting));
 }

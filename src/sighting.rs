@@ -5,13 +5,20 @@
 //! keep it (frames of one camera on two workers may arrive a few frames out of order; times are taken
 //! as the latest seen). It knows nothing of models: the pipeline tells it what the gates said, asks
 //! whether to identify, and hands back identification results with a ranking function for the
-//! aggregate. Events come out as [`SightingEvent`]s for the outbox.
+//! aggregate. Events queue inside the tracker, in the order they happen, and leave only through
+//! [`Tracker::drain`] (the pipeline's output thread), so a camera's events are delivered in order and
+//! the open-sightings record is taken together with the events that led to it.
+//!
+//! Durations (gap, max_duration, the budget's interval, the update rate limit) are measured on the
+//! frames' monotonic capture clock, so a system clock stepped at sea (a board without an RTC getting
+//! GPS or NTP time) neither ends nor freezes a sighting; wall-clock times are only reported.
 //!
 //! # Rules
 //! - **Sighting**: consecutive passing frames whose capture times are no more than `gap` apart. It ends
 //!   (`end`, reason `gap`) at the first frame of the camera captured more than `gap` after the last
 //!   passing frame, when the camera delivers nothing for `gap` (`camera_silent`, from [`Tracker::tick`]),
-//!   at `max_duration` (the next passing frame starts a new one), or when whaled stops (`shutdown`).
+//!   at the first passing frame `max_duration` after its start (that frame starts the next one), or
+//!   when whaled stops (`shutdown`).
 //! - **Budget**: the first passing frame is identified; after it, at most one frame per
 //!   `identify_interval` (capture time), and only a frame whose pre-filter score is at least
 //!   `identify_quality` x the best score of the sighting so far; at most `max_identified` per
@@ -35,7 +42,10 @@ use crate::detection::{
 /// What the gates said about one frame.
 #[derive(Debug, Clone)]
 pub struct FrameInfo {
+    /// Wall-clock capture time (reported).
     pub time: SystemTime,
+    /// Monotonic capture time (measured).
+    pub mono: Instant,
     pub passed: bool,
     pub score: f64,
     pub image_ind: String,
@@ -78,19 +88,26 @@ pub struct Tracker {
     /// Whether an identification model is configured (else nothing is ever identified).
     identifies: bool,
     open: Option<Open>,
-    last_frame: Option<Instant>,
+    /// The last frame: when it arrived (real time) and its capture time (monotonic), for ticks.
+    last_frame: Option<(Instant, Instant)>,
     discarded: u64,
+    /// Events not yet taken by [`Tracker::drain`], in order.
+    pending: Vec<SightingEvent>,
 }
 
 struct Open {
     id: String,
     started: SystemTime,
+    started_mono: Instant,
     last_pass: SystemTime,
+    last_pass_mono: Instant,
     frames: SightingFrames,
     best: Option<BestFrame>,
     best_score: f64,
-    last_identified: Option<SystemTime>,
+    last_identified: Option<Instant>,
     sum: Vec<f64>,
+    /// Embeddings in `sum`.
+    embedded: u64,
     votes: Vec<(String, u64)>,
     aggregate: Option<SightingIdentification>,
     new_sent: bool,
@@ -117,6 +134,10 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+fn since(later: Instant, earlier: Instant) -> Duration {
+    later.saturating_duration_since(earlier)
+}
+
 impl Tracker {
     pub fn new(
         camera: &str,
@@ -134,6 +155,7 @@ impl Tracker {
             open: None,
             last_frame: None,
             discarded: 0,
+            pending: Vec::new(),
         }
     }
 
@@ -147,25 +169,41 @@ impl Tracker {
         self.open.as_ref().map(|o| o.id.clone())
     }
 
-    /// Records an assessed frame; events to publish go to `out`.
-    pub fn frame(&mut self, f: &FrameInfo, now: Instant, out: &mut Vec<SightingEvent>) -> Decision {
-        self.last_frame = Some(now);
+    /// Whether events wait for [`Tracker::drain`].
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Takes the events in order, and the record of the open sighting as it stands after them (see
+    /// [`Tracker::restart_record`]): taken together, so a record never runs ahead of the events.
+    pub fn drain(&mut self) -> (Vec<SightingEvent>, Option<SightingEvent>) {
+        (std::mem::take(&mut self.pending), self.restart_record())
+    }
+
+    /// Records an assessed frame (`now`: when it reached the tracker, real time).
+    pub fn frame(&mut self, f: &FrameInfo, now: Instant) -> Decision {
+        self.last_frame = Some((now, f.mono));
         let s = self.settings.clone();
         if let Some(o) = &self.open {
-            let since_pass = f.time.duration_since(o.last_pass).unwrap_or(Duration::ZERO);
-            let age = f.time.duration_since(o.started).unwrap_or(Duration::ZERO);
-            if since_pass > s.gap {
-                self.end(EndReason::Gap, f.time, out);
-            } else if f.passed && age >= s.max_duration {
-                self.end(EndReason::MaxDuration, f.time, out);
+            if since(f.mono, o.last_pass_mono) > s.gap {
+                self.end(EndReason::Gap, f.time);
+            } else if f.passed && since(f.mono, o.started_mono) >= s.max_duration {
+                self.end(EndReason::MaxDuration, f.time);
             }
         }
         let decision = match (&mut self.open, f.passed) {
             (Some(o), _) => {
                 o.frames.sampled += 1;
+                if let Some(c) = f.clock_synced {
+                    // Unsynchronised at any frame: the sighting's times may be wrong.
+                    o.clock_synced = Some(o.clock_synced.unwrap_or(true) && c);
+                }
                 if f.passed {
                     o.frames.passed += 1;
-                    o.last_pass = o.last_pass.max(f.time);
+                    if f.mono > o.last_pass_mono {
+                        o.last_pass_mono = f.mono;
+                        o.last_pass = f.time;
+                    }
                     if f.position.is_some() {
                         // The first fix of the sighting (its first frames may have had none) and the latest.
                         if o.start_position.is_none() {
@@ -182,9 +220,7 @@ impl Tracker {
                         });
                     }
                     o.gallery_version = f.gallery_version.or(o.gallery_version);
-                    let due = o
-                        .last_identified
-                        .is_none_or(|t| f.time.duration_since(t).unwrap_or(Duration::ZERO) >= s.identify_interval);
+                    let due = o.last_identified.is_none_or(|t| since(f.mono, t) >= s.identify_interval);
                     if !self.identifies {
                         Decision::Skip
                     } else if (o.frames.identified as usize) < s.max_identified
@@ -192,7 +228,7 @@ impl Tracker {
                         && f.score >= s.identify_quality * o.best_score
                     {
                         o.frames.identified += 1;
-                        o.last_identified = Some(f.time);
+                        o.last_identified = Some(f.mono);
                         Decision::Identify(o.id.clone())
                     } else {
                         o.frames.skipped_budget += 1;
@@ -204,23 +240,32 @@ impl Tracker {
             }
             (None, true) => {
                 let id = uuid::Uuid::now_v7().to_string();
-                let mut o = Open {
+                let identify = self.identifies;
+                self.open = Some(Open {
                     id: id.clone(),
                     started: f.time,
+                    started_mono: f.mono,
                     last_pass: f.time,
-                    frames: SightingFrames { sampled: 1, passed: 1, identified: 0, skipped_budget: 0 },
+                    last_pass_mono: f.mono,
+                    frames: SightingFrames {
+                        sampled: 1,
+                        passed: 1,
+                        identified: u64::from(identify),
+                        skipped_budget: 0,
+                    },
                     best: Some(BestFrame {
                         image_ind: f.image_ind.clone(),
                         captured_at: rfc3339(f.time),
                         score: f.score,
                     }),
                     best_score: f.score,
-                    last_identified: None,
+                    last_identified: identify.then_some(f.mono),
                     sum: Vec::new(),
+                    embedded: 0,
                     votes: Vec::new(),
                     aggregate: None,
                     new_sent: false,
-                    awaiting_first: false,
+                    awaiting_first: identify,
                     published_top1: None,
                     last_update: None,
                     update_pending: false,
@@ -228,37 +273,31 @@ impl Tracker {
                     end_position: f.position.clone(),
                     clock_synced: f.clock_synced,
                     gallery_version: f.gallery_version,
-                };
-                let d = if self.identifies {
-                    o.frames.identified = 1;
-                    o.last_identified = Some(f.time);
-                    o.awaiting_first = true;
+                });
+                if identify {
                     Decision::Identify(id)
                 } else {
                     Decision::Skip
-                };
-                self.open = Some(o);
-                d
+                }
             }
             (None, false) => Decision::Skip,
         };
         if f.passed {
-            self.maybe_new(f.time, out);
+            self.maybe_new(f.time);
         }
-        self.flush_update(now, f.time, out);
+        self.flush_update(f.mono, f.time);
         decision
     }
 
     /// Hands back the identification of a frame [`Tracker::frame`] asked for (`None`: it failed).
-    /// `rank` ranks the aggregate embedding.
+    /// `rank` ranks the aggregate embedding; `mono`/`time`: the frame's capture times.
     pub fn identified(
         &mut self,
         sighting: &str,
         result: Option<FrameIdentity>,
         rank: &dyn Fn(Vec<f32>) -> Option<Ranking>,
-        now: Instant,
+        mono: Instant,
         time: SystemTime,
-        out: &mut Vec<SightingEvent>,
     ) {
         let Some(o) = self.open.as_mut().filter(|o| o.id == sighting) else {
             log::debug!("camera {}: identification for sighting {sighting}, which has ended", self.camera);
@@ -270,13 +309,13 @@ impl Tracker {
             }
             if o.sum.len() == r.embedding.len() {
                 o.sum.iter_mut().zip(&r.embedding).for_each(|(s, &e)| *s += f64::from(e));
+                o.embedded += 1;
                 if let Some((id, _)) = &r.top1 {
                     match o.votes.iter_mut().find(|(v, _)| v == id) {
                         Some(v) => v.1 += 1,
                         None => o.votes.push((id.clone(), 1)),
                     }
                 }
-                let used: u64 = o.votes.iter().map(|v| v.1).sum::<u64>().max(1);
                 let norm = o.sum.iter().map(|v| v * v).sum::<f64>().sqrt();
                 if norm > 0.0 {
                     let mean: Vec<f32> = o.sum.iter().map(|v| (v / norm) as f32).collect();
@@ -297,7 +336,7 @@ impl Tracker {
                             .collect();
                         o.aggregate = Some(SightingIdentification {
                             rule: "mean_embedding",
-                            frames: used,
+                            frames: o.embedded,
                             top,
                             new_individual: ranking.new_individual,
                         });
@@ -308,62 +347,71 @@ impl Tracker {
         o.awaiting_first = false;
         let top1 = o.aggregate.as_ref().and_then(|a| a.top.first()).map(|c| c.class_animal.clone());
         if !o.new_sent {
-            self.maybe_new(time, out);
+            self.maybe_new(time);
         } else if top1 != o.published_top1 {
             o.update_pending = true;
-            self.flush_update(now, time, out);
+            self.flush_update(mono, time);
         }
     }
 
-    /// Time passing without frames: ends the sighting of a silent camera, sends a held-back update.
-    pub fn tick(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<SightingEvent>) {
-        if self.open.is_some() && self.last_frame.is_some_and(|t| now.duration_since(t) >= self.settings.gap) {
-            self.end(EndReason::CameraSilent, wall, out);
+    /// Time passing without frames (`now`: real time): ends the sighting of a silent camera, sends a
+    /// held-back update once its interval has passed on the capture clock.
+    pub fn tick(&mut self, now: Instant, wall: SystemTime) {
+        let Some((arrived, mono)) = self.last_frame else { return };
+        let silent = since(now, arrived);
+        if self.open.is_some() && silent >= self.settings.gap {
+            self.end(EndReason::CameraSilent, wall);
         }
-        self.flush_update(now, wall, out);
+        // The capture clock runs on while no frame comes (as far as the last frame lets us tell).
+        self.flush_update(mono + silent, wall);
     }
 
     /// Ends the open sighting, if any (whaled stopping).
-    pub fn close(&mut self, reason: EndReason, wall: SystemTime, out: &mut Vec<SightingEvent>) {
+    pub fn close(&mut self, reason: EndReason, wall: SystemTime) {
         if self.open.is_some() {
-            self.end(reason, wall, out);
+            self.end(reason, wall);
         }
     }
 
-    /// The `end` event this sighting would get if whaled died now (reason `restart`, ended at its last
-    /// passing frame), for the state file; `None` when none is open.
+    /// Open sightings dropped for having fewer than `min_frames` passing frames, since start.
+    pub fn discarded(&self) -> u64 {
+        self.discarded
+    }
+
+    /// The `end` this sighting would get if whaled died now (reason `restart`, ended at its last passing
+    /// frame), for the state file; `None` when none is open or its `new` has not been sent.
     pub fn restart_record(&self) -> Option<SightingEvent> {
         let o = self.open.as_ref().filter(|o| o.new_sent)?;
         Some(self.event(o, SightingPhase::End, Some(EndReason::Restart), o.last_pass))
     }
 
-    fn flush_update(&mut self, now: Instant, time: SystemTime, out: &mut Vec<SightingEvent>) {
+    fn flush_update(&mut self, mono: Instant, time: SystemTime) {
         let interval = self.settings.update_interval;
         let Some(o) = self.open.as_mut() else { return };
         if !o.update_pending || !o.new_sent {
             return;
         }
-        if o.last_update.is_some_and(|t| now.duration_since(t) < interval) {
+        if o.last_update.is_some_and(|t| since(mono, t) < interval) {
             return;
         }
         let top1 = o.aggregate.as_ref().and_then(|a| a.top.first()).map(|c| c.class_animal.clone());
         o.update_pending = false;
         if top1 != o.published_top1 {
-            o.last_update = Some(now);
-            self.emit(SightingPhase::Update, None, time, out);
+            o.last_update = Some(mono);
+            self.emit(SightingPhase::Update, None, time);
         }
     }
 
     /// Sends `new` once the sighting has `min_frames` passing frames and its first identification
     /// (if any) is back.
-    fn maybe_new(&mut self, time: SystemTime, out: &mut Vec<SightingEvent>) {
+    fn maybe_new(&mut self, time: SystemTime) {
         let min = self.settings.min_frames as u64;
         if self.open.as_ref().is_some_and(|o| !o.new_sent && !o.awaiting_first && o.frames.passed >= min) {
-            self.emit(SightingPhase::New, None, time, out);
+            self.emit(SightingPhase::New, None, time);
         }
     }
 
-    fn end(&mut self, reason: EndReason, at: SystemTime, out: &mut Vec<SightingEvent>) {
+    fn end(&mut self, reason: EndReason, at: SystemTime) {
         if let Some(o) = &self.open {
             if o.frames.passed < self.settings.min_frames as u64 {
                 // Fewer passing frames than a sighting needs: a gate's stray false positive, not an
@@ -375,27 +423,24 @@ impl Tracker {
             }
             if !o.new_sent {
                 // Its identification never came back (it failed, or whaled is stopping): say it started.
-                self.emit(SightingPhase::New, None, at, out);
+                self.emit(SightingPhase::New, None, at);
             }
         }
-        self.emit(SightingPhase::End, Some(reason), at, out);
+        self.emit(SightingPhase::End, Some(reason), at);
         self.open = None;
     }
 
-    /// Open sightings dropped for having fewer than `min_frames` passing frames, since start.
-    pub fn discarded(&self) -> u64 {
-        self.discarded
-    }
-
-    fn emit(&mut self, phase: SightingPhase, reason: Option<EndReason>, at: SystemTime, out: &mut Vec<SightingEvent>) {
+    fn emit(&mut self, phase: SightingPhase, reason: Option<EndReason>, at: SystemTime) {
         let Some(o) = self.open.as_mut() else { return };
-        match phase {
-            SightingPhase::New => o.new_sent = true,
-            SightingPhase::Update | SightingPhase::End => {}
+        if phase == SightingPhase::New {
+            o.new_sent = true;
         }
         o.published_top1 = o.aggregate.as_ref().and_then(|a| a.top.first()).map(|c| c.class_animal.clone());
         let Some(o) = self.open.as_ref() else { return };
-        out.push(self.event(o, phase, reason, at));
+        // Never before its last frame (a replay's recorded clock can run ahead of the wall clock).
+        let at = at.max(o.last_pass);
+        let e = self.event(o, phase, reason, at);
+        self.pending.push(e);
     }
 
     fn event(&self, o: &Open, phase: SightingPhase, reason: Option<EndReason>, at: SystemTime) -> SightingEvent {
@@ -425,6 +470,12 @@ impl Tracker {
 mod tests {
     use super::*;
 
+    /// One monotonic origin for every frame of a test.
+    fn base() -> Instant {
+        static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *BASE.get_or_init(Instant::now)
+    }
+
     fn settings() -> SightingsConfig {
         SightingsConfig {
             gap: Duration::from_secs(3),
@@ -441,6 +492,7 @@ mod tests {
     fn frame(t: f64, passed: bool, score: f64) -> FrameInfo {
         FrameInfo {
             time: SystemTime::UNIX_EPOCH + Duration::from_secs_f64(1e9 + t),
+            mono: base() + Duration::from_secs_f64(t),
             passed,
             score,
             image_ind: format!("cam#{t}"),
@@ -474,7 +526,9 @@ mod tests {
         let mut identified = Vec::new();
         for (i, (time, passed, score)) in seq.iter().enumerate() {
             let f = frame(*time, *passed, *score);
-            if let Decision::Identify(id) = t.frame(&f, start + Duration::from_secs_f64(*time), &mut events) {
+            let d = t.frame(&f, start + Duration::from_secs_f64(*time));
+            events.extend(t.drain().0);
+            if let Decision::Identify(id) = d {
                 identified.push(*time);
                 let rank = |_: Vec<f32>| {
                     Some(Ranking {
@@ -488,7 +542,8 @@ mod tests {
                     })
                 };
                 let r = FrameIdentity { embedding: vec![1.0, 0.0], top1: Some(("a".into(), "sp".into())) };
-                t.identified(&id, Some(r), &rank, start + Duration::from_secs_f64(*time), f.time, &mut events);
+                t.identified(&id, Some(r), &rank, f.mono, f.time);
+                events.extend(t.drain().0);
             }
             let _ = i;
         }
@@ -514,7 +569,8 @@ mod tests {
         let start = Instant::now();
         let mut events = Vec::new();
         for (time, passed) in [(0.0, true), (1.0, false), (5.0, false), (6.0, true), (6.5, true), (12.0, false)] {
-            t.frame(&frame(time, passed, 0.8), start + Duration::from_secs_f64(time), &mut events);
+            t.frame(&frame(time, passed, 0.8), start + Duration::from_secs_f64(time));
+            events.extend(t.drain().0);
         }
         let phases: Vec<_> = events.iter().map(|e| (e.event, e.frames.passed)).collect();
         assert_eq!(phases, [(SightingPhase::New, 2), (SightingPhase::End, 2)]);
@@ -523,19 +579,26 @@ mod tests {
 
     #[test]
     fn silent_cameras_and_shutdown_end_sightings_and_a_restart_record_is_kept() {
-        let mut t = Tracker::new("cam", "dev", "m", settings(), false);
+        let mut t = Tracker::new("cam", "dev", "m", SightingsConfig { min_frames: 2, ..settings() }, false);
         let start = Instant::now();
         let mut events = Vec::new();
-        assert_eq!(t.frame(&frame(0.0, true, 0.8), start, &mut events), Decision::Skip);
+        assert_eq!(t.frame(&frame(0.0, true, 0.8), start), Decision::Skip);
+        assert!(t.drain().0.is_empty(), "min_frames 2: not yet a sighting");
+        t.frame(&frame(0.5, true, 0.8), start);
+        events.extend(t.drain().0);
         assert_eq!(events.len(), 1, "new at once when nothing is identified");
         assert_eq!(t.restart_record().unwrap().end_reason, Some(EndReason::Restart));
-        t.tick(start + Duration::from_secs(1), SystemTime::now(), &mut events);
+        t.tick(start + Duration::from_secs(1), SystemTime::now());
+        events.extend(t.drain().0);
         assert_eq!(events.len(), 1);
-        t.tick(start + Duration::from_secs(4), SystemTime::now(), &mut events);
+        t.tick(start + Duration::from_secs(4), SystemTime::now());
+        events.extend(t.drain().0);
         assert_eq!(events[1].end_reason, Some(EndReason::CameraSilent));
         assert!(t.restart_record().is_none());
-        t.frame(&frame(10.0, true, 0.8), start + Duration::from_secs(10), &mut events);
-        t.close(EndReason::Shutdown, SystemTime::now(), &mut events);
+        t.frame(&frame(10.0, true, 0.8), start + Duration::from_secs(10));
+        t.frame(&frame(10.5, true, 0.8), start + Duration::from_secs(10));
+        t.close(EndReason::Shutdown, SystemTime::now());
+        events.extend(t.drain().0);
         assert_eq!(events.last().unwrap().end_reason, Some(EndReason::Shutdown));
     }
 }

@@ -83,6 +83,7 @@ impl Sink for OutboxSink<'_> {
             }
             Event::Sighting(s) => self.publisher.publish_sighting(&s.camera, line.as_bytes()),
             Event::Restored { camera, .. } => self.publisher.publish_sighting(camera, line.as_bytes()),
+            Event::Wake => return Ok(()),
         };
         stored.map(|_| ()).map_err(Failure::Event)
     }
@@ -116,6 +117,7 @@ impl<'a> Sinks<'a> {
     /// Delivers `e` to every sink still open. Errors only when no sink is left open.
     pub fn deliver(&mut self, e: &Event) -> Result<()> {
         let (line, event_id) = match e {
+            Event::Wake => return Ok(()),
             Event::Detection(d) => (serde_json::to_string(d), d.event_id.as_str()),
             Event::Sighting(s) => (serde_json::to_string(s), s.event_id.as_str()),
             Event::Restored { json, event_id, .. } => (serde_json::to_string(json), event_id.as_str()),

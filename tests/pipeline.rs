@@ -279,3 +279,55 @@ fn run_without_cameras_says_what_to_do() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("no cameras configured") && log.contains("config/replay.toml"), "{log}");
 }
+
+/// The output fails while a sighting is open: its `end` was never delivered, so the state file keeps
+/// it, and the next run (a restart) ends it (reason `restart`) before anything else.
+#[test]
+fn a_sighting_open_when_the_output_fails_is_ended_by_the_next_run() {
+    use whaled::config::{PublishMode, SightingsConfig};
+    use whaled::pipeline::{run_controlled, Control, Event};
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("open-sightings.json");
+    let id = identifier("[prefilter]\nthreshold = 0.0\n");
+    let opts = Options {
+        sightings: Some(SightingsConfig { publish: PublishMode::Sightings, ..SightingsConfig::default() }),
+        state_file: Some(state.clone()),
+        ..options(false)
+    };
+    let cams = || vec![camera("cam0", jpegs(6), 20.0, false)];
+    let control = |id: &Arc<Identifier>| Arc::new(Control::new(&["cam0".into()], id.clone()));
+    // First run: every frame passes; the sink takes the `new`, then fails on the next event.
+    let mut delivered = Vec::new();
+    let r = run_controlled(id.clone(), cams(), &opts, &Shutdown::new(), &control(&id), |e| match e {
+        Event::Sighting(s) if delivered.is_empty() => {
+            delivered.push(s);
+            Ok(())
+        }
+        Event::Sighting(_) => Err(whaled::Error::Input("the outbox is gone".into())),
+        _ => Ok(()),
+    });
+    assert!(r.is_err(), "the output failure stops the run");
+    assert_eq!(delivered.len(), 1, "new");
+    let open = delivered[0].sighting_id.clone();
+    let text = std::fs::read_to_string(&state).expect("the open sighting is kept for the next start");
+    assert!(text.contains(&open), "{text}");
+    // Second run: the first thing out is the end of that sighting, reason restart.
+    let mut first = None;
+    run_controlled(
+        id.clone(),
+        vec![camera("cam0", jpegs(1), 20.0, false)],
+        &opts,
+        &Shutdown::new(),
+        &control(&id),
+        |e| {
+            if first.is_none() {
+                first = Some(e);
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    let Some(Event::Restored { json, .. }) = first else { panic!("expected the restored end first, got {first:?}") };
+    assert_eq!((json["sighting_id"].as_str(), json["end_reason"].as_str()), (Some(open.as_str()), Some("restart")));
+    assert!(!state.exists(), "restored and nothing open: the file is gone");
+}

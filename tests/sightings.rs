@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::broker::{free_port, Broker, Subscriber};
@@ -339,7 +338,7 @@ fn a_sighting_survives_a_broker_outage_and_a_crash() {
     let _broker = Broker::start_on(&tmp.path().join("broker"), port, "");
     let sub = Subscriber::start(port, "shore", "whaled/boat/+/sighting");
     let second = Daemon::start(&cfg);
-    let msgs = sub.wait_for(Duration::from_secs(120), "the crashed sighting's end and a new one", |m| {
+    sub.wait_for(Duration::from_secs(120), "the crashed sighting's end and a new one", |m| {
         let ev: Vec<serde_json::Value> = m.iter().map(|x| x.json()).collect();
         ev.iter().any(|e| e["sighting_id"] == crashed.as_str() && e["event"] == "end")
             && ev.iter().any(|e| e["sighting_id"] != crashed.as_str() && e["event"] == "new")
@@ -359,7 +358,6 @@ fn a_sighting_survives_a_broker_outage_and_a_crash() {
         });
     }
     assert!(err.contains("was open when whaled last stopped"), "{err}");
-    let _ = msgs;
     let msgs = sub.wait_for(Duration::from_secs(30), "the second sighting's end", |m| {
         m.iter().map(|x| x.json()).filter(|e| e["event"] == "end").count() >= 2
     });
@@ -390,5 +388,4 @@ fn a_sighting_survives_a_broker_outage_and_a_crash() {
     assert_eq!(new.first().unwrap()["event"], "new");
     assert_eq!(new.last().unwrap()["end_reason"], "shutdown");
     assert!(!state.exists(), "no sighting left open after a clean stop");
-    let _ = Arc::new(Mutex::new(()));
 }

@@ -7,7 +7,7 @@ pub mod replay;
 pub mod v4l2;
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 /// One captured frame, still encoded as the camera delivered it.
 #[derive(Debug, Clone)]
@@ -15,7 +15,11 @@ pub struct Frame {
     pub camera: Arc<str>,
     /// Per-camera sequence number, from 0.
     pub seq: u64,
+    /// Wall-clock capture time: what records report (it jumps when the system clock is stepped).
     pub captured_at: SystemTime,
+    /// Capture time on the monotonic clock: what durations between frames are measured on (sighting
+    /// gaps, the frame budget, the GPS fix at capture), immune to clock steps.
+    pub captured_mono: Instant,
     pub data: FrameData,
 }
 

@@ -21,7 +21,7 @@ pub struct ReplaySource {
     next_due: Option<Instant>,
     /// With a speed-up: the recording's own frame period and its first frame's time (capture times are
     /// `start + seq x period`, not the wall clock).
-    virtual_clock: Option<(Duration, Option<SystemTime>)>,
+    virtual_clock: Option<(Duration, Option<(SystemTime, Instant)>)>,
 }
 
 impl ReplaySource {
@@ -96,14 +96,15 @@ impl Source for ReplaySource {
         }
         let data = FrameData::Encoded(self.frames[self.next_index].clone());
         self.next_index += 1;
-        let captured_at = match &mut self.virtual_clock {
-            None => SystemTime::now(),
+        let (captured_at, captured_mono) = match &mut self.virtual_clock {
+            None => (SystemTime::now(), Instant::now()),
             Some((period, start)) => {
-                let t0 = *start.get_or_insert_with(SystemTime::now);
-                t0 + period.saturating_mul(u32::try_from(self.seq).unwrap_or(u32::MAX))
+                let (t0, m0) = *start.get_or_insert_with(|| (SystemTime::now(), Instant::now()));
+                let offset = period.saturating_mul(u32::try_from(self.seq).unwrap_or(u32::MAX));
+                (t0 + offset, m0 + offset)
             }
         };
-        let frame = Frame { camera: self.camera.clone(), seq: self.seq, captured_at, data };
+        let frame = Frame { camera: self.camera.clone(), seq: self.seq, captured_at, captured_mono, data };
         self.seq += 1;
         Ok(SourceEvent::Frame(frame))
     }

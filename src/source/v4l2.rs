@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use v4l::buffer::Type;
 use v4l::io::traits::CaptureStream;
@@ -171,7 +171,8 @@ impl Source for V4l2Source {
             if !wanted() {
                 return None;
             }
-            let captured_at = kernel_time(i64::from(meta.timestamp.sec), i64::from(meta.timestamp.usec));
+            let (captured_at, captured_mono) =
+                kernel_time(i64::from(meta.timestamp.sec), i64::from(meta.timestamp.usec));
             let n = open.negotiated;
             let data = match n.format.raw() {
                 None => FrameData::Encoded(Arc::from(&buf[..used])),
@@ -183,11 +184,11 @@ impl Source for V4l2Source {
                     bytes: Arc::from(&buf[..used]),
                 },
             };
-            Some((data, captured_at))
+            Some((data, captured_at, captured_mono))
         });
         match result {
-            Ok(Some((data, captured_at))) => {
-                let frame = Frame { camera: self.camera.clone(), seq: self.seq, captured_at, data };
+            Ok(Some((data, captured_at, captured_mono))) => {
+                let frame = Frame { camera: self.camera.clone(), seq: self.seq, captured_at, captured_mono, data };
                 self.seq += 1;
                 Ok(SourceEvent::Frame(frame))
             }
@@ -228,15 +229,18 @@ fn nearest_size(device: &Device, fourcc: FourCC, width: u32, height: u32) -> (u3
 /// Maps a CLOCK_MONOTONIC timestamp from the driver to wall-clock time (now minus its age).
 // time_t and c_long are i32 on armv7: the conversions are not useless there.
 #[allow(clippy::useless_conversion)]
-fn kernel_time(sec: i64, usec: i64) -> SystemTime {
+fn kernel_time(sec: i64, usec: i64) -> (SystemTime, Instant) {
     let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime only writes the timespec we own.
     let ok = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } == 0;
     let frame_us = sec.saturating_mul(1_000_000).saturating_add(usec);
     let now_us = i64::from(now.tv_sec).saturating_mul(1_000_000).saturating_add(i64::from(now.tv_nsec) / 1000);
     match (ok, u64::try_from(now_us - frame_us)) {
-        (true, Ok(age)) if frame_us > 0 && age < 60_000_000 => SystemTime::now() - Duration::from_micros(age),
-        _ => SystemTime::now(),
+        (true, Ok(age)) if frame_us > 0 && age < 60_000_000 => {
+            let age = Duration::from_micros(age);
+            (SystemTime::now() - age, Instant::now().checked_sub(age).unwrap_or_else(Instant::now))
+        }
+        _ => (SystemTime::now(), Instant::now()),
     }
 }
 
