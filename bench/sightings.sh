@@ -90,7 +90,7 @@ name = "bow"
 kind = "replay"
 path = "$work/survey"
 fps = 2
-speed = 8
+speed = ${SPEED:-8}
 loop = false
 [pipeline]
 workers = 2
