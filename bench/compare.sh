@@ -22,15 +22,14 @@ for spec in efficientnet-lite0:fp32 efficientnet-lite0:int8 marine-gate-lite0:fp
     for threads in 1 2; do
         t=$("$bin" --log-level error bench --model "$model" --variant "$variant" --backend tract --threads "$threads" --runs "$runs" --warmup 10 --json)
         o=$("$bin" --log-level error bench --model "$model" --variant "$variant" --backend onnxruntime --ort-library "$ort" --threads "$threads" --runs "$runs" --warmup 10 --json)
-        python3 - "$t" "$o" "$threads" "$runs" <<'PY'
+        case $model in *.toml) man=$model ;; *) man=models/$model/model.toml ;; esac
+        python3 - "$t" "$o" "$threads" "$runs" "$man" <<'PY'
 import json, sys, time, tomllib, os
 import numpy as np, onnxruntime as rt
 t, o = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-threads, runs = int(sys.argv[3]), int(sys.argv[4])
-# The same ONNX file through onnxruntime's Python API: find it from the manifest whaled loaded.
+threads, runs, man = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+# The same ONNX file through onnxruntime's Python API, from the manifest whaled loaded.
 name = t["model"]
-paths = [os.path.join(d, "model.toml") for d in (f"models/{name}", f"models/generated/{name}")]
-man = next(p for p in paths if os.path.isfile(p))
 m = tomllib.load(open(man, "rb"))
 f = next(v["file"] for v in m["variants"] if v["name"] == t["variant"])
 so = rt.SessionOptions(); so.intra_op_num_threads = threads; so.inter_op_num_threads = 1
