@@ -221,6 +221,10 @@ pub struct BestFrame {
     pub image_ind: String,
     pub captured_at: String,
     pub score: f64,
+    /// Its JPEG is published on `<prefix>/<camera>/sighting/<sighting_id>/snapshot` (`[sightings]
+    /// snapshot = true`; sent with the `end`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub snapshot: bool,
 }
 
 /// An aggregated candidate: the rule's probability, and how many identified frames had it as top-1.

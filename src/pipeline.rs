@@ -40,6 +40,12 @@ pub enum Event {
     },
     /// A worker left sighting events in a tracker: the output thread drains them (never delivered).
     Wake,
+    /// The best frame of an ended sighting, as JPEG (`[sightings] snapshot`).
+    Snapshot {
+        camera: String,
+        sighting_id: String,
+        jpeg: Vec<u8>,
+    },
 }
 
 /// Detections waiting for the sink; beyond this, workers wait (and frames are dropped upstream).
@@ -557,7 +563,7 @@ pub fn run(
     let control = Arc::new(Control::new(&names, identifier.clone()));
     run_controlled(identifier, cameras, options, shutdown, &control, |e| match e {
         Event::Detection(d) => sink(d),
-        Event::Sighting(_) | Event::Restored { .. } | Event::Wake => Ok(()),
+        Event::Sighting(_) | Event::Restored { .. } | Event::Wake | Event::Snapshot { .. } => Ok(()),
     })
 }
 
@@ -660,14 +666,24 @@ pub fn run_controlled(
             let Some(trackers) = &trackers else { return };
             let mut records = Vec::new();
             for (t, st) in trackers.iter().zip(&stats) {
-                let (events, record, discarded) = {
+                let (events, record, snapshots, discarded) = {
                     let mut t = lock(t);
-                    let (events, record) = t.drain();
-                    (events, record, t.discarded())
+                    let (events, record, snapshots) = t.drain();
+                    (events, record, snapshots, t.discarded())
                 };
                 st.sightings_discarded.store(discarded, Ordering::Relaxed);
+                let camera = events.first().map(|e| e.camera.clone());
                 for e in events {
                     deliver(Event::Sighting(e), sink_error);
+                }
+                for (sighting_id, data) in snapshots {
+                    match snapshot_jpeg(&data, &sighting_id) {
+                        Ok(jpeg) => {
+                            let camera = camera.clone().unwrap_or_default();
+                            deliver(Event::Snapshot { camera, sighting_id, jpeg }, sink_error);
+                        }
+                        Err(e) => log::warn!("sighting {sighting_id}: no snapshot: {e}"),
+                    }
                 }
                 records.extend(record);
             }
@@ -719,6 +735,14 @@ pub fn run_controlled(
     match sink_error {
         Some(e) => Err(e),
         None => Ok(names.iter().zip(&stats).map(|(n, s)| s.snapshot(n)).collect()),
+    }
+}
+
+/// A frame as JPEG: MJPEG frames as they came, anything else decoded and encoded.
+fn snapshot_jpeg(data: &crate::source::FrameData, name: &str) -> Result<Vec<u8>> {
+    match data {
+        crate::source::FrameData::Encoded(b) if b.starts_with(&[0xFF, 0xD8]) => Ok(b.to_vec()),
+        other => crate::images::encode_jpeg(&crate::decode::decode_frame(other, name)?),
     }
 }
 
@@ -956,6 +980,7 @@ fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::
         position: position.clone(),
         clock_synced,
         gallery_version: identifier.gallery().map(|g| g.version()),
+        data: options.sightings.as_ref().filter(|s| s.snapshot).map(|_| frame.data.clone()),
     };
     let mut decision = Decision::Skip;
     let mut budget = |score: f64| match tracker {

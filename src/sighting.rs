@@ -38,6 +38,7 @@ use crate::detection::{
     BestFrame, EndReason, MatchSource, Position, SightingCandidate, SightingEvent, SightingFrames,
     SightingIdentification, SightingPhase,
 };
+use crate::source::FrameData;
 
 /// What the gates said about one frame.
 #[derive(Debug, Clone)]
@@ -52,6 +53,8 @@ pub struct FrameInfo {
     pub position: Option<Position>,
     pub clock_synced: Option<bool>,
     pub gallery_version: Option<u64>,
+    /// The frame itself, when sightings publish their best frame (`snapshot`).
+    pub data: Option<FrameData>,
 }
 
 /// A ranked candidate as the aggregate needs it.
@@ -93,6 +96,8 @@ pub struct Tracker {
     discarded: u64,
     /// Events not yet taken by [`Tracker::drain`], in order.
     pending: Vec<SightingEvent>,
+    /// Best frames of ended sightings to publish (sighting id, frame), taken by [`Tracker::drain`].
+    snapshots: Vec<(String, FrameData)>,
 }
 
 struct Open {
@@ -104,6 +109,7 @@ struct Open {
     frames: SightingFrames,
     best: Option<BestFrame>,
     best_score: f64,
+    best_data: Option<FrameData>,
     last_identified: Option<Instant>,
     sum: Vec<f64>,
     /// Embeddings in `sum`.
@@ -156,6 +162,7 @@ impl Tracker {
             last_frame: None,
             discarded: 0,
             pending: Vec::new(),
+            snapshots: Vec::new(),
         }
     }
 
@@ -176,8 +183,8 @@ impl Tracker {
 
     /// Takes the events in order, and the record of the open sighting as it stands after them (see
     /// [`Tracker::restart_record`]): taken together, so a record never runs ahead of the events.
-    pub fn drain(&mut self) -> (Vec<SightingEvent>, Option<SightingEvent>) {
-        (std::mem::take(&mut self.pending), self.restart_record())
+    pub fn drain(&mut self) -> (Vec<SightingEvent>, Option<SightingEvent>, Vec<(String, FrameData)>) {
+        (std::mem::take(&mut self.pending), self.restart_record(), std::mem::take(&mut self.snapshots))
     }
 
     /// Records an assessed frame (`now`: when it reached the tracker, real time).
@@ -217,7 +224,9 @@ impl Tracker {
                             image_ind: f.image_ind.clone(),
                             captured_at: rfc3339(f.time),
                             score: f.score,
+                            snapshot: false,
                         });
+                        o.best_data = f.data.clone();
                     }
                     o.gallery_version = f.gallery_version.or(o.gallery_version);
                     let due = o.last_identified.is_none_or(|t| since(f.mono, t) >= s.identify_interval);
@@ -257,8 +266,10 @@ impl Tracker {
                         image_ind: f.image_ind.clone(),
                         captured_at: rfc3339(f.time),
                         score: f.score,
+                        snapshot: false,
                     }),
                     best_score: f.score,
+                    best_data: f.data.clone(),
                     last_identified: identify.then_some(f.mono),
                     sum: Vec::new(),
                     embedded: 0,
@@ -426,6 +437,12 @@ impl Tracker {
                 self.emit(SightingPhase::New, None, at);
             }
         }
+        if let Some(o) = self.open.as_mut() {
+            if let (true, Some(data), Some(best)) = (self.settings.snapshot, o.best_data.take(), o.best.as_mut()) {
+                best.snapshot = true;
+                self.snapshots.push((o.id.clone(), data));
+            }
+        }
         self.emit(SightingPhase::End, Some(reason), at);
         self.open = None;
     }
@@ -499,6 +516,7 @@ mod tests {
             position: None,
             clock_synced: Some(true),
             gallery_version: None,
+            data: None,
         }
     }
 

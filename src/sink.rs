@@ -52,7 +52,10 @@ impl Sink for StdoutSink {
         "stdout"
     }
 
-    fn deliver(&mut self, _: &Event, line: &str) -> std::result::Result<(), Failure> {
+    fn deliver(&mut self, e: &Event, line: &str) -> std::result::Result<(), Failure> {
+        if matches!(e, Event::Snapshot { .. }) {
+            return Ok(()); // binary: not for a terminal
+        }
         let mut out = self.out.lock();
         writeln!(out, "{line}").and_then(|_| out.flush()).map_err(|e| Failure::Closed(Error::Input(e.to_string())))
     }
@@ -83,6 +86,9 @@ impl Sink for OutboxSink<'_> {
             }
             Event::Sighting(s) => self.publisher.publish_sighting(&s.camera, line.as_bytes()),
             Event::Restored { camera, .. } => self.publisher.publish_sighting(camera, line.as_bytes()),
+            Event::Snapshot { camera, sighting_id, jpeg } => {
+                self.publisher.publish_sighting_snapshot(camera, sighting_id, jpeg)
+            }
             Event::Wake => return Ok(()),
         };
         stored.map(|_| ()).map_err(Failure::Event)
@@ -118,6 +124,7 @@ impl<'a> Sinks<'a> {
     pub fn deliver(&mut self, e: &Event) -> Result<()> {
         let (line, event_id) = match e {
             Event::Wake => return Ok(()),
+            Event::Snapshot { sighting_id, .. } => (Ok(String::new()), sighting_id.as_str()),
             Event::Detection(d) => (serde_json::to_string(d), d.event_id.as_str()),
             Event::Sighting(s) => (serde_json::to_string(s), s.event_id.as_str()),
             Event::Restored { json, event_id, .. } => (serde_json::to_string(json), event_id.as_str()),

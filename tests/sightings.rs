@@ -310,7 +310,7 @@ fn a_sighting_survives_a_broker_outage_and_a_crash() {
         format!(
             "device_id = \"boat\"\n[identification]\nmodel = \"{}\"\ngallery = \"{}\"\n\
              [[camera]]\nname = \"bow\"\nkind = \"replay\"\npath = \"{}\"\nfps = 2\n\
-             [sightings]\nupdate_interval = \"1ms\"\nidentify_interval = \"500ms\"\nidentify_quality = 0.0\n\
+             [sightings]\nupdate_interval = \"1ms\"\nidentify_interval = \"500ms\"\nidentify_quality = 0.0\nsnapshot = true\n\
              [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n\
              [mqtt.outbox]\ndir = \"{}\"\n",
             sc.embedder.display(),
@@ -337,6 +337,7 @@ fn a_sighting_survives_a_broker_outage_and_a_crash() {
     // The broker comes up; the second run ends the crashed sighting, starts its own, and stops on SIGTERM.
     let _broker = Broker::start_on(&tmp.path().join("broker"), port, "");
     let sub = Subscriber::start(port, "shore", "whaled/boat/+/sighting");
+    let snaps = Subscriber::start(port, "shore-snapshots", "whaled/boat/+/sighting/+/snapshot");
     let second = Daemon::start(&cfg);
     sub.wait_for(Duration::from_secs(120), "the crashed sighting's end and a new one", |m| {
         let ev: Vec<serde_json::Value> = m.iter().map(|x| x.json()).collect();
@@ -388,4 +389,11 @@ fn a_sighting_survives_a_broker_outage_and_a_crash() {
     assert_eq!(new.first().unwrap()["event"], "new");
     assert_eq!(new.last().unwrap()["end_reason"], "shutdown");
     assert!(!state.exists(), "no sighting left open after a clean stop");
+    // The ended sighting's best frame, as a JPEG on its own topic; its end says so.
+    let end = new.last().unwrap();
+    assert_eq!(end["best_frame"]["snapshot"], true, "{end}");
+    let topic = format!("whaled/boat/bow/sighting/{}/snapshot", end["sighting_id"].as_str().unwrap());
+    let got = snaps.wait_for(Duration::from_secs(30), "the snapshot", |m| m.iter().any(|x| x.topic == topic));
+    let jpeg = &got.iter().find(|x| x.topic == topic).unwrap().payload;
+    assert!(jpeg.starts_with(&[0xFF, 0xD8]) && image::load_from_memory(jpeg).is_ok(), "a JPEG");
 }

@@ -54,6 +54,7 @@ struct RawSightings {
     identify_quality: Option<Probability>,
     max_identified: Option<Count>,
     min_frames: Option<Count>,
+    snapshot: Option<bool>,
 }
 
 /// What `whaled run` publishes (and prints).
@@ -86,6 +87,8 @@ pub struct SightingsConfig {
     /// A sighting is published only once it has this many passing frames (fewer: a stray false
     /// positive, counted, never sent).
     pub min_frames: usize,
+    /// Publish the best frame's JPEG when a sighting ends.
+    pub snapshot: bool,
 }
 
 impl Default for SightingsConfig {
@@ -99,6 +102,7 @@ impl Default for SightingsConfig {
             identify_quality: 0.9,
             max_identified: 30,
             min_frames: 2,
+            snapshot: false,
         }
     }
 }
@@ -667,6 +671,7 @@ impl Config {
                 identify_quality: r.identify_quality.map_or(d.identify_quality, Probability::get),
                 max_identified: r.max_identified.map_or(d.max_identified, Count::get),
                 min_frames: r.min_frames.map_or(d.min_frames, Count::get),
+                snapshot: r.snapshot.unwrap_or(d.snapshot),
             },
         };
         if sightings.max_duration <= sightings.gap {
