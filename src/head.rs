@@ -31,15 +31,7 @@ impl IdentificationHead {
             (&spec.labels, &spec.labels_sha256),
             (&spec.species_map, &spec.species_map_sha256),
         ] {
-            if let Some(want) = want {
-                let got = sha256_file(file).map_err(|e| err(format!("cannot read {}: {e}", file.display())))?;
-                if &got != want {
-                    return Err(err(format!(
-                        "{} has SHA-256 {got}, the manifest says {want}: the file is corrupt or not the one the manifest describes",
-                        file.display()
-                    )));
-                }
-            }
+            verify_pinned(file, want.as_deref()).map_err(err)?;
         }
         let open = |p: &Path| -> Result<npyz::NpyFile<std::io::BufReader<std::fs::File>>> {
             let f = std::fs::File::open(p).map_err(|e| err(format!("cannot open {}: {e}", p.display())))?;
@@ -187,6 +179,19 @@ impl IdentificationHead {
             self.centres.chunks_exact(self.dim).map(|row| row.iter().zip(embedding).map(|(a, b)| a * b).sum::<f32>()),
         );
     }
+}
+
+/// Checks a file a manifest pins by SHA-256 (`None`: not pinned); the error says which file and both digests.
+pub fn verify_pinned(file: &Path, want: Option<&str>) -> std::result::Result<(), String> {
+    let Some(want) = want else { return Ok(()) };
+    let got = sha256_file(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    if got != want {
+        return Err(format!(
+            "{} has SHA-256 {got}, the manifest says {want}: the file is corrupt or not the one the manifest describes",
+            file.display()
+        ));
+    }
+    Ok(())
 }
 
 /// SHA-256 of a file, lowercase hex, read in 1 MiB blocks.

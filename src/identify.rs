@@ -76,16 +76,7 @@ impl ZeroShot {
         let path = manifest.path().to_path_buf();
         let err = |msg: String| Error::model(&path, msg);
         let file = &spec.text_embeddings;
-        if let Some(want) = &spec.text_embeddings_sha256 {
-            let got =
-                crate::head::sha256_file(file).map_err(|e| err(format!("cannot read {}: {e}", file.display())))?;
-            if &got != want {
-                return Err(err(format!(
-                    "{} has SHA-256 {got}, the manifest says {want}: the file is corrupt or not the one the manifest describes",
-                    file.display()
-                )));
-            }
-        }
+        crate::head::verify_pinned(file, spec.text_embeddings_sha256.as_deref()).map_err(err)?;
         let f = std::fs::File::open(file).map_err(|e| err(format!("cannot open {}: {e}", file.display())))?;
         let npy = npyz::NpyFile::new(std::io::BufReader::new(f))
             .map_err(|e| err(format!("{} is not a .npy file: {e}", file.display())))?;
