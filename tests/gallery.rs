@@ -28,22 +28,9 @@ fn ok(out: &Output) -> String {
     o.into_owned()
 }
 
-/// An embedder manifest with no head: the Lite0 ONNX, its logits as a 1000-d embedding.
+/// An embedder manifest with no head (tests/common): the ONNX's output as the embedding.
 fn embedder(dir: &Path, onnx: &str, name: &str) -> PathBuf {
-    let d = dir.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    let onnx = repo().join(onnx);
-    let toml = format!(
-        "name = \"{name}\"\nrole = \"embedder\"\ndescription = \"gallery-only embedder for tests\"\nlicense = \"test\"\n\
-         [[variants]]\nname = \"fp32\"\nfile = \"{}\"\n\
-         [input]\nname = \"input\"\nwidth = 224\nheight = 224\nlayout = \"nchw\"\nresize = \"stretch\"\n\
-         interpolation = \"bilinear\"\nmean = [0.5, 0.5, 0.5]\nstd = [0.5, 0.5, 0.5]\n\
-         [output]\nname = \"logits\"\nkind = \"embedding\"\ndim = 1000\n\
-         [embedder]\nscale = 30.0\ntop_k = 5\nmin_confidence = 0.0\nmodel_version = \"{name}\"\n",
-        onnx.display()
-    );
-    std::fs::write(d.join("model.toml"), toml).unwrap();
-    d.join("model.toml")
+    common::gallery_only_embedder(dir, onnx, name)
 }
 
 fn config(dir: &Path, embedder: &Path, gallery: &Path, extra: &str) -> PathBuf {

@@ -56,21 +56,7 @@ fn scene(dir: &Path) -> Scene {
         png(p, &out);
         pngs.push(out);
     }
-    let emb_dir = dir.join("lite0-embedder");
-    std::fs::create_dir_all(&emb_dir).unwrap();
-    std::fs::write(
-        emb_dir.join("model.toml"),
-        format!(
-            "name = \"lite0-embedder\"\nrole = \"embedder\"\nlicense = \"test\"\n[[variants]]\nname = \"fp32\"\nfile = \"{}\"\n\
-             [input]\nname = \"input\"\nwidth = 224\nheight = 224\nlayout = \"nchw\"\nresize = \"stretch\"\n\
-             interpolation = \"bilinear\"\nmean = [0.5, 0.5, 0.5]\nstd = [0.5, 0.5, 0.5]\n\
-             [output]\nname = \"logits\"\nkind = \"embedding\"\ndim = 1000\n\
-             [embedder]\nscale = 30.0\ntop_k = 5\nmin_confidence = 0.0\nmodel_version = \"lite0-embedder\"\n",
-            repo().join(LITE0).display()
-        ),
-    )
-    .unwrap();
-    let embedder = emb_dir.join("model.toml");
+    let embedder = common::gallery_only_embedder(dir, LITE0, "lite0-embedder");
     // The gallery: whale photos 10..13 as four individuals (frames come from 0..9).
     let cat = dir.join("catalogue");
     let mut enrolled = Vec::new();

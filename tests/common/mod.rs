@@ -167,3 +167,22 @@ pub fn whales_dev(label: &str, n: usize) -> Vec<PathBuf> {
         .take(n)
         .collect()
 }
+
+/// An embedder manifest with no head (gallery-only identification) for an ONNX under the repository
+/// whose output is 1000 values at 224x224, stretch-resized, mean/std 0.5: the Lite0 logits as an embedding.
+pub fn gallery_only_embedder(dir: &Path, onnx: &str, name: &str) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let onnx = repo().join(onnx);
+    let toml = format!(
+        "name = \"{name}\"\nrole = \"embedder\"\ndescription = \"gallery-only embedder for tests\"\nlicense = \"test\"\n\
+         [[variants]]\nname = \"fp32\"\nfile = \"{}\"\n\
+         [input]\nname = \"input\"\nwidth = 224\nheight = 224\nlayout = \"nchw\"\nresize = \"stretch\"\n\
+         interpolation = \"bilinear\"\nmean = [0.5, 0.5, 0.5]\nstd = [0.5, 0.5, 0.5]\n\
+         [output]\nname = \"logits\"\nkind = \"embedding\"\ndim = 1000\n\
+         [embedder]\nscale = 30.0\ntop_k = 5\nmin_confidence = 0.0\nmodel_version = \"{name}\"\n",
+        onnx.display()
+    );
+    std::fs::write(d.join("model.toml"), toml).unwrap();
+    d.join("model.toml")
+}
