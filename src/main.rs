@@ -438,6 +438,9 @@ fn check_config(file: &std::path::Path) -> Result<ExitCode, Error> {
     for line in whaled::identify::check(&cfg)? {
         println!("{line}");
     }
+    if cfg.inference.backend == BackendKind::Onnxruntime {
+        println!("{}", cfg.inference.onnxruntime.summary());
+    }
     println!("{}: ok (device_id {}, backend {})", file.display(), cfg.device_id, cfg.inference.backend.name());
     Ok(ExitCode::SUCCESS)
 }

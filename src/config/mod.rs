@@ -9,8 +9,12 @@
 
 pub mod gps;
 pub mod mqtt;
+pub mod onnxruntime;
 pub use crate::values;
 pub use mqtt::OutboxConfig;
+pub use onnxruntime::{
+    ArenaExtendStrategy, CudaConfig, ExecutionProvider, GpuDevice, OrtConfig, Switch, TensorRtConfig,
+};
 
 use std::path::{Path, PathBuf};
 
@@ -180,14 +184,7 @@ struct RawInference {
     threads: Option<Count>,
     jpeg_dct_scaling: Option<bool>,
     #[serde(default)]
-    onnxruntime: RawOrt,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawOrt {
-    library: Option<Spanned<PathBuf>>,
-    execution_providers: Option<Vec<ExecutionProvider>>,
+    onnxruntime: onnxruntime::RawOrt,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,15 +234,6 @@ struct RawIdentification {
     top_k: Option<Count>,
     gallery: Option<Spanned<PathBuf>>,
     new_individual_below: Option<Probability>,
-}
-
-/// An onnxruntime execution provider, tried in the configured order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExecutionProvider {
-    Tensorrt,
-    Cuda,
-    Cpu,
 }
 
 /// Where the configuration came from (for the start-up log line).
@@ -356,16 +344,6 @@ pub struct InferenceConfig {
 }
 
 #[derive(Debug, Clone)]
-pub struct OrtConfig {
-    /// `libonnxruntime.so` to load; `None`: `$ORT_DYLIB_PATH`, else the dynamic loader's search path.
-    pub library: Option<PathBuf>,
-    pub execution_providers: Vec<ExecutionProvider>,
-    /// Sessions per model: one per inference worker (`[pipeline] workers`), so that workers run in
-    /// parallel (an `ort` session runs one input at a time). Each holds its own copy of the weights.
-    pub sessions: usize,
-}
-
-#[derive(Debug, Clone)]
 pub struct PrefilterConfig {
     /// Path of the model manifest (`model.toml`).
     pub manifest: PathBuf,
@@ -464,24 +442,6 @@ impl Config {
                 v.clone()
             }
         };
-
-        let library = match raw.inference.onnxruntime.library {
-            None => None,
-            Some(l) if l.get_ref().is_file() => Some(l.into_inner()),
-            Some(l) => {
-                return Err(at(l.span(), "inference.onnxruntime.library", format!(
-                    "no such file {} (the onnxruntime shared library, e.g. .../onnxruntime/capi/libonnxruntime.so.1.32.0)",
-                    l.get_ref().display())))
-            }
-        };
-        let execution_providers =
-            raw.inference.onnxruntime.execution_providers.unwrap_or_else(|| vec![ExecutionProvider::Cpu]);
-        if execution_providers.is_empty() {
-            return Err(Error::Config(format!(
-                "{}: inference.onnxruntime.execution_providers is empty; list at least \"cpu\"",
-                path.display()
-            )));
-        }
 
         let shipped_prefilter = || {
             find_shipped_model(DEFAULT_PREFILTER).ok_or_else(|| {
@@ -642,6 +602,11 @@ impl Config {
             stall_timeout: raw.pipeline.stall_timeout.map_or(defaults.stall_timeout, Interval::get),
         };
         let workers = pipeline.workers;
+        let backend = raw.inference.backend.unwrap_or(BackendKind::Tract);
+        let (onnxruntime, warnings) = raw.inference.onnxruntime.validate(dir, backend, workers, &at)?;
+        for w in warnings {
+            log::warn!("{}: {w}", path.display());
+        }
 
         let mqtt = match raw.mqtt {
             None => None,
@@ -704,10 +669,10 @@ impl Config {
             origin: Origin::File(path.to_path_buf()),
             device_id,
             inference: InferenceConfig {
-                backend: raw.inference.backend.unwrap_or(BackendKind::Tract),
+                backend,
                 threads: raw.inference.threads.map_or(1, Count::get),
                 jpeg_dct_scaling: raw.inference.jpeg_dct_scaling.unwrap_or(true),
-                onnxruntime: OrtConfig { library, execution_providers, sessions: workers },
+                onnxruntime,
             },
             prefilter,
             identification,
@@ -742,6 +707,27 @@ impl Config {
         }
         Ok(lines)
     }
+}
+
+/// The daemon's state directory (the outbox, open sightings and the TensorRT cache live under it):
+/// systemd's `$STATE_DIRECTORY` (`StateDirectory=whaled`: /var/lib/whaled), else /var/lib/whaled when this
+/// user may write there, else the user's data directory (`$XDG_DATA_HOME/whaled`, `~/.local/share/whaled`).
+pub fn default_state_dir() -> PathBuf {
+    if let Some(state) = std::env::var_os("STATE_DIRECTORY").filter(|s| !s.is_empty()) {
+        // systemd may pass several, separated by ':'; the first is ours.
+        let first = state.to_string_lossy().split(':').next().unwrap_or_default().to_string();
+        return PathBuf::from(first);
+    }
+    let system = Path::new("/var/lib/whaled");
+    if system.is_dir() && onnxruntime::access_write(system) {
+        return system.to_path_buf();
+    }
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    data.join("whaled")
 }
 
 /// Config files looked for when neither `--config` nor `$WHALED_CONFIG` is given, in order.
@@ -938,7 +924,7 @@ mod tests {
                 "[inference.onnxruntime]\nexecution_providers = [\"gpu\"]\n",
                 &["line 2", "unknown variant `gpu`, expected one of `tensorrt`, `cuda`, `cpu`"],
             ),
-            ("[inference.onnxruntime]\nexecution_providers = []\n", &["execution_providers is empty"]),
+            ("[inference.onnxruntime]\nexecution_providers = []\n", &["config/test.toml:2:23: inference.onnxruntime.execution_providers: is empty"]),
             ("[prefilter\nmodel = 1\n", &["config/test.toml: TOML parse error at line 1"]),
             ("[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"../tests/photos\"\n[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"../tests/photos\"\n",
              &["config/test.toml:6:8: camera.name: camera `a` is defined twice"]),
@@ -964,6 +950,21 @@ mod tests {
             ("[mqtt]\nhost = \"b\"\n[mqtt.tls]\nca = \"ca.pem\"\n", &["config/test.toml:4:6: mqtt.tls.ca: cannot read", "ca.pem: No such file"]),
             ("[mqtt]\nhost = \"b\"\n[mqtt.outbox]\nfsync_every = 0\n", &["line 4", "expected a whole number of at least 1, got 0"]),
             ("[pipeline]\nworkers = 0\n", &["line 2", "expected a whole number of at least 1, got 0"]),
+            ("[inference.onnxruntime]\nexecution_providers = [\"cuda\", \"cpu\", \"cuda\"]\n", &["config/test.toml:2:23: inference.onnxruntime.execution_providers: lists \"cuda\" twice"]),
+            ("[inference.onnxruntime.tensorrt]\ndevice_id = -1\n", &["line 2", "device_id = -1", "expected a GPU index of 0 or more"]),
+            ("[inference.onnxruntime.cuda]\ndevice_id = 3000000000\n", &["line 2", "expected a GPU index of 0 or more", "got 3000000000"]),
+            ("[inference.onnxruntime.tensorrt]\nfp16 = \"yes\"\n", &["line 2", "invalid value: string \"yes\", expected true, false or \"auto\""]),
+            ("[inference.onnxruntime.tensorrt]\nfp16 = 1\n", &["line 2", "expected true, false or \"auto\""]),
+            ("[inference.onnxruntime.tensorrt]\nfp61 = true\n", &["line 2", "unknown field `fp61`", "expected one of `device_id`, `fp16`, `int8`, `engine_cache`, `timing_cache`, `cache_dir`, `max_workspace_mb`"]),
+            ("[inference.onnxruntime.tensorrt]\nmax_workspace_mb = 0\n", &["line 2", "expected a whole number of at least 1, got 0"]),
+            ("[inference.onnxruntime.tensorrt]\nmax_workspace_mb = 9007199254740993\n", &["config/test.toml:2:20: inference.onnxruntime.tensorrt.max_workspace_mb: 9007199254740993 MB is more than this machine can address"]),
+            ("[inference.onnxruntime.cuda]\nmemory_limit_mb = 0\n", &["line 2", "expected a whole number of at least 1, got 0"]),
+            ("[inference.onnxruntime.cuda]\ngpu_mem_limit = 1024\n", &["line 2", "unknown field `gpu_mem_limit`", "expected one of `device_id`, `memory_limit_mb`, `arena_extend_strategy`"]),
+            ("[inference.onnxruntime.cuda]\narena_extend_strategy = \"double\"\n", &["line 2", "unknown variant `double`, expected `next_power_of_two` or `same_as_requested`"]),
+            ("[inference]\nbackend = \"onnxruntime\"\n[inference.onnxruntime]\nexecution_providers = [\"tensorrt\", \"cpu\"]\n[inference.onnxruntime.tensorrt]\ncache_dir = \"../Cargo.toml/trt\"\n",
+             &["config/test.toml:6:13: inference.onnxruntime.tensorrt.cache_dir: ", "Cargo.toml is not a directory"]),
+            ("[inference]\nbackend = \"onnxruntime\"\n[inference.onnxruntime]\nexecution_providers = [\"tensorrt\", \"cuda\"]\n[inference.onnxruntime.cuda]\ndevice_id = 1\n",
+             &["inference.onnxruntime.tensorrt.device_id (0) and inference.onnxruntime.cuda.device_id (1) differ"]),
         ];
         for (src, wants) in cases {
             let e = parse(src).expect_err(src).to_string();

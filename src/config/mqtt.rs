@@ -96,24 +96,11 @@ pub struct MqttConfig {
     pub outbox: OutboxConfig,
 }
 
-/// Where the outbox lives when `[mqtt.outbox] dir` is not set: systemd's `StateDirectory=`, else
-/// /var/lib/whaled when writable, else the user's data directory.
+/// Where the outbox lives when `[mqtt.outbox] dir` is not set: `outbox` in the state directory
+/// ([`super::default_state_dir`]: systemd's `StateDirectory=`, else /var/lib/whaled when writable, else the
+/// user's data directory).
 pub fn default_outbox_dir() -> PathBuf {
-    if let Some(state) = std::env::var_os("STATE_DIRECTORY").filter(|s| !s.is_empty()) {
-        // systemd may pass several, separated by ':'; the first is ours.
-        let first = state.to_string_lossy().split(':').next().unwrap_or_default().to_string();
-        return PathBuf::from(first).join("outbox");
-    }
-    let system = Path::new("/var/lib/whaled");
-    if system.is_dir() && std::fs::metadata(system).is_ok_and(|m| !m.permissions().readonly()) {
-        return system.join("outbox");
-    }
-    let data = std::env::var_os("XDG_DATA_HOME")
-        .filter(|s| !s.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    data.join("whaled/outbox")
+    super::default_state_dir().join("outbox")
 }
 
 /// What a TLS file named in `[mqtt.tls]` must hold.
