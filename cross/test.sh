@@ -118,7 +118,7 @@ echo "== build and test $target (release, under qemu-$qemu -cpu $cpu)"
 if [ "$full" = --full ]; then
     selection=()
 else
-    selection=(--lib --test model_errors --test mqtt --test service --test parity --test cli)
+    selection=(--lib --test model_errors --test mqtt --test service --test parity --test depthwise --test cli)
 fi
 build_start=$SECONDS
 cargo-zigbuild test --release "${features[@]}" --target "$target.$glibc_floor" "${selection[@]}" --no-run

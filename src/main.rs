@@ -77,6 +77,10 @@ enum Command {
         /// Image to feed (default: a synthetic 1920x1080 frame).
         #[arg(long)]
         image: Option<PathBuf>,
+        /// Instead of timing the pipeline, print where one inference's time goes, by operator
+        /// (tract only; averaged over the timed runs).
+        #[arg(long)]
+        profile: bool,
         /// Untimed runs first (the seed's protocol: 10).
         #[arg(long, default_value_t = 10)]
         warmup: usize,
@@ -188,8 +192,8 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Cameras => cameras(),
         Command::Gallery { command } => gallery(command),
-        Command::Bench { model, variant, backend, threads, ort_library, image, warmup, runs, json } => {
-            bench(&model, variant.as_deref(), backend, threads, ort_library, image, warmup, runs, json)
+        Command::Bench { model, variant, backend, threads, ort_library, image, profile, warmup, runs, json } => {
+            bench(&model, variant.as_deref(), backend, threads, ort_library, image, profile, warmup, runs, json)
         }
     };
     match result {
@@ -445,6 +449,48 @@ fn check_config(file: &std::path::Path) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `whaled bench --profile`: the backend's per-operator times, largest first.
+fn bench_profile(
+    model: &Model,
+    frame: &image::RgbImage,
+    warmup: usize,
+    runs: usize,
+    json: bool,
+) -> Result<ExitCode, Error> {
+    let mut pre = whaled::preprocess::Preprocessor::new(&model.manifest().input);
+    let mut input = Vec::new();
+    pre.run(frame, &mut input)?;
+    for _ in 0..warmup {
+        model.run(&input)?;
+    }
+    let Some(ops) = model.profile(&input, runs)? else {
+        return Err(Error::Input(format!(
+            "the {} backend cannot report a per-operator profile (tract can; for onnxruntime use its own profiler)",
+            model.backend_kind().name()
+        )));
+    };
+    let total: f64 = ops.iter().map(|o| o.ms).sum();
+    if json {
+        let v: Vec<_> = ops.iter().map(|o| serde_json::json!({"op": o.op, "nodes": o.nodes, "ms": o.ms})).collect();
+        println!(
+            "{}",
+            serde_json::json!({"model": model.manifest().name, "variant": model.variant().name, "runs": runs.max(1), "total_ms": total, "ops": v})
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} {} on {}: {total:.2} ms per inference in {} kinds of operator",
+        model.manifest().name,
+        model.variant().name,
+        model.backend_kind().name(),
+        ops.len()
+    );
+    for o in &ops {
+        println!("{:>9.3} ms {:>5.1} %  {:>4} x {}", o.ms, 100.0 * o.ms / total.max(1e-9), o.nodes, o.op);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn bench(
     model: &str,
@@ -453,6 +499,7 @@ fn bench(
     threads: usize,
     ort_library: Option<PathBuf>,
     image: Option<PathBuf>,
+    profile: bool,
     warmup: usize,
     runs: usize,
     json: bool,
@@ -476,6 +523,9 @@ fn bench(
         None => images::encode_jpeg(&whaled::bench::synthetic_frame())?,
     };
     let frame = whaled::decode::decode_image(&jpeg, "bench frame")?;
+    if profile {
+        return bench_profile(&model, &frame, warmup, runs, json);
+    }
     let f = whaled::bench::bench_frame(&model, &FrameData::Encoded(jpeg.into()), warmup, runs)?;
     let r = whaled::bench::bench_model(&model, &frame, warmup, runs)?;
     let overhead = |decode: f64, pre: f64| 100.0 * (decode + pre) / r.inference.median;

@@ -92,6 +92,12 @@ impl Model {
         self.backend_kind
     }
 
+    /// Per-operator time of one inference of `input`, averaged over `runs` (`whaled bench --profile`);
+    /// `None` where the backend cannot report it.
+    pub fn profile(&self, input: &[f32], runs: usize) -> Result<Option<Vec<crate::backend::OpTime>>> {
+        self.backend.profile(input, runs)
+    }
+
     /// Runs one input tensor (`manifest.input.shape()` elements) and returns the output vector.
     pub fn run(&self, input: &[f32]) -> Result<Vec<f32>> {
         let want: usize = self.manifest.input.shape().iter().product();

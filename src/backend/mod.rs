@@ -18,6 +18,20 @@ pub trait Backend: Send + Sync {
     fn run(&self, input: &[f32]) -> Result<Vec<f32>>;
     /// How long building the backend took, by phase (`whaled bench`).
     fn load_times(&self) -> LoadTimes;
+    /// Where one inference's time goes, by operator kind, averaged over `runs` runs of `input`
+    /// (`whaled bench --profile`); `None` where the backend cannot say (onnxruntime: use its own profiler).
+    fn profile(&self, _input: &[f32], _runs: usize) -> Result<Option<Vec<OpTime>>> {
+        Ok(None)
+    }
+}
+
+/// One operator kind's share of an inference: tract's op name (with its kernel where tract names one),
+/// how many nodes of the plan run it, and their summed time per inference in milliseconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpTime {
+    pub op: String,
+    pub nodes: usize,
+    pub ms: f64,
 }
 
 /// Model load phases, milliseconds: parsing the ONNX graph (where the backend separates it) and

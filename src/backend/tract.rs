@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
-use crate::backend::{check_dims, output_shape_ok, Backend, LoadRequest, LoadTimes};
+use crate::backend::{check_dims, output_shape_ok, Backend, LoadRequest, LoadTimes, OpTime};
 use crate::error::{Error, Result};
 
 type Plan = Arc<TypedRunnableModel>;
@@ -27,6 +27,10 @@ impl TractBackend {
         let err = |msg: String| Error::model(m.path(), msg);
         let te = |what: &str, e: TractError| err(format!("{what} {}: {e:#}", req.variant.file.display()));
 
+        let stock = std::env::var_os(STOCK_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+        if !stock {
+            keep_activation_memory();
+        }
         let started = std::time::Instant::now();
         let mut model =
             tract_onnx::onnx().model_for_read(&mut &req.onnx[..]).map_err(|e| te("tract cannot parse ONNX file", e))?;
@@ -65,7 +69,13 @@ impl TractBackend {
             err(format!("the ONNX graph has no output `{out_name}` (it has: {})", names.join(", ")))
         })?;
         let parsed = std::time::Instant::now();
-        let typed = model.into_optimized().map_err(|e| te("tract cannot optimise", e))?;
+        let (typed, substituted) = optimise(model, stock).map_err(|e| te("tract cannot optimise", e))?;
+        log::debug!(
+            "{}: {substituted} depthwise convolutions on whaled's kernel ({}){}",
+            m.name,
+            whaled_tract_ops::depthwise::kernel_name(),
+            if stock { ", the rest stock tract ({STOCK_ENV} set)" } else { "" }
+        );
         let out_dims: Vec<usize> = typed
             .output_fact(0)
             .map_err(|e| te("no output in", e))?
@@ -93,6 +103,66 @@ impl TractBackend {
     }
 }
 
+/// A node's op for `whaled bench --profile`: its name, and for matrix products the kernel tract chose
+/// (what differs between x86_64, aarch64 and armv7).
+fn op_label(node: &TypedNode) -> String {
+    let name = node.op().name().to_string();
+    if name == "WhaledDepthwiseConv" {
+        return format!("{name} [{}]", whaled_tract_ops::depthwise::kernel_name());
+    }
+    let info = node.op().info().unwrap_or_default();
+    // tract's matmul info reads "Mult: m:.. k:.. n:.. with [avx512_mmm_f32_32x6]".
+    let kernel = info.iter().find_map(|l| l.split_once(" with [").and_then(|(_, k)| k.split_once(']')).map(|(k, _)| k));
+    match kernel {
+        Some(k) => format!("{name} [{k}]"),
+        None => name,
+    }
+}
+
+/// Set (to anything but `0`) to run tract as it comes: its own ops only (no substituted kernels) and
+/// the allocator left at its defaults. For before/after benchmarks and as an escape hatch; whaled's
+/// kernels are tested against tract's and onnxruntime's.
+pub const STOCK_ENV: &str = "WHALED_TRACT_STOCK";
+
+/// Types, declutters and optimises a parsed model; in between, unless `stock`, substitutes whaled's
+/// kernels for the ops it has better ones for (today: depthwise convolutions, [`whaled_tract_ops::depthwise`]).
+/// Returns the optimised model and how many nodes were substituted.
+pub fn optimise(model: InferenceModel, stock: bool) -> TractResult<(TypedModel, usize)> {
+    let mut typed = model.into_typed()?.into_decluttered()?;
+    let substituted = if whaled_tract_ops::depthwise::ENABLED && !stock {
+        whaled_tract_ops::depthwise::substitute(&mut typed)?
+    } else {
+        0
+    };
+    Ok((typed.into_optimized()?, substituted))
+}
+
+/// Tells glibc's allocator to keep freed activation buffers for reuse instead of handing them back to
+/// the kernel. tract allocates every node's output afresh; by default glibc serves blocks over 128 kB
+/// (a dynamic threshold up to 32 MB) with `mmap` and unmaps them on free, so every inference faulted in
+/// and zeroed its activation memory again: 320k page faults and about a third of a B4 inference at
+/// 512 (docs/BENCHMARKS.md). With the heap serving them and trimming held off, the second inference
+/// reuses the first one's pages. The price: the process keeps its peak heap (the largest model's
+/// activations, some hundreds of MB for the B4 at 512) instead of returning it between frames.
+/// Process-wide, set once, on glibc only (musl and others keep their defaults).
+fn keep_activation_memory() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            // glibc refuses thresholds over half its heap size limit (32 MB on 32-bit builds): fall back.
+            // SAFETY: mallopt only changes allocator parameters; it is called before inference threads start.
+            let set = |v: usize| unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, v as libc::c_int) } == 1;
+            let threshold = [256usize << 20, 32 << 20, 16 << 20].into_iter().find(|&v| set(v));
+            // SAFETY: as above.
+            let trim = unsafe {
+                libc::mallopt(libc::M_TRIM_THRESHOLD, (512usize << 20).min(i32::MAX as usize) as libc::c_int)
+            } == 1;
+            log::debug!("allocator: mmap threshold {threshold:?} bytes, trim threshold set: {trim}");
+        }
+    });
+}
+
 impl Backend for TractBackend {
     fn load_times(&self) -> LoadTimes {
         self.load_times
@@ -108,5 +178,39 @@ impl Backend for TractBackend {
         let outputs = self.plan.run(tvec![tensor.into_tvalue()]).map_err(fail)?;
         let view = outputs[0].to_plain_array_view::<f32>().map_err(fail)?;
         Ok(view.iter().copied().collect())
+    }
+
+    fn profile(&self, input: &[f32], runs: usize) -> Result<Option<Vec<OpTime>>> {
+        let fail = |e: TractError| Error::Inference {
+            backend: "tract",
+            model: self.model_name.clone(),
+            msg: format!("{e:#}"),
+        };
+        let tensor = Tensor::from_shape(&self.shape, input).map_err(fail)?;
+        let mut state = TypedSimpleState::new(&self.plan).map_err(fail)?;
+        // Per node: (op kind, seconds over all runs).
+        let mut per_node: std::collections::HashMap<usize, (String, f64)> = Default::default();
+        let runs = runs.max(1);
+        for _ in 0..runs {
+            state
+                .run_plan_with_eval(tvec![tensor.clone().into_tvalue()], |ctx, op_state, node, inputs| {
+                    let t = std::time::Instant::now();
+                    let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+                    let entry = per_node.entry(node.id).or_insert_with(|| (op_label(node), 0.0));
+                    entry.1 += t.elapsed().as_secs_f64();
+                    out
+                })
+                .map_err(fail)?;
+        }
+        let mut by_op: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
+        for (op, secs) in per_node.into_values() {
+            let e = by_op.entry(op).or_default();
+            e.0 += 1;
+            e.1 += secs;
+        }
+        let mut ops: Vec<OpTime> =
+            by_op.into_iter().map(|(op, (nodes, secs))| OpTime { op, nodes, ms: secs * 1e3 / runs as f64 }).collect();
+        ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        Ok(Some(ops))
     }
 }

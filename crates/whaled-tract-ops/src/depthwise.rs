@@ -1,0 +1,598 @@
+//! A depthwise 2-D convolution op for tract, substituted into a model at load time.
+//!
+//! Why: `whaled bench --profile` showed tract 0.23's own `DepthWiseConv` taking half of an EfficientNet
+//! Lite0 inference on x86_64 (14.7 of 28.8 ms), for 4 % of its multiply-adds. The depthwise layers of
+//! the EfficientNet family (3x3 and 5x5, strides 1 and 2) are where tract is furthest from onnxruntime.
+//!
+//! What: [`substitute`] walks a decluttered tract model and replaces every float NCHW 2-D `Conv` whose
+//! group count equals its input and output channels (and whose kernel and bias are constants) by
+//! [`DepthwiseConv`], through tract's public op API; nothing in tract is forked. The op computes one
+//! channel plane at a time: the plane is copied once into a zero-padded scratch, split into `stride`
+//! column phases so that every tap reads a contiguous run, and each output row is accumulated in
+//! registers over all taps (chunks of 32 outputs) with fused multiply-adds where the CPU has them
+//! (AVX2+FMA or AVX-512 chosen at run time on x86_64; NEON on aarch64, where FMA is baseline).
+//! Channel planes are split across tract's intra-op thread pool, so `threads` helps here too.
+//!
+//! Numerics: every output is `bias + sum over taps of w * x`, taps in row-major kernel order, in f32,
+//! the same sum tract and onnxruntime compute in some order; tests/depthwise.rs checks it against both
+//! (tract's own op and onnxruntime) on random shapes, strides, paddings and dilations.
+//!
+//! Where it is not used: armv7 (no NEON in the base target, so the auto-vectorised loops would be
+//! scalar; tract's op stays), quantized or non-float convolutions, NHWC graphs, 1-D and 3-D convs.
+
+use std::cell::RefCell;
+
+use tract_core::internal::*;
+use tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_core::ops::nn::DataFormat;
+
+/// Whether this build substitutes depthwise convolutions (see the module docs for where it does not).
+pub const ENABLED: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
+
+/// Output columns accumulated in registers at once: 32 f32 = 4 AVX2 / 2 AVX-512 / 8 NEON registers.
+const CHUNK: usize = 32;
+
+/// The shape of one depthwise convolution, all in elements. Private fields: built only by
+/// [`Geometry::new`], which checks that the output size follows from the rest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Geometry {
+    batch: usize,
+    channels: usize,
+    in_hw: [usize; 2],
+    out_hw: [usize; 2],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    /// Zero rows above / columns left of the input; the bottom and right padding follow from out_hw.
+    pad_before: [usize; 2],
+}
+
+impl Geometry {
+    /// Checks that every size, stride and dilation is positive. The padding after the input is implied
+    /// by `out_hw` (outputs may lie wholly in the padding: they are the bias).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        batch: usize,
+        channels: usize,
+        in_hw: [usize; 2],
+        out_hw: [usize; 2],
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        dilation: [usize; 2],
+        pad_before: [usize; 2],
+    ) -> TractResult<Geometry> {
+        let all = [batch, channels, in_hw[0], in_hw[1], out_hw[0], out_hw[1], kernel[0], kernel[1]];
+        ensure!(all.iter().all(|&v| v > 0), "depthwise conv with an empty dimension");
+        ensure!(stride.iter().chain(&dilation).all(|&v| v > 0), "depthwise conv with a zero stride or dilation");
+        Ok(Geometry { batch, channels, in_hw, out_hw, kernel, stride, dilation, pad_before })
+    }
+
+    fn out_plane(&self) -> usize {
+        self.out_hw[0] * self.out_hw[1]
+    }
+
+    fn in_plane(&self) -> usize {
+        self.in_hw[0] * self.in_hw[1]
+    }
+
+    fn taps(&self) -> usize {
+        self.kernel[0] * self.kernel[1]
+    }
+
+    /// Rows of one phase plane: the output rows plus the furthest tap's row offset inside the phase.
+    fn phase_rows(&self) -> usize {
+        self.out_hw[0] + (self.kernel[0] - 1) * self.dilation[0] / self.stride[0]
+    }
+
+    /// Columns of one phase plane, likewise.
+    fn phase_width(&self) -> usize {
+        self.out_hw[1] + (self.kernel[1] - 1) * self.dilation[1] / self.stride[1]
+    }
+
+    /// Outputs computed per plane: every row `phase_width` long (the columns past `out_hw[1]` are
+    /// computed and dropped), rounded up to whole chunks.
+    fn virtual_len(&self) -> usize {
+        (self.out_hw[0] * self.phase_width()).div_ceil(CHUNK) * CHUNK
+    }
+
+    /// One phase plane's length in the scratch, with room for the last chunk's furthest tap.
+    fn phase_len(&self) -> usize {
+        self.virtual_len() + self.phase_rows() * self.phase_width()
+    }
+
+    /// For each tap, in row-major kernel order, where its input starts in the scratch relative to the
+    /// virtual output index.
+    fn tap_offsets(&self) -> Vec<usize> {
+        let [sh, sw] = self.stride;
+        let mut offsets = Vec::with_capacity(self.taps());
+        for ky in 0..self.kernel[0] {
+            for kx in 0..self.kernel[1] {
+                let (oy, ox) = (ky * self.dilation[0], kx * self.dilation[1]);
+                let phase = (oy % sh) * sw + ox % sw;
+                offsets.push(phase * self.phase_len() + (oy / sh) * self.phase_width() + ox / sw);
+            }
+        }
+        offsets
+    }
+}
+
+/// Depthwise convolution, f32. Inputs: data `[N, C, H, W]` (or `[C, H, W]`, the form tract's
+/// declutter gives batch-1 graphs), kernel `[C, KH*KW]`, bias `[C]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DepthwiseConv {
+    geometry: Geometry,
+    /// Whether data and output carry the batch axis (`NCHW`) or not (`CHW`, batch 1).
+    batch_axis: bool,
+}
+
+impl DepthwiseConv {
+    /// `batch_axis: false` takes `[C, H, W]` data and needs a batch-1 geometry.
+    pub fn new(geometry: Geometry, batch_axis: bool) -> TractResult<DepthwiseConv> {
+        ensure!(batch_axis || geometry.batch == 1, "a depthwise conv without a batch axis has batch 1");
+        Ok(DepthwiseConv { geometry, batch_axis })
+    }
+
+    fn shape(&self, hw: [usize; 2]) -> TVec<usize> {
+        let g = &self.geometry;
+        if self.batch_axis {
+            tvec![g.batch, g.channels, hw[0], hw[1]]
+        } else {
+            tvec![g.channels, hw[0], hw[1]]
+        }
+    }
+}
+
+impl Op for DepthwiseConv {
+    fn name(&self) -> StaticName {
+        "WhaledDepthwiseConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let g = &self.geometry;
+        Ok(vec![format!(
+            "k {:?} stride {:?} dilation {:?} pad {:?} in {:?} out {:?} x {} channels, kernel {}",
+            g.kernel,
+            g.stride,
+            g.dilation,
+            g.pad_before,
+            g.in_hw,
+            g.out_hw,
+            g.channels,
+            kernel_name()
+        )])
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    fn as_typed(&self) -> Option<&dyn TypedOp> {
+        Some(self)
+    }
+}
+
+impl EvalOp for DepthwiseConv {
+    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        Ok(Some(self.compute(inputs)?))
+    }
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        self.compute(inputs)
+    }
+}
+
+impl TypedOp for DepthwiseConv {
+    fn as_op(&self) -> &dyn Op {
+        self
+    }
+
+    fn as_op_mut(&mut self) -> &mut dyn Op {
+        self
+    }
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let g = &self.geometry;
+        ensure!(inputs.len() == 3, "WhaledDepthwiseConv takes data, kernel and bias");
+        let want = self.shape(g.in_hw);
+        ensure!(
+            inputs[0].datum_type == f32::datum_type() && inputs[0].shape.as_concrete() == Some(&want[..]),
+            "WhaledDepthwiseConv expects f32 {want:?}, got {:?}",
+            inputs[0]
+        );
+        Ok(tvec!(f32::fact(self.shape(g.out_hw))))
+    }
+
+    fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let g = &self.geometry;
+        let macs = g.batch * g.channels * g.out_plane() * g.taps();
+        Ok(tvec!((Cost::FMA(f32::datum_type()), macs.into())))
+    }
+}
+
+thread_local! {
+    /// Per thread, reused across planes, ops and inferences: the padded, phase-split input plane, the
+    /// virtual output plane, and the geometry the scratch's zeros were laid out for.
+    static SCRATCH: RefCell<Scratch> = const { RefCell::new(Scratch { input: Vec::new(), virt: Vec::new(), zeroed_for: None }) };
+}
+
+/// A thread's working memory. Invariant: when `zeroed_for` is `Some(g)`, `input` holds `g`'s layout
+/// with zeros at every padding position, so planes of that geometry only overwrite the interior.
+struct Scratch {
+    input: Vec<f32>,
+    virt: Vec<f32>,
+    zeroed_for: Option<Geometry>,
+}
+
+impl DepthwiseConv {
+    fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let g = &self.geometry;
+        ensure!(inputs.len() == 3, "WhaledDepthwiseConv takes data, kernel and bias");
+        let (x, k, b) = (&inputs[0], &inputs[1], &inputs[2]);
+        let x = x.try_as_plain_ram()?.as_slice::<f32>()?;
+        let k = k.try_as_plain_ram()?.as_slice::<f32>()?;
+        let b = b.try_as_plain_ram()?.as_slice::<f32>()?;
+        let planes = g.batch * g.channels;
+        ensure!(
+            x.len() == planes * g.in_plane() && k.len() == g.channels * g.taps() && b.len() == g.channels,
+            "WhaledDepthwiseConv: inputs do not match {g:?}"
+        );
+        let mut out = Tensor::zero::<f32>(&self.shape(g.out_hw))?;
+        let plane_out = g.out_plane();
+        let total = planes * plane_out;
+        let kernel = select_kernel();
+        let offsets = g.tap_offsets();
+        {
+            let mut view = out.try_as_plain_ram_mut()?;
+            tract_linalg::multithread::par_chunks_mut(
+                view.as_slice_mut::<f32>()?,
+                plane_out,
+                total,
+                |first, chunk| {
+                    SCRATCH.with(|s| {
+                        let s = &mut *s.borrow_mut();
+                        if s.zeroed_for.as_ref() != Some(g) {
+                            s.input.clear();
+                            s.input.resize(g.stride[0] * g.stride[1] * g.phase_len(), 0.0);
+                            s.zeroed_for = Some(g.clone());
+                        }
+                        s.virt.resize(g.virtual_len(), 0.0);
+                        let (scratch, virt) = (&mut s.input, &mut s.virt);
+                        for (i, o) in chunk.chunks_mut(plane_out).enumerate() {
+                            let plane = first + i;
+                            let c = plane % g.channels;
+                            let input = &x[plane * g.in_plane()..][..g.in_plane()];
+                            fill_scratch(g, input, scratch);
+                            kernel(scratch, &offsets, &k[c * g.taps()..][..g.taps()], b[c], virt);
+                            // Keep the first out_hw[1] of every phase_width-long virtual row.
+                            let (ow, qw) = (g.out_hw[1], g.phase_width());
+                            for (dst, src) in o.chunks_exact_mut(ow).zip(virt.chunks(qw)) {
+                                dst.copy_from_slice(&src[..ow]);
+                            }
+                        }
+                    });
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+/// Writes the zero-padded input plane as `stride[0] x stride[1]` phases, each `phase_len` long and
+/// laid out `phase_rows x phase_width`: phase `(pr, pc)`, row `i`, column `j` holds padded input
+/// `(i * stride[0] + pr, j * stride[1] + pc)`. Writes only the positions inside the input: the caller
+/// zeroes the scratch once per geometry (every plane of a geometry writes the same positions).
+fn fill_scratch(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
+    let [sh, sw] = g.stride;
+    let (qh, qw, len) = (g.phase_rows(), g.phase_width(), g.phase_len());
+    let [h, w] = g.in_hw;
+    let [pt, pl] = g.pad_before;
+    for pr in 0..sh {
+        for pc in 0..sw {
+            let phase = &mut scratch[(pr * sw + pc) * len..][..qh * qw];
+            // Columns j whose input column j * sw + pc - pl lies in 0..w.
+            let j_lo = pl.saturating_sub(pc).div_ceil(sw);
+            let j_hi = (w + pl).saturating_sub(pc).div_ceil(sw).min(qw);
+            if j_lo >= j_hi {
+                continue;
+            }
+            let ix_lo = j_lo * sw + pc - pl;
+            for (i, dst) in phase.chunks_exact_mut(qw).enumerate() {
+                let Some(iy) = (i * sh + pr).checked_sub(pt).filter(|&iy| iy < h) else { continue };
+                let src = &input[iy * w + ix_lo..];
+                let dst = &mut dst[j_lo..j_hi];
+                if sw == 1 {
+                    dst.copy_from_slice(&src[..dst.len()]);
+                } else {
+                    for (d, s) in dst.iter_mut().zip(src.iter().step_by(sw)) {
+                        *d = *s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Computes one virtual output plane from the scratch of its input plane.
+type PlaneKernel = fn(&[f32], &[usize], &[f32], f32, &mut [f32]);
+
+/// `acc + x * w`, fused where `FMA` (a plain function, not a closure: it must inline into the
+/// `target_feature` kernels to be compiled with their features).
+#[inline(always)]
+fn madd<const FMA: bool>(acc: f32, x: f32, w: f32) -> f32 {
+    if FMA {
+        x.mul_add(w, acc)
+    } else {
+        acc + x * w
+    }
+}
+
+/// The body of every plane kernel: for each chunk of `CHUNK` virtual outputs, the bias plus every tap
+/// accumulated in registers, then one store. `FMA` selects fused multiply-adds (only where the CPU
+/// has them: without hardware FMA `mul_add` is a library call).
+#[inline(always)]
+fn plane<const FMA: bool>(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, virt: &mut [f32]) {
+    for (t0, out) in virt.chunks_exact_mut(CHUNK).enumerate() {
+        let t0 = t0 * CHUNK;
+        let mut acc = [bias; CHUNK];
+        for (&off, &w) in offsets.iter().zip(taps) {
+            let src: &[f32; CHUNK] = match scratch.get(off + t0..off + t0 + CHUNK).and_then(|s| s.try_into().ok()) {
+                Some(s) => s,
+                None => return, // unreachable: `phase_len` leaves room for the last chunk's taps
+            };
+            for i in 0..CHUNK {
+                acc[i] = madd::<FMA>(acc[i], src[i], w);
+            }
+        }
+        out.copy_from_slice(&acc);
+    }
+}
+
+fn plane_portable(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, virt: &mut [f32]) {
+    plane::<{ cfg!(target_arch = "aarch64") }>(scratch, offsets, taps, bias, virt)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn plane_avx2(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, virt: &mut [f32]) {
+    plane::<true>(scratch, offsets, taps, bias, virt)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn plane_avx512(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, virt: &mut [f32]) {
+    plane::<true>(scratch, offsets, taps, bias, virt)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn plane_avx2_checked(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, virt: &mut [f32]) {
+    // SAFETY: only selected by `select_kernel` after `is_x86_feature_detected!` saw avx2 and fma.
+    unsafe { plane_avx2(scratch, offsets, taps, bias, virt) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn plane_avx512_checked(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, virt: &mut [f32]) {
+    // SAFETY: only selected by `select_kernel` after `is_x86_feature_detected!` saw avx512f, avx2 and fma.
+    unsafe { plane_avx512(scratch, offsets, taps, bias, virt) }
+}
+
+/// The widest plane kernel this CPU runs.
+fn select_kernel() -> PlaneKernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        if fma && is_x86_feature_detected!("avx512f") {
+            return plane_avx512_checked;
+        }
+        if fma {
+            return plane_avx2_checked;
+        }
+    }
+    plane_portable
+}
+
+/// Which plane kernel [`select_kernel`] picks here, for logs and `whaled bench --profile`.
+pub fn kernel_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        if fma && is_x86_feature_detected!("avx512f") {
+            return "avx512f+fma";
+        }
+        if fma {
+            return "avx2+fma";
+        }
+        return "sse2";
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        return "neon+fma";
+    }
+    #[allow(unreachable_code)]
+    "portable"
+}
+
+/// Replaces every eligible depthwise `Conv` of a decluttered model by [`DepthwiseConv`] and returns
+/// how many it replaced. Ineligible convolutions are left to tract, untouched.
+pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(conv) = node.op_as::<Conv>() else { continue };
+        let Some((geometry, batch_axis, kernel, bias)) = eligible(model, node, conv)? else {
+            continue;
+        };
+        let mut patch = TypedModelPatch::new(format!("whaled depthwise {}", node.name));
+        let x = patch.tap_model(model, node.inputs[0])?;
+        let k = patch.add_const(format!("{}.whaled_kernel", node.name), kernel)?;
+        let b = patch.add_const(format!("{}.whaled_bias", node.name), bias)?;
+        let out = patch.wire_node(&node.name, DepthwiseConv::new(geometry, batch_axis)?, &[x, k, b])?;
+        patch.shunt_outside(model, id.into(), out[0])?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
+
+/// The geometry, whether the data has a batch axis, and the `[C, KH*KW]` kernel and `[C]` bias of a
+/// conv this op can run, or `None`.
+fn eligible(
+    model: &TypedModel,
+    node: &TypedNode,
+    conv: &Conv,
+) -> TractResult<Option<(Geometry, bool, Tensor, Tensor)>> {
+    let spec = &conv.pool_spec;
+    let c = spec.input_channels;
+    if conv.q_params.is_some()
+        || !matches!(spec.data_format, DataFormat::NCHW | DataFormat::CHW)
+        || spec.kernel_shape.len() != 2
+        || conv.group != c
+        || spec.output_channels != c
+        || node.inputs.len() != 3
+    {
+        return Ok(None);
+    }
+    let fact = model.outlet_fact(node.inputs[0])?;
+    let out_fact = model.outlet_fact(node.id.into())?;
+    let (Some(shape), Some(out_shape)) = (fact.shape.as_concrete(), out_fact.shape.as_concrete()) else {
+        return Ok(None);
+    };
+    let batch_axis = spec.data_format == DataFormat::NCHW;
+    // [N, C, H, W] as four numbers, whichever form the graph uses.
+    let nchw = |s: &[usize]| -> Option<[usize; 4]> {
+        match (batch_axis, s) {
+            (true, &[n, c, h, w]) => Some([n, c, h, w]),
+            (false, &[c, h, w]) => Some([1, c, h, w]),
+            _ => None,
+        }
+    };
+    let (Some(shape), Some(out_shape)) = (nchw(shape), nchw(out_shape)) else { return Ok(None) };
+    if fact.datum_type != f32::datum_type() || shape[1] != c {
+        return Ok(None);
+    }
+    let (Some(kernel), Some(bias)) =
+        (model.outlet_fact(node.inputs[1])?.konst.clone(), model.outlet_fact(node.inputs[2])?.konst.clone())
+    else {
+        return Ok(None);
+    };
+    if kernel.datum_type() != f32::datum_type() || bias.datum_type() != f32::datum_type() {
+        return Ok(None);
+    }
+    let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
+    // The kernel as [C, KH*KW], whatever its format.
+    let view = kernel.to_plain_array_view::<f32>()?;
+    let mut flat = Vec::with_capacity(c * kh * kw);
+    let dims = view.shape().to_vec();
+    for ch in 0..c {
+        for y in 0..kh {
+            for x in 0..kw {
+                let idx: [usize; 4] = match conv.kernel_fmt {
+                    KernelFormat::OIHW if dims == [c, 1, kh, kw] => [ch, 0, y, x],
+                    KernelFormat::HWIO if dims == [kh, kw, 1, c] => [y, x, 0, ch],
+                    KernelFormat::OHWI if dims == [c, kh, kw, 1] => [ch, y, x, 0],
+                    _ => return Ok(None),
+                };
+                flat.push(view[idx.as_slice()]);
+            }
+        }
+    }
+    let bias: Vec<f32> = match bias.len() {
+        n if n == c => bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
+        1 => vec![bias.try_as_plain_ram()?.as_slice::<f32>()?[0]; c],
+        _ => return Ok(None),
+    };
+    let pads = spec.computed_padding(&shape[2..]);
+    let out_hw = [pads[0].convoluted, pads[1].convoluted];
+    if out_shape != [shape[0], c, out_hw[0], out_hw[1]] {
+        return Ok(None);
+    }
+    let stride = spec.strides();
+    let dilation = spec.dilations();
+    let geometry = Geometry::new(
+        shape[0],
+        c,
+        [shape[2], shape[3]],
+        out_hw,
+        [kh, kw],
+        [stride[0], stride[1]],
+        [dilation[0], dilation[1]],
+        [pads[0].pad_before, pads[1].pad_before],
+    )?;
+    Ok(Some((geometry, batch_axis, tensor1(&flat).into_shape(&[c, kh * kw])?, tensor1(&bias))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct loop, f64: the definition of a depthwise convolution.
+    fn reference(g: &Geometry, x: &[f32], k: &[f32], b: &[f32]) -> Vec<f32> {
+        let mut out = Vec::new();
+        for n in 0..g.batch {
+            for c in 0..g.channels {
+                for oy in 0..g.out_hw[0] {
+                    for ox in 0..g.out_hw[1] {
+                        let mut s = b[c] as f64;
+                        for ky in 0..g.kernel[0] {
+                            for kx in 0..g.kernel[1] {
+                                let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pad_before[0] as isize;
+                                let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.pad_before[1] as isize;
+                                if iy < 0 || ix < 0 || iy >= g.in_hw[0] as isize || ix >= g.in_hw[1] as isize {
+                                    continue;
+                                }
+                                let xi = ((n * g.channels + c) * g.in_hw[0] + iy as usize) * g.in_hw[1] + ix as usize;
+                                s += k[c * g.taps() + ky * g.kernel[1] + kx] as f64 * x[xi] as f64;
+                            }
+                        }
+                        out.push(s as f32);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_the_definition_on_odd_shapes() {
+        let mut seed = 1u64;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        // (in, kernel, stride, dilation, pad_before, pad_after)
+        let cases = [
+            ([7, 9], [3, 3], [1, 1], [1, 1], [1, 1], [1, 1]),
+            ([8, 8], [3, 3], [2, 2], [1, 1], [0, 0], [1, 1]),
+            ([9, 11], [5, 5], [2, 2], [1, 1], [2, 2], [2, 2]),
+            ([40, 37], [5, 3], [1, 2], [2, 1], [4, 1], [3, 0]),
+            ([5, 70], [3, 3], [3, 3], [1, 2], [0, 2], [2, 1]),
+            ([1, 1], [3, 3], [1, 1], [1, 1], [1, 1], [1, 1]),
+        ];
+        for (in_hw, kernel, stride, dilation, pb, pa) in cases {
+            let out_hw: [usize; 2] =
+                std::array::from_fn(|a| (in_hw[a] + pb[a] + pa[a] - (kernel[a] - 1) * dilation[a] - 1) / stride[a] + 1);
+            let g = Geometry::new(2, 3, in_hw, out_hw, kernel, stride, dilation, pb).unwrap();
+            let x: Vec<f32> = (0..2 * 3 * g.in_plane()).map(|_| rnd()).collect();
+            let k: Vec<f32> = (0..3 * g.taps()).map(|_| rnd()).collect();
+            let b: Vec<f32> = (0..3).map(|_| rnd()).collect();
+            let op = DepthwiseConv::new(g.clone(), true).unwrap();
+            let inputs = tvec![
+                Tensor::from_shape(&[2, 3, in_hw[0], in_hw[1]], &x).unwrap().into_tvalue(),
+                Tensor::from_shape(&[3, g.taps()], &k).unwrap().into_tvalue(),
+                tensor1(&b).into_tvalue(),
+            ];
+            let got = op.compute(inputs).unwrap();
+            let got = got[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+            let want = reference(&g, &x, &k, &b);
+            assert_eq!(got.len(), want.len());
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{g:?}: max diff {diff}");
+        }
+    }
+
+    #[test]
+    fn geometry_refuses_empty_sizes() {
+        assert!(Geometry::new(1, 0, [4, 4], [4, 4], [3, 3], [1, 1], [1, 1], [1, 1]).is_err());
+        assert!(Geometry::new(1, 1, [4, 4], [4, 4], [3, 3], [0, 1], [1, 1], [1, 1]).is_err());
+    }
+}
