@@ -26,6 +26,11 @@ fn gate_manifest() -> std::path::PathBuf {
     models.expect("models/ directory").join("marine-gate-lite0/model.toml")
 }
 
+/// A 1000-logit fp32 classifier: within 1e-4, same top-5.
+fn fp32_case(manifest: std::path::PathBuf) -> Case {
+    Case { manifest, variant: "fp32", max_abs_diff: 1e-4, same_top: 5 }
+}
+
 fn cases() -> Vec<Case> {
     vec![
         Case { manifest: shipped_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
@@ -35,12 +40,39 @@ fn cases() -> Vec<Case> {
         Case { manifest: resnet_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
         Case { manifest: b4_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
     ]
+    .into_iter()
+    // The seed's model table at reduced size (ViT-L/32 448, ViT-B/16, EfficientNet-B5, ResNet-101,
+    // "ResNet-54", Swin-T): the same op kinds as the full-size zoo (models/README.md, "The model zoo").
+    .chain(zoo_mini_manifests().into_iter().map(fp32_case))
+    .collect()
 }
 
 #[test]
 fn tract_and_onnxruntime_agree_on_every_model() {
+    check_parity(cases());
+}
+
+/// The full-size zoo, same tolerances as its CI twins. Generated here on first use (1.2 GB, about a
+/// minute; `python3 tools/gen_test_models.py --only zoo`), then a minute or two of inference.
+#[test]
+fn tract_and_onnxruntime_agree_on_the_full_size_zoo() {
+    let dir = generated();
+    if ZOO.iter().any(|m| !dir.join(m).join("model.toml").is_file()) {
+        let status = std::process::Command::new("python3")
+            .arg(repo().join("tools/gen_test_models.py"))
+            .args(["--only", "zoo", "--out"])
+            .arg(&dir)
+            .status()
+            .expect("python3 must be installed to generate the test models");
+        assert!(status.success(), "tools/gen_test_models.py --only zoo failed");
+    }
+    check_parity(ZOO.iter().map(|m| fp32_case(dir.join(m).join("model.toml"))).collect());
+}
+
+/// Runs every case on two real preprocessed frames through both backends and compares.
+fn check_parity(cases: Vec<Case>) {
     let frames = [frame(1, 640, 480), frame(7, 1280, 720)];
-    for case in cases() {
+    for case in cases {
         let manifest = ModelManifest::load(&case.manifest).unwrap();
         let tract = Model::load(manifest.clone(), Some(case.variant), &inference(BackendKind::Tract)).unwrap();
         let ort = Model::load(manifest.clone(), Some(case.variant), &inference(BackendKind::Onnxruntime)).unwrap();

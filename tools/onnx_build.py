@@ -1,8 +1,12 @@
-"""A tiny ONNX graph builder for the convolutional networks whaled ships and tests with.
+"""A tiny ONNX graph builder for the networks whaled ships and tests with.
 
-Builds EfficientNet / EfficientNet-Lite / ResNet topologies directly with `onnx.helper` + numpy, so
-that neither converting the pretrained pre-filter nor generating the test models needs torch.
-BatchNorm is folded into the preceding convolution (what every exporter's optimiser does anyway).
+Builds EfficientNet / EfficientNet-Lite / ResNet topologies, and the transformer parts of ViT and Swin
+(LayerNormalization, MatMul attention, Softmax, GELU through Erf, window partition and cyclic shift
+through Reshape/Transpose/Slice/Concat), directly with `onnx.helper` + numpy, so that neither converting
+the pretrained pre-filter nor generating the test models needs torch. BatchNorm is folded into the
+preceding convolution (what every exporter's optimiser does anyway). The transformer ops are written the
+way `torch.onnx.export` at opset 17 writes them (LayerNormalization, Erf-based GELU, MatMul + Add
+linears, Split for q/k/v).
 """
 import math
 
@@ -35,6 +39,23 @@ class Graph:
         out = self._n(op.lower())
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
+
+    def nodes_out(self, op, inputs, n, **attrs):
+        """A node with `n` outputs (Split); returns their names."""
+        name = self._n(op.lower())
+        outs = [f"{name}_{i}" for i in range(n)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, **attrs))
+        return outs
+
+    def scalar(self, value, dtype=np.float32, kind="c"):
+        """A rank-0 constant (`const` would make it rank 1: np.ascontiguousarray promotes 0-d arrays)."""
+        name = self._n(kind)
+        self.inits.append(numpy_helper.from_array(np.array(value, dtype), name))
+        return name
+
+    def ints(self, values, kind="shape"):
+        """An int64 constant (shapes, axes, indices)."""
+        return self.const(np.array(values, np.int64), kind)
 
     def conv(self, x, w, b, hw, stride=1, groups=1, same="torch"):
         """Convolution with bias. `same="tf"` pads like TensorFlow SAME (asymmetric at stride 2)."""
@@ -79,6 +100,66 @@ class Graph:
         """y = x @ w.T + b, w shaped [out, in] like torch.nn.Linear."""
         return self.node("Gemm", [x, self.const(w.astype(np.float32)), self.const(b.astype(np.float32), "b")],
                          transB=1)
+
+    def patch_conv(self, x, w, b, hw):
+        """Non-overlapping patch embedding: kernel = stride = patch size, no padding (ViT, Swin)."""
+        k = w.shape[2]
+        y = self.node("Conv", [x, self.const(w.astype(np.float32)), self.const(b.astype(np.float32), "b")],
+                      kernel_shape=[k, k], strides=[k, k], pads=[0, 0, 0, 0])
+        return y, (hw[0] // k, hw[1] // k)
+
+    def reshape(self, x, shape):
+        """Reshape to a static shape (-1 allowed once)."""
+        return self.node("Reshape", [x, self.ints(shape)])
+
+    def transpose(self, x, perm):
+        """Permute the axes (torch's permute)."""
+        return self.node("Transpose", [x], perm=list(perm))
+
+    def concat(self, xs, axis):
+        """Concatenate along `axis`."""
+        return self.node("Concat", list(xs), axis=axis)
+
+    def slice(self, x, starts, ends, axes, steps=None):
+        """ONNX Slice (opset 13+: starts/ends/axes/steps as int64 inputs)."""
+        ins = [x, self.ints(starts, "starts"), self.ints(ends, "ends"), self.ints(axes, "axes")]
+        if steps is not None:
+            ins.append(self.ints(steps, "steps"))
+        return self.node("Slice", ins)
+
+    def roll(self, x, shift, axis, size):
+        """torch.roll(x, shift, axis) on an axis of static length `size`, as Slice + Concat (how torch.onnx
+        exports it): the last `shift` elements move to the front (a negative shift moves the first ones
+        to the back)."""
+        s = shift % size
+        if s == 0:
+            return x
+        tail = self.slice(x, [size - s], [size], [axis])
+        head = self.slice(x, [0], [size - s], [axis])
+        return self.concat([tail, head], axis)
+
+    def linear(self, x, w, b=None):
+        """torch.nn.Linear on the last axis of an N-d tensor: MatMul by w.T (w shaped [out, in]) + bias."""
+        y = self.node("MatMul", [x, self.const(np.ascontiguousarray(w.T).astype(np.float32))])
+        if b is not None:
+            y = self.add(y, self.const(b.astype(np.float32), "b"))
+        return y
+
+    def layernorm(self, x, gamma, beta, eps=1e-5):
+        """LayerNormalization over the last axis (ONNX opset 17 op; what torch.onnx writes at opset 17)."""
+        return self.node("LayerNormalization", [x, self.const(gamma.astype(np.float32), "gamma"),
+                                                self.const(beta.astype(np.float32), "beta")],
+                         axis=-1, epsilon=float(eps))
+
+    def gelu(self, x):
+        """Exact GELU, x * 0.5 * (1 + erf(x / sqrt(2))), as torch.onnx writes it before opset 20."""
+        e = self.node("Erf", [self.node("Div", [x, self.scalar(math.sqrt(2.0))])])
+        e = self.add(e, self.scalar(1.0))
+        return self.node("Mul", [self.node("Mul", [x, e]), self.scalar(0.5)])
+
+    def softmax(self, x, axis=-1):
+        """Softmax over one axis (opset 13+ semantics: that axis alone)."""
+        return self.node("Softmax", [x], axis=axis)
 
     def l2norm(self, x):
         return self.node("LpNormalization", [x], axis=1, p=2)
