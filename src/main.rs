@@ -211,7 +211,7 @@ fn load(config: Option<PathBuf>) -> Result<(Config, Identifier), Error> {
         Origin::File(p) => log::info!("config {}", p.display()),
         Origin::Defaults => log::info!("no config file found; using built-in defaults"),
     }
-    let identifier = Identifier::from_config(&cfg)?;
+    let identifier = whaled::service::extending_start_timeout("loading models", || Identifier::from_config(&cfg))?;
     if !identifier.has_identification() {
         log::info!(
             "no identification model configured: frames that pass the pre-filter are reported as cetacean_unidentified"

@@ -34,6 +34,45 @@ pub fn reloading() {
     send(&[NotifyState::Reloading, NotifyState::Status("reloading: restarting with the new configuration")]);
 }
 
+/// How long [`extending_start_timeout`] keeps extending systemd's start timeout: past it, a load that
+/// has not finished is taken as hung, and systemd's timeout expires a minute after the last extension.
+pub const MAX_START_EXTENSION: Duration = Duration::from_secs(45 * 60);
+
+/// Runs `load` (the models: on a Jetson the first start builds TensorRT engines, minutes for the B4)
+/// while telling systemd every 20 s to extend the start timeout by 60 s, with a STATUS= line saying
+/// how long it has taken, for at most [`MAX_START_EXTENSION`]. Without it a unit killed mid-build would
+/// never cache its engines and would rebuild them on every restart. Outside systemd it just runs `load`.
+pub fn extending_start_timeout<T>(what: &str, load: impl FnOnce() -> T) -> T {
+    extend_every(what, Duration::from_secs(20), load)
+}
+
+fn extend_every<T>(what: &str, every: Duration, load: impl FnOnce() -> T) -> T {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return load();
+    }
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let started = Instant::now();
+    let what = what.to_string();
+    let ticker = std::thread::Builder::new().name("start-timeout".into()).spawn(move || {
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(every) {
+            if started.elapsed() > MAX_START_EXTENSION {
+                log::error!(
+                    "{what}: still not done after {MAX_START_EXTENSION:?}; no longer extending systemd's start timeout"
+                );
+                return;
+            }
+            let status = format!("starting: {what} ({} s)", started.elapsed().as_secs());
+            send(&[NotifyState::ExtendTimeoutUsec(60_000_000), NotifyState::Status(&status)]);
+        }
+    });
+    let out = load();
+    drop(done_tx);
+    if let Ok(t) = ticker {
+        let _ = t.join();
+    }
+    out
+}
+
 /// A one-line summary for STATUS= and the logs.
 pub fn summary(control: &Control, mqtt: Option<(bool, u64)>) -> String {
     let cams = control.snapshots();
@@ -87,5 +126,38 @@ pub fn spawn_watchdog(
     });
     if let Err(e) = spawned {
         log::error!("cannot start the watchdog thread: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slow model load under systemd: the start timeout is extended while it runs, and no longer
+    /// once it has returned.
+    #[test]
+    fn a_slow_load_extends_the_start_timeout_until_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        std::env::set_var("NOTIFY_SOCKET", &path);
+        let out = extend_every("loading models", Duration::from_millis(40), || {
+            std::thread::sleep(Duration::from_millis(300));
+            7
+        });
+        std::env::remove_var("NOTIFY_SOCKET");
+        assert_eq!(out, 7);
+        let mut msgs = Vec::new();
+        let mut buf = [0u8; 512];
+        while let Ok(n) = sock.recv(&mut buf) {
+            msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        let extends = msgs.iter().filter(|m| m.contains("EXTEND_TIMEOUT_USEC=60000000")).count();
+        assert!(extends >= 3, "{msgs:?}");
+        assert!(msgs.iter().any(|m| m.contains("STATUS=starting: loading models (")), "{msgs:?}");
+        // Nothing more once the load is done.
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(sock.recv(&mut buf).is_err(), "extended after the load returned");
     }
 }
