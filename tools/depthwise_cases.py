@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Depthwise-convolution test cases for whaled's substituted tract op (src/backend/depthwise.rs).
+"""Depthwise-convolution test cases for whaled's substituted tract op (crates/whaled-tract-ops/src/depthwise.rs).
 
 Writes, under --out, one single-node ONNX model per case (a grouped Conv with group = channels, random
 weights and bias), its random input and onnxruntime's output on it (the independent reference), and
@@ -20,8 +20,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 
-def conv_model(c, h, w, kernel, stride, dilation, pads, auto_pad, batch, rng):
-    """One grouped Conv (group = c) with random weights and bias, input `x` [batch, c, h, w], output `y`."""
+def conv_model(c, h, w, kernel, stride, dilation, pads, auto_pad, batch, rng, with_bias=True):
+    """One grouped Conv (group = c) with random weights and (unless `with_bias` is false) bias, input `x`
+    [batch, c, h, w], output `y`."""
     wgt = rng.standard_normal((c, 1, kernel[0], kernel[1])).astype(np.float32)
     bias = rng.standard_normal(c).astype(np.float32)
     attrs = dict(group=c, kernel_shape=list(kernel), strides=list(stride), dilations=list(dilation))
@@ -29,12 +30,12 @@ def conv_model(c, h, w, kernel, stride, dilation, pads, auto_pad, batch, rng):
         attrs["auto_pad"] = auto_pad
     else:
         attrs["pads"] = list(pads)
-    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)
+    node = helper.make_node("Conv", ["x", "w", "b"] if with_bias else ["x", "w"], ["y"], **attrs)
     graph = helper.make_graph(
         [node], "depthwise",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, h, w])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c, None, None])],
-        [numpy_helper.from_array(wgt, "w"), numpy_helper.from_array(bias, "b")])
+        [numpy_helper.from_array(wgt, "w")] + ([numpy_helper.from_array(bias, "b")] if with_bias else []))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -54,12 +55,14 @@ def fixed_cases():
         ("b4-3x3-s1-7x7", 1632, 7, 7, (3, 3), (1, 1), (1, 1), same(3), None, 1),
         ("same-upper-s2-odd", 8, 15, 13, (3, 3), (2, 2), (1, 1), None, "SAME_UPPER", 1),
         ("batch-2", 5, 9, 11, (3, 3), (1, 1), (1, 1), same(3), None, 2),
+        ("batch-2-large", 40, 56, 56, (5, 5), (2, 2), (1, 1), same(5), None, 2),
     ]
 
 
 def random_cases(n, rng):
     """`n` random geometries: sizes 1-40, kernels 1-7 (not always square), strides 1-3, dilations 1-3,
-    explicit padding 0..kernel reach + 1 on each side (asymmetric); only ones with a non-empty output."""
+    explicit padding 0..kernel reach + 2 on each side (asymmetric: outputs may lie wholly in the padding);
+    only ones with a non-empty output."""
     out = []
     while len(out) < n:
         c = int(rng.integers(1, 24))
@@ -67,7 +70,7 @@ def random_cases(n, rng):
         kernel = tuple(int(v) for v in rng.integers(1, 8, 2))
         stride = tuple(int(v) for v in rng.integers(1, 4, 2))
         dilation = tuple(int(v) for v in rng.integers(1, 4, 2))
-        pads = [int(rng.integers(0, (kernel[i % 2] - 1) * dilation[i % 2] // 2 + 2)) for i in range(4)]
+        pads = [int(rng.integers(0, (kernel[i % 2] - 1) * dilation[i % 2] + 3)) for i in range(4)]
         for a, size in enumerate((h, w)):
             reach = (kernel[a] - 1) * dilation[a] + 1
             if size + pads[a] + pads[a + 2] < reach:
@@ -86,8 +89,11 @@ def main():
     rng = np.random.default_rng(args.seed)
     os.makedirs(args.out, exist_ok=True)
     listing = []
-    for name, c, h, w, kernel, stride, dilation, pads, auto_pad, batch in fixed_cases() + random_cases(args.random, rng):
-        model = conv_model(c, h, w, kernel, stride, dilation, pads, auto_pad, batch, rng)
+    for i, (name, c, h, w, kernel, stride, dilation, pads, auto_pad, batch) in enumerate(
+            fixed_cases() + random_cases(args.random, rng)):
+        # Every fourth random case has no bias input (tract then gives the conv a zero scalar bias).
+        model = conv_model(c, h, w, kernel, stride, dilation, pads, auto_pad, batch, rng,
+                           with_bias=not (name.startswith("random") and i % 4 == 0))
         x = rng.standard_normal((batch, c, h, w)).astype(np.float32)
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         y = sess.run(None, {"x": x})[0]

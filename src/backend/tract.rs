@@ -143,15 +143,18 @@ pub fn optimise(model: InferenceModel, stock: bool) -> TractResult<(TypedModel, 
 /// and zeroed its activation memory again: 320k page faults and about a third of a B4 inference at
 /// 512 (docs/BENCHMARKS.md). With the heap serving them and trimming held off, the second inference
 /// reuses the first one's pages. The price: the process keeps its peak heap (the largest model's
-/// activations, some hundreds of MB for the B4 at 512) instead of returning it between frames.
-/// Process-wide, set once, on glibc only (musl and others keep their defaults).
+/// activations, some hundreds of MB for the B4 at 512) instead of returning it between frames, once
+/// per glibc arena that ran inferences (each inference worker thread may get its own: `[pipeline]
+/// workers = 2` can keep two peaks). Process-wide, set once, on glibc only (musl and others keep their
+/// defaults); a threshold glibc refuses (its limit depends on the build and word size) falls back to
+/// the next smaller one, and the debug log says what was set.
 fn keep_activation_memory() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         {
-            // glibc refuses thresholds over half its heap size limit (32 MB on 32-bit builds): fall back.
-            // SAFETY: mallopt only changes allocator parameters; it is called before inference threads start.
+            // glibc refuses thresholds over its limit (build- and word-size-dependent): fall back.
+            // SAFETY: mallopt only changes allocator parameters, under the allocator's own lock.
             let set = |v: usize| unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, v as libc::c_int) } == 1;
             let threshold = [256usize << 20, 32 << 20, 16 << 20].into_iter().find(|&v| set(v));
             // SAFETY: as above.
@@ -196,8 +199,8 @@ impl Backend for TractBackend {
                 .run_plan_with_eval(tvec![tensor.clone().into_tvalue()], |ctx, op_state, node, inputs| {
                     let t = std::time::Instant::now();
                     let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
-                    let entry = per_node.entry(node.id).or_insert_with(|| (op_label(node), 0.0));
-                    entry.1 += t.elapsed().as_secs_f64();
+                    let dt = t.elapsed().as_secs_f64();
+                    per_node.entry(node.id).or_insert_with(|| (op_label(node), 0.0)).1 += dt;
                     out
                 })
                 .map_err(fail)?;

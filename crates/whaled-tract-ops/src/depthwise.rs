@@ -225,6 +225,10 @@ struct Scratch {
 
 impl DepthwiseConv {
     fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        self.compute_with(inputs, select_kernel())
+    }
+
+    fn compute_with(&self, inputs: TVec<TValue>, kernel: PlaneKernel) -> TractResult<TVec<TValue>> {
         let g = &self.geometry;
         ensure!(inputs.len() == 3, "WhaledDepthwiseConv takes data, kernel and bias");
         let (x, k, b) = (&inputs[0], &inputs[1], &inputs[2]);
@@ -239,7 +243,6 @@ impl DepthwiseConv {
         let mut out = Tensor::zero::<f32>(&self.shape(g.out_hw))?;
         let plane_out = g.out_plane();
         let total = planes * plane_out;
-        let kernel = select_kernel();
         let offsets = g.tap_offsets();
         {
             let mut view = out.try_as_plain_ram_mut()?;
@@ -338,7 +341,9 @@ fn plane<const FMA: bool>(scratch: &[f32], offsets: &[usize], taps: &[f32], bias
         for (&off, &w) in offsets.iter().zip(taps) {
             let src: &[f32; CHUNK] = match scratch.get(off + t0..off + t0 + CHUNK).and_then(|s| s.try_into().ok()) {
                 Some(s) => s,
-                None => return, // unreachable: `phase_len` leaves room for the last chunk's taps
+                // `phase_len` leaves room for the last chunk's furthest tap: a miss is a bug here, and
+                // returning would leave the previous plane's values in `virt`.
+                None => unreachable!("depthwise scratch too short for tap offset {off} at {t0}"),
             };
             for i in 0..CHUNK {
                 acc[i] = madd::<FMA>(acc[i], src[i], w);
@@ -480,7 +485,7 @@ fn eligible(
     }
     let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
     // The kernel as [C, KH*KW], whatever its format.
-    let view = kernel.to_plain_array_view::<f32>()?;
+    let Ok(view) = kernel.to_plain_array_view::<f32>() else { return Ok(None) };
     let mut flat = Vec::with_capacity(c * kh * kw);
     let dims = view.shape().to_vec();
     for ch in 0..c {
@@ -496,9 +501,13 @@ fn eligible(
             }
         }
     }
-    let bias: Vec<f32> = match bias.len() {
-        n if n == c => bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
-        1 => vec![bias.try_as_plain_ram()?.as_slice::<f32>()?[0]; c],
+    let Some(bias_values) = bias.try_as_plain_ram().ok().and_then(|b| b.as_slice::<f32>().ok().map(<[f32]>::to_vec))
+    else {
+        return Ok(None);
+    };
+    let bias: Vec<f32> = match bias_values.len() {
+        n if n == c => bias_values,
+        1 => vec![bias_values[0]; c],
         _ => return Ok(None),
     };
     let pads = spec.computed_padding(&shape[2..]);
@@ -508,7 +517,7 @@ fn eligible(
     }
     let stride = spec.strides();
     let dilation = spec.dilations();
-    let geometry = Geometry::new(
+    let Ok(geometry) = Geometry::new(
         shape[0],
         c,
         [shape[2], shape[3]],
@@ -517,7 +526,9 @@ fn eligible(
         [stride[0], stride[1]],
         [dilation[0], dilation[1]],
         [pads[0].pad_before, pads[1].pad_before],
-    )?;
+    ) else {
+        return Ok(None);
+    };
     Ok(Some((geometry, batch_axis, tensor1(&flat).into_shape(&[c, kh * kw])?, tensor1(&bias))))
 }
 
@@ -552,6 +563,22 @@ mod tests {
         out
     }
 
+    /// Every plane kernel this CPU can run, not only the one `select_kernel` picks.
+    fn available_kernels() -> Vec<(&'static str, PlaneKernel)> {
+        #[allow(unused_mut)]
+        let mut kernels: Vec<(&'static str, PlaneKernel)> = vec![("portable", plane_portable)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                kernels.push(("avx2", plane_avx2_checked));
+                if is_x86_feature_detected!("avx512f") {
+                    kernels.push(("avx512", plane_avx512_checked));
+                }
+            }
+        }
+        kernels
+    }
+
     #[test]
     fn matches_the_definition_on_odd_shapes() {
         let mut seed = 1u64;
@@ -581,12 +608,21 @@ mod tests {
                 Tensor::from_shape(&[3, g.taps()], &k).unwrap().into_tvalue(),
                 tensor1(&b).into_tvalue(),
             ];
-            let got = op.compute(inputs).unwrap();
-            let got = got[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
             let want = reference(&g, &x, &k, &b);
-            assert_eq!(got.len(), want.len());
-            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(diff < 1e-5, "{g:?}: max diff {diff}");
+            for (name, kernel) in available_kernels() {
+                let got = op.compute_with(inputs.clone(), kernel).unwrap();
+                let got = got[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+                assert_eq!(got.len(), want.len());
+                // NaN counts as the largest difference (f32::max would skip it).
+                let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, |m, d| {
+                    if d.is_nan() {
+                        f32::INFINITY
+                    } else {
+                        m.max(d)
+                    }
+                });
+                assert!(diff < 1e-5, "{name} {g:?}: max diff {diff}");
+            }
         }
     }
 
