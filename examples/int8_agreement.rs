@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         backend,
         threads: 1,
         jpeg_dct_scaling: true,
+        tract_precision: whaled::config::TractPrecision::F32,
         onnxruntime: OrtConfig { library: None, execution_providers: vec![ExecutionProvider::Cpu], sessions: 1 },
     };
     let fp32 = Model::load(manifest.clone(), Some("fp32"), &cfg(BackendKind::Tract))?;

@@ -81,6 +81,9 @@ enum Command {
         /// (tract only; averaged over the timed runs).
         #[arg(long)]
         profile: bool,
+        /// The float type tract computes in (`[inference] tract_precision`).
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: PrecisionArg,
         /// Untimed runs first (the seed's protocol: 10).
         #[arg(long, default_value_t = 10)]
         warmup: usize,
@@ -177,6 +180,12 @@ enum GalleryCommand {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum PrecisionArg {
+    F32,
+    F16,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum BackendArg {
     Tract,
     Onnxruntime,
@@ -192,8 +201,36 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Cameras => cameras(),
         Command::Gallery { command } => gallery(command),
-        Command::Bench { model, variant, backend, threads, ort_library, image, profile, warmup, runs, json } => {
-            bench(&model, variant.as_deref(), backend, threads, ort_library, image, profile, warmup, runs, json)
+        Command::Bench {
+            model,
+            variant,
+            backend,
+            threads,
+            ort_library,
+            image,
+            profile,
+            precision,
+            warmup,
+            runs,
+            json,
+        } => {
+            let precision = match precision {
+                PrecisionArg::F32 => whaled::config::TractPrecision::F32,
+                PrecisionArg::F16 => whaled::config::TractPrecision::F16,
+            };
+            bench(
+                &model,
+                variant.as_deref(),
+                backend,
+                threads,
+                ort_library,
+                image,
+                profile,
+                precision,
+                warmup,
+                runs,
+                json,
+            )
         }
     };
     match result {
@@ -500,6 +537,7 @@ fn bench(
     ort_library: Option<PathBuf>,
     image: Option<PathBuf>,
     profile: bool,
+    precision: whaled::config::TractPrecision,
     warmup: usize,
     runs: usize,
     json: bool,
@@ -514,6 +552,7 @@ fn bench(
         backend,
         threads: threads.max(1),
         jpeg_dct_scaling: true,
+        tract_precision: precision,
         onnxruntime: OrtConfig { library: ort_library, execution_providers: vec![ExecutionProvider::Cpu], sessions: 1 },
     };
     let model = Model::load(ModelManifest::load(&manifest)?, variant, &inference)?;

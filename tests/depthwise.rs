@@ -23,7 +23,7 @@ fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
 fn load(onnx: &Path, shape: &[usize], stock: bool, threads: usize) -> (Arc<TypedRunnableModel>, usize, usize) {
     let mut model = tract_onnx::onnx().model_for_path(onnx).unwrap();
     model.set_input_fact(0, f32::fact(shape).into()).unwrap();
-    let (typed, substituted) = optimise(model, stock).unwrap();
+    let (typed, substituted) = optimise(model, stock, false).unwrap();
     // The op must survive tract's optimiser into the plan, not be rewritten away.
     let in_plan = typed.nodes().iter().filter(|n| n.op().name() == "WhaledDepthwiseConv").count();
     let mut options = RunOptions::default();

@@ -157,3 +157,55 @@ fn onnxruntime_sessions_per_worker_keep_outputs_apart() {
         }
     });
 }
+
+/// `[inference] tract_precision = "f16"`: tract in half precision against onnxruntime in f32 on real
+/// frames. Not within 1e-4 (f16 has 11 significant bits): the checks are what the pipeline uses, the
+/// gate's probability and the classifiers' top-1, with the largest logit difference bounded relative to
+/// the logits' range. On x86_64 tract emulates f16 (slow, same numbers); on aarch64 under qemu
+/// (cross/test.sh, a Cortex-A72 without FP16 arithmetic) likewise.
+#[test]
+fn tract_in_f16_keeps_the_gate_and_the_top_class() {
+    let frames = [frame(1, 640, 480), frame(7, 1280, 720), frame(3, 1920, 1080)];
+    // (model, largest logit difference as a fraction of the logits' range, largest probability difference):
+    // about twice what was measured on x86_64 (gate 2e-3 / 1e-3, Lite0 1.8 % / 8e-3, ResNet 7e-4 / 1.2e-4).
+    let models = [
+        (gate_manifest(), 0.01, 0.003),
+        (shipped_manifest(), 0.04, 0.02),
+        (generated().join("resnet54-mini/model.toml"), 0.005, 0.001),
+    ];
+    for (path, logit_frac, prob_tol) in models {
+        let manifest = ModelManifest::load(&path).unwrap();
+        let mut f16 = inference(BackendKind::Tract);
+        f16.tract_precision = whaled::config::TractPrecision::F16;
+        let half = Model::load(manifest.clone(), Some("fp32"), &f16).unwrap();
+        let ort = Model::load(manifest.clone(), Some("fp32"), &inference(BackendKind::Onnxruntime)).unwrap();
+        let mut pre = Preprocessor::new(&manifest.input);
+        let mut input = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            pre.run(f, &mut input).unwrap();
+            let a = half.run(&input).unwrap();
+            let b = ort.run(&input).unwrap();
+            assert!(a.iter().all(|v| v.is_finite()), "{} frame {i}: non-finite f16 output", manifest.name);
+            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let range = b.iter().fold(f32::MIN, |m, v| m.max(*v)) - b.iter().fold(f32::MAX, |m, v| m.min(*v));
+            let softmax = |v: &[f32]| {
+                let m = v.iter().fold(f32::MIN, |m, x| m.max(*x));
+                let e: Vec<f32> = v.iter().map(|x| (x - m).exp()).collect();
+                let s: f32 = e.iter().sum();
+                e.into_iter().map(|x| x / s).collect::<Vec<_>>()
+            };
+            let dp = softmax(&a).iter().zip(softmax(&b)).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            eprintln!(
+                "{} frame {i}: f16 vs onnxruntime f32: max |logit diff| = {diff:e} (range {range}), max |prob diff| = {dp:e}",
+                manifest.name
+            );
+            assert_eq!(top_k(&a, 1), top_k(&b, 1), "{} frame {i}: top-1 differs in f16", manifest.name);
+            assert!(
+                diff <= logit_frac * range.max(1.0),
+                "{} frame {i}: f16 logit diff {diff} > {logit_frac} x {range}",
+                manifest.name
+            );
+            assert!(dp <= prob_tol, "{} frame {i}: f16 probability diff {dp} > {prob_tol}", manifest.name);
+        }
+    }
+}

@@ -10,6 +10,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::backend::{check_dims, output_shape_ok, Backend, LoadRequest, LoadTimes, OpTime};
+use crate::config::TractPrecision;
 use crate::error::{Error, Result};
 
 type Plan = Arc<TypedRunnableModel>;
@@ -19,6 +20,8 @@ pub struct TractBackend {
     shape: [usize; 4],
     model_name: String,
     load_times: LoadTimes,
+    /// The plan computes in f16 (`[inference] tract_precision = "f16"`): inputs and outputs are cast.
+    f16: bool,
 }
 
 impl TractBackend {
@@ -69,7 +72,8 @@ impl TractBackend {
             err(format!("the ONNX graph has no output `{out_name}` (it has: {})", names.join(", ")))
         })?;
         let parsed = std::time::Instant::now();
-        let (typed, substituted) = optimise(model, stock).map_err(|e| te("tract cannot optimise", e))?;
+        let f16 = req.inference.tract_precision == TractPrecision::F16;
+        let (typed, substituted) = optimise(model, stock, f16).map_err(|e| te("tract cannot optimise", e))?;
         log::debug!(
             "{}: {substituted} depthwise convolutions on whaled's kernel ({}){}",
             m.name,
@@ -99,7 +103,7 @@ impl TractBackend {
             parse_ms: Some((parsed - started).as_secs_f64() * 1e3),
             optimise_ms: parsed.elapsed().as_secs_f64() * 1e3,
         };
-        Ok(TractBackend { plan, shape, model_name: m.name.clone(), load_times })
+        Ok(TractBackend { plan, shape, model_name: m.name.clone(), load_times, f16 })
     }
 }
 
@@ -124,11 +128,18 @@ fn op_label(node: &TypedNode) -> String {
 /// kernels are tested against tract's and onnxruntime's.
 pub const STOCK_ENV: &str = "WHALED_TRACT_STOCK";
 
-/// Types, declutters and optimises a parsed model; in between, unless `stock`, substitutes whaled's
-/// kernels for the ops it has better ones for (today: depthwise convolutions, [`whaled_tract_ops::depthwise`]).
-/// Returns the optimised model and how many nodes were substituted.
-pub fn optimise(model: InferenceModel, stock: bool) -> TractResult<(TypedModel, usize)> {
+/// Types, declutters and optimises a parsed model; in between, with `f16`, translates it to half
+/// precision (tract's own `f32_to_f16` transform: input and output become f16 too), and unless `stock`
+/// substitutes whaled's kernels for the ops it has better ones for (today: f32 depthwise convolutions,
+/// [`whaled_tract_ops::depthwise`]). Returns the optimised model and how many nodes were substituted.
+pub fn optimise(model: InferenceModel, stock: bool, f16: bool) -> TractResult<(TypedModel, usize)> {
     let mut typed = model.into_typed()?.into_decluttered()?;
+    if f16 {
+        let Some(transform) = tract_onnx::tract_core::transform::get_transform("f32_to_f16")? else {
+            return Err(tract_onnx::tract_core::internal::anyhow!("this tract has no f32_to_f16 transform"));
+        };
+        transform.transform(&mut typed)?;
+    }
     let substituted = if whaled_tract_ops::depthwise::ENABLED && !stock {
         whaled_tract_ops::depthwise::substitute(&mut typed)?
     } else {
@@ -166,6 +177,18 @@ fn keep_activation_memory() {
     });
 }
 
+impl TractBackend {
+    /// The input as the plan takes it: f32, or cast to f16 for a half-precision plan.
+    fn input_tensor(&self, input: &[f32]) -> TractResult<Tensor> {
+        let tensor = Tensor::from_shape(&self.shape, input)?;
+        if self.f16 {
+            Ok(tensor.cast_to::<f16>()?.into_owned())
+        } else {
+            Ok(tensor)
+        }
+    }
+}
+
 impl Backend for TractBackend {
     fn load_times(&self) -> LoadTimes {
         self.load_times
@@ -177,9 +200,10 @@ impl Backend for TractBackend {
             model: self.model_name.clone(),
             msg: format!("{e:#}"),
         };
-        let tensor = Tensor::from_shape(&self.shape, input).map_err(fail)?;
+        let tensor = self.input_tensor(input).map_err(fail)?;
         let outputs = self.plan.run(tvec![tensor.into_tvalue()]).map_err(fail)?;
-        let view = outputs[0].to_plain_array_view::<f32>().map_err(fail)?;
+        let out = outputs[0].cast_to::<f32>().map_err(fail)?;
+        let view = out.to_plain_array_view::<f32>().map_err(fail)?;
         Ok(view.iter().copied().collect())
     }
 
@@ -189,7 +213,7 @@ impl Backend for TractBackend {
             model: self.model_name.clone(),
             msg: format!("{e:#}"),
         };
-        let tensor = Tensor::from_shape(&self.shape, input).map_err(fail)?;
+        let tensor = self.input_tensor(input).map_err(fail)?;
         let mut state = TypedSimpleState::new(&self.plan).map_err(fail)?;
         // Per node: (op kind, seconds over all runs).
         let mut per_node: std::collections::HashMap<usize, (String, f64)> = Default::default();

@@ -182,6 +182,7 @@ pub enum SourceKind {
 struct RawInference {
     backend: Option<BackendKind>,
     threads: Option<Count>,
+    tract_precision: Option<TractPrecision>,
     jpeg_dct_scaling: Option<bool>,
     #[serde(default)]
     onnxruntime: onnxruntime::RawOrt,
@@ -340,7 +341,20 @@ pub struct InferenceConfig {
     pub threads: usize,
     /// Decode JPEG frames at 1/2, 1/4 or 1/8 size when the models need no more (see `decode`).
     pub jpeg_dct_scaling: bool,
+    /// The float type tract computes in (onnxruntime ignores it).
+    pub tract_precision: TractPrecision,
     pub onnxruntime: OrtConfig,
+}
+
+/// `[inference] tract_precision`: `"f32"` (default), or `"f16"` for boards with half-precision
+/// arithmetic (ARMv8.2: Jetson Orin, Raspberry Pi 5), where tract runs it natively; elsewhere tract
+/// emulates it, slowly. f16 changes outputs by about 1e-3 relative (tests/parity.rs measures it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TractPrecision {
+    #[default]
+    F32,
+    F16,
 }
 
 #[derive(Debug, Clone)]
@@ -397,6 +411,7 @@ impl Config {
                 backend: BackendKind::Tract,
                 threads: 1,
                 jpeg_dct_scaling: true,
+                tract_precision: TractPrecision::F32,
                 onnxruntime: OrtConfig {
                     library: None,
                     execution_providers: vec![ExecutionProvider::Cpu],
@@ -672,6 +687,7 @@ impl Config {
                 backend,
                 threads: raw.inference.threads.map_or(1, Count::get),
                 jpeg_dct_scaling: raw.inference.jpeg_dct_scaling.unwrap_or(true),
+                tract_precision: raw.inference.tract_precision.unwrap_or_default(),
                 onnxruntime,
             },
             prefilter,
@@ -844,9 +860,17 @@ mod tests {
         let c = parse("").unwrap();
         assert_eq!(c.inference.backend, BackendKind::Tract);
         assert_eq!(c.inference.threads, 1);
+        assert_eq!(c.inference.tract_precision, TractPrecision::F32);
         assert!(c.prefilter.manifest.ends_with("models/marine-gate-lite0/model.toml"));
         assert!(c.identification.is_none());
         assert!(!c.device_id.is_empty());
+    }
+
+    #[test]
+    fn tract_precision_f16() {
+        let c = parse("[inference]\ntract_precision = \"f16\"\nthreads = 2\n").unwrap();
+        assert_eq!(c.inference.tract_precision, TractPrecision::F16);
+        assert_eq!(c.inference.threads, 2);
     }
 
     #[test]
@@ -919,6 +943,10 @@ mod tests {
             (
                 "[inference.onnxruntime]\nlibrary = \"/nonexistent/libonnxruntime.so\"\n",
                 &["config/test.toml:2:11: inference.onnxruntime.library: no such file /nonexistent/libonnxruntime.so"],
+            ),
+            (
+                "[inference]\ntract_precision = \"f8\"\n",
+                &["line 2", "unknown variant `f8`, expected `f32` or `f16`"],
             ),
             (
                 "[inference.onnxruntime]\nexecution_providers = [\"gpu\"]\n",

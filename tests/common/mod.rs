@@ -114,6 +114,7 @@ pub fn inference(backend: BackendKind) -> InferenceConfig {
         backend,
         threads: 1,
         jpeg_dct_scaling: true,
+        tract_precision: whaled::config::TractPrecision::F32,
         onnxruntime: OrtConfig {
             library: (backend == BackendKind::Onnxruntime).then(ort_library),
             execution_providers: vec![ExecutionProvider::Cpu],
