@@ -4,7 +4,8 @@
 //! The cases: every depthwise geometry of the shipped and generated EfficientNets (3x3/5x5, strides
 //! 1/2, PyTorch and TF-style padding, SAME_UPPER, 1632 channels at 7x7, batch 2) and 40 random ones
 //! (kernels 1-7, strides 1-3, dilations 1-3, asymmetric padding up to beyond the kernel's reach, some
-//! convolutions without a bias), at 1 and 2 threads.
+//! convolutions without a bias), at 1 and 2 threads; the Lite0 geometries end in ReLU6 and some random
+//! ones in ReLU, as in the models, which the op fuses.
 
 mod common;
 
@@ -20,18 +21,25 @@ fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
     (shape, npy.into_vec::<f32>().unwrap())
 }
 
-fn load(onnx: &Path, shape: &[usize], stock: bool, threads: usize) -> (Arc<TypedRunnableModel>, usize, usize) {
+/// The plan, how many convs were substituted, how many of whaled's ops are in the plan, and whether a
+/// ReLU/ReLU6 was fused into one.
+fn load(onnx: &Path, shape: &[usize], stock: bool, threads: usize) -> (Arc<TypedRunnableModel>, usize, usize, bool) {
     let mut model = tract_onnx::onnx().model_for_path(onnx).unwrap();
     model.set_input_fact(0, f32::fact(shape).into()).unwrap();
     let (typed, substituted) = optimise(model, stock, false).unwrap();
     // The op must survive tract's optimiser into the plan, not be rewritten away.
-    let in_plan = typed.nodes().iter().filter(|n| n.op().name() == "WhaledDepthwiseConv").count();
+    let ours: Vec<_> = typed.nodes().iter().filter(|n| n.op().name() == "WhaledDepthwiseConv").collect();
+    let in_plan = ours.len();
+    // A ReLU / ReLU6 after the conv is fused into the op (its info lists the steps), leaving no Max/Min.
+    let fused = ours.iter().any(|n| n.op().info().unwrap().iter().any(|l| l.contains("then [Max")));
+    let leftover = typed.nodes().iter().any(|n| n.op().name().contains("Max") || n.op().name().contains("Min"));
+    assert!(stock || !fused || !leftover, "{onnx:?}: fused, yet a Max/Min op is left in the plan");
     let mut options = RunOptions::default();
     if threads > 1 {
         options.executor = Some(tract_linalg::multithread::Executor::multithread(threads));
     }
     let plan = typed.into_runnable_with_options(&options).unwrap();
-    (plan, substituted, in_plan)
+    (plan, substituted, in_plan, fused)
 }
 
 fn run(plan: &Arc<TypedRunnableModel>, shape: &[usize], x: &[f32]) -> (Vec<usize>, Vec<f32>) {
@@ -72,13 +80,14 @@ fn whaled_depthwise_matches_tract_and_onnxruntime() {
         let onnx = dir.path().join(format!("{name}.onnx"));
         let (shape, x) = read_npy(&dir.path().join(format!("{name}.input.npy")));
         let (ref_shape, reference) = read_npy(&dir.path().join(format!("{name}.ort.npy")));
-        let (stock, stock_n, stock_in_plan) = load(&onnx, &shape, true, 1);
+        let (stock, stock_n, stock_in_plan, _) = load(&onnx, &shape, true, 1);
         assert_eq!((stock_n, stock_in_plan), (0, 0), "{name}: stock tract must not substitute");
         let (stock_shape, stock_out) = run(&stock, &shape, &x);
         assert_eq!(stock_shape, ref_shape, "{name}: tract's own op disagrees with onnxruntime on the shape");
         for threads in [1, 2] {
-            let (ours, n, in_plan) = load(&onnx, &shape, false, threads);
+            let (ours, n, in_plan, fused) = load(&onnx, &shape, false, threads);
             assert_eq!((n, in_plan), (1, 1), "{name}: the depthwise conv was not substituted ({case})");
+            assert_eq!(fused, !case["post"].is_null(), "{name}: the activation after the conv was not fused ({case})");
             let (out_shape, out) = run(&ours, &shape, &x);
             assert_eq!(out_shape, ref_shape, "{name}: output shape");
             // Random N(0,1) data and weights: outputs are O(sqrt(taps)); f32 sums of up to 49 terms.

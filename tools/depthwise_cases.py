@@ -20,9 +20,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 
-def conv_model(c, h, w, kernel, stride, dilation, pads, auto_pad, batch, rng, with_bias=True):
+def conv_model(c, h, w, kernel, stride, dilation, pads, auto_pad, batch, rng, with_bias=True, post=None):
     """One grouped Conv (group = c) with random weights and (unless `with_bias` is false) bias, input `x`
-    [batch, c, h, w], output `y`."""
+    [batch, c, h, w], output `y`; `post` "relu" or "relu6" (Clip 0..6) appends that activation, which
+    whaled fuses into its op."""
     wgt = rng.standard_normal((c, 1, kernel[0], kernel[1])).astype(np.float32)
     bias = rng.standard_normal(c).astype(np.float32)
     attrs = dict(group=c, kernel_shape=list(kernel), strides=list(stride), dilations=list(dilation))
@@ -30,12 +31,19 @@ def conv_model(c, h, w, kernel, stride, dilation, pads, auto_pad, batch, rng, wi
         attrs["auto_pad"] = auto_pad
     else:
         attrs["pads"] = list(pads)
-    node = helper.make_node("Conv", ["x", "w", "b"] if with_bias else ["x", "w"], ["y"], **attrs)
+    conv_out = "y" if post is None else "z"
+    nodes = [helper.make_node("Conv", ["x", "w", "b"] if with_bias else ["x", "w"], [conv_out], **attrs)]
+    inits = []
+    if post == "relu":
+        nodes.append(helper.make_node("Relu", ["z"], ["y"]))
+    elif post == "relu6":
+        nodes.append(helper.make_node("Clip", ["z", "lo", "hi"], ["y"]))
+        inits = [numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
     graph = helper.make_graph(
-        [node], "depthwise",
+        nodes, "depthwise",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, h, w])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c, None, None])],
-        [numpy_helper.from_array(wgt, "w")] + ([numpy_helper.from_array(bias, "b")] if with_bias else []))
+        [numpy_helper.from_array(wgt, "w")] + ([numpy_helper.from_array(bias, "b")] if with_bias else []) + inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -92,15 +100,18 @@ def main():
     for i, (name, c, h, w, kernel, stride, dilation, pads, auto_pad, batch) in enumerate(
             fixed_cases() + random_cases(args.random, rng)):
         # Every fourth random case has no bias input (tract then gives the conv a zero scalar bias).
+        # Every fourth random case has no bias input (tract then gives the conv a zero scalar bias); the
+        # Lite0 geometries end in ReLU6 as in the model, every fifth random case in ReLU.
+        post = "relu6" if name.startswith("lite0") else ("relu" if name.startswith("random") and i % 5 == 0 else None)
         model = conv_model(c, h, w, kernel, stride, dilation, pads, auto_pad, batch, rng,
-                           with_bias=not (name.startswith("random") and i % 4 == 0))
+                           with_bias=not (name.startswith("random") and i % 4 == 0), post=post)
         x = rng.standard_normal((batch, c, h, w)).astype(np.float32)
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         y = sess.run(None, {"x": x})[0]
         onnx.save(model, os.path.join(args.out, f"{name}.onnx"))
         np.save(os.path.join(args.out, f"{name}.input.npy"), x)
         np.save(os.path.join(args.out, f"{name}.ort.npy"), y)
-        listing.append(dict(name=name, input=[batch, c, h, w], output=list(y.shape), kernel=list(kernel),
+        listing.append(dict(name=name, post=post, input=[batch, c, h, w], output=list(y.shape), kernel=list(kernel),
                             stride=list(stride), dilation=list(dilation), pads=pads, auto_pad=auto_pad))
     with open(os.path.join(args.out, "cases.json"), "w") as f:
         json.dump(listing, f, indent=1)

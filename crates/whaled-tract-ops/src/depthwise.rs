@@ -4,18 +4,21 @@
 //! Lite0 inference on x86_64 (14.7 of 28.8 ms), for 4 % of its multiply-adds. The depthwise layers of
 //! the EfficientNet family (3x3 and 5x5, strides 1 and 2) are where tract is furthest from onnxruntime.
 //!
-//! What: [`substitute`] walks a decluttered tract model and replaces every float NCHW 2-D `Conv` whose
-//! group count equals its input and output channels (and whose kernel and bias are constants) by
-//! [`DepthwiseConv`], through tract's public op API; nothing in tract is forked. The op computes one
-//! channel plane at a time: the plane is copied once into a zero-padded scratch, split into `stride`
-//! column phases so that every tap reads a contiguous run, and each output row is accumulated in
-//! registers over all taps (chunks of 32 outputs) with fused multiply-adds where the CPU has them
-//! (AVX2+FMA or AVX-512 chosen at run time on x86_64; NEON on aarch64, where FMA is baseline).
-//! Channel planes are split across tract's intra-op thread pool, so `threads` helps here too.
-//!
+//! What: [`substitute`] walks a decluttered tract model and replaces every float NCHW (or CHW) 2-D
+//! `Conv` whose group count equals its input and output channels (and whose kernel and bias are
+//! constants) by [`DepthwiseConv`], through tract's public op API; nothing in tract is forked. A chain of
+//! element-wise max/min with constants right after it (ReLU, ReLU6) is fused into the op. The op
+//! computes one channel plane at a time: the plane is copied once into a thread-local zero-padded
+//! scratch split into `stride[0] x stride[1]` phases, so that every tap of every output is one flat
+//! offset into the scratch; "virtual" output rows `phase_width` wide are accumulated in registers over
+//! all taps (chunks of 32) with fused multiply-adds where the CPU has them (AVX2+FMA or AVX-512 chosen at
+//! run time on x86_64; NEON on aarch64, where FMA is baseline), clamped, and their first `out_w` columns
+//! copied out. Channel planes are split across tract's intra-op thread pool.
+
 //! Numerics: every output is `bias + sum over taps of w * x`, taps in row-major kernel order, in f32,
 //! the same sum tract and onnxruntime compute in some order; tests/depthwise.rs checks it against both
-//! (tract's own op and onnxruntime) on random shapes, strides, paddings and dilations.
+//! (tract's own op and onnxruntime) on random shapes, strides, paddings and dilations, with and without
+//! the fused activations.
 //!
 //! Where it is not used: armv7 (no NEON in the base target, so the auto-vectorised loops would be
 //! scalar; tract's op stays), quantized or non-float convolutions, NHWC graphs, 1-D and 3-D convs.
@@ -123,13 +126,30 @@ pub struct DepthwiseConv {
     geometry: Geometry,
     /// Whether data and output carry the batch axis (`NCHW`) or not (`CHW`, batch 1).
     batch_axis: bool,
+    /// Element-wise max/min with constants applied to every output, in order: the graph's ReLU or
+    /// ReLU6 (Clip 0..6) that followed the convolution, fused (one pass over the output fewer).
+    post: Vec<Post>,
+}
+
+/// A fused element-wise step after the convolution; the constant as f32 bits (so the op is `Eq + Hash`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Post {
+    Max(u32),
+    Min(u32),
 }
 
 impl DepthwiseConv {
     /// `batch_axis: false` takes `[C, H, W]` data and needs a batch-1 geometry.
     pub fn new(geometry: Geometry, batch_axis: bool) -> TractResult<DepthwiseConv> {
         ensure!(batch_axis || geometry.batch == 1, "a depthwise conv without a batch axis has batch 1");
-        Ok(DepthwiseConv { geometry, batch_axis })
+        Ok(DepthwiseConv { geometry, batch_axis, post: Vec::new() })
+    }
+
+    /// The same convolution followed by `post` (at most 4 steps).
+    pub fn with_post(mut self, post: Vec<Post>) -> TractResult<DepthwiseConv> {
+        ensure!(post.len() <= 4, "at most 4 fused steps");
+        self.post = post;
+        Ok(self)
     }
 
     fn shape(&self, hw: [usize; 2]) -> TVec<usize> {
@@ -150,7 +170,7 @@ impl Op for DepthwiseConv {
     fn info(&self) -> TractResult<Vec<String>> {
         let g = &self.geometry;
         Ok(vec![format!(
-            "k {:?} stride {:?} dilation {:?} pad {:?} in {:?} out {:?} x {} channels, kernel {}",
+            "k {:?} stride {:?} dilation {:?} pad {:?} in {:?} out {:?} x {} channels, kernel {}, then {:?}",
             g.kernel,
             g.stride,
             g.dilation,
@@ -158,7 +178,8 @@ impl Op for DepthwiseConv {
             g.in_hw,
             g.out_hw,
             g.channels,
-            kernel_name()
+            kernel_name(),
+            self.post
         )])
     }
 
@@ -269,7 +290,7 @@ impl DepthwiseConv {
                             let c = plane % g.channels;
                             let input = &x[plane * g.in_plane()..][..g.in_plane()];
                             fill_scratch(g, input, scratch);
-                            kernel(scratch, &offsets, &k[c * g.taps()..][..g.taps()], b[c], virt);
+                            kernel(scratch, &offsets, &k[c * g.taps()..][..g.taps()], b[c], &self.post, virt);
                             // Keep the first out_hw[1] of every phase_width-long virtual row.
                             let (ow, qw) = (g.out_hw[1], g.phase_width());
                             for (dst, src) in o.chunks_exact_mut(ow).zip(virt.chunks(qw)) {
@@ -321,7 +342,7 @@ fn fill_scratch(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
 }
 
 /// Computes one virtual output plane from the scratch of its input plane.
-type PlaneKernel = fn(&[f32], &[usize], &[f32], f32, &mut [f32]);
+type PlaneKernel = fn(&[f32], &[usize], &[f32], f32, &[Post], &mut [f32]);
 
 /// `acc + x * w`, fused where `FMA` (a plain function, not a closure: it must inline into the
 /// `target_feature` kernels to be compiled with their features).
@@ -338,7 +359,14 @@ fn madd<const FMA: bool>(acc: f32, x: f32, w: f32) -> f32 {
 /// accumulated in registers, then one store. `FMA` selects fused multiply-adds (only where the CPU
 /// has them: without hardware FMA `mul_add` is a library call).
 #[inline(always)]
-fn plane<const FMA: bool>(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, virt: &mut [f32]) {
+fn plane<const FMA: bool>(
+    scratch: &[f32],
+    offsets: &[usize],
+    taps: &[f32],
+    bias: f32,
+    post: &[Post],
+    virt: &mut [f32],
+) {
     for (t0, out) in virt.chunks_exact_mut(CHUNK).enumerate() {
         let t0 = t0 * CHUNK;
         let mut acc = [bias; CHUNK];
@@ -353,36 +381,43 @@ fn plane<const FMA: bool>(scratch: &[f32], offsets: &[usize], taps: &[f32], bias
                 acc[i] = madd::<FMA>(acc[i], src[i], w);
             }
         }
+        // Fused element-wise successors (ReLU, ReLU6), in graph order.
+        for p in post {
+            match *p {
+                Post::Max(v) => acc.iter_mut().for_each(|a| *a = a.max(f32::from_bits(v))),
+                Post::Min(v) => acc.iter_mut().for_each(|a| *a = a.min(f32::from_bits(v))),
+            }
+        }
         out.copy_from_slice(&acc);
     }
 }
 
-fn plane_portable(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, virt: &mut [f32]) {
-    plane::<{ cfg!(target_arch = "aarch64") }>(scratch, offsets, taps, bias, virt)
+fn plane_portable(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, post: &[Post], virt: &mut [f32]) {
+    plane::<{ cfg!(target_arch = "aarch64") }>(scratch, offsets, taps, bias, post, virt)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn plane_avx2(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, virt: &mut [f32]) {
-    plane::<true>(scratch, offsets, taps, bias, virt)
+fn plane_avx2(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, post: &[Post], virt: &mut [f32]) {
+    plane::<true>(scratch, offsets, taps, bias, post, virt)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn plane_avx512(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, virt: &mut [f32]) {
-    plane::<true>(scratch, offsets, taps, bias, virt)
+fn plane_avx512(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, post: &[Post], virt: &mut [f32]) {
+    plane::<true>(scratch, offsets, taps, bias, post, virt)
 }
 
 #[cfg(target_arch = "x86_64")]
-fn plane_avx2_checked(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, virt: &mut [f32]) {
+fn plane_avx2_checked(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, post: &[Post], virt: &mut [f32]) {
     // SAFETY: only selected by `select_kernel` after `is_x86_feature_detected!` saw avx2 and fma.
-    unsafe { plane_avx2(scratch, offsets, taps, bias, virt) }
+    unsafe { plane_avx2(scratch, offsets, taps, bias, post, virt) }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn plane_avx512_checked(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, virt: &mut [f32]) {
+fn plane_avx512_checked(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, post: &[Post], virt: &mut [f32]) {
     // SAFETY: only selected by `select_kernel` after `is_x86_feature_detected!` saw avx512f, avx2 and fma.
-    unsafe { plane_avx512(scratch, offsets, taps, bias, virt) }
+    unsafe { plane_avx512(scratch, offsets, taps, bias, post, virt) }
 }
 
 /// The widest plane kernel this CPU runs.
@@ -431,16 +466,58 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
         let Some((geometry, batch_axis, kernel, bias)) = eligible(model, node, conv)? else {
             continue;
         };
+        let (post, last) = fusable_successors(model, id)?;
         let mut patch = TypedModelPatch::new(format!("whaled depthwise {}", node.name));
         let x = patch.tap_model(model, node.inputs[0])?;
         let k = patch.add_const(format!("{}.whaled_kernel", node.name), kernel)?;
         let b = patch.add_const(format!("{}.whaled_bias", node.name), bias)?;
-        let out = patch.wire_node(&node.name, DepthwiseConv::new(geometry, batch_axis)?, &[x, k, b])?;
-        patch.shunt_outside(model, id.into(), out[0])?;
+        let op = DepthwiseConv::new(geometry, batch_axis)?.with_post(post)?;
+        let out = patch.wire_node(&node.name, op, &[x, k, b])?;
+        patch.shunt_outside(model, last.into(), out[0])?;
         patch.apply(model)?;
         replaced += 1;
     }
     Ok(replaced)
+}
+
+/// The chain of element-wise max/min with a single f32 constant that follows node `id` (each link the
+/// only consumer of the previous, none a model output, same shape), as [`Post`] steps, and the node
+/// whose output the fused op replaces (`id` itself when nothing follows).
+fn fusable_successors(model: &TypedModel, id: usize) -> TractResult<(Vec<Post>, usize)> {
+    use tract_core::ops::binary::TypedBinOp;
+    let outputs = model.output_outlets()?.to_vec();
+    let shape = model.outlet_fact(id.into())?.shape.clone();
+    let (mut post, mut last) = (Vec::new(), id);
+    while post.len() < 2 {
+        let outlet = OutletId::new(last, 0);
+        let succ = model.outlet_successors(outlet);
+        if succ.len() != 1 || outputs.contains(&outlet) {
+            break;
+        }
+        let next = model.node(succ[0].node);
+        let Some(bin) = next.op_as::<TypedBinOp>() else { break };
+        if next.inputs.len() != 2 || next.outputs.len() != 1 {
+            break;
+        }
+        let other = next.inputs[1 - succ[0].slot];
+        let Some(k) = model.outlet_fact(other)?.konst.clone() else { break };
+        let fact = model.outlet_fact(next.id.into())?;
+        if k.datum_type() != f32::datum_type()
+            || k.len() != 1
+            || fact.shape != shape
+            || fact.datum_type != f32::datum_type()
+        {
+            break;
+        }
+        let Some(v) = k.try_as_plain_ram().ok().and_then(|k| k.as_slice::<f32>().ok().map(|s| s[0])) else { break };
+        post.push(match bin.0.name() {
+            "Max" => Post::Max(v.to_bits()),
+            "Min" => Post::Min(v.to_bits()),
+            _ => break,
+        });
+        last = next.id;
+    }
+    Ok((post, last))
 }
 
 /// The geometry, whether the data has a batch axis, and the `[C, KH*KW]` kernel and `[C]` bias of a
