@@ -36,7 +36,7 @@ pub const ENABLED: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch6
 const CHUNK: usize = 32;
 
 /// The shape of one depthwise convolution, all in elements. Private fields: built only by
-/// [`Geometry::new`], which checks that the output size follows from the rest.
+/// [`Geometry::new`], which checks that no size is zero.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Geometry {
     batch: usize,
@@ -246,7 +246,7 @@ struct Scratch {
 
 impl DepthwiseConv {
     fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        self.compute_with(inputs, select_kernel())
+        self.compute_with(inputs, select_kernel().1)
     }
 
     fn compute_with(&self, inputs: TVec<TValue>, kernel: PlaneKernel) -> TractResult<TVec<TValue>> {
@@ -420,40 +420,26 @@ fn plane_avx512_checked(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: 
     unsafe { plane_avx512(scratch, offsets, taps, bias, post, virt) }
 }
 
-/// The widest plane kernel this CPU runs.
-fn select_kernel() -> PlaneKernel {
+/// The widest plane kernel this CPU runs, with its name (for logs and `whaled bench --profile`).
+fn select_kernel() -> (&'static str, PlaneKernel) {
     #[cfg(target_arch = "x86_64")]
     {
         let fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
         if fma && is_x86_feature_detected!("avx512f") {
-            return plane_avx512_checked;
+            return ("avx512f+fma", plane_avx512_checked);
         }
         if fma {
-            return plane_avx2_checked;
+            return ("avx2+fma", plane_avx2_checked);
         }
-    }
-    plane_portable
-}
-
-/// Which plane kernel [`select_kernel`] picks here, for logs and `whaled bench --profile`.
-pub fn kernel_name() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-        if fma && is_x86_feature_detected!("avx512f") {
-            return "avx512f+fma";
-        }
-        if fma {
-            return "avx2+fma";
-        }
-        return "sse2";
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        return "neon+fma";
+        return ("sse2", plane_portable);
     }
     #[allow(unreachable_code)]
-    "portable"
+    (if cfg!(target_arch = "aarch64") { "neon+fma" } else { "portable" }, plane_portable)
+}
+
+/// Which plane kernel this CPU runs.
+pub fn kernel_name() -> &'static str {
+    select_kernel().0
 }
 
 /// Replaces every eligible depthwise `Conv` of a decluttered model by [`DepthwiseConv`] and returns
