@@ -985,7 +985,6 @@ mod tests {
             ("[inference.onnxruntime.tensorrt]\nfp16 = 1\n", &["line 2", "expected true, false or \"auto\""]),
             ("[inference.onnxruntime.tensorrt]\nfp61 = true\n", &["line 2", "unknown field `fp61`", "expected one of `device_id`, `fp16`, `int8`, `engine_cache`, `timing_cache`, `cache_dir`, `max_workspace_mb`"]),
             ("[inference.onnxruntime.tensorrt]\nmax_workspace_mb = 0\n", &["line 2", "expected a whole number of at least 1, got 0"]),
-            ("[inference.onnxruntime.tensorrt]\nmax_workspace_mb = 9007199254740993\n", &["config/test.toml:2:20: inference.onnxruntime.tensorrt.max_workspace_mb: 9007199254740993 MB is more than this machine can address"]),
             ("[inference.onnxruntime.cuda]\nmemory_limit_mb = 0\n", &["line 2", "expected a whole number of at least 1, got 0"]),
             ("[inference.onnxruntime.cuda]\ngpu_mem_limit = 1024\n", &["line 2", "unknown field `gpu_mem_limit`", "expected one of `device_id`, `memory_limit_mb`, `arena_extend_strategy`"]),
             ("[inference.onnxruntime.cuda]\narena_extend_strategy = \"double\"\n", &["line 2", "unknown variant `double`, expected `next_power_of_two` or `same_as_requested`"]),
@@ -999,6 +998,19 @@ mod tests {
             for w in *wants {
                 assert!(e.contains(w), "config {src:?}\n error: {e}\n lacks: {w}");
             }
+        }
+        // Limits that depend on the target's word size (CI runs this on armv7 as well as 64-bit).
+        let too_many_mb = usize::MAX / (1 << 20) + 1;
+        let src = format!("[inference.onnxruntime.tensorrt]\nmax_workspace_mb = {too_many_mb}\n");
+        let e = parse(&src).expect_err(&src).to_string();
+        let want = format!(
+            "config/test.toml:2:20: inference.onnxruntime.tensorrt.max_workspace_mb: {too_many_mb} MB is more than this machine can address"
+        );
+        assert!(e.contains(&want), "error: {e}\n lacks: {want}");
+        if usize::BITS < 64 {
+            let src = format!("[pipeline]\nworkers = {}\n", u64::from(u32::MAX) + 1);
+            let e = parse(&src).expect_err(&src).to_string();
+            assert!(e.contains("4294967296 is more than this machine can count (at most 4294967295)"), "error: {e}");
         }
     }
 
