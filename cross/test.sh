@@ -10,7 +10,8 @@
 # preprocessing, inference on the shipped pre-filter), tests/model_errors.rs, tests/mqtt.rs (the outbox
 # and publisher against the host's mosquitto: outage, SIGKILL and restart, TLS), tests/service.rs
 # (sd_notify, the progress-fed watchdog, SIGHUP re-exec, /healthz), tests/parity.rs (tract's NEON
-# kernels against onnxruntime on every model) and tests/cli.rs (the cross-built binary end to end,
+# kernels against onnxruntime on every model), tests/depthwise.rs and tests/pointwise.rs (whaled's own
+# NEON conv ops against tract's and onnxruntime; with the crate's unit tests) and tests/cli.rs (the cross-built binary end to end,
 # the B4 identification network included). parity.rs needs the onnxruntime feature, so on armv7
 # (tract only) it compiles to nothing; there tract is checked instead against this machine's
 # onnxruntime through `whaled identify` on the same photos (below). Measured on a 2-vCPU machine
@@ -118,7 +119,7 @@ echo "== build and test $target (release, under qemu-$qemu -cpu $cpu)"
 if [ "$full" = --full ]; then
     selection=()
 else
-    selection=(--lib --test model_errors --test mqtt --test service --test parity --test depthwise --test cli)
+    selection=(--lib --test model_errors --test mqtt --test service --test parity --test depthwise --test pointwise --test cli)
 fi
 build_start=$SECONDS
 cargo-zigbuild test --release "${features[@]}" --target "$target.$glibc_floor" "${selection[@]}" --no-run
@@ -126,6 +127,8 @@ test_start=$SECONDS
 # The full-size zoo (1.2 GB of ViTs, ResNets, Swin) would take hours under emulation: its reduced twins,
 # with the same op kinds, run here; the full size runs on x86_64 (.ci/test).
 on_board cargo-zigbuild test --release "${features[@]}" --target "$target.$glibc_floor" "${selection[@]}" -- --skip full_size_zoo
+# whaled's own tract ops: every kernel this target has (NEON on aarch64) against the definition.
+on_board cargo-zigbuild test --release -p whaled-tract-ops --target "$target.$glibc_floor"
 echo "$target: build $((test_start - build_start)) s, tests under emulation $((SECONDS - test_start)) s"
 
 bin=target/$target/release/whaled

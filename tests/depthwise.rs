@@ -27,6 +27,7 @@ fn load(onnx: &Path, shape: &[usize], stock: bool, threads: usize) -> (Arc<Typed
     let mut model = tract_onnx::onnx().model_for_path(onnx).unwrap();
     model.set_input_fact(0, f32::fact(shape).into()).unwrap();
     let (typed, substituted) = optimise(model, stock, false).unwrap();
+    let substituted = substituted.depthwise;
     // The op must survive tract's optimiser into the plan, not be rewritten away.
     let ours: Vec<_> = typed.nodes().iter().filter(|n| n.op().name() == "WhaledDepthwiseConv").collect();
     let in_plan = ours.len();

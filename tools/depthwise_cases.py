@@ -99,7 +99,6 @@ def main():
     listing = []
     for i, (name, c, h, w, kernel, stride, dilation, pads, auto_pad, batch) in enumerate(
             fixed_cases() + random_cases(args.random, rng)):
-        # Every fourth random case has no bias input (tract then gives the conv a zero scalar bias).
         # Every fourth random case has no bias input (tract then gives the conv a zero scalar bias); the
         # Lite0 geometries end in ReLU6 as in the model, every fifth random case in ReLU.
         post = "relu6" if name.startswith("lite0") else ("relu" if name.startswith("random") and i % 5 == 0 else None)

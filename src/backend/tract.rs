@@ -22,6 +22,9 @@ pub struct TractBackend {
     load_times: LoadTimes,
     /// The plan computes in f16 (`[inference] tract_precision = "f16"`): inputs and outputs are cast.
     f16: bool,
+    /// The intra-op thread pool (`inference.threads > 1`), which the plan also holds; inferences run
+    /// on it ([`whaled_tract_ops::on_pool`]). `None` with one thread or [`STOCK_ENV`].
+    executor: Option<tract_linalg::multithread::Executor>,
 }
 
 impl TractBackend {
@@ -75,9 +78,12 @@ impl TractBackend {
         let f16 = req.inference.tract_precision == TractPrecision::F16;
         let (typed, substituted) = optimise(model, stock, f16).map_err(|e| te("tract cannot optimise", e))?;
         log::debug!(
-            "{}: {substituted} depthwise convolutions on whaled's kernel ({}){}",
+            "{}: {} depthwise convolutions on whaled's kernel ({}), {} pointwise ({}){}",
             m.name,
+            substituted.depthwise,
             whaled_tract_ops::depthwise::kernel_name(),
+            substituted.pointwise,
+            whaled_tract_ops::pointwise::kernel_name(),
             if stock { ", the rest stock tract ({STOCK_ENV} set)" } else { "" }
         );
         let out_dims: Vec<usize> = typed
@@ -98,12 +104,14 @@ impl TractBackend {
         if req.inference.threads > 1 {
             options.executor = Some(tract_linalg::multithread::Executor::multithread(req.inference.threads));
         }
+        // Stock: tract runs the plan from the calling thread, as it comes.
+        let executor = if stock { None } else { options.executor.clone() };
         let plan = typed.into_runnable_with_options(&options).map_err(|e| te("tract cannot plan", e))?;
         let load_times = LoadTimes {
             parse_ms: Some((parsed - started).as_secs_f64() * 1e3),
             optimise_ms: parsed.elapsed().as_secs_f64() * 1e3,
         };
-        Ok(TractBackend { plan, shape, model_name: m.name.clone(), load_times, f16 })
+        Ok(TractBackend { plan, shape, model_name: m.name.clone(), load_times, f16, executor })
     }
 }
 
@@ -114,6 +122,9 @@ fn op_label(node: &TypedNode) -> String {
     if name == "WhaledDepthwiseConv" {
         return format!("{name} [{}]", whaled_tract_ops::depthwise::kernel_name());
     }
+    if name == "WhaledPointwiseConv" {
+        return format!("{name} [{}]", whaled_tract_ops::pointwise::kernel_name());
+    }
     let info = node.op().info().unwrap_or_default();
     // tract's matmul info reads "Mult: m:.. k:.. n:.. with [avx512_mmm_f32_32x6]".
     let kernel = info.iter().find_map(|l| l.split_once(" with [").and_then(|(_, k)| k.split_once(']')).map(|(k, _)| k));
@@ -123,16 +134,24 @@ fn op_label(node: &TypedNode) -> String {
     }
 }
 
-/// Set (to anything but `0`) to run tract as it comes: its own ops only (no substituted kernels) and
-/// the allocator left at its defaults. For before/after benchmarks and as an escape hatch; whaled's
+/// Set (to anything but `0`) to run tract as it comes: its own ops only (no substituted kernels), the
+/// allocator left at its defaults, and inferences run from the calling thread. For before/after benchmarks and as an escape hatch; whaled's
 /// kernels are tested against tract's and onnxruntime's.
 pub const STOCK_ENV: &str = "WHALED_TRACT_STOCK";
 
+/// How many nodes of a model [`optimise`] replaced by whaled's ops, by op.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Substituted {
+    pub depthwise: usize,
+    pub pointwise: usize,
+}
+
 /// Types, declutters and optimises a parsed model; in between, with `f16`, translates it to half
 /// precision (tract's own `f32_to_f16` transform: input and output become f16 too), and unless `stock`
-/// substitutes whaled's kernels for the ops it has better ones for (today: f32 depthwise convolutions,
-/// [`whaled_tract_ops::depthwise`]). Returns the optimised model and how many nodes were substituted.
-pub fn optimise(model: InferenceModel, stock: bool, f16: bool) -> TractResult<(TypedModel, usize)> {
+/// substitutes whaled's kernels for the ops it has better ones for (today: f32 depthwise and pointwise
+/// convolutions, [`whaled_tract_ops::depthwise`], [`whaled_tract_ops::pointwise`]). Returns the
+/// optimised model and how many nodes were substituted.
+pub fn optimise(model: InferenceModel, stock: bool, f16: bool) -> TractResult<(TypedModel, Substituted)> {
     let mut typed = model.into_typed()?.into_decluttered()?;
     if f16 {
         let Some(transform) = tract_onnx::tract_core::transform::get_transform("f32_to_f16")? else {
@@ -140,11 +159,13 @@ pub fn optimise(model: InferenceModel, stock: bool, f16: bool) -> TractResult<(T
         };
         transform.transform(&mut typed)?;
     }
-    let substituted = if whaled_tract_ops::depthwise::ENABLED && !stock {
-        whaled_tract_ops::depthwise::substitute(&mut typed)?
-    } else {
-        0
-    };
+    let mut substituted = Substituted::default();
+    if whaled_tract_ops::depthwise::ENABLED && !stock {
+        substituted.depthwise = whaled_tract_ops::depthwise::substitute(&mut typed)?;
+    }
+    if whaled_tract_ops::pointwise::ENABLED && !stock {
+        substituted.pointwise = whaled_tract_ops::pointwise::substitute(&mut typed)?;
+    }
     Ok((typed.into_optimized()?, substituted))
 }
 
@@ -200,11 +221,15 @@ impl Backend for TractBackend {
             model: self.model_name.clone(),
             msg: format!("{e:#}"),
         };
-        let tensor = self.input_tensor(input).map_err(fail)?;
-        let outputs = self.plan.run(tvec![tensor.into_tvalue()]).map_err(fail)?;
-        let out = outputs[0].cast_to::<f32>().map_err(fail)?;
-        let view = out.to_plain_array_view::<f32>().map_err(fail)?;
-        Ok(view.iter().copied().collect())
+        // On the intra-op pool (tract's values are not `Send`: only the f32 result leaves it).
+        whaled_tract_ops::on_pool(self.executor.as_ref(), || {
+            let tensor = self.input_tensor(input)?;
+            let outputs = self.plan.run(tvec![tensor.into_tvalue()])?;
+            let out = outputs[0].cast_to::<f32>()?;
+            let view = out.to_plain_array_view::<f32>()?;
+            TractResult::Ok(view.iter().copied().collect::<Vec<f32>>())
+        })
+        .map_err(fail)
     }
 
     fn profile(&self, input: &[f32], runs: usize) -> Result<Option<Vec<OpTime>>> {
@@ -213,22 +238,24 @@ impl Backend for TractBackend {
             model: self.model_name.clone(),
             msg: format!("{e:#}"),
         };
-        let tensor = self.input_tensor(input).map_err(fail)?;
-        let mut state = TypedSimpleState::new(&self.plan).map_err(fail)?;
-        // Per node: (op kind, seconds over all runs).
-        let mut per_node: std::collections::HashMap<usize, (String, f64)> = Default::default();
         let runs = runs.max(1);
-        for _ in 0..runs {
-            state
-                .run_plan_with_eval(tvec![tensor.clone().into_tvalue()], |ctx, op_state, node, inputs| {
+        // Per node: (op kind, seconds over all runs). On the pool, as `run` does.
+        let per_node = whaled_tract_ops::on_pool(self.executor.as_ref(), || {
+            let tensor = self.input_tensor(input)?;
+            let mut state = TypedSimpleState::new(&self.plan)?;
+            let mut per_node: std::collections::HashMap<usize, (String, f64)> = Default::default();
+            for _ in 0..runs {
+                state.run_plan_with_eval(tvec![tensor.clone().into_tvalue()], |ctx, op_state, node, inputs| {
                     let t = std::time::Instant::now();
                     let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
                     let dt = t.elapsed().as_secs_f64();
                     per_node.entry(node.id).or_insert_with(|| (op_label(node), 0.0)).1 += dt;
                     out
-                })
-                .map_err(fail)?;
-        }
+                })?;
+            }
+            TractResult::Ok(per_node)
+        })
+        .map_err(fail)?;
         let mut by_op: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
         for (op, secs) in per_node.into_values() {
             let e = by_op.entry(op).or_default();

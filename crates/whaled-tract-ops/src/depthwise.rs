@@ -29,6 +29,9 @@ use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_core::ops::nn::DataFormat;
 
+use crate::fuse::fusable_successors;
+pub use crate::fuse::Post;
+
 /// Whether this build substitutes depthwise convolutions (see the module docs for where it does not).
 pub const ENABLED: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
 
@@ -129,13 +132,6 @@ pub struct DepthwiseConv {
     /// Element-wise max/min with constants applied to every output, in order: the graph's ReLU or
     /// ReLU6 (Clip 0..6) that followed the convolution, fused (one pass over the output fewer).
     post: Vec<Post>,
-}
-
-/// A fused element-wise step after the convolution; the constant as f32 bits (so the op is `Eq + Hash`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Post {
-    Max(u32),
-    Min(u32),
 }
 
 impl DepthwiseConv {
@@ -464,46 +460,6 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
         replaced += 1;
     }
     Ok(replaced)
-}
-
-/// The chain of element-wise max/min with a single f32 constant that follows node `id` (each link the
-/// only consumer of the previous, none a model output, same shape), as [`Post`] steps, and the node
-/// whose output the fused op replaces (`id` itself when nothing follows).
-fn fusable_successors(model: &TypedModel, id: usize) -> TractResult<(Vec<Post>, usize)> {
-    use tract_core::ops::binary::TypedBinOp;
-    let outputs = model.output_outlets()?.to_vec();
-    let shape = model.outlet_fact(id.into())?.shape.clone();
-    let (mut post, mut last) = (Vec::new(), id);
-    while post.len() < 2 {
-        let outlet = OutletId::new(last, 0);
-        let succ = model.outlet_successors(outlet);
-        if succ.len() != 1 || outputs.contains(&outlet) {
-            break;
-        }
-        let next = model.node(succ[0].node);
-        let Some(bin) = next.op_as::<TypedBinOp>() else { break };
-        if next.inputs.len() != 2 || next.outputs.len() != 1 {
-            break;
-        }
-        let other = next.inputs[1 - succ[0].slot];
-        let Some(k) = model.outlet_fact(other)?.konst.clone() else { break };
-        let fact = model.outlet_fact(next.id.into())?;
-        if k.datum_type() != f32::datum_type()
-            || k.len() != 1
-            || fact.shape != shape
-            || fact.datum_type != f32::datum_type()
-        {
-            break;
-        }
-        let Some(v) = k.try_as_plain_ram().ok().and_then(|k| k.as_slice::<f32>().ok().map(|s| s[0])) else { break };
-        post.push(match bin.0.name() {
-            "Max" => Post::Max(v.to_bits()),
-            "Min" => Post::Min(v.to_bits()),
-            _ => break,
-        });
-        last = next.id;
-    }
-    Ok((post, last))
 }
 
 /// The geometry, whether the data has a batch axis, and the `[C, KH*KW]` kernel and `[C]` bias of a

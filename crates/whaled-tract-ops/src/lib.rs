@@ -1,9 +1,25 @@
 //! whaled's own tract operators: kernels for the ops where `whaled bench --profile` showed tract 0.23
 //! furthest from onnxruntime, substituted into a model at load time through tract's public op API
-//! (nothing in tract is forked). Today: depthwise 2-D convolution ([`depthwise`]).
+//! (nothing in tract is forked). Today: depthwise 2-D convolution ([`depthwise`]) and pointwise (1x1)
+//! convolution ([`pointwise`]), each with the ReLU / ReLU6 that follows it fused ([`fuse`]).
 //!
 //! A separate crate so that these loops are compiled optimised in every profile: whaled's own crate is
 //! unoptimised in dev builds, and an unoptimised kernel would make the test suite's pipelines (with
 //! their latency budgets) run a different speed class than the shipped binary.
 
 pub mod depthwise;
+mod fuse;
+pub mod pointwise;
+
+use tract_linalg::multithread::Executor;
+
+/// Runs `f` on one of `executor`'s threads when it is a thread pool (else here), so that a whole
+/// inference runs inside tract's intra-op pool: each parallel op then wakes one idle thread instead of
+/// parking the caller and waking two. The calling thread waits for the result. Measured on the Lite0
+/// at 2 threads: docs/BENCHMARKS.md ("tract speed work").
+pub fn on_pool<R: Send>(executor: Option<&Executor>, f: impl FnOnce() -> R + Send) -> R {
+    match executor {
+        Some(Executor::MultiThread(pool)) if pool.current_num_threads() > 1 => pool.install(f),
+        _ => f(),
+    }
+}

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Pointwise (1x1) convolution test cases for whaled's substituted tract op (crates/whaled-tract-ops/src/pointwise.rs).
+
+Writes, under --out, one small ONNX model per case (a 1x1 Conv with random weights and bias, sometimes
+followed by an activation), its random input and onnxruntime's output on it (the independent reference),
+and `cases.json` describing them, with whether whaled is expected to substitute the conv. The cases:
+the 1x1 layers of the shipped and generated models (Lite0 expansions with ReLU6 and projections,
+EfficientNet-B4 at 512 with SiLU, the B0/Lite0 head, a ResNet bottleneck with ReLU), a batch of 2,
+a strided 1x1 (ResNet's shortcut: tract makes it a subsampling and a 1x1, which whaled then runs),
+convolutions whaled leaves to tract (output channels not a multiple of 8, a padded 1x1, a grouped one), and random shapes: 1-70 input channels, 8-96 output channels, planes 1x1 to 40x40 (every
+tile width and tail), with and without bias, ReLU or ReLU6.
+
+Usage: python3 tools/pointwise_cases.py --out DIR [--random N] [--seed S]
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+
+def conv_model(cin, cout, h, w, batch, rng, with_bias=True, post=None, stride=1, pad=0, group=1):
+    """A 1x1 Conv `x` [batch, cin, h, w] -> `y`, then `post`: "relu", "relu6" (Clip 0..6) or "silu"
+    (x * sigmoid(x), which whaled does not fuse)."""
+    wgt = rng.standard_normal((cout, cin // group, 1, 1)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    attrs = dict(kernel_shape=[1, 1], strides=[stride, stride], pads=[pad] * 4, group=group)
+    conv_out = "y" if post is None else "z"
+    nodes = [helper.make_node("Conv", ["x", "w", "b"] if with_bias else ["x", "w"], [conv_out], **attrs)]
+    inits = []
+    if post == "relu":
+        nodes.append(helper.make_node("Relu", ["z"], ["y"]))
+    elif post == "relu6":
+        nodes.append(helper.make_node("Clip", ["z", "lo", "hi"], ["y"]))
+        inits = [numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
+    elif post == "silu":
+        nodes += [helper.make_node("Sigmoid", ["z"], ["s"]), helper.make_node("Mul", ["z", "s"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "pointwise",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, cin, h, w])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, cout, None, None])],
+        [numpy_helper.from_array(wgt, "w")] + ([numpy_helper.from_array(bias, "b")] if with_bias else []) + inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def fixed_cases():
+    """(name, cin, cout, h, w, batch, post, extra conv attributes, substituted)."""
+    return [
+        ("lite0-expand-112", 16, 96, 112, 112, 1, "relu6", {}, True),
+        ("lite0-project-56", 144, 24, 56, 56, 1, None, {}, True),
+        ("lite0-expand-14", 80, 480, 14, 14, 1, "relu6", {}, True),
+        ("lite0-expand-7", 192, 1152, 7, 7, 1, "relu6", {}, True),
+        ("lite0-head-7", 320, 1280, 7, 7, 1, "relu6", {}, True),
+        ("b4-expand-128", 32, 192, 128, 128, 1, "silu", {}, True),
+        ("b4-project-16", 1632, 272, 16, 16, 1, None, {}, True),
+        ("b4-head-16", 448, 1792, 16, 16, 1, "silu", {}, True),
+        ("resnet-reduce-14", 1024, 256, 14, 14, 1, "relu", {}, True),
+        ("batch-2", 24, 40, 9, 13, 2, "relu6", {}, True),
+        ("batch-2-no-bias", 7, 16, 5, 50, 2, None, {"with_bias": False}, True),
+        ("tract-cout-12", 16, 12, 10, 10, 1, None, {}, False),
+        ("strided", 64, 128, 14, 14, 1, None, {"stride": 2}, True),
+        ("tract-padded", 8, 16, 6, 6, 1, None, {"pad": 1}, False),
+        ("tract-grouped", 16, 32, 6, 6, 1, None, {"group": 2}, False),
+    ]
+
+
+def random_cases(n, rng):
+    out = []
+    for i in range(n):
+        cin = int(rng.integers(1, 71))
+        cout = 8 * int(rng.integers(1, 13))
+        h, w = (int(v) for v in rng.integers(1, 41, 2))
+        batch = 2 if i % 7 == 3 else 1
+        post = [None, "relu", "relu6"][i % 3]
+        out.append((f"random-{i}", cin, cout, h, w, batch, post, {"with_bias": i % 4 != 1}, True))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--random", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=15)
+    args = ap.parse_args()
+    rng = np.random.default_rng(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    listing = []
+    for name, cin, cout, h, w, batch, post, extra, substituted in fixed_cases() + random_cases(args.random, rng):
+        model = conv_model(cin, cout, h, w, batch, rng, post=post, **extra)
+        x = rng.standard_normal((batch, cin, h, w)).astype(np.float32)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        y = sess.run(None, {"x": x})[0]
+        onnx.save(model, os.path.join(args.out, f"{name}.onnx"))
+        np.save(os.path.join(args.out, f"{name}.input.npy"), x)
+        np.save(os.path.join(args.out, f"{name}.ort.npy"), y)
+        listing.append(dict(name=name, cin=cin, cout=cout, input=[batch, cin, h, w], output=list(y.shape),
+                            post=post, fused=post in ("relu", "relu6") and substituted, substituted=substituted,
+                            **{k: v for k, v in extra.items()}))
+    with open(os.path.join(args.out, "cases.json"), "w") as f:
+        json.dump(listing, f, indent=1)
+    print(f"wrote {len(listing)} cases under {args.out}")
+
+
+if __name__ == "__main__":
+    main()
