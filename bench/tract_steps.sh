@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # tract before/after whaled's changes to its backend, one run, same frames, the seed's protocol (10
 # warm-up, RUNS timed, p50): tract as it comes (WHALED_TRACT_STOCK=1), + the allocator setting alone
-# (glibc's own tunables, set to what whaled's mallopt sets), + whaled's depthwise op (the default), and
-# onnxruntime beside them. Prints a Markdown table; docs/BENCHMARKS.md has its output.
+# (glibc's own tunables, set to what whaled's mallopt sets), + whaled's own ops (the default: the
+# depthwise and 1x1 convolution ops, inferences run on tract's pool), and onnxruntime beside them. Prints a Markdown table; docs/BENCHMARKS.md has its output.
 # Usage: bench/tract_steps.sh [RUNS]   (RUNS default 100; the B4 uses RUNS/5, at least 10)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ bin=$PWD/target/release/whaled
 p50() { python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["inference_ms"]["p50"])'; }
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $(date -u +%FT%RZ); runs=$runs"
 echo
-echo "| model | threads | tract stock p50 ms | + allocator | + depthwise op (whaled default) | onnxruntime p50 ms | stock / ort | whaled / ort |"
+echo "| model | threads | tract stock p50 ms | + allocator | + whaled's ops (whaled default) | onnxruntime p50 ms | stock / ort | whaled / ort |"
 echo "|---|---|---|---|---|---|---|---|"
 for spec in efficientnet-lite0:fp32 marine-gate-lite0:fp32 models/generated/efficientnet-b0-random/model.toml:fp32 \
             models/generated/effb4-arcface-random/model.toml:fp32; do
