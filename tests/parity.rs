@@ -158,6 +158,40 @@ fn onnxruntime_sessions_per_worker_keep_outputs_apart() {
     });
 }
 
+/// tract with a 2-thread pool shared by four inference workers (`[pipeline] workers` share one model):
+/// one inference at a time runs on the pool, the others from their own threads; every output still
+/// matches onnxruntime's for its own frame, and nothing deadlocks.
+#[test]
+fn tract_on_a_thread_pool_shared_by_workers_keeps_outputs_apart() {
+    let manifest = ModelManifest::load(&shipped_manifest()).unwrap();
+    let mut cfg = inference(BackendKind::Tract);
+    cfg.threads = 2;
+    let tract = Model::load(manifest.clone(), Some("fp32"), &cfg).unwrap();
+    let ort = Model::load(manifest.clone(), Some("fp32"), &inference(BackendKind::Onnxruntime)).unwrap();
+    let inputs: Vec<Vec<f32>> = (0..8)
+        .map(|i| {
+            let mut pre = Preprocessor::new(&manifest.input);
+            let mut t = Vec::new();
+            pre.run(&frame(i * 13 + 5, 640, 480), &mut t).unwrap();
+            t
+        })
+        .collect();
+    let want: Vec<Vec<f32>> = inputs.iter().map(|t| ort.run(t).unwrap()).collect();
+    std::thread::scope(|s| {
+        for worker in 0..4 {
+            let (tract, inputs, want) = (&tract, &inputs, &want);
+            s.spawn(move || {
+                for round in 0..6 {
+                    let k = (worker * 3 + round) % inputs.len();
+                    let got = tract.run(&inputs[k]).unwrap();
+                    let worst = got.iter().zip(&want[k]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                    assert!(worst <= 1e-4, "worker {worker}, frame {k}: max |diff| {worst}");
+                }
+            });
+        }
+    });
+}
+
 /// `[inference] tract_precision = "f16"`: tract in half precision against onnxruntime in f32 on real
 /// frames. Not within 1e-4 (f16 has 11 significant bits): the checks are what the pipeline uses, the
 /// gate's probability and the classifiers' top-1, with the largest logit difference bounded relative to

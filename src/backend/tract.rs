@@ -25,6 +25,28 @@ pub struct TractBackend {
     /// The intra-op thread pool (`inference.threads > 1`), which the plan also holds; inferences run
     /// on it ([`whaled_tract_ops::on_pool`]). `None` with one thread or [`STOCK_ENV`].
     executor: Option<tract_linalg::multithread::Executor>,
+    /// Inferences running now. Only one at a time runs *on* the pool: with `[pipeline] workers > 1`
+    /// sharing this model, a pool thread waiting inside one inference could otherwise pick up another
+    /// whole inference and stall the first behind it; the others run from their own threads, as tract
+    /// does, and only their parallel ops go to the pool.
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts an inference in [`TractBackend::in_flight`] while it lives.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    /// Enters; returns whether this is the only inference running.
+    fn enter(count: &'a std::sync::atomic::AtomicUsize) -> (InFlight<'a>, bool) {
+        let alone = count.fetch_add(1, std::sync::atomic::Ordering::AcqRel) == 0;
+        (InFlight(count), alone)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl TractBackend {
@@ -111,7 +133,15 @@ impl TractBackend {
             parse_ms: Some((parsed - started).as_secs_f64() * 1e3),
             optimise_ms: parsed.elapsed().as_secs_f64() * 1e3,
         };
-        Ok(TractBackend { plan, shape, model_name: m.name.clone(), load_times, f16, executor })
+        Ok(TractBackend {
+            plan,
+            shape,
+            model_name: m.name.clone(),
+            load_times,
+            f16,
+            executor,
+            in_flight: Default::default(),
+        })
     }
 }
 
@@ -221,8 +251,11 @@ impl Backend for TractBackend {
             model: self.model_name.clone(),
             msg: format!("{e:#}"),
         };
-        // On the intra-op pool (tract's values are not `Send`: only the f32 result leaves it).
-        whaled_tract_ops::on_pool(self.executor.as_ref(), || {
+        // On the intra-op pool when no other inference is (tract's values are not `Send`: only the f32
+        // result leaves it).
+        let (_in_flight, alone) = InFlight::enter(&self.in_flight);
+        let pool = if alone { self.executor.as_ref() } else { None };
+        whaled_tract_ops::on_pool(pool, || {
             let tensor = self.input_tensor(input)?;
             let outputs = self.plan.run(tvec![tensor.into_tvalue()])?;
             let out = outputs[0].cast_to::<f32>()?;
@@ -240,7 +273,9 @@ impl Backend for TractBackend {
         };
         let runs = runs.max(1);
         // Per node: (op kind, seconds over all runs). On the pool, as `run` does.
-        let per_node = whaled_tract_ops::on_pool(self.executor.as_ref(), || {
+        let (_in_flight, alone) = InFlight::enter(&self.in_flight);
+        let pool = if alone { self.executor.as_ref() } else { None };
+        let per_node = whaled_tract_ops::on_pool(pool, || {
             let tensor = self.input_tensor(input)?;
             let mut state = TypedSimpleState::new(&self.plan)?;
             let mut per_node: std::collections::HashMap<usize, (String, f64)> = Default::default();

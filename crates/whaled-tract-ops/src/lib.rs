@@ -16,7 +16,8 @@ use tract_linalg::multithread::Executor;
 /// Runs `f` on one of `executor`'s threads when it is a thread pool (else here), so that a whole
 /// inference runs inside tract's intra-op pool: each parallel op then wakes one idle thread instead of
 /// parking the caller and waking two. The calling thread waits for the result. Measured on the Lite0
-/// at 2 threads: docs/BENCHMARKS.md ("tract speed work").
+/// at 2 threads: docs/BENCHMARKS.md ("tract speed work"). Callers run one inference at a time this way
+/// per pool: a pool thread that waits inside one may run another queued whole inference meanwhile.
 pub fn on_pool<R: Send>(executor: Option<&Executor>, f: impl FnOnce() -> R + Send) -> R {
     match executor {
         Some(Executor::MultiThread(pool)) if pool.current_num_threads() > 1 => pool.install(f),
