@@ -11,9 +11,11 @@
 # and publisher against the host's mosquitto: outage, SIGKILL and restart, TLS), tests/service.rs
 # (sd_notify, the progress-fed watchdog, SIGHUP re-exec, /healthz), tests/parity.rs (tract's NEON
 # kernels against onnxruntime on every model), tests/depthwise.rs and tests/pointwise.rs (whaled's own
-# NEON conv ops against tract's and onnxruntime; with the crate's unit tests) and tests/cli.rs (the cross-built binary end to end,
-# the B4 identification network included). parity.rs needs the onnxruntime feature, so on armv7
-# (tract only) it compiles to nothing; there tract is checked instead against this machine's
+# NEON conv ops against tract's and onnxruntime) and tests/cli.rs (the cross-built binary end to end,
+# the B4 identification network included). Not the ops crate's own unit tests: a build of their own
+# (tract re-resolved for one package) costs ~3.5 min per target, and tests/depthwise.rs and
+# tests/pointwise.rs run the same NEON kernels against two references. parity.rs needs the
+# onnxruntime feature, so on armv7 (tract only) it compiles to nothing; there tract is checked instead against this machine's
 # onnxruntime through `whaled identify` on the same photos (below). Measured on a 2-vCPU machine
 # (cross/README.md): aarch64 ~11.5 min of tests (parity 306 s, cli 269 s, mqtt 67 s, service 42 s),
 # armv7 ~7 min of tests (cli 172 s, mqtt 78 s) and 162 s for the parity check; plus ~10-15 min per
@@ -127,8 +129,6 @@ test_start=$SECONDS
 # The full-size zoo (1.2 GB of ViTs, ResNets, Swin) would take hours under emulation: its reduced twins,
 # with the same op kinds, run here; the full size runs on x86_64 (.ci/test).
 on_board cargo-zigbuild test --release "${features[@]}" --target "$target.$glibc_floor" "${selection[@]}" -- --skip full_size_zoo
-# whaled's own tract ops: every kernel this target has (NEON on aarch64) against the definition.
-on_board cargo-zigbuild test --release -p whaled-tract-ops --target "$target.$glibc_floor"
 echo "$target: build $((test_start - build_start)) s, tests under emulation $((SECONDS - test_start)) s"
 
 bin=target/$target/release/whaled
