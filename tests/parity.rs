@@ -134,28 +134,9 @@ fn onnxruntime_sessions_per_worker_keep_outputs_apart() {
     cfg.onnxruntime.sessions = 2;
     let ort = Model::load(manifest.clone(), Some("fp32"), &cfg).unwrap();
     let tract = Model::load(manifest.clone(), Some("fp32"), &inference(BackendKind::Tract)).unwrap();
-    let inputs: Vec<Vec<f32>> = (0..8)
-        .map(|i| {
-            let mut pre = Preprocessor::new(&manifest.input);
-            let mut t = Vec::new();
-            pre.run(&frame(i * 11 + 3, 640, 480), &mut t).unwrap();
-            t
-        })
-        .collect();
+    let inputs = gate_inputs(&manifest, (0..8).map(|i| i * 11 + 3));
     let want: Vec<Vec<f32>> = inputs.iter().map(|t| tract.run(t).unwrap()).collect();
-    std::thread::scope(|s| {
-        for worker in 0..4 {
-            let (ort, inputs, want) = (&ort, &inputs, &want);
-            s.spawn(move || {
-                for round in 0..6 {
-                    let k = (worker * 3 + round) % inputs.len();
-                    let got = ort.run(&inputs[k]).unwrap();
-                    let worst = got.iter().zip(&want[k]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-                    assert!(worst <= 1e-4, "worker {worker}, frame {k}: max |diff| {worst}");
-                }
-            });
-        }
-    });
+    concurrent_runs_match(&ort, &inputs, &want, 6);
 }
 
 /// tract with a 2-thread pool shared by four inference workers (`[pipeline] workers` share one model):
@@ -168,22 +149,32 @@ fn tract_on_a_thread_pool_shared_by_workers_keeps_outputs_apart() {
     cfg.threads = 2;
     let tract = Model::load(manifest.clone(), Some("fp32"), &cfg).unwrap();
     let ort = Model::load(manifest.clone(), Some("fp32"), &inference(BackendKind::Onnxruntime)).unwrap();
-    let inputs: Vec<Vec<f32>> = (0..6)
-        .map(|i| {
+    let inputs = gate_inputs(&manifest, (0..6).map(|i| i * 13 + 5));
+    let want: Vec<Vec<f32>> = inputs.iter().map(|t| ort.run(t).unwrap()).collect();
+    concurrent_runs_match(&tract, &inputs, &want, 3);
+}
+
+/// The model inputs of synthetic 640x480 frames with these seeds.
+fn gate_inputs(manifest: &ModelManifest, seeds: impl Iterator<Item = u32>) -> Vec<Vec<f32>> {
+    seeds
+        .map(|seed| {
             let mut pre = Preprocessor::new(&manifest.input);
             let mut t = Vec::new();
-            pre.run(&frame(i * 13 + 5, 640, 480), &mut t).unwrap();
+            pre.run(&frame(seed, 640, 480), &mut t).unwrap();
             t
         })
-        .collect();
-    let want: Vec<Vec<f32>> = inputs.iter().map(|t| ort.run(t).unwrap()).collect();
+        .collect()
+}
+
+/// Four threads run `model` at once, `rounds` frames each, interleaved over `inputs`: every output must
+/// be within 1e-4 of `want` for its own frame.
+fn concurrent_runs_match(model: &Model, inputs: &[Vec<f32>], want: &[Vec<f32>], rounds: usize) {
     std::thread::scope(|s| {
         for worker in 0..4 {
-            let (tract, inputs, want) = (&tract, &inputs, &want);
             s.spawn(move || {
-                for round in 0..3 {
+                for round in 0..rounds {
                     let k = (worker * 3 + round) % inputs.len();
-                    let got = tract.run(&inputs[k]).unwrap();
+                    let got = model.run(&inputs[k]).unwrap();
                     let worst = got.iter().zip(&want[k]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
                     assert!(worst <= 1e-4, "worker {worker}, frame {k}: max |diff| {worst}");
                 }

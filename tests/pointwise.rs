@@ -10,48 +10,7 @@
 
 mod common;
 
-use std::path::Path;
-
-use tract_onnx::prelude::*;
-use whaled::backend::tract::optimise;
-
-fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    let f = std::fs::File::open(path).unwrap();
-    let npy = npyz::NpyFile::new(std::io::BufReader::new(f)).unwrap();
-    let shape = npy.shape().iter().map(|&d| d as usize).collect();
-    (shape, npy.into_vec::<f32>().unwrap())
-}
-
-/// The plan, how many convs were substituted, how many of whaled's pointwise ops are in the plan, and
-/// whether an activation was fused into one.
-fn load(onnx: &Path, shape: &[usize], stock: bool, threads: usize) -> (Arc<TypedRunnableModel>, usize, usize, bool) {
-    let mut model = tract_onnx::onnx().model_for_path(onnx).unwrap();
-    model.set_input_fact(0, f32::fact(shape).into()).unwrap();
-    let (typed, substituted) = optimise(model, stock, false).unwrap();
-    assert_eq!(substituted.depthwise, 0, "{onnx:?}: a 1x1 conv with one group is no depthwise conv");
-    let ours: Vec<_> = typed.nodes().iter().filter(|n| n.op().name() == "WhaledPointwiseConv").collect();
-    let in_plan = ours.len();
-    let fused = ours.iter().any(|n| n.op().info().unwrap().iter().any(|l| l.contains("then [Max")));
-    let leftover = typed.nodes().iter().any(|n| n.op().name().contains("Max") || n.op().name().contains("Min"));
-    assert!(stock || !fused || !leftover, "{onnx:?}: fused, yet a Max/Min op is left in the plan");
-    let mut options = RunOptions::default();
-    if threads > 1 {
-        options.executor = Some(tract_linalg::multithread::Executor::multithread(threads));
-    }
-    let plan = typed.into_runnable_with_options(&options).unwrap();
-    (plan, substituted.pointwise, in_plan, fused)
-}
-
-fn run(plan: &Arc<TypedRunnableModel>, shape: &[usize], x: &[f32]) -> (Vec<usize>, Vec<f32>) {
-    let out = plan.run(tvec![Tensor::from_shape(shape, x).unwrap().into_tvalue()]).unwrap();
-    let view = out[0].to_plain_array_view::<f32>().unwrap();
-    (view.shape().to_vec(), view.iter().copied().collect())
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    // NaN counts as the largest difference (f32::max would skip it).
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) })
-}
+use common::tract_ops::{generate_cases, load, max_diff, read_npy, run};
 
 #[test]
 fn whaled_pointwise_matches_tract_and_onnxruntime() {
@@ -60,16 +19,7 @@ fn whaled_pointwise_matches_tract_and_onnxruntime() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new("python3")
-        .current_dir(common::repo())
-        .arg("tools/pointwise_cases.py")
-        .arg("--out")
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    assert!(status.success(), "tools/pointwise_cases.py failed");
-    let cases: Vec<serde_json::Value> =
-        serde_json::from_slice(&std::fs::read(dir.path().join("cases.json")).unwrap()).unwrap();
+    let cases = generate_cases("pointwise_cases.py", dir.path());
     assert!(cases.len() >= 40, "{} cases", cases.len());
     // Thread even the small cases at 2 threads, so the block split across the pool is exercised on every shape.
     tract_linalg::multithread::set_threading_element_threshold(0);
@@ -80,16 +30,19 @@ fn whaled_pointwise_matches_tract_and_onnxruntime() {
         let onnx = dir.path().join(format!("{name}.onnx"));
         let (shape, x) = read_npy(&dir.path().join(format!("{name}.input.npy")));
         let (ref_shape, reference) = read_npy(&dir.path().join(format!("{name}.ort.npy")));
-        let (stock, stock_n, stock_in_plan, _) = load(&onnx, &shape, true, 1);
+        let stock = load(&onnx, &shape, true, 1, "WhaledPointwiseConv");
+        let (stock_n, stock_in_plan) = (stock.substituted.pointwise, stock.in_plan);
         assert_eq!((stock_n, stock_in_plan), (0, 0), "{name}: stock tract must not substitute");
-        let (stock_shape, stock_out) = run(&stock, &shape, &x);
+        let (stock_shape, stock_out) = run(&stock.plan, &shape, &x);
         assert_eq!(stock_shape, ref_shape, "{name}: tract's own op disagrees with onnxruntime on the shape");
         for threads in [1, 2] {
-            let (ours, n, in_plan, fused) = load(&onnx, &shape, false, threads);
+            let ours = load(&onnx, &shape, false, threads, "WhaledPointwiseConv");
+            let (n, in_plan, fused) = (ours.substituted.pointwise, ours.in_plan, ours.fused);
+            assert_eq!(ours.substituted.depthwise, 0, "{name}: a 1x1 conv with one group is no depthwise conv");
             let want = usize::from(want_substituted);
             assert_eq!((n, in_plan), (want, want), "{name}: substituted {n}, {in_plan} in the plan ({case})");
             assert_eq!(fused, case["fused"].as_bool().unwrap(), "{name}: activation fusion ({case})");
-            let (out_shape, out) = run(&ours, &shape, &x);
+            let (out_shape, out) = run(&ours.plan, &shape, &x);
             assert_eq!(out_shape, ref_shape, "{name}: output shape");
             // Random N(0,1) data and weights: outputs are O(sqrt(cin)); f32 sums of up to 1632 terms.
             let scale = reference.iter().fold(1f32, |m, v| m.max(v.abs()));

@@ -17,7 +17,8 @@ import os
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+
+from onnx_build import Graph
 
 
 def conv_model(c, h, w, kernel, stride, dilation, pads, auto_pad, batch, rng, with_bias=True, post=None):
@@ -31,23 +32,9 @@ def conv_model(c, h, w, kernel, stride, dilation, pads, auto_pad, batch, rng, wi
         attrs["auto_pad"] = auto_pad
     else:
         attrs["pads"] = list(pads)
-    conv_out = "y" if post is None else "z"
-    nodes = [helper.make_node("Conv", ["x", "w", "b"] if with_bias else ["x", "w"], [conv_out], **attrs)]
-    inits = []
-    if post == "relu":
-        nodes.append(helper.make_node("Relu", ["z"], ["y"]))
-    elif post == "relu6":
-        nodes.append(helper.make_node("Clip", ["z", "lo", "hi"], ["y"]))
-        inits = [numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
-    graph = helper.make_graph(
-        nodes, "depthwise",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, h, w])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c, None, None])],
-        [numpy_helper.from_array(wgt, "w")] + ([numpy_helper.from_array(bias, "b")] if with_bias else []) + inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    g = Graph("depthwise", (h, w), in_name="x", in_channels=c, batch=batch)
+    y = g.node("Conv", [g.in_name, g.const(wgt)] + ([g.const(bias, "b")] if with_bias else []), **attrs)
+    return g.finish(g.activation(y, post), "y", [batch, c, None, None], "a depthwise conv test case")
 
 
 def fixed_cases():

@@ -18,13 +18,14 @@ OPSET = 17
 
 
 class Graph:
-    def __init__(self, name, in_hw, in_name="input"):
+    def __init__(self, name, in_hw, in_name="input", in_channels=3, batch=1):
         self.name = name
         self.nodes, self.inits = [], []
         self.count = 0
         self.in_name = in_name
         self.h, self.w = in_hw
-        self.input = helper.make_tensor_value_info(in_name, TensorProto.FLOAT, [1, 3, in_hw[0], in_hw[1]])
+        self.input = helper.make_tensor_value_info(in_name, TensorProto.FLOAT,
+                                                   [batch, in_channels, in_hw[0], in_hw[1]])
 
     def _n(self, kind):
         self.count += 1
@@ -86,6 +87,10 @@ class Graph:
 
     def silu(self, x):
         return self.node("Mul", [x, self.node("Sigmoid", [x])])
+
+    def activation(self, x, kind):
+        """`kind` ("relu", "relu6", "silu") applied to `x`, or `x` itself for None."""
+        return {None: lambda v: v, "relu": self.relu, "relu6": self.relu6, "silu": self.silu}[kind](x)
 
     def add(self, a, b):
         return self.node("Add", [a, b])

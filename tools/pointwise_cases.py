@@ -19,7 +19,8 @@ import os
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+
+from onnx_build import Graph
 
 
 def conv_model(cin, cout, h, w, batch, rng, with_bias=True, post=None, stride=1, pad=0, group=1):
@@ -27,26 +28,10 @@ def conv_model(cin, cout, h, w, batch, rng, with_bias=True, post=None, stride=1,
     (x * sigmoid(x), which whaled does not fuse)."""
     wgt = rng.standard_normal((cout, cin // group, 1, 1)).astype(np.float32)
     bias = rng.standard_normal(cout).astype(np.float32)
-    attrs = dict(kernel_shape=[1, 1], strides=[stride, stride], pads=[pad] * 4, group=group)
-    conv_out = "y" if post is None else "z"
-    nodes = [helper.make_node("Conv", ["x", "w", "b"] if with_bias else ["x", "w"], [conv_out], **attrs)]
-    inits = []
-    if post == "relu":
-        nodes.append(helper.make_node("Relu", ["z"], ["y"]))
-    elif post == "relu6":
-        nodes.append(helper.make_node("Clip", ["z", "lo", "hi"], ["y"]))
-        inits = [numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
-    elif post == "silu":
-        nodes += [helper.make_node("Sigmoid", ["z"], ["s"]), helper.make_node("Mul", ["z", "s"], ["y"])]
-    graph = helper.make_graph(
-        nodes, "pointwise",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, cin, h, w])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, cout, None, None])],
-        [numpy_helper.from_array(wgt, "w")] + ([numpy_helper.from_array(bias, "b")] if with_bias else []) + inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    g = Graph("pointwise", (h, w), in_name="x", in_channels=cin, batch=batch)
+    y = g.node("Conv", [g.in_name, g.const(wgt)] + ([g.const(bias, "b")] if with_bias else []),
+               kernel_shape=[1, 1], strides=[stride, stride], pads=[pad] * 4, group=group)
+    return g.finish(g.activation(y, post), "y", [batch, cout, None, None], "a 1x1 conv test case")
 
 
 def fixed_cases():

@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod gpsd;
 pub mod logs;
+pub mod tract_ops;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -558,6 +558,7 @@ fn eligible(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{max_diff, uniform};
 
     /// Direct loop, f64: the definition of a depthwise convolution.
     fn reference(g: &Geometry, x: &[f32], k: &[f32], b: &[f32]) -> Vec<f32> {
@@ -604,11 +605,7 @@ mod tests {
 
     #[test]
     fn matches_the_definition_on_odd_shapes() {
-        let mut seed = 1u64;
-        let mut rnd = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        };
+        let mut rnd = uniform(1);
         // (in, kernel, stride, dilation, pad_before, pad_after)
         let cases = [
             ([7, 9], [3, 3], [1, 1], [1, 1], [1, 1], [1, 1]),
@@ -636,14 +633,7 @@ mod tests {
                 let got = op.compute_with(inputs.clone(), kernel).unwrap();
                 let got = got[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
                 assert_eq!(got.len(), want.len());
-                // NaN counts as the largest difference (f32::max would skip it).
-                let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, |m, d| {
-                    if d.is_nan() {
-                        f32::INFINITY
-                    } else {
-                        m.max(d)
-                    }
-                });
+                let diff = max_diff(&got, &want);
                 assert!(diff < 1e-5, "{name} {g:?}: max diff {diff}");
             }
         }

@@ -10,6 +10,8 @@
 pub mod depthwise;
 mod fuse;
 pub mod pointwise;
+#[cfg(test)]
+mod test_util;
 
 use tract_linalg::multithread::Executor;
 
