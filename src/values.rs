@@ -94,13 +94,13 @@ impl Count {
 impl<'de> Deserialize<'de> for Count {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = i64::deserialize(d)?;
-        match usize::try_from(v) {
-            Ok(n) => Count::new(n)
-                .ok_or_else(|| de::Error::custom(format!("expected a whole number of at least 1, got {v}"))),
-            Err(_) if v > 0 => {
+        match usize::try_from(v).ok().and_then(Count::new) {
+            Some(c) => Ok(c),
+            // Positive, yet no usize: beyond this target's word size (armv7: 32 bits).
+            None if v > 0 => {
                 Err(de::Error::custom(format!("{v} is more than this machine can count (at most {})", usize::MAX)))
             }
-            Err(_) => Err(de::Error::custom(format!("expected a whole number of at least 1, got {v}"))),
+            None => Err(de::Error::custom(format!("expected a whole number of at least 1, got {v}"))),
         }
     }
 }

@@ -229,6 +229,13 @@ fn keep_activation_memory() {
 }
 
 impl TractBackend {
+    /// Counts an inference in for its lifetime (the guard), with the pool to run it on: the model's,
+    /// unless another inference is running.
+    fn enter(&self) -> (InFlight<'_>, Option<&tract_linalg::multithread::Executor>) {
+        let (guard, alone) = InFlight::enter(&self.in_flight);
+        (guard, if alone { self.executor.as_ref() } else { None })
+    }
+
     /// The input as the plan takes it: f32, or cast to f16 for a half-precision plan.
     fn input_tensor(&self, input: &[f32]) -> TractResult<Tensor> {
         let tensor = Tensor::from_shape(&self.shape, input)?;
@@ -253,8 +260,7 @@ impl Backend for TractBackend {
         };
         // On the intra-op pool when no other inference is (tract's values are not `Send`: only the f32
         // result leaves it).
-        let (_in_flight, alone) = InFlight::enter(&self.in_flight);
-        let pool = if alone { self.executor.as_ref() } else { None };
+        let (_in_flight, pool) = self.enter();
         whaled_tract_ops::on_pool(pool, || {
             let tensor = self.input_tensor(input)?;
             let outputs = self.plan.run(tvec![tensor.into_tvalue()])?;
@@ -273,8 +279,7 @@ impl Backend for TractBackend {
         };
         let runs = runs.max(1);
         // Per node: (op kind, seconds over all runs). On the pool, as `run` does.
-        let (_in_flight, alone) = InFlight::enter(&self.in_flight);
-        let pool = if alone { self.executor.as_ref() } else { None };
+        let (_in_flight, pool) = self.enter();
         let per_node = whaled_tract_ops::on_pool(pool, || {
             let tensor = self.input_tensor(input)?;
             let mut state = TypedSimpleState::new(&self.plan)?;

@@ -302,8 +302,8 @@ impl PointwiseConv {
         let full = kernel.lanes * kernel.max_vectors;
         let blocks_per_image = cout / BLOCK;
         let macs = self.batch * cout * cin * plane;
-        let threads = pool_threads(macs);
-        let split = Split::new(self.batch * blocks_per_image, plane.div_ceil(full), 4 * threads);
+        let pool = Pool::for_work(macs);
+        let split = Split::new(self.batch * blocks_per_image, plane.div_ceil(full), 4 * pool.threads());
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
@@ -336,7 +336,7 @@ impl PointwiseConv {
                     }
                 });
             };
-            run_items(split.items(), threads, item);
+            pool.run(split.items(), item);
         }
         Ok(tvec!(out.into_tvalue()))
     }
@@ -401,32 +401,44 @@ impl PointwiseConv {
     }
 }
 
-/// How many threads of tract's intra-op pool to use for `macs` multiply-adds: 1 when there is no
-/// pool or the work is under tract's threading threshold (the same gate as tract's own ops).
-fn pool_threads(macs: usize) -> usize {
-    use tract_linalg::multithread::{current_threading_element_threshold, current_tract_executor, Executor};
-    if macs < current_threading_element_threshold() {
-        return 1;
-    }
-    match current_tract_executor() {
-        Executor::MultiThread(pool) => pool.current_num_threads(),
-        Executor::RayonGlobal => rayon::current_num_threads(),
-        _ => 1,
-    }
+/// tract's intra-op pool as this op uses it: its threads, or none when there is no pool or the work
+/// (`macs` multiply-adds) is under tract's threading threshold (the same gate as tract's own ops).
+enum Pool {
+    Inline,
+    Private(std::sync::Arc<rayon::ThreadPool>),
+    Global,
 }
 
-/// Runs `item(0..items)`, on tract's intra-op pool when `threads > 1`.
-fn run_items(items: usize, threads: usize, item: impl Fn(usize) + Sync + Send) {
-    use rayon::prelude::*;
-    use tract_linalg::multithread::{current_tract_executor, Executor};
-    if threads > 1 && items > 1 {
+impl Pool {
+    fn for_work(macs: usize) -> Pool {
+        use tract_linalg::multithread::{current_threading_element_threshold, current_tract_executor, Executor};
+        if macs < current_threading_element_threshold() {
+            return Pool::Inline;
+        }
         match current_tract_executor() {
-            Executor::MultiThread(pool) => return pool.install(|| (0..items).into_par_iter().for_each(item)),
-            Executor::RayonGlobal => return (0..items).into_par_iter().for_each(item),
-            _ => {}
+            Executor::MultiThread(pool) if pool.current_num_threads() > 1 => Pool::Private(pool),
+            Executor::RayonGlobal if rayon::current_num_threads() > 1 => Pool::Global,
+            _ => Pool::Inline,
         }
     }
-    (0..items).for_each(item)
+
+    fn threads(&self) -> usize {
+        match self {
+            Pool::Inline => 1,
+            Pool::Private(pool) => pool.current_num_threads(),
+            Pool::Global => rayon::current_num_threads(),
+        }
+    }
+
+    /// Runs `item(0..items)`, spread over the pool's threads.
+    fn run(&self, items: usize, item: impl Fn(usize) + Sync + Send) {
+        use rayon::prelude::*;
+        match self {
+            Pool::Private(pool) if items > 1 => pool.install(|| (0..items).into_par_iter().for_each(item)),
+            Pool::Global if items > 1 => (0..items).into_par_iter().for_each(item),
+            _ => (0..items).for_each(item),
+        }
+    }
 }
 
 /// `acc + x * w`, fused where `FMA` (see the depthwise module: it must inline into its caller).
@@ -918,6 +930,7 @@ fn bias_after(model: &TypedModel, id: usize, cout: usize) -> TractResult<Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{max_diff, uniform};
 
     /// Every kernel this CPU can run, not only the one `select_kernel` picks.
     fn available_kernels() -> Vec<Kernel> {
@@ -956,11 +969,7 @@ mod tests {
     #[test]
     fn matches_the_definition_on_odd_shapes() {
         tract_linalg::multithread::set_threading_element_threshold(0);
-        let mut seed = 7u64;
-        let mut rnd = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        };
+        let mut rnd = uniform(7);
         // (batch, cin, cout, hw): planes around every tile width and its tail, one channel in.
         let cases = [
             (1, 1, 8, [1, 1]),
@@ -997,13 +1006,7 @@ mod tests {
                     .unwrap();
                     let got = got[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
                     assert_eq!(got.len(), want.len());
-                    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, |m, d| {
-                        if d.is_nan() {
-                            f32::INFINITY
-                        } else {
-                            m.max(d)
-                        }
-                    });
+                    let diff = max_diff(&got, &want);
                     assert!(
                         diff < 1e-5,
                         "{} x{threads} {batch}x{cin}->{cout} {hw:?} {post:?}: max diff {diff}",
