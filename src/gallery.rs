@@ -21,20 +21,28 @@
 //! 1. The header is the first record and there is exactly one; a gallery is never used with another
 //!    embedder (its SHA-256 must equal the loaded model file's, checked at load and on every update).
 //! 2. An append (`enroll`) is one transaction: its rows and a closing `V` record go in one `write(2)`,
-//!    then `fdatasync`. On open, bytes after the last complete `V` (or the header) are a transaction
-//!    torn by a crash or a full disk: they are cut off (WARN; the bytes are kept in `<file>.torn-<time>`),
-//!    so an enrolment is all there or not at all. A damaged record *before* the last `V`, or a complete
-//!    record with a bad checksum at the very end (written whole, then damaged), is data loss and an
-//!    error naming the offset: a gallery silently missing individuals would give wrong answers.
+//!    then `fdatasync`. Bytes after the last complete `V` (or the header) that are a *torn tail* — the
+//!    file ends inside a record being written, every length field in it the one written — are a
+//!    transaction cut short by a crash or a full disk: a writer (under the lock: an enrolment, remove,
+//!    merge, the daemon's load) cuts them off (WARN; the bytes are kept in `<file>.torn-<time>`), so an
+//!    enrolment is all there or not at all; a reader ([`Gallery::open`]) ignores them (WARN) and
+//!    writes nothing. Damage is never cut: a damaged record *before* the last `V`, a complete record
+//!    with a bad checksum at the very end (written whole, then damaged), or an intact record whose
+//!    length field is wrong (one flipped bit in the last `V` would otherwise look like a torn tail and
+//!    take the whole last enrolment with it) is data loss and an error naming the offset, with the file
+//!    left as it is: a gallery silently missing individuals would give wrong answers.
 //! 3. Every other change (remove, merge, a shore update) writes a whole new file beside the old one,
 //!    fsyncs it, renames it over the old and fsyncs the directory: readers see the old gallery or the
 //!    new one, never a mix; it keeps the old file's mode and owner. Each change raises the version by one
-//!    (a shore update sets its own, and must raise it unless forced). A delta applies only to the exact
-//!    rows it was made from (version and content SHA-256), never to a gallery changed on board since.
+//!    (a shore update sets its own, and must raise it unless forced); at `u64::MAX` (which a shore update
+//!    may set) a change on board is refused, never wrapped. A delta applies only to the exact rows it
+//!    was made from (version and content SHA-256), never to a gallery changed on board since.
 //! 4. Writers hold an exclusive `flock` on `<file>.lock` (opened read-only, created world-readable, so
-//!    whoever created it the daemon's user can lock it) for the duration of the change. The daemon
-//!    waits at most [`LOCK_WAIT`], and installs an update only if the file is still the one it loaded
-//!    ([`FileStamp`]: size, mtime, inode).
+//!    whoever created it the daemon's user can lock it) for the duration of the change; read-only
+//!    commands (`gallery list`, `diff`, the galleries merged in) take no lock and create nothing. The
+//!    daemon reads the gallery and takes its [`FileStamp`] (size, mtime, inode) in one step under the
+//!    lock ([`Gallery::load`]), waits at most [`LOCK_WAIT`] for it when installing, and installs an
+//!    update only if the file is still the one it loaded.
 //! 5. `gallery build` and the first enrolment into a new file write it whole (one rename).
 //! 6. Rows are L2-normalised when made, so a query is a dot product; a non-finite query matches nobody.
 
@@ -224,6 +232,19 @@ impl Gallery {
         Ok(())
     }
 
+    /// The version a change on board gives: one more, refused (never wrapped) at `u64::MAX`, which a
+    /// shore update may have set.
+    fn next_version(&self, path: &Path) -> Result<u64> {
+        self.version.checked_add(1).ok_or_else(|| {
+            Error::Input(format!(
+                "{}: the gallery is at version {} (the largest there is) and cannot be changed on board; \
+                 have shore send a whole gallery with a lower version (forced)",
+                path.display(),
+                self.version
+            ))
+        })
+    }
+
     fn rebuilt(&self, rows: impl IntoIterator<Item = Row>, version: u64) -> Result<Gallery> {
         let mut g = Gallery::empty(self.dim, &self.embedder_sha256)?;
         g.version = version;
@@ -281,26 +302,59 @@ impl Gallery {
 
     // ----- files -----
 
-    /// Reads a gallery file, cutting off a transaction torn by a crash (see the module docs). Where the
-    /// lock file cannot be made (a read-only directory) the torn tail is ignored, not cut off.
+    /// Reads a gallery file and writes nothing (no lock file, no cut-off): `whaled gallery list`, `diff`,
+    /// the galleries merged in. A torn tail is left where it is (WARN): the next change cuts it off.
+    /// Damage inside the file is an error naming the offset, as for every reader.
     pub fn open(path: &Path) -> Result<Gallery> {
-        match lock(path) {
-            Ok(_lock) => Gallery::open_locked(path),
-            Err(e) => {
-                log::debug!("gallery {}: opening without the lock ({e})", path.display());
-                let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-                parse(&bytes, &path.display().to_string(), MAGIC)?.0.into_gallery()
-            }
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (g, good) = parse(&bytes, &path.display().to_string(), MAGIC)?;
+        if good < bytes.len() {
+            log::warn!(
+                "gallery {}: ignoring {} bytes after the last complete change at byte {good} (an enrolment torn by a \
+                 crash or a full disk); the next change to the gallery cuts them off",
+                path.display(),
+                bytes.len() - good
+            );
         }
+        g.into_gallery()
     }
 
-    fn open_locked(path: &Path) -> Result<Gallery> {
+    /// Opens the gallery the daemon will use, with its [`FileStamp`] taken under the lock (invariant 4):
+    /// nobody can enrol between the read and the stamp, so an update installed later never overwrites a
+    /// change the daemon did not load. A torn tail is cut off (invariant 2). `None`: no file yet. Where
+    /// the lock cannot be taken (a read-only directory) the file is read as [`Gallery::open`] does; an
+    /// update would fail there anyway.
+    pub fn load(path: &Path) -> Result<Option<(Gallery, FileStamp)>> {
+        let held = match lock(path) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::debug!("gallery {}: reading without the lock ({e})", path.display());
+                None
+            }
+        };
+        let Some(before) = Gallery::stamp(path) else {
+            if path.exists() {
+                return Err(Error::io(path, std::io::Error::other("cannot read its metadata")));
+            }
+            return Ok(None);
+        };
+        let g = if held.is_some() { Gallery::recover_locked(path)? } else { Gallery::open(path)? };
+        // Taken after any cut-off and still under the lock.
+        let stamp = Gallery::stamp(path).unwrap_or(before);
+        drop(held);
+        Ok(Some((g, stamp)))
+    }
+
+    /// Reads the gallery for a change: the caller holds the lock. A torn tail is cut off (WARN; the bytes
+    /// are kept in `<file>.torn-<time>`); damage is an error and the file is left as it is.
+    fn recover_locked(path: &Path) -> Result<Gallery> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let (g, good) = parse(&bytes, &path.display().to_string(), MAGIC)?;
         let g = g.into_gallery()?;
         if good < bytes.len() {
             log::warn!(
-                "gallery {}: cut off {} bytes after the last complete change (an enrolment torn by a crash or a full disk)",
+                "gallery {}: cut off {} bytes after the last complete change at byte {good} (an enrolment torn by a \
+                 crash or a full disk)",
                 path.display(),
                 bytes.len() - good
             );
@@ -388,8 +442,8 @@ impl Gallery {
     /// be what the file holds (it is re-read under the lock to make sure).
     pub fn append(path: &Path, rows: Vec<Row>) -> Result<Gallery> {
         let _lock = lock(path)?;
-        let mut g = Gallery::open_locked(path)?;
-        let version = g.version + 1;
+        let mut g = Gallery::recover_locked(path)?;
+        let version = g.next_version(path)?;
         let mut buf = Vec::new();
         for r in rows {
             frame(&mut buf, &row_payload(&r));
@@ -410,13 +464,13 @@ impl Gallery {
     /// Removes every row of `id` from the file at `path`; returns the new gallery and how many rows went.
     pub fn remove(path: &Path, id: &str) -> Result<(Gallery, usize)> {
         let _lock = lock(path)?;
-        let g = Gallery::open_locked(path)?;
+        let g = Gallery::recover_locked(path)?;
         let kept: Vec<Row> = g.rows.iter().filter(|r| r.id != id).cloned().collect();
         let removed = g.rows.len() - kept.len();
         if removed == 0 {
             return Err(Error::Input(format!("{}: no individual {id:?}", path.display())));
         }
-        let new = g.rebuilt(kept, g.version + 1)?;
+        let new = g.rebuilt(kept, g.next_version(path)?)?;
         new.replace_file(path)?;
         Ok((new, removed))
     }
@@ -425,7 +479,7 @@ impl Gallery {
     /// (same id, photo and embedding). Returns the new gallery and how many rows were added.
     pub fn merge(path: &Path, others: &[Gallery]) -> Result<(Gallery, usize)> {
         let _lock = lock(path)?;
-        let g = Gallery::open_locked(path)?;
+        let g = Gallery::recover_locked(path)?;
         let key =
             |r: &Row| (r.id.clone(), r.photo.clone(), r.embedding.iter().map(|v| v.to_bits()).collect::<Vec<u32>>());
         let mut have: std::collections::HashSet<_> = g.rows.iter().map(key).collect();
@@ -440,7 +494,7 @@ impl Gallery {
                 }
             }
         }
-        let new = g.rebuilt(rows, g.version + 1)?;
+        let new = g.rebuilt(rows, g.next_version(path)?)?;
         new.replace_file(path)?;
         Ok((new, added))
     }
@@ -668,11 +722,24 @@ fn parse(bytes: &[u8], what: &str, magic: &[u8; 8]) -> Result<(Parsed, usize)> {
     let (Some(mut parsed), Some((rows, removes, version, base, end))) = (cur, committed) else {
         return Err(Error::Input(format!("{what}: incomplete: no complete header and change (cut short or damaged)")));
     };
-    // We stopped at the first bad record: it must be a torn tail, not damage with intact changes after it.
+    // We stopped at the first bad record: it must be a torn tail (the file ends inside a record that was
+    // being written), not damage inside the file.
     if off < bytes.len() && later_commit(bytes, off) {
         return Err(bad(
             off,
             "damaged record followed by intact changes (data loss; restore the gallery from a backup or from shore)",
+        ));
+    }
+    if let Some((declared, whole)) = misframed(bytes, off, parsed.dim) {
+        // A torn write never writes a wrong length: a whole, intact record there with another length than
+        // its field says was damaged after it was written (one flipped bit in the last `V` would otherwise
+        // cut off the whole last enrolment).
+        return Err(bad(
+            off,
+            &format!(
+                "damaged record (its length field says {declared} bytes, but an intact {whole}-byte record is there) \
+                 inside the file, not a torn tail (data loss; restore the gallery from a backup or from shore)"
+            ),
         ));
     }
     parsed.rows.truncate(rows);
@@ -680,6 +747,33 @@ fn parse(bytes: &[u8], what: &str, magic: &[u8; 8]) -> Result<(Parsed, usize)> {
     parsed.version = version;
     parsed.base = base;
     Ok((parsed, end))
+}
+
+/// Whether the record at `off` (where parsing stopped) is whole and intact but for its length field:
+/// `Some((declared length, real length))`. The real length comes from the payload itself (a kind's fixed
+/// size, or a row's string lengths and `dim`); it counts only if the stored CRC matches that many bytes.
+/// A torn tail is a prefix of what was being written, so its length fields are the real ones.
+fn misframed(bytes: &[u8], off: usize, dim: usize) -> Option<(usize, usize)> {
+    let head = bytes.get(off..off + 8)?;
+    let declared = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let payload = &bytes[off + 8..];
+    let u16_at = |i: usize| payload.get(i..i + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let len = match *payload.first()? {
+        b'V' => 9,
+        b'H' => 77,
+        b'B' => 73,
+        b'D' => 3 + u16_at(1)?,
+        b'R' => {
+            let mut at = 9;
+            for _ in 0..4 {
+                at += 2 + u16_at(at)?;
+            }
+            at + dim * 4
+        }
+        _ => return None,
+    };
+    (len != declared && crc32fast::hash(payload.get(..len)?) == crc).then_some((declared, len))
 }
 
 /// Whether an intact `V` record starts anywhere after `from` (damage in the middle, not a torn tail).
@@ -912,8 +1006,19 @@ mod tests {
         assert!((a.cosine - 1.0).abs() < 1e-6);
     }
 
+    /// The names in the gallery's directory, sorted.
+    fn listing(path: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
     /// A crash at every byte of an enrolment leaves the gallery as before it (and appendable), never a
-    /// partial enrolment.
+    /// partial enrolment. A reader ([`Gallery::open`]) sees the old gallery and writes nothing; the
+    /// daemon's [`Gallery::load`] (a writer, under the lock) cuts the tail off and keeps it aside.
     #[test]
     fn torn_append_at_every_byte_is_cut_off() {
         let path = tmp("torn");
@@ -923,11 +1028,19 @@ mod tests {
         let before = std::fs::read(&path).unwrap();
         Gallery::append(&path, vec![row("b", 2), row("c", 3)]).unwrap();
         let after = std::fs::read(&path).unwrap();
+        let torn_files = || listing(&path).into_iter().filter(|n| n.contains(".torn-")).count();
         for cut in before.len()..after.len() {
             std::fs::write(&path, &after[..cut]).unwrap();
+            let names = listing(&path);
             let g = Gallery::open(&path).unwrap();
             assert_eq!(g.len(), 1, "cut at {cut}");
+            assert_eq!(std::fs::read(&path).unwrap(), &after[..cut], "cut at {cut}: a reader writes nothing");
+            assert_eq!(listing(&path), names, "cut at {cut}: a reader creates nothing");
+            let (g, stamp) = Gallery::load(&path).unwrap().unwrap();
+            assert_eq!(g.len(), 1, "cut at {cut}");
             assert_eq!(std::fs::read(&path).unwrap(), before, "cut at {cut}: file trimmed to the last commit");
+            assert_eq!(Some(stamp), Gallery::stamp(&path), "cut at {cut}: stamped after the cut");
+            assert_eq!(torn_files() >= 1, cut > before.len(), "cut at {cut}: the torn bytes are kept aside");
         }
         let g = Gallery::append(&path, vec![row("d", 4)]).unwrap();
         assert_eq!((g.len(), g.version()), (2, 1));
@@ -952,6 +1065,109 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let e = Gallery::open(&path).unwrap_err().to_string();
         assert!(e.contains("incomplete"), "{e}");
+    }
+
+    /// One flipped bit or byte in the length field of the last `V` record: the file is whole, the
+    /// record intact but misframed. That is damage (an error naming the record's offset, the file left
+    /// byte for byte as it is), not a torn tail to cut off with the whole last enrolment.
+    #[test]
+    fn a_damaged_length_in_the_last_version_record_is_an_error_not_a_cut() {
+        let path = tmp("vlen");
+        let mut g = Gallery::empty(16, SHA).unwrap();
+        g.push(row("a", 1)).unwrap();
+        g.create(&path).unwrap();
+        Gallery::append(&path, vec![row("b", 2), row("c", 3)]).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let v_off = good.len() - 17; // the last record: 8 bytes of framing + 'V' + u64
+        assert_eq!(good[v_off + 8], b'V');
+        for byte in 0..4 {
+            for mask in [0x01u8, 0x02, 0x08, 0x10, 0x80, 0xff] {
+                let mut bytes = good.clone();
+                bytes[v_off + byte] ^= mask;
+                std::fs::write(&path, &bytes).unwrap();
+                let names = listing(&path);
+                let what = format!("length byte {byte} ^ {mask:#04x}");
+                for e in [
+                    Gallery::open(&path).unwrap_err(),
+                    Gallery::load(&path).unwrap_err(),
+                    Gallery::append(&path, vec![row("d", 4)]).unwrap_err(),
+                    Gallery::remove(&path, "a").unwrap_err(),
+                ] {
+                    let e = e.to_string();
+                    assert!(e.contains("damaged record") && e.contains(&format!("byte {v_off}")), "{what}: {e}");
+                }
+                assert_eq!(std::fs::read(&path).unwrap(), bytes, "{what}: the file is left as it is");
+                assert_eq!(listing(&path), names, "{what}: nothing kept aside (nothing was cut)");
+            }
+        }
+        // The same damage in a row's length field in the middle of the last transaction, too.
+        let last_row = {
+            let mut off = 8;
+            let mut starts = Vec::new();
+            while off < good.len() {
+                starts.push(off);
+                off += 8 + u32::from_le_bytes(good[off..off + 4].try_into().unwrap()) as usize;
+            }
+            starts[starts.len() - 2]
+        };
+        let mut bytes = good.clone();
+        bytes[last_row] ^= 0x04;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Gallery::load(&path).unwrap_err().to_string();
+        assert!(e.contains(&format!("byte {last_row}")), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    }
+
+    /// A gallery at version `u64::MAX` (a shore update may set it) cannot be changed on board: every
+    /// change is refused, nothing wraps to 0, the file stays as it is.
+    #[test]
+    fn version_u64_max_is_refused_never_wrapped() {
+        let path = tmp("vmax");
+        let g = Gallery::with_rows(16, SHA, u64::MAX, vec![row("a", 1), row("b", 2)]).unwrap();
+        g.create(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let other = Gallery::with_rows(16, SHA, 1, vec![row("c", 3)]).unwrap();
+        for e in [
+            Gallery::append(&path, vec![row("c", 3)]).map(|g| g.version()).unwrap_err(),
+            Gallery::remove(&path, "a").map(|(g, _)| g.version()).unwrap_err(),
+            Gallery::merge(&path, &[other]).map(|(g, _)| g.version()).unwrap_err(),
+        ] {
+            let e = e.to_string();
+            assert!(e.contains(&format!("version {}", u64::MAX)) && e.contains("cannot be changed"), "{e}");
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing written");
+        assert_eq!(Gallery::open(&path).unwrap().version(), u64::MAX);
+    }
+
+    /// The daemon's read and its stamp are one step under the lock: an enrolment that holds the lock
+    /// while the daemon starts is either wholly in what it loaded and in its stamp, or in neither. (Read
+    /// without the lock and stamped after, the enrolment could land between the two: never loaded, yet
+    /// the stamp matches, and the next shore update would overwrite it.)
+    #[test]
+    fn the_daemons_stamp_is_taken_with_its_read_under_the_lock() {
+        let path = tmp("stamp");
+        Gallery::with_rows(16, SHA, 1, vec![row("a", 1)]).unwrap().create(&path).unwrap();
+        // An enrolment in progress: it holds the lock while it writes.
+        let held = lock(&path).unwrap();
+        let loader = {
+            let path = path.clone();
+            std::thread::spawn(move || Gallery::load(&path).unwrap().unwrap())
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let mut tx = Vec::new();
+        frame(&mut tx, &row_payload(&row("b", 2)));
+        frame(&mut tx, &version_payload(2));
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&tx).unwrap();
+        f.sync_data().unwrap();
+        drop(held);
+        let (g, stamp) = loader.join().unwrap();
+        assert_eq!((g.len(), g.version()), (2, 2), "loaded after the enrolment it waited for");
+        assert_eq!(Some(stamp), Gallery::stamp(&path), "the stamp is of the file it loaded");
+        // So an update made against what it loaded installs; one against an older stamp would not.
+        let new = Gallery::with_rows(16, SHA, 3, vec![row("c", 3)]).unwrap();
+        Gallery::install(&path, &new, Some(stamp)).unwrap();
+        assert_eq!(Gallery::load(&tmp("none")).unwrap().map(|(g, _)| g.len()), None, "no file: nothing loaded");
     }
 
     #[test]

@@ -249,7 +249,7 @@ impl Identifier {
                 let model = Model::load(manifest, idc.variant.as_deref(), &cfg.inference)?;
                 let gallery = match &idc.gallery {
                     Some(path) => {
-                        let g = open_gallery(path, &model, dim)?;
+                        let (g, stamp) = open_gallery(path, &model, dim)?;
                         log::info!(
                             "gallery {}: version {}, {} photos of {} individuals",
                             path.display(),
@@ -260,7 +260,7 @@ impl Identifier {
                         Some(GallerySlot {
                             path: path.clone(),
                             current: RwLock::new(Arc::new(g)),
-                            writer: Mutex::new(Gallery::stamp(path)),
+                            writer: Mutex::new(stamp),
                         })
                     }
                     None => None,
@@ -536,16 +536,16 @@ fn finite(embedding: &[f32], model: &Model) -> Result<()> {
     })
 }
 
-/// Opens the configured gallery and checks it belongs to `model`.
-fn open_gallery(path: &Path, model: &Model, dim: usize) -> Result<Gallery> {
-    if !path.exists() {
+/// Opens the configured gallery and checks it belongs to `model`; with the file's stamp, taken under the
+/// gallery lock together with the read (`None`: no file yet), for [`Identifier::replace_gallery`].
+fn open_gallery(path: &Path, model: &Model, dim: usize) -> Result<(Gallery, Option<FileStamp>)> {
+    let Some((g, stamp)) = Gallery::load(path)? else {
         // Written on the first change (an enrolment or an update from shore).
         log::info!("gallery {}: no such file yet; starting with an empty gallery", path.display());
-        return Gallery::empty(dim, model.sha256());
-    }
-    let g = Gallery::open(path)?;
+        return Ok((Gallery::empty(dim, model.sha256())?, None));
+    };
     g.check_embedder(model.sha256(), dim, &format!("gallery {}", path.display()))?;
-    Ok(g)
+    Ok((g, Some(stamp)))
 }
 
 /// What a candidate index of the combined ranking stands for.
