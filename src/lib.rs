@@ -32,6 +32,7 @@ pub mod preprocess;
 pub mod scoring;
 pub mod service;
 pub mod sighting;
+pub mod signing;
 pub mod sink;
 pub mod source;
 pub mod values;

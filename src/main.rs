@@ -166,6 +166,35 @@ enum GalleryCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Make an Ed25519 key pair for signing shore updates: the private key goes to --out (mode 0600),
+    /// the public key is printed as the line boats pin in [mqtt.gallery_keys].
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+        /// The name boats log as the signer.
+        #[arg(long, default_value = "shore")]
+        name: String,
+    },
+    /// Sign a gallery or delta file for `cmd/gallery_update`: writes the whole MQTT message (signed
+    /// header line, newline, the file) to --out, ready for e.g. `mosquitto_pub -f`.
+    Sign {
+        /// Private key from `whaled gallery keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        /// A gallery or a delta (`whaled gallery delta`).
+        file: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// The version the boat must have now for the update to apply (required with --force).
+        #[arg(long)]
+        replaces: Option<u64>,
+        /// Install a whole gallery even if it is not newer (a rollback); needs --replaces.
+        #[arg(long)]
+        force: bool,
+        /// Echoed in the boat's reply.
+        #[arg(long)]
+        request_id: Option<String>,
+    },
     /// Time a nearest-neighbour query over a synthetic gallery.
     Bench {
         #[arg(long, default_value_t = 100_000)]
@@ -464,6 +493,22 @@ fn gallery(command: GalleryCommand) -> Result<ExitCode, Error> {
                 d.removes.len(),
                 d.adds.len()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        GalleryCommand::Keygen { out, name } => {
+            let key = whaled::signing::SigningKey::generate(&out)?;
+            eprintln!("private key written to {} (keep it on shore; mode 0600)", out.display());
+            println!("[mqtt.gallery_keys]\n{name:?} = \"{}\"", key.public_hex());
+            Ok(ExitCode::SUCCESS)
+        }
+        GalleryCommand::Sign { key, file, out, replaces, force, request_id } => {
+            let key = whaled::signing::SigningKey::load(&key)?;
+            let bytes = std::fs::read(&file).map_err(|e| Error::Io { path: file.clone(), source: e })?;
+            let what = file.display().to_string();
+            let message =
+                whaled::mqtt::signed_gallery_update(&bytes, &what, &key, replaces, force, request_id.as_deref())?;
+            std::fs::write(&out, &message).map_err(|e| Error::Io { path: out.clone(), source: e })?;
+            println!("{}: {} bytes, signed by key {}", out.display(), message.len(), key.public_hex());
             Ok(ExitCode::SUCCESS)
         }
         GalleryCommand::Bench { rows, dim, individuals, runs } => {

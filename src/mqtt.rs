@@ -34,6 +34,7 @@ use crate::config::mqtt::MqttConfig;
 use crate::error::{Error, Result};
 use crate::outbox::{Outbox, OutboxStats, SharedOutbox};
 use crate::pipeline::{CameraSnapshot, Control, ModelLatencies};
+use crate::signing::{Statement, Verifier};
 
 /// Most outbox events published and not yet acknowledged.
 pub const WINDOW: usize = 32;
@@ -77,14 +78,114 @@ pub struct GalleryWire {
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GalleryUpdate {
-    request_id: Option<serde_json::Value>,
+    /// Read on its own (bounded) by `request_id_of`; declared so that `deny_unknown_fields` takes it.
+    #[serde(rename = "request_id")]
+    _request_id: Option<serde::de::IgnoredAny>,
     kind: UpdateKind,
     /// The version the gallery will have.
     version: u64,
     /// SHA-256 (hex) of the bytes after the newline.
     sha256: String,
-    /// Replace the gallery even if the one sent is not newer (a full gallery only).
+    /// Replace the gallery even if the one sent is not newer (a full gallery only; needs `replaces`).
     force: Option<bool>,
+    /// The version the box must have now (required with `force`).
+    replaces: Option<u64>,
+    /// Ed25519 signature (hex) of [`Statement`] by one of `[mqtt.gallery_keys]`.
+    signature: Option<String>,
+}
+
+impl GalleryUpdate {
+    fn statement(&self) -> Statement {
+        Statement {
+            kind: match self.kind {
+                UpdateKind::Full => "full".into(),
+                UpdateKind::Delta => "delta".into(),
+            },
+            version: self.version,
+            sha256: self.sha256.to_ascii_lowercase(),
+            force: self.force.unwrap_or(false),
+            replaces: self.replaces,
+        }
+    }
+}
+
+/// Shore side of `cmd/gallery_update`: the whole message (signed header line, newline, the file) for a
+/// gallery or delta file's bytes, as `whaled gallery sign` writes it. The kind and version are read
+/// from the file itself, so the header cannot disagree with it.
+pub fn signed_gallery_update(
+    file: &[u8],
+    what: &str,
+    key: &crate::signing::SigningKey,
+    replaces: Option<u64>,
+    force: bool,
+    request_id: Option<&str>,
+) -> Result<Vec<u8>> {
+    use crate::gallery::{Delta, Gallery};
+    use sha2::{Digest, Sha256};
+    let (kind, version) = if file.starts_with(b"WHGDELT1") {
+        ("delta", Delta::from_bytes(file, what)?.version)
+    } else {
+        ("full", Gallery::from_bytes(file, what)?.version())
+    };
+    if force && (kind == "delta" || replaces.is_none()) {
+        return Err(Error::Input(
+            "--force applies to a whole gallery and needs --replaces N (the version the boat has now)".into(),
+        ));
+    }
+    let statement = Statement {
+        kind: kind.into(),
+        version,
+        sha256: crate::signing::hex(&Sha256::digest(file)),
+        force,
+        replaces,
+    };
+    let mut header = serde_json::json!({
+        "kind": kind,
+        "version": version,
+        "sha256": statement.sha256,
+        "signature": key.sign(&statement),
+    });
+    if force {
+        header["force"] = serde_json::Value::Bool(true);
+    }
+    if let Some(r) = replaces {
+        header["replaces"] = r.into();
+    }
+    if let Some(id) = request_id {
+        if id.len() + 2 > MAX_REQUEST_ID {
+            return Err(Error::Input(format!("--request-id is longer than {} bytes", MAX_REQUEST_ID - 2)));
+        }
+        header["request_id"] = id.into();
+    }
+    let mut out = serde_json::to_vec(&header).map_err(|e| Error::Input(format!("header: {e}")))?;
+    out.push(b'\n');
+    out.extend_from_slice(file);
+    Ok(out)
+}
+
+/// Most bytes of a `request_id` (as JSON) echoed in a reply; a longer one is refused, not echoed, so a
+/// reply is never much larger than its request.
+pub const MAX_REQUEST_ID: usize = 256;
+/// MQTT's largest packet (remaining length 268,435,455). rumqttc fails the whole connection on an
+/// incoming packet above its limit, before acknowledging it, and with a persistent session the broker
+/// sends that message again on every reconnect: one oversized command would keep the boat offline for
+/// good. So the incoming limit is the protocol's, and whaled refuses oversized commands itself
+/// (`max_command_size`), with a reply. The broker's `message_size_limit` bounds what it will carry.
+const MQTT_MAX_PACKET: usize = 268_435_455;
+
+/// The request id of a command body, bounded: `Err` when it is too long to echo.
+fn request_id_of(body: &serde_json::Value) -> Result<Option<serde_json::Value>, String> {
+    match body.get("request_id") {
+        None => Ok(None),
+        Some(v) => {
+            let len = serde_json::to_vec(v).map_or(usize::MAX, |b| b.len());
+            if len > MAX_REQUEST_ID {
+                Err(format!("request_id is {len} bytes as JSON, more than {MAX_REQUEST_ID}; refused, not echoed"))
+            } else {
+                Ok(Some(v.clone()))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, serde::Deserialize)]
@@ -94,15 +195,30 @@ enum UpdateKind {
     Delta,
 }
 
-/// Verifies and applies a gallery update; `Ok` names the new version. Nothing changes on any error.
+/// Verifies and applies a gallery update; `Ok` names the new version and who signed it. Nothing changes
+/// on any error.
 fn apply_gallery_update(
     identifier: &crate::identify::Identifier,
+    verifier: &Verifier,
     u: &GalleryUpdate,
     body: &[u8],
 ) -> crate::error::Result<String> {
     use crate::error::Error;
     use crate::gallery::{Delta, Gallery};
     use sha2::{Digest, Sha256};
+    if u.sha256.len() != 64 || !u.sha256.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Error::Input("header: sha256 must be 64 hex digits".into()));
+    }
+    if verifier.is_empty() {
+        return Err(Error::Input(
+            "shore updates are off on this box: no [mqtt.gallery_keys] pinned to verify them with; nothing changed"
+                .into(),
+        ));
+    }
+    let signature = u.signature.as_deref().ok_or_else(|| {
+        Error::Input("unsigned: this box installs only gallery updates signed by a pinned key (`whaled gallery sign`); nothing changed".into())
+    })?;
+    let signer = verifier.verify(&u.statement(), signature).map_err(|why| Error::Input(format!("{why}; nothing changed")))?;
     let got: String = Sha256::digest(body).iter().map(|b| format!("{b:02x}")).collect();
     if !got.eq_ignore_ascii_case(&u.sha256) {
         return Err(Error::Input(format!(
@@ -128,15 +244,32 @@ fn apply_gallery_update(
             new.version()
         )));
     }
+    if let Some(r) = u.replaces {
+        if r != current.version() {
+            return Err(Error::Input(format!(
+                "the update replaces version {r}, but version {} is in use (a replayed or stale update); nothing changed",
+                current.version()
+            )));
+        }
+    }
+    if u.force.unwrap_or(false) && u.replaces.is_none() {
+        return Err(Error::Input(
+            "\"force\" needs \"replaces\": the version in use, signed with it (`whaled gallery sign --force --replaces N`)".into(),
+        ));
+    }
     if new.version() <= current.version() && !u.force.unwrap_or(false) {
         return Err(Error::Input(format!(
-            "the gallery sent is version {}, not above the one in use ({}); add \"force\": true to replace it anyway",
+            "the gallery sent is version {}, not above the one in use ({}); a signed \"force\" replaces it anyway",
             new.version(),
             current.version()
         )));
     }
-    let summary =
-        format!("gallery version {}: {} photos of {} individuals", new.version(), new.len(), new.individuals());
+    let summary = format!(
+        "gallery version {}: {} photos of {} individuals (signed by {signer:?})",
+        new.version(),
+        new.len(),
+        new.individuals()
+    );
     identifier.replace_gallery(new)?;
     Ok(summary)
 }
@@ -413,8 +546,20 @@ struct Link {
 /// How a connection ended.
 enum End {
     Stopped,
-    /// Why, when CONNACK arrived if it did, and whether the broker closed the connection.
-    Failed(String, Option<Instant>, bool),
+    /// Why, when CONNACK arrived if it did, whether the broker closed the connection, and whether the
+    /// broker acknowledged at least one event in it.
+    Failed(String, Option<Instant>, bool, bool),
+}
+
+/// Whether a failed session resets the reconnect backoff: one that lasted [`SHORT_SESSION`], or a
+/// shorter one that delivered events and was not closed by the broker (a closed short session may be
+/// another client taking our id, which must not make the two fight every `reconnect_min`).
+fn resets_backoff(lasted: Option<Duration>, delivered: bool, closed_by_broker: bool) -> bool {
+    match lasted {
+        None => false,
+        Some(d) if d >= SHORT_SESSION => true,
+        Some(_) => delivered && !closed_by_broker,
+    }
 }
 
 fn seed() -> u64 {
@@ -436,7 +581,8 @@ impl Link {
         let mut o = MqttOptions::new(c.client_id.clone(), c.host.clone(), c.port);
         o.set_keep_alive(c.keep_alive.max(Duration::from_secs(1)))
             .set_clean_session(false)
-            .set_max_packet_size(c.max_packet_size, c.max_packet_size)
+            // Incoming: the protocol's limit, so no message can fail the connection (see MQTT_MAX_PACKET).
+            .set_max_packet_size(MQTT_MAX_PACKET, c.max_packet_size)
             .set_inflight((WINDOW + 16) as u16)
             .set_last_will(LastWill::new(self.topics.status(), "offline", QoS::AtLeastOnce, true));
         if let Some(user) = &c.username {
@@ -464,22 +610,20 @@ impl Link {
             let end = match self.options() {
                 Ok(options) => self.session(options),
                 // E.g. a TLS file replaced or removed since start-up: backs off like a failed connect.
-                Err(e) => End::Failed(format!("cannot set up the connection: {e}"), None, false),
+                Err(e) => End::Failed(format!("cannot set up the connection: {e}"), None, false, false),
             };
             self.connected.store(false, Ordering::SeqCst);
             match end {
                 End::Stopped => return,
-                End::Failed(why, connected_at, closed_by_broker) => {
-                    // A short session does not reset the backoff; one the broker closed may be a takeover.
-                    let short = connected_at.is_some_and(|t| t.elapsed() < SHORT_SESSION);
-                    match connected_at {
-                        Some(_) if short && closed_by_broker => self.short_session(&why),
-                        Some(_) if short => {}
-                        Some(_) => {
-                            backoff = self.cfg.reconnect_min;
-                            failures = 0;
-                        }
-                        None => {}
+                End::Failed(why, connected_at, closed_by_broker, delivered) => {
+                    // A short session the broker closed may be a takeover (see `resets_backoff`).
+                    let lasted = connected_at.map(|t| t.elapsed());
+                    if lasted.is_some_and(|d| d < SHORT_SESSION) && closed_by_broker {
+                        self.short_session(&why);
+                    }
+                    if resets_backoff(lasted, delivered, closed_by_broker) {
+                        backoff = self.cfg.reconnect_min;
+                        failures = 0;
                     }
                     failures += 1;
                     let wait = backoff.mul_f64(0.5 + 0.5 * self.jitter());
@@ -549,10 +693,11 @@ impl Link {
     fn session(&mut self, options: MqttOptions) -> End {
         let (client, mut conn) = Client::new(options, 256);
         if let Err(e) = client.subscribe(self.topics.commands(), QoS::AtLeastOnce) {
-            return End::Failed(format!("subscribe: {e}"), None, false);
+            return End::Failed(format!("subscribe: {e}"), None, false, false);
         }
         self.outbox.rewind();
         let mut connected: Option<Instant> = None;
+        let mut delivered = false;
         // One entry per publish requested, in order: Some(outbox id) for events.
         let mut requested: VecDeque<Option<u64>> = VecDeque::new();
         let mut inflight: HashMap<u16, u64> = HashMap::new();
@@ -586,11 +731,11 @@ impl Link {
             let wait = if connected.is_some() { POLL } else { CONNECT_TIMEOUT };
             match conn.recv_timeout(wait) {
                 Err(rumqttc::RecvTimeoutError::Timeout) if connected.is_none() => {
-                    return End::Failed("no answer from the broker (connect timed out)".into(), None, false)
+                    return End::Failed("no answer from the broker (connect timed out)".into(), None, false, false)
                 }
                 Err(rumqttc::RecvTimeoutError::Timeout) => {}
                 Err(rumqttc::RecvTimeoutError::Disconnected) => {
-                    return End::Failed("connection closed".into(), connected, false)
+                    return End::Failed("connection closed".into(), connected, false, delivered)
                 }
                 Ok(Ok(Event::Incoming(Incoming::ConnAck(ack)))) => {
                     connected = Some(Instant::now());
@@ -614,6 +759,7 @@ impl Link {
                 Ok(Ok(Event::Incoming(Incoming::PubAck(ack)))) => {
                     if let Some(id) = inflight.remove(&ack.pkid) {
                         self.outbox.ack(id);
+                        delivered = true;
                     }
                 }
                 Ok(Ok(Event::Incoming(Incoming::Publish(p)))) => {
@@ -655,7 +801,7 @@ impl Link {
                         ),
                         _ => false,
                     };
-                    return End::Failed(why, connected, closed_by_broker);
+                    return End::Failed(why, connected, closed_by_broker, delivered);
                 }
             }
             if connected.is_none() {
@@ -727,7 +873,8 @@ impl Link {
         }
     }
 
-    /// Runs a command; returns the reply payload (`None` for messages that get no reply).
+    /// Runs a command; returns the reply payload (`None` for messages that get no reply), never larger
+    /// than `max_packet_size` allows on the reply topic.
     fn command(&self, p: &rumqttc::Publish) -> Option<Vec<u8>> {
         let name = self.topics.command_name(&p.topic)?.to_string();
         if p.retain {
@@ -735,20 +882,46 @@ impl Link {
             log::warn!("ignoring retained command on {} (commands must not be retained)", p.topic);
             return None;
         }
-        if name == "gallery_update" {
-            return self.gallery_update(&p.payload);
-        }
-        let body: serde_json::Value = if p.payload.is_empty() {
+        let limit = self.cfg.max_command_size;
+        let answer = if p.payload.len() > limit {
+            let message = format!(
+                "the command is {} bytes, more than this box's mqtt.max_command_size ({limit}); refused unread",
+                p.payload.len()
+            );
+            log::warn!("{}: {message}", p.topic);
+            reply(&name, false, message, None, None)
+        } else if name == "gallery_update" {
+            self.gallery_update(&p.payload)
+        } else {
+            self.simple_command(&name, &p.payload)
+        };
+        // The topic, the packet's own bytes and slack: a reply that would exceed the outgoing limit
+        // fails the connection in rumqttc, so it is cut to a refusal instead.
+        let room = self.cfg.max_packet_size.saturating_sub(p.topic.len() + 6 + 64);
+        Some(bounded_reply(&name, answer, room))
+    }
+
+    /// pause / resume / snapshot / set_threshold / stats. Unsigned: the broker's ACLs decide who may
+    /// send them (README, "Trust").
+    fn simple_command(&self, name: &str, payload: &[u8]) -> CommandReply {
+        let body: serde_json::Value = if payload.is_empty() {
             serde_json::Value::Object(Default::default())
         } else {
-            match serde_json::from_slice(&p.payload) {
+            match serde_json::from_slice(payload) {
                 Ok(v) => v,
-                Err(e) => return reply(&name, false, format!("payload is not JSON: {e}"), None),
+                Err(e) => return reply(name, false, format!("payload is not JSON: {e}"), None, None),
             }
         };
-        let request_id = body.get("request_id").cloned();
+        let request_id = match request_id_of(&body) {
+            Ok(r) => r,
+            Err(why) => {
+                log::warn!("command {name} refused: {why}");
+                return reply(name, false, why, None, None);
+            }
+        };
+        let from = body.get("from").and_then(|f| f.as_str()).map(|f| truncate(f, 64));
         let camera = body.get("camera").and_then(|c| c.as_str());
-        let (ok, message) = match (name.as_str(), camera) {
+        let (ok, message) = match (name, camera) {
             ("pause" | "resume" | "snapshot", None) => (false, format!("{name} needs {{\"camera\": NAME}}")),
             ("pause", Some(c)) => self.control.set_paused(c, true),
             ("resume", Some(c)) => self.control.set_paused(c, false),
@@ -756,7 +929,8 @@ impl Link {
             ("set_threshold", _) => match body.get("threshold").and_then(|t| t.as_f64()) {
                 Some(t) if (0.0..=1.0).contains(&t) => {
                     self.control.set_threshold(t);
-                    log::info!("pre-filter threshold set to {t} by command");
+                    // Unsigned: `from` is what the sender says it is (the broker's ACLs vouch for it).
+                    log::info!("pre-filter threshold set to {t} by command (from: {})", from.as_deref().unwrap_or("not given"));
                     (true, format!("threshold {t}"))
                 }
                 _ => (false, "set_threshold needs {\"threshold\": a number in [0, 1]}".into()),
@@ -768,49 +942,96 @@ impl Link {
             _ => (
                 false,
                 format!(
-                    "unknown command {name:?}; known: pause, resume, set_threshold, stats, snapshot, gallery_update"
+                    "unknown command {:?}; known: pause, resume, set_threshold, stats, snapshot, gallery_update",
+                    truncate(name, 64)
                 ),
             ),
         };
-        reply(&name, ok, message, request_id)
+        if ok && matches!(name, "pause" | "resume") {
+            log::info!("{message} by command (from: {})", from.as_deref().unwrap_or("not given"));
+        }
+        reply(name, ok, message, request_id, None)
     }
 
     /// `cmd/gallery_update`: a JSON header line, a newline, then a gallery or delta file. Every reply
     /// carries the gallery's version after the command.
-    fn gallery_update(&self, payload: &[u8]) -> Option<Vec<u8>> {
+    fn gallery_update(&self, payload: &[u8]) -> CommandReply {
         let identifier = self.control.identifier();
+        let verifier = Verifier::new(self.cfg.gallery_keys.clone());
         let (ok, message, request_id) = match payload.iter().position(|&b| b == b'\n') {
             None => (false, "expected a JSON header line, a newline, then the gallery or delta bytes".into(), None),
-            Some(nl) => match serde_json::from_slice::<GalleryUpdate>(&payload[..nl]) {
-                Err(e) => (
-                    false,
-                    format!("header: {e} (expected {{\"kind\": \"full\"|\"delta\", \"version\": N, \"sha256\": HEX}})"),
-                    // Still echo the request id if the header is JSON with one, so shore can match the reply.
-                    serde_json::from_slice::<serde_json::Value>(&payload[..nl])
-                        .ok()
-                        .and_then(|v| v.get("request_id").cloned()),
-                ),
-                Ok(header) => match apply_gallery_update(identifier, &header, &payload[nl + 1..]) {
-                    Ok(summary) => {
-                        log::info!("gallery updated from shore: {summary}");
-                        (true, summary, header.request_id)
-                    }
-                    Err(e) => (false, e.to_string(), header.request_id),
-                },
-            },
+            Some(nl) => {
+                // The request id first (bounded), so that even a refused header can be paired with its reply.
+                let request_id = serde_json::from_slice::<serde_json::Value>(&payload[..nl])
+                    .ok()
+                    .map_or(Ok(None), |v| request_id_of(&v));
+                match (request_id, serde_json::from_slice::<GalleryUpdate>(&payload[..nl])) {
+                    (Err(why), _) => (false, why, None),
+                    (Ok(rid), Err(e)) => (
+                        false,
+                        format!(
+                            "header: {e} (expected {{\"kind\": \"full\"|\"delta\", \"version\": N, \"sha256\": HEX, \
+                             \"signature\": HEX}}, as `whaled gallery sign` writes it)"
+                        ),
+                        rid,
+                    ),
+                    (Ok(rid), Ok(header)) => match apply_gallery_update(identifier, &verifier, &header, &payload[nl + 1..]) {
+                        Ok(summary) => {
+                            log::info!("gallery updated from shore: {summary}");
+                            (true, summary, rid)
+                        }
+                        Err(e) => (false, e.to_string(), rid),
+                    },
+                }
+            }
         };
         if !ok {
             log::warn!("gallery update refused: {message}");
         }
         let gallery_version = identifier.gallery().map(|g| g.version());
-        serde_json::to_vec(&CommandReply { command: "gallery_update".into(), ok, message, request_id, gallery_version })
-            .ok()
+        reply("gallery_update", ok, message, request_id, gallery_version)
     }
 }
 
-fn reply(command: &str, ok: bool, message: String, request_id: Option<serde_json::Value>) -> Option<Vec<u8>> {
-    serde_json::to_vec(&CommandReply { command: command.to_string(), ok, message, request_id, gallery_version: None })
-        .ok()
+fn reply(
+    command: &str,
+    ok: bool,
+    message: String,
+    request_id: Option<serde_json::Value>,
+    gallery_version: Option<u64>,
+) -> CommandReply {
+    CommandReply { command: truncate(command, 64), ok, message, request_id, gallery_version }
+}
+
+/// `s`, cut to at most `max` bytes on a character boundary (marked with "...").
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub(3);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// The reply as JSON in at most `room` bytes: as it is if it fits, else the same outcome with the
+/// message cut short and no echoed request id.
+fn bounded_reply(name: &str, r: CommandReply, room: usize) -> Vec<u8> {
+    if let Ok(json) = serde_json::to_vec(&r) {
+        if json.len() <= room {
+            return json;
+        }
+    }
+    let short = CommandReply {
+        command: truncate(name, 64),
+        ok: r.ok,
+        message: truncate(&format!("(reply cut to fit mqtt.max_packet_size) {}", r.message), 200),
+        request_id: None,
+        gallery_version: r.gallery_version,
+    };
+    log::warn!("command {}: reply cut to fit mqtt.max_packet_size", truncate(name, 64));
+    serde_json::to_vec(&short).unwrap_or_default()
 }
 
 /// A connection error in words an operator can act on.
@@ -830,5 +1051,55 @@ fn describe(e: &ConnectionError) -> String {
         ConnectionError::Io(io) => format!("network: {io}"),
         ConnectionError::Tls(t) => format!("TLS: {t}"),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_resets_after_a_session_that_delivered() {
+        let short = Some(Duration::from_secs(2));
+        let long = Some(SHORT_SESSION);
+        // (lasted, delivered, closed by the broker) -> resets
+        let cases = [
+            (None, false, false, false),
+            (None, true, false, false),
+            (short, false, false, false),
+            (short, true, false, true),
+            // A short session the broker closed: a takeover must not reset, delivered or not.
+            (short, true, true, false),
+            (long, false, false, true),
+            (long, false, true, true),
+        ];
+        for (lasted, delivered, closed, want) in cases {
+            assert_eq!(resets_backoff(lasted, delivered, closed), want, "{lasted:?} {delivered} {closed}");
+        }
+    }
+
+    #[test]
+    fn request_ids_are_bounded() {
+        let ok = serde_json::json!({"request_id": "a".repeat(MAX_REQUEST_ID - 2)});
+        assert_eq!(request_id_of(&ok).unwrap().unwrap().as_str().unwrap().len(), MAX_REQUEST_ID - 2);
+        let long = serde_json::json!({"request_id": "a".repeat(MAX_REQUEST_ID - 1)});
+        assert!(request_id_of(&long).unwrap_err().contains("more than 256"));
+        let nested = serde_json::json!({"request_id": {"a": vec![1; 200]}});
+        assert!(request_id_of(&nested).is_err());
+        assert_eq!(request_id_of(&serde_json::json!({})).unwrap(), None);
+    }
+
+    #[test]
+    fn replies_fit_their_room() {
+        let big = reply("pause", true, "x".repeat(10_000), Some(serde_json::json!(7)), None);
+        let out = bounded_reply("pause", big, 1_000);
+        assert!(out.len() <= 1_000, "{}", out.len());
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!((v["ok"].as_bool(), v["request_id"].is_null()), (Some(true), true), "{v}");
+        let small = reply("stats", true, "stats published".into(), Some(serde_json::json!("r1")), None);
+        let v: serde_json::Value = serde_json::from_slice(&bounded_reply("stats", small, 1_000)).unwrap();
+        assert_eq!(v["request_id"], "r1");
+        assert_eq!(truncate("héllo wörld", 5), "h...");
+        assert_eq!(truncate("short", 64), "short");
     }
 }

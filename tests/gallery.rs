@@ -1,7 +1,7 @@
 //! Galleries end to end, through the `whaled` binary: build from labelled photos, identify against it,
 //! enrol, remove, merge, refuse a gallery of another embedder, survive an enrolment cut short, and take
-//! updates from shore over a real mosquitto (a good delta applied, corrupt and partial ones refused with
-//! nothing changed).
+//! signed updates from shore over a real mosquitto (a good delta applied; corrupt, partial, unsigned,
+//! foreign-signed, tampered and replayed ones refused with nothing changed; a signed rollback).
 //!
 //! The embedder is the shipped ImageNet Lite0 used as a gallery-only embedder (its 1000 logits as the
 //! embedding, no head): real pretrained features, fast on tract, and an example of "any embedder".
@@ -307,14 +307,40 @@ fn schema(name: &str) -> jsonschema::Validator {
     jsonschema::validator_for(&serde_json::from_str(&text).unwrap()).unwrap()
 }
 
-fn update(kind: &str, version: u64, body: &[u8], sha_of: &[u8], request_id: u32) -> Vec<u8> {
-    let sha: String = Sha256::digest(sha_of).iter().map(|b| format!("{b:02x}")).collect();
-    let mut m = format!(
-        "{{\"kind\": \"{kind}\", \"version\": {version}, \"sha256\": \"{sha}\", \"request_id\": {request_id}}}\n"
-    )
-    .into_bytes();
+/// `whaled gallery sign` of `file` with `key`, plus `extra` arguments: the whole MQTT message.
+fn signed(dir: &Path, key: &Path, file: &Path, extra: &[&str]) -> Vec<u8> {
+    let out = dir.join("signed.msg");
+    let _ = std::fs::remove_file(&out);
+    let mut args = vec!["gallery", "sign", "--key", key.to_str().unwrap(), file.to_str().unwrap()];
+    args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    ok(&whaled(&args));
+    std::fs::read(&out).unwrap()
+}
+
+/// A message's header (as JSON) and body.
+fn split(message: &[u8]) -> (serde_json::Value, Vec<u8>) {
+    let nl = message.iter().position(|&b| b == b'\n').unwrap();
+    (serde_json::from_slice(&message[..nl]).unwrap(), message[nl + 1..].to_vec())
+}
+
+fn join(header: &serde_json::Value, body: &[u8]) -> Vec<u8> {
+    let mut m = serde_json::to_vec(header).unwrap();
+    m.push(b'\n');
     m.extend_from_slice(body);
     m
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A fresh key pair through `whaled gallery keygen`: the private key's path and the public key (hex).
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(format!("{name}.key"));
+    let out = ok(&whaled(&["gallery", "keygen", "--out", path.to_str().unwrap(), "--name", name]));
+    let public = out.lines().find_map(|l| l.split('"').nth(3).filter(|k| k.len() == 64)).unwrap().to_string();
+    (path, public)
 }
 
 #[test]
@@ -329,10 +355,14 @@ fn shore_updates_apply_atomically_and_bad_ones_change_nothing() {
     std::fs::create_dir_all(&cam).unwrap();
     std::fs::copy(&scene, cam.join("scene.jpg")).unwrap();
     let broker = Broker::start(&tmp.path().join("broker"), "");
+    // Shore's key is pinned on the boat; another key (a stranger's) is not.
+    let (key, public) = keygen(tmp.path(), "shore-lab");
+    let (stranger, _) = keygen(tmp.path(), "stranger");
     let extra = format!(
         "[[camera]]\nname = \"bow\"\nkind = \"replay\"\npath = \"{}\"\nfps = 4\n\
          [sightings]\npublish = \"detections\"\n\
-         [mqtt]\nhost = \"127.0.0.1\"\nport = {}\nstats_interval = \"1s\"\nmax_packet_size = 4194304\n[mqtt.outbox]\ndir = \"{}\"\n",
+         [mqtt]\nhost = \"127.0.0.1\"\nport = {}\nstats_interval = \"1s\"\nmax_packet_size = 4194304\n\
+         [mqtt.gallery_keys]\nshore-lab = \"{public}\"\n[mqtt.outbox]\ndir = \"{}\"\n",
         cam.display(),
         broker.port,
         tmp.path().join("outbox").display()
@@ -373,7 +403,25 @@ fn shore_updates_apply_atomically_and_bad_ones_change_nothing() {
         delta_path.to_str().unwrap(),
     ]));
     let delta = std::fs::read(&delta_path).unwrap();
-    let full = std::fs::read(&shore).unwrap();
+    let full_v2_path = tmp.path().join("full-v2.wgal");
+    std::fs::copy(&shore, &full_v2_path).unwrap();
+    let good_delta = signed(tmp.path(), &key, &delta_path, &["--request-id", "r10"]);
+    let (header, body) = split(&good_delta);
+    assert_eq!((header["kind"].as_str(), header["version"].as_u64()), (Some("delta"), Some(2)), "{header}");
+    assert_eq!((header["sha256"].as_str().unwrap(), &body[..]), (sha256_hex(&delta).as_str(), &delta[..]));
+    // The signing tool refuses a damaged file (it parses what it signs).
+    std::fs::write(tmp.path().join("cut.delta"), &delta[..delta.len() - 10]).unwrap();
+    let out = whaled(&[
+        "gallery",
+        "sign",
+        "--key",
+        key.to_str().unwrap(),
+        tmp.path().join("cut.delta").to_str().unwrap(),
+        "--out",
+        tmp.path().join("cut.msg").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!tmp.path().join("cut.msg").exists());
 
     let sub = Subscriber::start(broker.port, "shore", "whaled/boat/#");
     let d = Daemon::start(&cfg);
@@ -384,38 +432,72 @@ fn shore_updates_apply_atomically_and_bad_ones_change_nothing() {
     let replies = |m: &[Msg]| {
         m.iter().filter(|x| x.topic == "whaled/boat/cmd/gallery_update/reply").map(Msg::json).collect::<Vec<_>>()
     };
-    let send = |payload: Vec<u8>, n: usize| {
+    let sent = std::cell::Cell::new(0);
+    let send = |payload: Vec<u8>| {
         sub.publish("whaled/boat/cmd/gallery_update", &payload, false);
+        sent.set(sent.get() + 1);
+        let n = sent.get();
         let m = sub.wait_for(Duration::from_secs(30), "gallery_update reply", |m| replies(m).len() >= n);
         replies(&m)[n - 1].clone()
     };
 
-    // Corrupt in transit (one byte flipped), partial (cut short), a delta for another base, a header
-    // that lies about the version, no header at all: each refused, the file untouched.
-    let mut flipped = delta.clone();
+    // Each refused, the file byte-identical:
+    // - corrupt in transit (one byte of the body flipped) and partial (cut short): signed, but the bytes
+    //   are not the ones signed;
+    // - unsigned; signed by a key the boat does not pin; tampered after signing (the header's version
+    //   changed; the body changed and its SHA-256 recomputed);
+    // - no header at all.
+    let mut flipped = body.clone();
     let mid = flipped.len() / 2;
     flipped[mid] ^= 0x40;
+    let unsigned = {
+        let mut h = header.clone();
+        h.as_object_mut().unwrap().remove("signature");
+        join(&h, &body)
+    };
+    let mut lying = header.clone();
+    lying["version"] = 7.into();
+    let mut rehashed = header.clone();
+    rehashed["sha256"] = sha256_hex(&flipped).into();
     let bad = [
-        (update("delta", 2, &flipped, &delta, 1), "partial or corrupted transfer"),
-        (update("delta", 2, &delta[..delta.len() - 10], &delta, 2), "partial or corrupted transfer"),
-        (update("delta", 2, &delta[..delta.len() - 10], &delta[..delta.len() - 10], 3), "incomplete"),
-        (update("delta", 7, &delta, &delta, 4), "header says version 7"),
+        (join(&header, &flipped), "partial or corrupted transfer"),
+        (join(&header, &body[..body.len() - 10]), "partial or corrupted transfer"),
+        (unsigned, "unsigned"),
+        (signed(tmp.path(), &stranger, &delta_path, &[]), "does not verify"),
+        (join(&lying, &body), "does not verify"),
+        (join(&rehashed, &flipped), "does not verify"),
         (delta.clone(), "header"),
     ];
     for (i, (payload, why)) in bad.into_iter().enumerate() {
-        let r = send(payload, i + 1);
+        let r = send(payload);
         assert_eq!((r["ok"].as_bool(), r["gallery_version"].as_u64()), (Some(false), Some(1)), "{r}");
         assert!(r["message"].as_str().unwrap().contains(why), "{why}: {r}");
         assert_eq!(std::fs::read(&g).unwrap(), on_disk, "refused update {i} changed the file");
     }
+    // A delta damaged on shore and signed anyway (not through `whaled gallery sign`, which refuses it):
+    // the signature holds, the gallery code refuses it.
+    let cut = &delta[..delta.len() - 10];
+    let statement = whaled::signing::Statement {
+        kind: "delta".into(),
+        version: 2,
+        sha256: sha256_hex(cut),
+        force: false,
+        replaces: None,
+    };
+    let sig = whaled::signing::SigningKey::load(&key).unwrap().sign(&statement);
+    let h = serde_json::json!({"kind": "delta", "version": 2, "sha256": sha256_hex(cut), "signature": sig});
+    let r = send(join(&h, cut));
+    assert!(r["ok"] == false && r["message"].as_str().unwrap().contains("incomplete"), "{r}");
+    assert_eq!(std::fs::read(&g).unwrap(), on_disk);
 
     // The good delta: applied, replied with the new version, written to disk, and used at once.
-    let r = send(update("delta", 2, &delta, &delta, 10), 6);
+    let r = send(good_delta.clone());
     assert_eq!(
-        (r["ok"].as_bool(), r["gallery_version"].as_u64(), r["request_id"].as_u64()),
-        (Some(true), Some(2), Some(10)),
+        (r["ok"].as_bool(), r["gallery_version"].as_u64(), r["request_id"].as_str()),
+        (Some(true), Some(2), Some("r10")),
         "{r}"
     );
+    assert!(r["message"].as_str().unwrap().contains("shore-lab"), "the reply names the signer: {r}");
     assert_eq!(list(&g)["version"], 2);
     assert_eq!(list(&g)["photos"], 4);
     let applied_at = d.lines().len();
@@ -433,11 +515,11 @@ fn shore_updates_apply_atomically_and_bad_ones_change_nothing() {
         m.iter().any(|x| x.topic == "whaled/boat/stats" && x.json()["gallery"]["version"] == 2)
     });
 
-    // The delta again (its base is gone) and a whole gallery from another embedder: refused.
-    let r = send(update("delta", 2, &delta, &delta, 11), 7);
+    // The same signed delta replayed (its base is gone) and a whole gallery from another embedder: refused.
+    let r = send(good_delta.clone());
     assert!(r["ok"] == false && r["message"].as_str().unwrap().contains("applies to gallery version 1"), "{r}");
     let foreign = {
-        let mut f = full.clone();
+        let mut f = std::fs::read(&shore).unwrap();
         // Same gallery bound to another embedder: rewrite the header's SHA-256 (and its CRC).
         let sha_at = 8 + 8 + 1 + 4;
         f[sha_at..sha_at + 64].copy_from_slice("ab".repeat(32).as_bytes());
@@ -446,25 +528,41 @@ fn shore_updates_apply_atomically_and_bad_ones_change_nothing() {
         f[12..16].copy_from_slice(&crc.to_le_bytes());
         f
     };
-    let r = send(update("full", 2, &foreign, &foreign, 12), 8);
+    let foreign_path = tmp.path().join("foreign.wgal");
+    std::fs::write(&foreign_path, &foreign).unwrap();
+    let r = send(signed(tmp.path(), &key, &foreign_path, &[]));
     assert!(r["ok"] == false && r["message"].as_str().unwrap().contains("not comparable"), "{r}");
     // A whole gallery of the right embedder at version 3 (crew-009 removed on shore): applied.
     ok(&whaled(&["gallery", "remove", shore.to_str().unwrap(), "--id", "crew-009"]));
     let v3 = std::fs::read(&shore).unwrap();
-    let r = send(update("full", 3, &v3, &v3, 13), 9);
+    let r = send(signed(tmp.path(), &key, &shore, &[]));
     assert_eq!((r["ok"].as_bool(), r["gallery_version"].as_u64()), (Some(true), Some(3)), "{r}");
     assert_eq!(std::fs::read(&g).unwrap(), v3, "the file is the gallery sent");
-    // The same version again: refused unless forced.
-    let r = send(update("full", 3, &v3, &v3, 14), 10);
+    // An older signed gallery (version 2) replayed: refused. The same version again: refused unless a
+    // signed force names the version it replaces.
+    let r = send(signed(tmp.path(), &key, &full_v2_path, &[]));
     assert!(r["ok"] == false && r["message"].as_str().unwrap().contains("not above"), "{r}");
-    let mut forced = format!(
-        "{{\"kind\": \"full\", \"version\": 3, \"force\": true, \"sha256\": \"{}\"}}\n",
-        Sha256::digest(&v3).iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
-    .into_bytes();
-    forced.extend_from_slice(&v3);
-    let r = send(forced, 11);
-    assert_eq!((r["ok"].as_bool(), r["gallery_version"].as_u64()), (Some(true), Some(3)), "{r}");
+    let r = send(signed(tmp.path(), &key, &shore, &[]));
+    assert!(r["ok"] == false && r["message"].as_str().unwrap().contains("not above"), "{r}");
+    let unsigned_force = {
+        let (mut h, b) = split(&signed(tmp.path(), &key, &full_v2_path, &[]));
+        h["force"] = true.into();
+        h["replaces"] = 3.into();
+        join(&h, &b)
+    };
+    let r = send(unsigned_force);
+    assert!(r["ok"] == false && r["message"].as_str().unwrap().contains("does not verify"), "{r}");
+    assert_eq!(std::fs::read(&g).unwrap(), v3);
+    // A signed rollback to version 2: applied. Replayed later, it names version 3, which is gone.
+    let rollback = signed(tmp.path(), &key, &full_v2_path, &["--force", "--replaces", "3"]);
+    let r = send(rollback.clone());
+    assert_eq!((r["ok"].as_bool(), r["gallery_version"].as_u64()), (Some(true), Some(2)), "{r}");
+    // (Installed as one transaction: the same rows as shore's version 2, not the same bytes.)
+    assert_eq!((list(&g)["version"].as_u64(), list(&g)["photos"].as_u64()), (Some(2), Some(4)));
+    let now = std::fs::read(&g).unwrap();
+    let r = send(rollback);
+    assert!(r["ok"] == false && r["message"].as_str().unwrap().contains("replaces version 3"), "{r}");
+    assert_eq!(std::fs::read(&g).unwrap(), now);
 
     let all = sub.snapshot();
     let (det, stats, reply) =

@@ -772,3 +772,134 @@ fn two_clients_with_one_client_id_are_an_error() {
     b.close();
     assert!(broker.log().contains("already connected"), "mosquitto saw the same client id twice");
 }
+
+// ---- hostile and oversized commands ---------------------------------------------------------------
+
+/// Distinct detection event ids the broker delivered.
+fn detection_ids(msgs: &[Msg]) -> HashSet<String> {
+    msgs.iter()
+        .filter(|m| m.topic.ends_with("/detection"))
+        .map(|m| m.json()["event_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits until `more` new detections (not in `before`) have reached the broker.
+fn detections_flow(sub: &Subscriber, before: &HashSet<String>, more: usize, within: Duration, what: &str) {
+    sub.wait_for(within, what, |m| detection_ids(m).difference(before).count() >= more);
+}
+
+#[test]
+fn no_command_can_knock_the_boat_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("broker"), "");
+    let sub = Subscriber::start(broker.port, "shore", "whaled/boat/#");
+    // The defaults: max_packet_size 1 MiB (outgoing); a command limit of 2 MiB for this test.
+    let d = Daemon::start(&daemon_config(tmp.path(), broker.port, "max_command_size = 2097152"));
+    sub.wait_for(Duration::from_secs(60), "online", |m| {
+        m.iter().any(|m| m.topic == "whaled/boat/status" && m.text() == "online")
+    });
+    detections_flow(&sub, &HashSet::new(), 3, Duration::from_secs(60), "first detections");
+    let replies = |m: &[Msg], cmd: &str| {
+        m.iter().filter(|x| x.topic == format!("whaled/boat/cmd/{cmd}/reply")).map(Msg::json).collect::<Vec<_>>()
+    };
+
+    // 1. A 1.5 MiB gallery_update (QoS 1), larger than the outgoing limit: once it failed the
+    //    connection before its PUBACK, and the broker sent it again on every reconnect.
+    let mut poison = br#"{"kind": "full", "version": 9, "sha256": "00", "request_id": "big"}"#.to_vec();
+    poison.push(b'\n');
+    poison.resize(1_500_000, 0x5a);
+    let before = detection_ids(&sub.snapshot());
+    sub.publish("whaled/boat/cmd/gallery_update", &poison, false);
+    let m = sub.wait_for(Duration::from_secs(20), "a refusal of the 1.5 MiB update", |m| {
+        !replies(m, "gallery_update").is_empty()
+    });
+    let r = &replies(&m, "gallery_update")[0];
+    assert_eq!((r["ok"].as_bool(), r["request_id"].as_str()), (Some(false), Some("big")), "{r}");
+    detections_flow(&sub, &before, 5, Duration::from_secs(10), "detections after the 1.5 MiB command");
+
+    // 2. A 3 MiB command, above max_command_size: refused unread, with a reply.
+    let before = detection_ids(&sub.snapshot());
+    sub.publish("whaled/boat/cmd/gallery_update", &vec![b'x'; 3 << 20], false);
+    let m = sub.wait_for(Duration::from_secs(20), "a refusal of the 3 MiB command", |m| {
+        replies(m, "gallery_update").len() >= 2
+    });
+    let r = &replies(&m, "gallery_update")[1];
+    assert!(r["ok"] == false && r["message"].as_str().unwrap().contains("max_command_size"), "{r}");
+    detections_flow(&sub, &before, 5, Duration::from_secs(10), "detections after the 3 MiB command");
+
+    // 3. A command just under the outgoing limit whose request_id would make the reply larger than it:
+    //    refused, not echoed, and the connection stays up (no Last Will).
+    let before = detection_ids(&sub.snapshot());
+    let huge_id = serde_json::to_vec(&serde_json::json!({"camera": "bow", "request_id": "r".repeat(1_040_000)})).unwrap();
+    sub.publish("whaled/boat/cmd/pause", &huge_id, false);
+    let m = sub.wait_for(Duration::from_secs(20), "a refusal of the huge request_id", |m| !replies(m, "pause").is_empty());
+    let r = &replies(&m, "pause")[0];
+    assert!(r["ok"] == false && r["message"].as_str().unwrap().contains("request_id"), "{r}");
+    assert!(r.get("request_id").is_none(), "a long request_id is never echoed");
+    // A camera name as long as the packet allows, echoed in the message: the reply is cut to fit.
+    let long_camera = serde_json::to_vec(&serde_json::json!({"camera": "c".repeat(1_040_000)})).unwrap();
+    sub.publish("whaled/boat/cmd/resume", &long_camera, false);
+    let m = sub.wait_for(Duration::from_secs(20), "a reply to the long camera name", |m| !replies(m, "resume").is_empty());
+    assert!(m.iter().all(|x| !x.topic.ends_with("/reply") || x.payload.len() < 1 << 20));
+    assert_eq!(replies(&m, "resume")[0]["ok"].as_bool(), Some(false));
+    detections_flow(&sub, &before, 5, Duration::from_secs(10), "detections after the oversized replies");
+
+    // Each command was answered once (acknowledged, never sent again), the status never went
+    // offline, and the daemon connected once.
+    std::thread::sleep(Duration::from_secs(2));
+    let m = sub.snapshot();
+    assert_eq!(replies(&m, "gallery_update").len(), 2, "a command was delivered again");
+    assert_eq!(replies(&m, "pause").len(), 1, "a command was delivered again");
+    assert!(!m.iter().any(|x| x.topic == "whaled/boat/status" && x.text() == "offline"), "the Last Will fired");
+    let (status, stderr) = d.terminate();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stderr.matches("MQTT connected").count(), 1, "reconnected:\n{stderr}");
+    validate_all(&m);
+}
+
+/// The broker's ACLs are the boundary for the unsigned commands: the example ACL file shipped in
+/// config/ lets the boat use its own topics, shore's operators command, and everyone else only read.
+#[test]
+fn without_the_right_a_client_cannot_pause_a_camera() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pw = tmp.path().join("passwords");
+    for (i, (user, pass)) in [("boat", "boat-pass"), ("shore", "shore-pass"), ("guest", "guest-pass")].iter().enumerate() {
+        let mut cmd = Command::new("mosquitto_passwd");
+        cmd.arg("-b");
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        let out = cmd.arg(&pw).args([user, pass]).output().expect("mosquitto_passwd (Debian package mosquitto)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let acl = repo().join("config/mosquitto-acl.example");
+    let broker = Broker::start(
+        &tmp.path().join("broker"),
+        &format!("password_file {}\nacl_file {}\nallow_anonymous false\n", pw.display(), acl.display()),
+    );
+    let secret = tmp.path().join("mqtt.pass");
+    std::fs::write(&secret, "boat-pass\n").unwrap();
+    let config =
+        daemon_config(tmp.path(), broker.port, &format!("username = \"boat\"\npassword_file = \"{}\"", secret.display()));
+    let shore = Subscriber::start_as(broker.port, "shore", "whaled/boat/#", Some(("shore", "shore-pass")));
+    let guest = Subscriber::start_as(broker.port, "guest", "whaled/boat/#", Some(("guest", "guest-pass")));
+    let d = Daemon::start(&config);
+    shore.wait_for(Duration::from_secs(60), "online", |m| m.iter().any(|m| m.text() == "online"));
+    // The guest may read what the boat publishes...
+    guest.wait_for(Duration::from_secs(30), "detections seen by the guest", |m| detection_ids(m).len() >= 3);
+    let replies = |m: &[Msg]| m.iter().filter(|x| x.topic == "whaled/boat/cmd/pause/reply").count();
+    // ...but its pause never reaches the boat: no reply, detections keep coming.
+    guest.publish("whaled/boat/cmd/pause", br#"{"camera": "bow", "request_id": "guest"}"#, false);
+    std::thread::sleep(Duration::from_secs(2));
+    let before = detection_ids(&shore.snapshot());
+    detections_flow(&shore, &before, 5, Duration::from_secs(10), "detections after the guest's pause");
+    assert_eq!(replies(&shore.snapshot()), 0, "the guest's pause reached the boat");
+    assert!(broker.log().contains("Denied PUBLISH from guest"), "mosquitto denied it:\n{}", broker.log());
+    // Shore's operator may.
+    shore.publish("whaled/boat/cmd/pause", br#"{"camera": "bow", "request_id": "shore"}"#, false);
+    let m = shore.wait_for(Duration::from_secs(10), "shore's pause reply", |m| replies(m) == 1);
+    let r = m.iter().find(|x| x.topic == "whaled/boat/cmd/pause/reply").unwrap().json();
+    assert_eq!((r["ok"].as_bool(), r["request_id"].as_str()), (Some(true), Some("shore")), "{r}");
+    let (status, stderr) = d.terminate();
+    assert!(status.success(), "{stderr}");
+}

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::values::{Count, Interval, Positive};
+use crate::signing::PublicKey;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +31,10 @@ pub(super) struct RawMqtt {
     reconnect_max: Option<Interval>,
     replay_rate: Option<Positive>,
     stats_interval: Option<Interval>,
+    max_command_size: Option<Count>,
+    /// Name -> Ed25519 public key (hex) of whoever may sign gallery updates.
+    #[serde(default)]
+    gallery_keys: std::collections::BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     outbox: RawOutbox,
 }
@@ -93,8 +98,17 @@ pub struct MqttConfig {
     /// Most detections per second sent while a backlog is being replayed.
     pub replay_rate: f64,
     pub stats_interval: Duration,
+    /// Commands larger than this are refused (with a reply) without being parsed. Whatever their size,
+    /// incoming messages never fail the connection (see `crate::mqtt`).
+    pub max_command_size: usize,
+    /// The keys whose signature a `gallery_update` must carry; none: shore updates are refused.
+    pub gallery_keys: Vec<PublicKey>,
     pub outbox: OutboxConfig,
 }
+
+/// Default `max_command_size`: a full gallery of the upstream's 13,837 individuals at a few photos each
+/// (512 floats a photo) fits.
+pub const DEFAULT_MAX_COMMAND_SIZE: usize = 64 << 20;
 
 /// Where the outbox lives when `[mqtt.outbox] dir` is not set: `outbox` in the state directory
 /// ([`super::default_state_dir`]: systemd's `StateDirectory=`, else /var/lib/whaled when writable, else the
@@ -231,6 +245,19 @@ impl RawMqtt {
             outbox.fsync_interval = i.get();
         }
         outbox.segment_bytes = outbox.segment_bytes.min(outbox.max_bytes / 4).max(64 << 10);
+        let mut gallery_keys = Vec::new();
+        for (name, key) in self.gallery_keys {
+            let k = PublicKey::parse(&name, key.get_ref())
+                .map_err(|why| at(key.span(), &format!("mqtt.gallery_keys.{name}"), why))?;
+            if let Some(same) = gallery_keys.iter().find(|g: &&PublicKey| g.hex() == k.hex()) {
+                return Err(at(
+                    key.span(),
+                    &format!("mqtt.gallery_keys.{name}"),
+                    format!("is the same key as {:?}: one name per key, so logs say who signed", same.name()),
+                ));
+            }
+            gallery_keys.push(k);
+        }
         Ok(MqttConfig {
             port: self.port.unwrap_or(if tls.is_some() { 8883 } else { 1883 }),
             host,
@@ -245,6 +272,8 @@ impl RawMqtt {
             reconnect_max,
             replay_rate: self.replay_rate.map_or(50.0, Positive::get),
             stats_interval: self.stats_interval.map_or(Duration::from_secs(60), Interval::get),
+            max_command_size: self.max_command_size.map_or(DEFAULT_MAX_COMMAND_SIZE, Count::get),
+            gallery_keys,
             outbox,
         })
     }
