@@ -10,9 +10,55 @@
 //! `rejected: true, rejection_reason: "low_confidence"` with the candidates still reported; an image that
 //! cannot be decoded gives `rejection_reason: "corrupted_image"`. `bbox` is the whole frame.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use serde::Serialize;
+
+/// What a wire timestamp says for a time before 1970 (a clock stepped to garbage): the earliest one.
+pub const TIME_BEFORE_1970: &str = "1970-01-01T00:00:00.000Z";
+/// What a wire timestamp says for a time after the year 9999: the latest one.
+pub const TIME_AFTER_9999: &str = "9999-12-31T23:59:59.999Z";
+/// 10000-01-01T00:00:00Z in seconds since the epoch: RFC 3339 has four-digit years.
+const YEAR_10000: u64 = 253_402_300_800;
+
+static OUT_OF_RANGE_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Whether `t` can be written as RFC 3339 (1970-01-01 up to the end of 9999). A time outside is a
+/// clock gone wrong: its records say `clock_synced: false`.
+pub fn time_in_range(t: SystemTime) -> bool {
+    t.duration_since(SystemTime::UNIX_EPOCH).is_ok_and(|d| d.as_secs() < YEAR_10000)
+}
+
+/// `t` as RFC 3339 UTC with milliseconds (`captured_at`, sighting times). Never panics: a time before
+/// 1970 is written as [`TIME_BEFORE_1970`], one after 9999 as [`TIME_AFTER_9999`] (the clock was stepped
+/// to garbage; one WARN per process says so).
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    let clamped = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) if d.as_secs() < YEAR_10000 => return humantime::format_rfc3339_millis(t).to_string(),
+        Ok(_) => TIME_AFTER_9999,
+        Err(_) => TIME_BEFORE_1970,
+    };
+    if !OUT_OF_RANGE_WARNED.swap(true, Ordering::Relaxed) {
+        log::warn!(
+            "a time outside 1970..9999 ({t:?}; the system clock or a file time is garbage) is reported as {clamped}, \
+             with clock_synced false (said once)"
+        );
+    }
+    clamped.to_string()
+}
+
+/// The `event_id` of a sighting's `end`: derived from its `sighting_id` (a UUIDv8 from the SHA-256 of
+/// "whaled sighting end" and the id), so an `end` sent twice (a live one, then `restart` after a crash
+/// before the state file was rewritten; or a restored one sent again) carries the same id and a
+/// consumer that de-duplicates on `event_id` keeps one.
+pub fn end_event_id(sighting_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::new().chain_update(b"whaled sighting end\0").chain_update(sighting_id.as_bytes()).finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h[..16]);
+    uuid::Builder::from_custom_bytes(b).into_uuid().to_string()
+}
 
 /// Why a frame was rejected (upstream's `rejection_reason` values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -310,13 +356,14 @@ impl Detection {
             device_id: device_id.to_string(),
             source: meta.source.clone(),
             camera: None,
-            captured_at: humantime::format_rfc3339_millis(meta.captured_at).to_string(),
+            captured_at: rfc3339_millis(meta.captured_at),
             prefilter: None,
             zero_shot: None,
             identification: None,
             gallery_version: None,
             position: None,
-            clock_synced: None,
+            // A capture time outside what RFC 3339 can say is a clock gone wrong.
+            clock_synced: (!time_in_range(meta.captured_at)).then_some(false),
             sighting_id: None,
             error: None,
             timings: Timings::default(),
@@ -330,6 +377,42 @@ mod tests {
 
     fn meta() -> FrameMeta {
         FrameMeta { image_ind: "f.jpg".into(), source: "/p/f.jpg".into(), captured_at: SystemTime::UNIX_EPOCH }
+    }
+
+    /// A clock stepped to garbage (before 1970, after 9999) gives the documented clamped timestamps and
+    /// `clock_synced: false`, never a panic (humantime's formatter panics on both).
+    #[test]
+    fn times_outside_rfc3339_are_clamped_not_a_panic() {
+        use std::time::Duration;
+        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(86_400 * 365 * 10);
+        let after = SystemTime::UNIX_EPOCH + Duration::from_secs(YEAR_10000 + 86_400);
+        let last_ok = SystemTime::UNIX_EPOCH + Duration::from_millis(YEAR_10000 * 1000 - 1);
+        assert_eq!(rfc3339_millis(before), TIME_BEFORE_1970);
+        assert_eq!(rfc3339_millis(SystemTime::UNIX_EPOCH - Duration::from_nanos(1)), TIME_BEFORE_1970);
+        assert_eq!(rfc3339_millis(after), TIME_AFTER_9999);
+        assert_eq!(rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_secs(YEAR_10000)), TIME_AFTER_9999);
+        assert_eq!(rfc3339_millis(last_ok), TIME_AFTER_9999, "the last representable millisecond itself");
+        assert_eq!(rfc3339_millis(SystemTime::UNIX_EPOCH), TIME_BEFORE_1970);
+        assert!(time_in_range(last_ok) && time_in_range(SystemTime::UNIX_EPOCH));
+        assert!(!time_in_range(before) && !time_in_range(after));
+        for (t, want) in [(before, TIME_BEFORE_1970), (after, TIME_AFTER_9999)] {
+            let m = FrameMeta { captured_at: t, ..meta() };
+            let d = Detection::corrupted(&m, "dev", "v".into(), "bad".into());
+            assert_eq!((d.captured_at.as_str(), d.clock_synced), (want, Some(false)));
+        }
+        let d = Detection::corrupted(&meta(), "dev", "v".into(), "bad".into());
+        assert_eq!(d.clock_synced, None, "an ordinary time leaves clock_synced to the kernel's answer");
+    }
+
+    /// An `end`'s event id is a function of its sighting id: the same across restarts, distinct per
+    /// sighting, and a UUID (version 8).
+    #[test]
+    fn end_event_ids_are_derived_from_the_sighting() {
+        let a = end_event_id("0190c2a8-0000-7000-8000-000000000001");
+        assert_eq!(a, end_event_id("0190c2a8-0000-7000-8000-000000000001"));
+        assert_ne!(a, end_event_id("0190c2a8-0000-7000-8000-000000000002"));
+        let u = uuid::Uuid::parse_str(&a).unwrap();
+        assert_eq!(u.get_version_num(), 8);
     }
 
     #[test]

@@ -207,7 +207,7 @@ fn parse_line(line: &[u8]) -> Result<Line, String> {
         .time
         .as_deref()
         .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
-        .map(|t| humantime::format_rfc3339_millis(t).to_string());
+        .map(crate::detection::rfc3339_millis);
     Ok(Line::Fix(Position {
         lat,
         lon,

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::{PublishMode, SightingsConfig};
-use crate::detection::{Detection, EndReason, FrameMeta, SightingEvent};
+use crate::detection::{Detection, EndReason, FrameMeta, SightingEvent, SightingPhase};
 use crate::error::{Error, Result};
 use crate::identify::Identifier;
 use crate::sighting::{Decision, FrameIdentity, FrameInfo, RankedCandidate, Ranking, Tracker};
@@ -46,6 +46,22 @@ pub enum Event {
         sighting_id: String,
         jpeg: Vec<u8>,
     },
+}
+
+/// What became of an event the sink took: `Held` once an output that survives a crash (the outbox)
+/// stores it, or where there is no such output to wait for; `NotHeld` when it failed there (the event
+/// reached stdout only, or nothing). The sightings state file lets go of an `end` only once it is held.
+/// A sink returning `Ok(())` is its own record: `Held`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Held,
+    NotHeld,
+}
+
+impl From<()> for Delivery {
+    fn from((): ()) -> Delivery {
+        Delivery::Held
+    }
 }
 
 /// Detections waiting for the sink; beyond this, workers wait (and frames are dropped upstream).
@@ -568,14 +584,16 @@ pub fn run(
 }
 
 /// [`run`] with a [`Control`] made by the caller (for MQTT commands and the stats topic); its camera
-/// names must be `cameras`' names, in order.
-pub fn run_controlled(
+/// names must be `cameras`' names, in order. `sink` says for each event whether the outbox holds it
+/// ([`Delivery`]; `()` for held): an `end` it does not hold stays in the state file, is offered again
+/// every 10 s, and is sent again by the next start, with the same `event_id`.
+pub fn run_controlled<D: Into<Delivery>>(
     identifier: Arc<Identifier>,
     cameras: Vec<Camera>,
     options: &Options,
     shutdown: &Shutdown,
     control: &Arc<Control>,
-    mut sink: impl FnMut(Event) -> Result<()>,
+    mut sink: impl FnMut(Event) -> Result<D>,
 ) -> Result<Vec<CameraSnapshot>> {
     let names: Vec<Arc<str>> = cameras.iter().map(|c| c.name.clone()).collect();
     if names != control.names {
@@ -597,18 +615,24 @@ pub fn run_controlled(
             .collect()
     });
     // Sightings a previous run left open: end them now (reason "restart"), before anything new.
+    let mut unheld = Vec::new();
     if let Some(path) = &options.state_file {
-        for e in restore_open_sightings(path) {
-            sink(e)?;
+        for (e, json) in restore_open_sightings(path) {
+            if sink(e)?.into() == Delivery::NotHeld {
+                unheld.push(json);
+            }
         }
-        // Only once every `end` is stored (a failure above leaves the file for the next start).
-        if let Err(e) = std::fs::remove_file(path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                log::warn!("sightings state {}: {e}", path.display());
+        // Only once the outbox holds every `end` (a failure above leaves the file for the next start;
+        // those it does not hold stay in it, below).
+        if unheld.is_empty() {
+            if let Err(e) = std::fs::remove_file(path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    log::warn!("sightings state {}: {e}", path.display());
+                }
             }
         }
     }
-    let mut state = StateFile::new(options.state_file.clone());
+    let mut state = StateFile::new(options.state_file.clone(), unheld);
     let stats: Vec<Arc<CameraStats>> = control.stats.clone();
     let mailbox = Arc::new(Mailbox {
         state: Mutex::new(MailboxState {
@@ -651,19 +675,34 @@ pub fn run_controlled(
         // Ends when every worker has exited and dropped its sender.
         let mut next_stats = options.stats_interval.map(|d| Instant::now() + d);
         let mut next_tick = Instant::now() + TICK;
-        let mut deliver = |e: Event, sink_error: &mut Option<Error>| {
-            if sink_error.is_none() {
-                if let Err(e) = sink(e) {
+        let mut deliver = |e: Event, sink_error: &mut Option<Error>| -> Delivery {
+            if sink_error.is_some() {
+                return Delivery::NotHeld;
+            }
+            match sink(e) {
+                Ok(d) => d.into(),
+                Err(e) => {
                     log::error!("output failed, stopping: {e}");
                     *sink_error = Some(e);
                     shutdown.trigger();
+                    Delivery::NotHeld
                 }
             }
         };
         // Sighting events leave the trackers only here, in each camera's order, before anything a worker
-        // sent after them; the state file is written from the records taken with them.
-        let mut drain = |deliver: &mut dyn FnMut(Event, &mut Option<Error>), sink_error: &mut Option<Error>| {
+        // sent after them; the state file is written from the records taken with them, and keeps every
+        // `end` the outbox does not hold yet (offered again every STATE_EVERY; at the next start else).
+        let mut drain = |deliver: &mut dyn FnMut(Event, &mut Option<Error>) -> Delivery, sink_error: &mut Option<Error>| {
             let Some(trackers) = &trackers else { return };
+            if sink_error.is_none() && state.retry_due() {
+                for json in state.take_unheld() {
+                    if let Some(e) = restored_event(&json) {
+                        if deliver(e, sink_error) == Delivery::NotHeld {
+                            state.keep_unheld(json);
+                        }
+                    }
+                }
+            }
             let mut records = Vec::new();
             for (t, st) in trackers.iter().zip(&stats) {
                 let (events, record, snapshots, discarded) = {
@@ -674,7 +713,15 @@ pub fn run_controlled(
                 st.sightings_discarded.store(discarded, Ordering::Relaxed);
                 let camera = events.first().map(|e| e.camera.clone());
                 for e in events {
-                    deliver(Event::Sighting(e), sink_error);
+                    let end = (e.event == SightingPhase::End).then(|| serde_json::to_value(&e));
+                    if deliver(Event::Sighting(e), sink_error) == Delivery::NotHeld && sink_error.is_none() {
+                        // Only stdout (if anything) has it: the state file keeps it for the outbox.
+                        match end {
+                            Some(Ok(json)) => state.keep_unheld(json),
+                            Some(Err(e)) => log::error!("a sighting end to JSON: {e}"),
+                            None => {}
+                        }
+                    }
                 }
                 for (sighting_id, data) in snapshots {
                     match snapshot_jpeg(&data, &sighting_id) {
@@ -753,30 +800,72 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The open sightings (as the `end` each would get after a crash), kept in a file beside the outbox.
-/// Written (temporary file, fsync, rename, fsync of the directory) when the set of open sightings
-/// changes, and at most every [`STATE_EVERY`] otherwise (SD cards wear); removed when none is open.
-/// Failures are logged, not fatal: the file only closes sightings after a crash.
+/// The open sightings (as the `end` each would get after a crash), kept in a file beside the outbox,
+/// with the `end`s the outbox did not take (a read-only remount, EIO: they reached stdout at most).
+/// Written (temporary file, fsync, rename, fsync of the directory) when either set changes, and at most
+/// every [`STATE_EVERY`] otherwise (SD cards wear); removed when both are empty, so never before the
+/// outbox holds every `end`. Failures are logged, not fatal: the file only closes sightings after a crash.
 struct StateFile {
     path: Option<std::path::PathBuf>,
     ids: Vec<String>,
+    /// `end`s the outbox does not hold yet (JSON as delivered, or as restored).
+    unheld: Vec<serde_json::Value>,
+    /// `unheld` changed since the file was written.
+    unheld_changed: bool,
     written: Option<Instant>,
+    retried: Instant,
 }
 
 const STATE_EVERY: Duration = Duration::from_secs(10);
 
 impl StateFile {
-    fn new(path: Option<std::path::PathBuf>) -> StateFile {
-        StateFile { path, ids: Vec::new(), written: None }
+    fn new(path: Option<std::path::PathBuf>, unheld: Vec<serde_json::Value>) -> StateFile {
+        if let (Some(p), false) = (&path, unheld.is_empty()) {
+            log::error!(
+                "sightings state {}: the outbox did not take {} restored end(s); they stay in the file and are \
+                 offered again every {STATE_EVERY:?} and at the next start (same event_id)",
+                p.display(),
+                unheld.len()
+            );
+        }
+        // Restored ends not held force the first write (the file must keep them, whatever else changes).
+        let unheld_changed = !unheld.is_empty();
+        StateFile { path, ids: Vec::new(), unheld, unheld_changed, written: None, retried: Instant::now() }
+    }
+
+    /// An `end` the outbox did not take: kept in the file until it does.
+    fn keep_unheld(&mut self, json: serde_json::Value) {
+        if self.path.is_some() {
+            self.unheld.push(json);
+            self.unheld_changed = true;
+        }
+    }
+
+    /// Whether to offer the unheld `end`s to the sink again (every STATE_EVERY).
+    fn retry_due(&mut self) -> bool {
+        if self.unheld.is_empty() || self.retried.elapsed() < STATE_EVERY {
+            return false;
+        }
+        self.retried = Instant::now();
+        true
+    }
+
+    fn take_unheld(&mut self) -> Vec<serde_json::Value> {
+        self.unheld_changed = true;
+        std::mem::take(&mut self.unheld)
     }
 
     fn save(&mut self, open: &[SightingEvent]) {
         let Some(path) = &self.path else { return };
         let ids: Vec<String> = open.iter().map(|e| e.sighting_id.clone()).collect();
-        if ids == self.ids && (ids.is_empty() || self.written.is_some_and(|t| t.elapsed() < STATE_EVERY)) {
+        let nothing = ids.is_empty() && self.unheld.is_empty();
+        if !self.unheld_changed
+            && ids == self.ids
+            && (nothing || self.written.is_some_and(|t| t.elapsed() < STATE_EVERY))
+        {
             return;
         }
-        let result = if open.is_empty() {
+        let result = if nothing {
             match std::fs::remove_file(path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
@@ -784,7 +873,9 @@ impl StateFile {
         } else {
             let tmp = path.with_extension("tmp");
             (|| -> std::io::Result<()> {
-                let bytes = serde_json::to_vec(open).map_err(std::io::Error::other)?;
+                let mut records = open.iter().map(serde_json::to_value).collect::<serde_json::Result<Vec<_>>>()?;
+                records.extend(self.unheld.iter().cloned());
+                let bytes = serde_json::to_vec(&records).map_err(std::io::Error::other)?;
                 let mut f = std::fs::File::create(&tmp)?;
                 std::io::Write::write_all(&mut f, &bytes)?;
                 f.sync_all()?;
@@ -798,6 +889,7 @@ impl StateFile {
         match result {
             Ok(()) => {
                 self.ids = ids;
+                self.unheld_changed = false;
                 self.written = Some(Instant::now());
             }
             Err(e) => log::warn!("sightings state {}: {e}", path.display()),
@@ -805,8 +897,10 @@ impl StateFile {
     }
 }
 
-/// The `end` events of sightings a previous run left open (fresh event ids); the file is then removed.
-fn restore_open_sightings(path: &std::path::Path) -> Vec<Event> {
+/// The `end` events of sightings a previous run left open (or whose `end` the outbox did not take),
+/// each with the JSON it came from. The event id is derived from the sighting id
+/// ([`crate::detection::end_event_id`]), so an `end` sent again is recognisably the same event.
+fn restore_open_sightings(path: &std::path::Path) -> Vec<(Event, serde_json::Value)> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
@@ -823,25 +917,40 @@ fn restore_open_sightings(path: &std::path::Path) -> Vec<Event> {
         }
     };
     let mut out = Vec::new();
-    for mut json in events {
-        let camera = json.get("camera").and_then(|c| c.as_str()).map(str::to_string);
-        let sighting = json.get("sighting_id").and_then(|c| c.as_str()).map(str::to_string);
-        let (Some(camera), Some(sighting)) = (camera, sighting) else {
-            log::error!("sightings state {}: a record without camera or sighting_id; skipped", path.display());
+    for json in events {
+        let Some(e) = restored_event(&json) else {
+            log::error!(
+                "sightings state {}: a record without camera or sighting_id, or a camera that is not a topic \
+                 level; skipped",
+                path.display()
+            );
             continue;
         };
-        if camera.is_empty() || camera.contains(['/', '+', '#']) {
-            log::error!("sightings state {}: camera {camera:?} is not a topic level; skipped", path.display());
-            continue;
+        if let Event::Restored { camera, json: j, .. } = &e {
+            let sighting = j.get("sighting_id").and_then(|c| c.as_str()).unwrap_or_default();
+            let reason = j.get("end_reason").and_then(|c| c.as_str()).unwrap_or("restart");
+            log::warn!(
+                "camera {camera}: sighting {sighting} was open when whaled last stopped, or its end was not stored; \
+                 ending it (reason {reason})"
+            );
         }
-        let event_id = uuid::Uuid::now_v7().to_string();
-        json["event_id"] = serde_json::Value::String(event_id.clone());
-        log::warn!(
-            "camera {camera}: sighting {sighting} was open when whaled last stopped; ending it (reason restart)"
-        );
-        out.push(Event::Restored { camera, event_id, json });
+        out.push((e, json));
     }
     out
+}
+
+/// A stored `end` as an event to deliver, its `event_id` derived from its sighting id; `None` for a
+/// record without camera or sighting id, or with a camera that is not a topic level.
+fn restored_event(json: &serde_json::Value) -> Option<Event> {
+    let camera = json.get("camera")?.as_str()?.to_string();
+    let sighting = json.get("sighting_id")?.as_str()?;
+    if camera.is_empty() || camera.contains(['/', '+', '#']) {
+        return None;
+    }
+    let event_id = crate::detection::end_event_id(sighting);
+    let mut json = json.clone();
+    json["event_id"] = serde_json::Value::String(event_id.clone());
+    Some(Event::Restored { camera, event_id, json })
 }
 
 /// First and longest wait before reopening a failed source.
@@ -954,6 +1063,16 @@ fn infer(worker: usize, ctx: &Ctx<'_>, mailbox: &Mailbox, shutdown: &Shutdown, o
     log::debug!("inference worker {:?} done", std::thread::current().name());
 }
 
+/// `clock_synced` for a frame captured at `t`: the kernel's answer, but `false` for a time no timestamp
+/// can show (before 1970, after 9999: a clock stepped to garbage, whatever the kernel says).
+fn clock_synced_at(t: std::time::SystemTime) -> Option<bool> {
+    if crate::detection::time_in_range(t) {
+        crate::clock::synchronised()
+    } else {
+        Some(false)
+    }
+}
+
 /// Assesses one frame, updates its camera's counters and sighting; pushes what to emit.
 fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::Workspace, out: &mut Vec<Event>) {
     let (identifier, names, control, options) = (ctx.identifier, ctx.names, ctx.control, ctx.options);
@@ -962,7 +1081,7 @@ fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::
     let started = Instant::now();
     let name = format!("{}#{}", names[i], frame.seq);
     let tracker = ctx.trackers.and_then(|t| t.get(i));
-    let clock_synced = crate::clock::synchronised();
+    let clock_synced = clock_synced_at(frame.captured_at);
     // The fix current when the frame was captured (on the monotonic clock: a clock step changes nothing).
     let position = options.gps.as_ref().and_then(|g| {
         let p = g.position(frame.captured_mono);
@@ -1087,5 +1206,21 @@ fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::
         out.push(Event::Detection(detection));
     } else {
         wake(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    /// A capture time before 1970 or after 9999 (a clock stepped to garbage) is `clock_synced: false`
+    /// even where the kernel says the clock is synchronised; an ordinary time gets the kernel's answer.
+    #[test]
+    fn a_garbage_capture_time_is_never_clock_synced() {
+        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(1);
+        let after = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_800 + 1);
+        assert_eq!(super::clock_synced_at(before), Some(false));
+        assert_eq!(super::clock_synced_at(after), Some(false));
+        assert_eq!(super::clock_synced_at(SystemTime::now()), crate::clock::synchronised());
     }
 }

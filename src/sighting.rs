@@ -137,7 +137,7 @@ pub enum Decision {
 }
 
 fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    crate::detection::rfc3339_millis(t)
 }
 
 fn since(later: Instant, earlier: Instant) -> Duration {
@@ -462,7 +462,11 @@ impl Tracker {
 
     fn event(&self, o: &Open, phase: SightingPhase, reason: Option<EndReason>, at: SystemTime) -> SightingEvent {
         SightingEvent {
-            event_id: uuid::Uuid::now_v7().to_string(),
+            // An `end` sent twice (after a crash, reason `restart`) keeps one id: consumers drop the repeat.
+            event_id: match phase {
+                SightingPhase::End => crate::detection::end_event_id(&o.id),
+                _ => uuid::Uuid::now_v7().to_string(),
+            },
             sighting_id: o.id.clone(),
             event: phase,
             device_id: self.device_id.clone(),

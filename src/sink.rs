@@ -9,7 +9,7 @@
 use std::io::Write;
 
 use crate::error::{Error, Result};
-use crate::pipeline::Event;
+use crate::pipeline::{Delivery, Event};
 
 /// One destination of events (detections, sightings). `deliver` gets the event and its JSON line
 /// (serialised once for every sink).
@@ -19,6 +19,11 @@ pub trait Sink {
     /// Delivers one detection. An error is this sink's alone; what it means is the sink's to say
     /// ([`Failure`]).
     fn deliver(&mut self, event: &Event, line: &str) -> std::result::Result<(), Failure>;
+    /// Whether what this sink stores survives a crash (the outbox): [`Sinks::deliver`] reports an event
+    /// as held only once such a sink has it.
+    fn durable(&self) -> bool {
+        false
+    }
 }
 
 /// How a sink failed.
@@ -79,6 +84,10 @@ impl Sink for OutboxSink<'_> {
         "outbox"
     }
 
+    fn durable(&self) -> bool {
+        true
+    }
+
     fn deliver(&mut self, e: &Event, line: &str) -> std::result::Result<(), Failure> {
         let stored = match e {
             Event::Detection(d) => {
@@ -120,10 +129,12 @@ impl<'a> Sinks<'a> {
         }
     }
 
-    /// Delivers `e` to every sink still open. Errors only when no sink is left open.
-    pub fn deliver(&mut self, e: &Event) -> Result<()> {
+    /// Delivers `e` to every sink still open. Errors only when no sink is left open. [`Delivery::Held`]
+    /// when every durable sink (the outbox) took it, or there is none; `NotHeld` when one failed or has
+    /// closed (the event reached stdout at most).
+    pub fn deliver(&mut self, e: &Event) -> Result<Delivery> {
         let (line, event_id) = match e {
-            Event::Wake => return Ok(()),
+            Event::Wake => return Ok(Delivery::Held),
             Event::Snapshot { sighting_id, .. } => (Ok(String::new()), sighting_id.as_str()),
             Event::Detection(d) => (serde_json::to_string(d), d.event_id.as_str()),
             Event::Sighting(s) => (serde_json::to_string(s), s.event_id.as_str()),
@@ -131,8 +142,15 @@ impl<'a> Sinks<'a> {
         };
         let line = line.map_err(|err| Error::Input(format!("event {event_id} to JSON: {err}")))?;
         let d = e;
-        for slot in self.sinks.iter_mut().filter(|s| s.open) {
-            match slot.sink.deliver(d, &line) {
+        let mut held = true;
+        for slot in self.sinks.iter_mut() {
+            if !slot.open {
+                held &= !slot.sink.durable();
+                continue;
+            }
+            let result = slot.sink.deliver(d, &line);
+            held &= result.is_ok() || !slot.sink.durable();
+            match result {
                 Ok(()) => {}
                 Err(Failure::Event(e)) => {
                     // Data lost: ERROR, but one line per LOSS_LOG_EVERY, not one per frame.
@@ -155,7 +173,7 @@ impl<'a> Sinks<'a> {
             }
         }
         if self.sinks.iter().any(|s| s.open) {
-            Ok(())
+            Ok(if held { Delivery::Held } else { Delivery::NotHeld })
         } else {
             Err(Error::Input("every output failed (see above): detections would go nowhere".into()))
         }
@@ -171,6 +189,7 @@ mod tests {
     /// good (`Closed`).
     struct Scripted {
         name: &'static str,
+        durable: bool,
         got: Arc<Mutex<Vec<String>>>,
         fail_at: usize,
         closed: bool,
@@ -180,6 +199,10 @@ mod tests {
     impl Sink for Scripted {
         fn name(&self) -> &'static str {
             self.name
+        }
+
+        fn durable(&self) -> bool {
+            self.durable
         }
 
         fn deliver(&mut self, e: &Event, _: &str) -> std::result::Result<(), Failure> {
@@ -205,29 +228,42 @@ mod tests {
 
     fn scripted(name: &'static str, fail_at: usize, closed: bool) -> (Box<dyn Sink>, Arc<Mutex<Vec<String>>>) {
         let got = Arc::new(Mutex::new(Vec::new()));
-        (Box::new(Scripted { name, got: got.clone(), fail_at, closed, n: 0 }), got)
+        (Box::new(Scripted { name, durable: name == "outbox", got: got.clone(), fail_at, closed, n: 0 }), got)
     }
 
     /// Each row: how the outbox and stdout fail; what each received; whether delivery stops.
     #[test]
     fn sinks_fail_independently() {
-        type Row = ((usize, bool), (usize, bool), &'static [&'static str], &'static [&'static str], bool);
+        use Delivery::{Held as H, NotHeld as N};
+        type Row = (
+            (usize, bool),
+            (usize, bool),
+            &'static [&'static str],
+            &'static [&'static str],
+            &'static [Option<Delivery>],
+        );
         let rows: &[Row] = &[
-            // stdout closes at the 2nd event: the outbox still gets all three.
-            ((0, false), (2, true), &["f0", "f1", "f2"], &["f0"], false),
-            // the outbox loses the 2nd event (disk full): stdout and later events unaffected.
-            ((2, false), (0, false), &["f0", "f2"], &["f0", "f1", "f2"], false),
+            // stdout closes at the 2nd event: the outbox still gets (holds) all three.
+            ((0, false), (2, true), &["f0", "f1", "f2"], &["f0"], &[Some(H), Some(H), Some(H)]),
+            // the outbox loses the 2nd event (disk full): stdout and later events unaffected; the 2nd is
+            // not held (it reached stdout only).
+            ((2, false), (0, false), &["f0", "f2"], &["f0", "f1", "f2"], &[Some(H), Some(N), Some(H)]),
+            // the outbox is gone for good: nothing after is held.
+            ((2, true), (0, false), &["f0"], &["f0", "f1", "f2"], &[Some(H), Some(N), Some(N)]),
             // both gone: delivery fails (the daemon stops rather than drop everything silently).
-            ((1, true), (2, true), &[], &["f0"], true),
+            ((1, true), (2, true), &[], &["f0"], &[Some(N), None, None]),
         ];
-        for &((of, oc), (sf, sc), want_outbox, want_stdout, stops) in rows {
+        for &((of, oc), (sf, sc), want_outbox, want_stdout, want) in rows {
             let (outbox, o_got) = scripted("outbox", of, oc);
             let (stdout, s_got) = scripted("stdout", sf, sc);
             let mut sinks = Sinks::new(vec![outbox, stdout]);
-            let results: Vec<bool> = (0..3).map(|n| sinks.deliver(&detection(n)).is_ok()).collect();
+            let results: Vec<Option<Delivery>> = (0..3).map(|n| sinks.deliver(&detection(n)).ok()).collect();
             assert_eq!(*o_got.lock().unwrap(), want_outbox);
             assert_eq!(*s_got.lock().unwrap(), want_stdout);
-            assert_eq!(results.last() == Some(&false), stops, "{results:?}");
+            assert_eq!(results, want);
         }
+        // No durable output configured (stdout only): nothing to wait for, every delivery is held.
+        let (stdout, _) = scripted("stdout", 0, false);
+        assert_eq!(Sinks::new(vec![stdout]).deliver(&detection(0)).unwrap(), H);
     }
 }
