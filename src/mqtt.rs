@@ -132,13 +132,8 @@ pub fn signed_gallery_update(
             "--force applies to a whole gallery and needs --replaces N (the version the boat has now)".into(),
         ));
     }
-    let statement = Statement {
-        kind: kind.into(),
-        version,
-        sha256: crate::signing::hex(&Sha256::digest(file)),
-        force,
-        replaces,
-    };
+    let statement =
+        Statement { kind: kind.into(), version, sha256: crate::signing::hex(&Sha256::digest(file)), force, replaces };
     let mut header = serde_json::json!({
         "kind": kind,
         "version": version,
@@ -218,7 +213,8 @@ fn apply_gallery_update(
     let signature = u.signature.as_deref().ok_or_else(|| {
         Error::Input("unsigned: this box installs only gallery updates signed by a pinned key (`whaled gallery sign`); nothing changed".into())
     })?;
-    let signer = verifier.verify(&u.statement(), signature).map_err(|why| Error::Input(format!("{why}; nothing changed")))?;
+    let signer =
+        verifier.verify(&u.statement(), signature).map_err(|why| Error::Input(format!("{why}; nothing changed")))?;
     let got: String = Sha256::digest(body).iter().map(|b| format!("{b:02x}")).collect();
     if !got.eq_ignore_ascii_case(&u.sha256) {
         return Err(Error::Input(format!(
@@ -930,7 +926,10 @@ impl Link {
                 Some(t) if (0.0..=1.0).contains(&t) => {
                     self.control.set_threshold(t);
                     // Unsigned: `from` is what the sender says it is (the broker's ACLs vouch for it).
-                    log::info!("pre-filter threshold set to {t} by command (from: {})", from.as_deref().unwrap_or("not given"));
+                    log::info!(
+                        "pre-filter threshold set to {t} by command (from: {})",
+                        from.as_deref().unwrap_or("not given")
+                    );
                     (true, format!("threshold {t}"))
                 }
                 _ => (false, "set_threshold needs {\"threshold\": a number in [0, 1]}".into()),
@@ -975,13 +974,15 @@ impl Link {
                         ),
                         rid,
                     ),
-                    (Ok(rid), Ok(header)) => match apply_gallery_update(identifier, &verifier, &header, &payload[nl + 1..]) {
-                        Ok(summary) => {
-                            log::info!("gallery updated from shore: {summary}");
-                            (true, summary, rid)
+                    (Ok(rid), Ok(header)) => {
+                        match apply_gallery_update(identifier, &verifier, &header, &payload[nl + 1..]) {
+                            Ok(summary) => {
+                                log::info!("gallery updated from shore: {summary}");
+                                (true, summary, rid)
+                            }
+                            Err(e) => (false, e.to_string(), rid),
                         }
-                        Err(e) => (false, e.to_string(), rid),
-                    },
+                    }
                 }
             }
         };

@@ -71,7 +71,10 @@ impl PublicKey {
     pub fn parse(name: &str, text: &str) -> std::result::Result<PublicKey, String> {
         let t = text.trim();
         let bytes = unhex(t).ok_or_else(|| {
-            format!("expected an Ed25519 public key as 64 hex digits (from `whaled gallery keygen`), got {} characters", t.len())
+            format!(
+                "expected an Ed25519 public key as 64 hex digits (from `whaled gallery keygen`), got {} characters",
+                t.len()
+            )
         })?;
         let key: [u8; 32] = bytes
             .try_into()
@@ -144,7 +147,10 @@ impl SigningKey {
     pub fn load(path: &Path) -> Result<SigningKey> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let der = unhex(text.trim()).ok_or_else(|| {
-            Error::Input(format!("{}: not a whaled private key (one line of hex from `whaled gallery keygen`)", path.display()))
+            Error::Input(format!(
+                "{}: not a whaled private key (one line of hex from `whaled gallery keygen`)",
+                path.display()
+            ))
         })?;
         let pair = Ed25519KeyPair::from_pkcs8(&der)
             .map_err(|e| Error::Input(format!("{}: not an Ed25519 PKCS#8 key ({e})", path.display())))?;

@@ -830,16 +830,19 @@ fn no_command_can_knock_the_boat_offline() {
     // 3. A command just under the outgoing limit whose request_id would make the reply larger than it:
     //    refused, not echoed, and the connection stays up (no Last Will).
     let before = detection_ids(&sub.snapshot());
-    let huge_id = serde_json::to_vec(&serde_json::json!({"camera": "bow", "request_id": "r".repeat(1_040_000)})).unwrap();
+    let huge_id =
+        serde_json::to_vec(&serde_json::json!({"camera": "bow", "request_id": "r".repeat(1_040_000)})).unwrap();
     sub.publish("whaled/boat/cmd/pause", &huge_id, false);
-    let m = sub.wait_for(Duration::from_secs(20), "a refusal of the huge request_id", |m| !replies(m, "pause").is_empty());
+    let m =
+        sub.wait_for(Duration::from_secs(20), "a refusal of the huge request_id", |m| !replies(m, "pause").is_empty());
     let r = &replies(&m, "pause")[0];
     assert!(r["ok"] == false && r["message"].as_str().unwrap().contains("request_id"), "{r}");
     assert!(r.get("request_id").is_none(), "a long request_id is never echoed");
     // A camera name as long as the packet allows, echoed in the message: the reply is cut to fit.
     let long_camera = serde_json::to_vec(&serde_json::json!({"camera": "c".repeat(1_040_000)})).unwrap();
     sub.publish("whaled/boat/cmd/resume", &long_camera, false);
-    let m = sub.wait_for(Duration::from_secs(20), "a reply to the long camera name", |m| !replies(m, "resume").is_empty());
+    let m =
+        sub.wait_for(Duration::from_secs(20), "a reply to the long camera name", |m| !replies(m, "resume").is_empty());
     assert!(m.iter().all(|x| !x.topic.ends_with("/reply") || x.payload.len() < 1 << 20));
     assert_eq!(replies(&m, "resume")[0]["ok"].as_bool(), Some(false));
     detections_flow(&sub, &before, 5, Duration::from_secs(10), "detections after the oversized replies");
@@ -863,7 +866,9 @@ fn no_command_can_knock_the_boat_offline() {
 fn without_the_right_a_client_cannot_pause_a_camera() {
     let tmp = tempfile::tempdir().unwrap();
     let pw = tmp.path().join("passwords");
-    for (i, (user, pass)) in [("boat", "boat-pass"), ("shore", "shore-pass"), ("guest", "guest-pass")].iter().enumerate() {
+    for (i, (user, pass)) in
+        [("boat", "boat-pass"), ("shore", "shore-pass"), ("guest", "guest-pass")].iter().enumerate()
+    {
         let mut cmd = Command::new("mosquitto_passwd");
         cmd.arg("-b");
         if i == 0 {
@@ -879,8 +884,11 @@ fn without_the_right_a_client_cannot_pause_a_camera() {
     );
     let secret = tmp.path().join("mqtt.pass");
     std::fs::write(&secret, "boat-pass\n").unwrap();
-    let config =
-        daemon_config(tmp.path(), broker.port, &format!("username = \"boat\"\npassword_file = \"{}\"", secret.display()));
+    let config = daemon_config(
+        tmp.path(),
+        broker.port,
+        &format!("username = \"boat\"\npassword_file = \"{}\"", secret.display()),
+    );
     let shore = Subscriber::start_as(broker.port, "shore", "whaled/boat/#", Some(("shore", "shore-pass")));
     let guest = Subscriber::start_as(broker.port, "guest", "whaled/boat/#", Some(("guest", "guest-pass")));
     let d = Daemon::start(&config);
