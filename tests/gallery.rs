@@ -119,6 +119,7 @@ fn build_identify_enroll_remove_merge_and_wrong_embedder() {
     let mut args = vec!["identify", "--config", cfg.to_str().unwrap()];
     args.extend(photos.iter().map(String::as_str));
     let dets = detections(&ok(&whaled(&args)));
+    assert_eq!(dets.len(), known.len(), "one detection per enrolled photo");
     for (d, (_, id)) in dets.iter().zip(&known) {
         assert_eq!(d["class_animal"].as_str(), Some(id.as_str()), "{d}");
         assert_eq!(d["identification"]["source"], "gallery", "{d}");
@@ -233,15 +234,35 @@ fn an_enrolment_cut_short_leaves_the_old_gallery_or_the_new_one() {
     let after = std::fs::read(&g).unwrap();
     assert!(after.starts_with(&before), "an enrolment appends");
 
-    // Power cut: the file ends at arbitrary points inside the new transaction.
+    // Power cut: the file ends at arbitrary points inside the new transaction. `gallery list` (read-only)
+    // shows the old gallery and writes nothing: no cut-off, no `.lock`, no `.torn-*`, the same bytes.
+    let listing = || {
+        let mut v: Vec<String> =
+            std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        v.sort();
+        v
+    };
+    let _ = std::fs::remove_file(tmp.path().join("crew.wgal.lock")); // left by build and enroll
     for cut in [before.len() + 1, before.len() + 100, (before.len() + after.len()) / 2, after.len() - 1] {
         std::fs::write(&g, &after[..cut]).unwrap();
+        let names = listing();
         let out = whaled(&["gallery", "list", "--json", g.to_str().unwrap()]);
         let l: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!((l["version"].as_u64(), l["photos"].as_u64()), (Some(1), Some(2)), "cut at {cut}: {l}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("cut off"), "a WARN says so");
-        assert_eq!(std::fs::read(&g).unwrap(), before, "cut at {cut}: the torn tail is gone");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("WARN") && stderr.contains("ignoring"), "a WARN says so: {stderr}");
+        assert_eq!(std::fs::read(&g).unwrap(), &after[..cut], "cut at {cut}: a read-only command changed the file");
+        assert_eq!(listing(), names, "cut at {cut}: a read-only command created files");
     }
+    // A writer (an enrolment) cuts the torn tail off, keeps it aside, and appends after the old gallery.
+    let one = photos[0].clone();
+    let out = whaled(&["gallery", "enroll", "--config", cfg.to_str().unwrap(), "--id", "crew-003", &one]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cut off"), "a WARN says so");
+    assert!(std::fs::read(&g).unwrap().starts_with(&before), "the torn tail is gone, the old gallery kept");
+    assert!(listing().iter().any(|n| n.starts_with("crew.wgal.torn-")), "{:?}", listing());
+    let l = list(&g);
+    assert_eq!((l["version"].as_u64(), l["photos"].as_u64()), (Some(2), Some(3)), "{l}");
 
     // SIGKILL at random points of an enrolment of 12 photos.
     let many: Vec<String> = whales_dev("cetacean", 12).iter().map(|p| p.display().to_string()).collect();
