@@ -1,13 +1,15 @@
-//! The layering rule of ARCHITECTURE.md, checked: a module of `src/` may import (`crate::x`, `super::x`
-//! at the top level) only modules of its own layer or below, so the dependency arrows all point one way
-//! and each layer can be read, tested and replaced without the ones above it.
+//! The layering rule of ARCHITECTURE.md, checked: a module of `src/` may import only modules of its own
+//! layer or below, so the dependency arrows all point one way and each layer can be read, tested and
+//! replaced without the ones above it. An import is any path that names a top-level module: `crate::x`,
+//! each name of a group `crate::{x, y::z}` (also over several lines), and a `super::` path that reaches
+//! the crate root (`super::x` in `src/a.rs` or `src/a/mod.rs`, `super::super::x` in `src/a/b.rs`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Layers, lowest first; the same table as ARCHITECTURE.md's "Layers".
 const LAYERS: &[(&str, &[&str])] = &[
-    ("foundations", &["error", "values", "signing"]),
+    ("foundations", &["error", "values"]),
     ("configuration and wire types", &["config", "manifest", "detection", "scoring"]),
     (
         "frames and models",
@@ -30,28 +32,95 @@ fn module_of(path: &Path, src: &Path) -> String {
     first.trim_end_matches(".rs").to_string()
 }
 
-/// Every `crate::name` a file mentions outside comments and `#[cfg(test)]` modules.
-fn imports(text: &str) -> Vec<String> {
+/// The module path of a source file: `src/config/mqtt.rs` -> [config, mqtt], `src/config/mod.rs` -> [config].
+fn module_path(path: &Path, src: &Path) -> Vec<String> {
+    let rel = path.strip_prefix(src).unwrap().with_extension("");
+    let mut parts: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+    if parts.last().is_some_and(|p| p == "mod") {
+        parts.pop();
+    }
+    parts
+}
+
+/// The leading identifier of `s`.
+fn ident(s: &str) -> &str {
+    let end = s.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(s.len());
+    &s[..end]
+}
+
+/// The top-level names after a path prefix: `x::y` -> [x]; `{x, y::{z}, w}` -> [x, y, w].
+fn names_after(rest: &str) -> Vec<String> {
+    let rest = rest.trim_start();
+    let Some(group) = rest.strip_prefix('{') else {
+        return vec![ident(rest).to_string()];
+    };
+    let (mut names, mut depth, mut item_start) = (Vec::new(), 0usize, 0usize);
+    for (i, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => {
+                names.push(ident(group[item_start..i].trim_start()).to_string());
+                break;
+            }
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                names.push(ident(group[item_start..i].trim_start()).to_string());
+                item_start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    names
+}
+
+/// Every top-level module a file at `module` (its module path) names outside comments and its
+/// `#[cfg(test)]` module: through `crate::` and through `super::` paths that reach the crate root.
+fn imports(text: &str, module: &[String]) -> Vec<String> {
     let code = match text.find("#[cfg(test)]\nmod tests") {
         Some(i) => &text[..i],
         None => text,
     };
+    // Comments out (from `//` to the end of the line), lines joined so a `use` may span several.
+    let code: String = code.lines().map(|l| l.find("//").map_or(l, |i| &l[..i])).collect::<Vec<_>>().join("\n");
+    let boundary = |i: usize| !code[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':');
     let mut out = Vec::new();
-    for line in code.lines() {
-        let line = line.trim_start();
-        if line.starts_with("//") {
-            continue;
-        }
-        let mut rest = line;
-        while let Some(i) = rest.find("crate::") {
-            let name: String = rest[i + 7..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-            if !name.is_empty() && name.chars().next().is_some_and(|c| c.is_ascii_lowercase()) {
-                out.push(name);
-            }
-            rest = &rest[i + 7..];
+    for (i, _) in code.match_indices("crate::") {
+        if boundary(i) {
+            out.extend(names_after(&code[i + "crate::".len()..]));
         }
     }
+    for (i, _) in code.match_indices("super::") {
+        if !boundary(i) {
+            continue; // the second `super::` of `super::super::`
+        }
+        let mut rest = &code[i..];
+        let mut up = 0;
+        while let Some(r) = rest.strip_prefix("super::") {
+            rest = r.trim_start();
+            up += 1;
+        }
+        // At the crate root only when it climbs out of every enclosing module; below it, the path stays
+        // inside this file's own top-level module.
+        if up == module.len() {
+            out.extend(names_after(rest));
+        }
+    }
+    out.retain(|n| n.starts_with(|c: char| c.is_ascii_lowercase()));
     out
+}
+
+#[test]
+fn imports_finds_groups_and_super_paths() {
+    let top = ["pipeline".to_string()];
+    let nested = ["config".to_string(), "mqtt".to_string()];
+    assert_eq!(imports("use crate::decode::Decoder;", &top), ["decode"]);
+    assert_eq!(imports("use crate::{mqtt, sink::{Sink, Sinks}, Error};", &top), ["mqtt", "sink"]);
+    assert_eq!(imports("use crate::{\n    daemon,\n    // crate::bench\n    health::Health,\n};", &top), ["daemon", "health"]);
+    assert_eq!(imports("use super::mqtt::Publisher;\nlet x = super::{outbox, health};", &top), ["mqtt", "outbox", "health"]);
+    assert_eq!(imports("use super::values::Count;", &nested), Vec::<String>::new(), "inside config");
+    assert_eq!(imports("use super::super::pipeline::Control;", &nested), ["pipeline"]);
+    assert_eq!(imports("pub(crate) fn f() {}", &top), Vec::<String>::new());
+    assert_eq!(imports("fn f() {}\n#[cfg(test)]\nmod tests {\n    use crate::daemon;\n}", &top), Vec::<String>::new());
 }
 
 fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
@@ -83,7 +152,7 @@ fn imports_point_down_the_layers() {
             continue;
         };
         let text = std::fs::read_to_string(path).unwrap();
-        for import in imports(&text) {
+        for import in imports(&text, &module_path(path, &src)) {
             // `crate::Error` / `crate::Result` are re-exports of `error`.
             let Some(theirs) = layer_of(&import) else { continue };
             if theirs > own {
@@ -115,7 +184,7 @@ fn no_module_cycles_within_a_layer() {
     for path in &all {
         let module = module_of(path, &src);
         let text = std::fs::read_to_string(path).unwrap();
-        for import in imports(&text) {
+        for import in imports(&text, &module_path(path, &src)) {
             if import != module && layer_of(&import).is_some() {
                 edges.entry(module.clone()).or_default().insert(import);
             }
