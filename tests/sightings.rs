@@ -87,7 +87,9 @@ fn scene(dir: &Path) -> Scene {
     args.extend(pngs.iter().map(|p| p.display().to_string()));
     let out = Command::new(env!("CARGO_BIN_EXE_whaled")).args(&args).output().unwrap();
     let (mut whales, mut scenes) = (Vec::new(), Vec::new());
-    for (line, p) in ok(&out).lines().zip(&pngs) {
+    let stdout = ok(&out);
+    assert_eq!(stdout.lines().count(), pngs.len(), "one detection per photo: {stdout}");
+    for (line, p) in stdout.lines().zip(&pngs) {
         let d: serde_json::Value = serde_json::from_str(line).unwrap();
         let score = d["prefilter"]["score"].as_f64().unwrap();
         match (d["is_cetacean"].as_bool().unwrap(), pngs.iter().position(|x| x == p).unwrap()) {
@@ -191,7 +193,10 @@ fn check_sighting(
     let agg = &end["identification"];
     assert_eq!(agg["rule"], "mean_embedding");
     assert_eq!(agg["frames"].as_u64(), Some(chosen.len() as u64));
-    for (g, w) in agg["top"].as_array().unwrap().iter().zip(last["top"].as_array().unwrap()) {
+    let (got_top, want_top) = (agg["top"].as_array().unwrap(), last["top"].as_array().unwrap());
+    assert!(!want_top.is_empty(), "the reference has candidates: {last}");
+    assert_eq!(got_top.len(), want_top.len(), "{agg} vs {last}");
+    for (g, w) in got_top.iter().zip(want_top) {
         assert_eq!(g["class_animal"], w["class_animal"], "{agg} vs {last}");
         assert!(
             (g["probability"].as_f64().unwrap() - w["probability"].as_f64().unwrap()).abs() <= 1.5e-4,
@@ -371,9 +376,13 @@ fn a_sighting_survives_a_broker_outage_and_a_crash() {
     assert_eq!(phases.last(), Some(&"end"));
     assert_eq!(phases.iter().filter(|p| **p == "end").count(), 1);
     assert_eq!(old.last().unwrap()["end_reason"], "restart");
+    // An end's event id is derived from its sighting: sent again, it would be the same event.
+    assert_eq!(old.last().unwrap()["event_id"].as_str(), Some(whaled::detection::end_event_id(&crashed).as_str()));
     let new = by_sighting.values().find(|v| v[0]["sighting_id"] != crashed.as_str()).unwrap();
     assert_eq!(new.first().unwrap()["event"], "new");
     assert_eq!(new.last().unwrap()["end_reason"], "shutdown");
+    let new_id = new[0]["sighting_id"].as_str().unwrap();
+    assert_eq!(new.last().unwrap()["event_id"].as_str(), Some(whaled::detection::end_event_id(new_id).as_str()));
     assert!(!state.exists(), "no sighting left open after a clean stop");
     // The ended sighting's best frame, as a JPEG on its own topic; its end says so.
     let end = new.last().unwrap();

@@ -79,6 +79,7 @@ fn the_stage_applies_the_upstream_rule_before_or_after_the_prefilter() {
         let stdout = check(&out, "whaled identify");
         let mut passed = 0;
         let mut worst = 0f64;
+        assert_eq!(stdout.lines().count(), refs.len(), "{position}: one detection per photo: {stdout}");
         for (line, (name, want)) in stdout.lines().zip(&refs) {
             let d: serde_json::Value = serde_json::from_str(line).unwrap();
             assert_eq!(d["image_ind"].as_str(), Some(name.as_str()));
@@ -134,7 +135,10 @@ fn the_stage_applies_the_upstream_rule_before_or_after_the_prefilter() {
             .args(&pngs)
             .output()
             .unwrap();
-        for ((line, (name, zs)), p) in check(&out, "whaled identify").lines().zip(&refs).zip(&pf) {
+        let stdout = check(&out, "whaled identify");
+        assert_eq!(refs.len(), pf.len(), "references for every photo");
+        assert_eq!(stdout.lines().count(), refs.len(), "{position}: one detection per photo: {stdout}");
+        for ((line, (name, zs)), p) in stdout.lines().zip(&refs).zip(&pf) {
             let d: serde_json::Value = serde_json::from_str(line).unwrap();
             let (pf_pass, zs_pass) = (*p >= pf_threshold, *zs >= threshold);
             assert_eq!(d["is_cetacean"].as_bool(), Some(pf_pass && zs_pass), "{position} {name}: {d}");
