@@ -692,7 +692,8 @@ pub fn run_controlled<D: Into<Delivery>>(
         // Sighting events leave the trackers only here, in each camera's order, before anything a worker
         // sent after them; the state file is written from the records taken with them, and keeps every
         // `end` the outbox does not hold yet (offered again every STATE_EVERY; at the next start else).
-        let mut drain = |deliver: &mut dyn FnMut(Event, &mut Option<Error>) -> Delivery, sink_error: &mut Option<Error>| {
+        let mut drain = |deliver: &mut dyn FnMut(Event, &mut Option<Error>) -> Delivery,
+                         sink_error: &mut Option<Error>| {
             let Some(trackers) = &trackers else { return };
             if sink_error.is_none() && state.retry_due() {
                 for json in state.take_unheld() {

@@ -205,7 +205,15 @@ fn identify_with_garbage_file_times_does_not_panic() {
     let dets: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(dets.len(), 2, "{stdout}");
     for d in &dets {
-        assert_eq!((d["captured_at"].as_str(), d["clock_synced"].as_bool()), (Some(TIME_BEFORE_1970), Some(false)), "{d}");
+        assert_eq!(
+            (d["captured_at"].as_str(), d["clock_synced"].as_bool()),
+            (Some(TIME_BEFORE_1970), Some(false)),
+            "{d}"
+        );
     }
-    assert_eq!(stderr.lines().filter(|l| l.contains("WARN") && l.contains("outside 1970..9999")).count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.lines().filter(|l| l.contains("WARN") && l.contains("outside 1970..9999")).count(),
+        1,
+        "{stderr}"
+    );
 }
