@@ -1,10 +1,19 @@
 //! tract and onnxruntime must compute the same thing on every shipped and generated model: fp32 outputs
 //! within 1e-4 and the same top-5; int8 (QDQ) the same top-1. Inputs are real preprocessed frames.
+//! Outputs are compared with `common::tract_ops::max_diff`: lengths must be equal and a NaN anywhere
+//! is an infinite difference. With `inference.threads > 1`, at most one inference at a time runs on
+//! tract's pool, observed directly (`TractBackend::peaks`).
 #![cfg(feature = "onnxruntime")]
 
 mod common;
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::tract_ops::max_diff;
 use common::*;
+use whaled::backend::tract::TractBackend;
+use whaled::backend::{Backend, LoadRequest};
 use whaled::head::IdentificationHead;
 use whaled::manifest::{BackendKind, ModelManifest, Role};
 use whaled::model::Model;
@@ -88,8 +97,9 @@ fn check_parity(cases: Vec<Case>) {
             pre.run(f, &mut input).unwrap();
             let a = tract.run(&input).unwrap();
             let b = ort.run(&input).unwrap();
-            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
             let label = format!("{} {} frame {i}", manifest.name, case.variant);
+            assert_eq!(a.len(), b.len(), "{label}: output lengths");
+            let diff = max_diff(&a, &b);
             eprintln!("{label}: max |tract - onnxruntime| = {diff:e}");
             assert!(diff <= case.max_abs_diff, "{label}: max abs diff {diff} > {}", case.max_abs_diff);
             let (ta, tb) = match &head {
@@ -140,18 +150,64 @@ fn onnxruntime_sessions_per_worker_keep_outputs_apart() {
 }
 
 /// tract with a 2-thread pool shared by four inference workers (`[pipeline] workers` share one model):
-/// one inference at a time runs on the pool, the others from their own threads; every output still
-/// matches onnxruntime's for its own frame, and nothing deadlocks.
+/// one inference at a time runs on the pool, the others from their own threads. Nested on the pool an
+/// inference is still right, only stalled behind another, so outputs cannot show the rule: it is
+/// observed (`TractBackend::peaks`): the workers did overlap (more than one inference in flight at
+/// least once) and never was more than one on a pool thread. Every output matches onnxruntime's for
+/// its own frame, and all of it finishes within a time limit (no deadlock).
 #[test]
-fn tract_on_a_thread_pool_shared_by_workers_keeps_outputs_apart() {
+fn tract_runs_one_inference_at_a_time_on_a_pool_shared_by_workers() {
     let manifest = ModelManifest::load(&shipped_manifest()).unwrap();
     let mut cfg = inference(BackendKind::Tract);
     cfg.threads = 2;
-    let tract = Model::load(manifest.clone(), Some("fp32"), &cfg).unwrap();
+    let variant = manifest.select_variant(Some("fp32"), BackendKind::Tract).unwrap().clone();
+    let onnx = std::fs::read(&variant.file).unwrap();
+    let req = LoadRequest { manifest: &manifest, variant: &variant, onnx: &onnx, inference: &cfg };
+    let tract = Arc::new(TractBackend::load(&req).unwrap());
     let ort = Model::load(manifest.clone(), Some("fp32"), &inference(BackendKind::Onnxruntime)).unwrap();
-    let inputs = gate_inputs(&manifest, (0..6).map(|i| i * 13 + 5));
-    let want: Vec<Vec<f32>> = inputs.iter().map(|t| ort.run(t).unwrap()).collect();
-    concurrent_runs_match(&tract, &inputs, &want, 3);
+    let inputs = Arc::new(gate_inputs(&manifest, (0..6).map(|i| i * 13 + 5)));
+    let want: Arc<Vec<Vec<f32>>> = Arc::new(inputs.iter().map(|t| ort.run(t).unwrap()).collect());
+    let (workers, rounds) = (4, 3);
+    let start = Arc::new(std::sync::Barrier::new(workers));
+    let (done, finished) = std::sync::mpsc::channel();
+    let handles: Vec<_> = (0..workers)
+        .map(|worker| {
+            let (tract, inputs, want, start, done) =
+                (tract.clone(), inputs.clone(), want.clone(), start.clone(), done.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                for round in 0..rounds {
+                    let k = (worker * 3 + round) % inputs.len();
+                    let got = tract.run(&inputs[k]).unwrap();
+                    let worst = max_diff(&got, &want[k]);
+                    assert!(worst <= 1e-4, "worker {worker}, frame {k}: max |diff| {worst}");
+                }
+                done.send(worker).unwrap();
+            })
+        })
+        .collect();
+    drop(done);
+    // Native: well under a second; under qemu-user (aarch64 CI) tens of seconds.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    for _ in 0..workers {
+        match finished.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("the workers did not finish within 300 s: a deadlock on the pool? peaks {:?}", tract.peaks())
+            }
+            // A worker panicked: its own message comes out of the join.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    for h in handles {
+        if let Err(panic) = h.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+    let peaks = tract.peaks();
+    eprintln!("{workers} workers x {rounds} inferences on a 2-thread pool: {peaks:?}");
+    assert!(peaks.in_flight >= 2, "the workers never overlapped ({peaks:?}): the test proved nothing");
+    assert_eq!(peaks.on_pool, 1, "more than one inference ran on the pool at once ({peaks:?})");
 }
 
 /// The model inputs of synthetic 640x480 frames with these seeds.
@@ -175,7 +231,7 @@ fn concurrent_runs_match(model: &Model, inputs: &[Vec<f32>], want: &[Vec<f32>], 
                 for round in 0..rounds {
                     let k = (worker * 3 + round) % inputs.len();
                     let got = model.run(&inputs[k]).unwrap();
-                    let worst = got.iter().zip(&want[k]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                    let worst = max_diff(&got, &want[k]);
                     assert!(worst <= 1e-4, "worker {worker}, frame {k}: max |diff| {worst}");
                 }
             });
@@ -211,7 +267,7 @@ fn tract_in_f16_keeps_the_gate_and_the_top_class() {
             let a = half.run(&input).unwrap();
             let b = ort.run(&input).unwrap();
             assert!(a.iter().all(|v| v.is_finite()), "{} frame {i}: non-finite f16 output", manifest.name);
-            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let diff = max_diff(&a, &b);
             let range = b.iter().fold(f32::MIN, |m, v| m.max(*v)) - b.iter().fold(f32::MAX, |m, v| m.min(*v));
             let softmax = |v: &[f32]| {
                 let m = v.iter().fold(f32::MIN, |m, x| m.max(*x));
@@ -219,7 +275,7 @@ fn tract_in_f16_keeps_the_gate_and_the_top_class() {
                 let s: f32 = e.iter().sum();
                 e.into_iter().map(|x| x / s).collect::<Vec<_>>()
             };
-            let dp = softmax(&a).iter().zip(softmax(&b)).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let dp = max_diff(&softmax(&a), &softmax(&b));
             eprintln!(
                 "{} frame {i}: f16 vs onnxruntime f32: max |logit diff| = {diff:e} (range {range}), max |prob diff| = {dp:e}",
                 manifest.name
@@ -233,4 +289,13 @@ fn tract_in_f16_keeps_the_gate_and_the_top_class() {
             assert!(dp <= prob_tol, "{} frame {i}: f16 probability diff {dp} > {prob_tol}", manifest.name);
         }
     }
+}
+
+/// The comparison itself: a NaN or a short output is a failure, not a difference of 0.
+#[test]
+fn the_comparison_sees_nan_and_short_outputs() {
+    assert_eq!(max_diff(&[1.0, 2.0], &[1.0, 2.5]), 0.5);
+    assert_eq!(max_diff(&[f32::NAN, 2.0], &[1.0, 2.0]), f32::INFINITY);
+    assert_eq!(max_diff(&[1.0, 2.0], &[1.0, f32::NAN]), f32::INFINITY);
+    assert!(std::panic::catch_unwind(|| max_diff(&[1.0], &[1.0, 2.0])).is_err(), "a short output must fail");
 }

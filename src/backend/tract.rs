@@ -29,23 +29,44 @@ pub struct TractBackend {
     /// sharing this model, a pool thread waiting inside one inference could otherwise pick up another
     /// whole inference and stall the first behind it; the others run from their own threads, as tract
     /// does, and only their parallel ops go to the pool.
-    in_flight: std::sync::atomic::AtomicUsize,
+    in_flight: Gauge,
+    /// Inferences running on a thread of the pool now: the rule above, observed (at most 1).
+    on_pool: Gauge,
 }
 
-/// Counts an inference in [`TractBackend::in_flight`] while it lives.
-struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+/// A count of inferences running now, and the most seen at once.
+#[derive(Default)]
+struct Gauge {
+    now: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+/// The most inferences seen at once on one model since it was loaded ([`TractBackend::peaks`]): the
+/// one-at-a-time rule of the pool made observable, for tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peaks {
+    /// Running at all (workers sharing the model).
+    pub in_flight: usize,
+    /// Running on a thread of the intra-op pool.
+    pub on_pool: usize,
+}
+
+/// Counts an inference in a [`Gauge`] while it lives.
+struct InFlight<'a>(&'a Gauge);
 
 impl<'a> InFlight<'a> {
-    /// Enters; returns whether this is the only inference running.
-    fn enter(count: &'a std::sync::atomic::AtomicUsize) -> (InFlight<'a>, bool) {
-        let alone = count.fetch_add(1, std::sync::atomic::Ordering::AcqRel) == 0;
-        (InFlight(count), alone)
+    /// Enters; returns whether this is the only inference counted.
+    fn enter(gauge: &'a Gauge) -> (InFlight<'a>, bool) {
+        use std::sync::atomic::Ordering::AcqRel;
+        let before = gauge.now.fetch_add(1, AcqRel);
+        gauge.peak.fetch_max(before + 1, AcqRel);
+        (InFlight(gauge), before == 0)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.now.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -141,6 +162,7 @@ impl TractBackend {
             f16,
             executor,
             in_flight: Default::default(),
+            on_pool: Default::default(),
         })
     }
 }
@@ -236,6 +258,22 @@ impl TractBackend {
         (guard, if alone { self.executor.as_ref() } else { None })
     }
 
+    /// Counts the calling thread in [`Self::on_pool`] while the guard lives, if it is one of the pool's.
+    fn on_pool_thread(&self) -> Option<InFlight<'_>> {
+        match &self.executor {
+            Some(tract_linalg::multithread::Executor::MultiThread(pool)) if pool.current_thread_index().is_some() => {
+                Some(InFlight::enter(&self.on_pool).0)
+            }
+            _ => None,
+        }
+    }
+
+    /// The most inferences seen at once since load, in all and on the pool.
+    pub fn peaks(&self) -> Peaks {
+        let peak = |g: &Gauge| g.peak.load(std::sync::atomic::Ordering::Acquire);
+        Peaks { in_flight: peak(&self.in_flight), on_pool: peak(&self.on_pool) }
+    }
+
     /// The input as the plan takes it: f32, or cast to f16 for a half-precision plan.
     fn input_tensor(&self, input: &[f32]) -> TractResult<Tensor> {
         let tensor = Tensor::from_shape(&self.shape, input)?;
@@ -262,6 +300,7 @@ impl Backend for TractBackend {
         // result leaves it).
         let (_in_flight, pool) = self.enter();
         whaled_tract_ops::on_pool(pool, || {
+            let _on_pool = self.on_pool_thread();
             let tensor = self.input_tensor(input)?;
             let outputs = self.plan.run(tvec![tensor.into_tvalue()])?;
             let out = outputs[0].cast_to::<f32>()?;

@@ -65,7 +65,11 @@ pub fn run(plan: &Arc<TypedRunnableModel>, shape: &[usize], x: &[f32]) -> (Vec<u
     (view.shape().to_vec(), view.iter().copied().collect())
 }
 
+/// The largest |a - b| over two outputs of one computation, which must have the same length (a short
+/// output fails here rather than being compared on its prefix, as `zip` alone would). NaN on either
+/// side counts as an infinite difference (`f32::max` would skip it, and a kernel writing NaN would pass).
+#[track_caller]
 pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    // NaN counts as the largest difference (f32::max would skip it).
+    assert_eq!(a.len(), b.len(), "outputs of different lengths: {} and {} values", a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) })
 }
