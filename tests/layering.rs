@@ -115,8 +115,14 @@ fn imports_finds_groups_and_super_paths() {
     let nested = ["config".to_string(), "mqtt".to_string()];
     assert_eq!(imports("use crate::decode::Decoder;", &top), ["decode"]);
     assert_eq!(imports("use crate::{mqtt, sink::{Sink, Sinks}, Error};", &top), ["mqtt", "sink"]);
-    assert_eq!(imports("use crate::{\n    daemon,\n    // crate::bench\n    health::Health,\n};", &top), ["daemon", "health"]);
-    assert_eq!(imports("use super::mqtt::Publisher;\nlet x = super::{outbox, health};", &top), ["mqtt", "outbox", "health"]);
+    assert_eq!(
+        imports("use crate::{\n    daemon,\n    // crate::bench\n    health::Health,\n};", &top),
+        ["daemon", "health"]
+    );
+    assert_eq!(
+        imports("use super::mqtt::Publisher;\nlet x = super::{outbox, health};", &top),
+        ["mqtt", "outbox", "health"]
+    );
     assert_eq!(imports("use super::values::Count;", &nested), Vec::<String>::new(), "inside config");
     assert_eq!(imports("use super::super::pipeline::Control;", &nested), ["pipeline"]);
     assert_eq!(imports("pub(crate) fn f() {}", &top), Vec::<String>::new());
