@@ -314,6 +314,13 @@ impl Identifier {
         f64::from_bits(self.threshold.load(Ordering::Relaxed))
     }
 
+    /// Lets every frame through to identification (`whaled identify --no-prefilter`): the pre-filter still
+    /// runs and its score is reported, but at threshold 0 it rejects nothing; the zero-shot gate is dropped.
+    pub fn open_gates(&mut self) {
+        self.set_threshold(0.0);
+        self.zero_shot = None;
+    }
+
     /// Changes the pre-filter threshold for the frames assessed from now on; `t` must be in [0, 1].
     pub fn set_threshold(&self, t: f64) {
         if (0.0..=1.0).contains(&t) {

@@ -40,6 +40,10 @@ enum Command {
         /// Config file (default: $WHALED_CONFIG, ~/.config/whaled/whaled.toml, /etc/whaled/whaled.toml, built-in).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Identify every photo whatever the gates say: the pre-filter still runs and reports its score, at
+        /// threshold 0, and the zero-shot gate is off. Needs an identification model.
+        #[arg(long)]
+        no_prefilter: bool,
         /// Image files or directories (searched recursively for .jpg/.jpeg/.png).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -225,7 +229,7 @@ fn main() -> ExitCode {
     env_logger::Builder::new().filter_level(cli.log_level).parse_env("RUST_LOG").format_timestamp_millis().init();
     let result = match cli.command {
         Command::Run { config } => run(config),
-        Command::Identify { config, paths } => identify(config, &paths),
+        Command::Identify { config, no_prefilter, paths } => identify(config, no_prefilter, &paths),
         Command::Eval { config, manifest, json, roc } => run_eval(config, &manifest, json, roc),
         Command::CheckConfig { file } => check_config(&file),
         Command::Cameras => cameras(),
@@ -312,8 +316,19 @@ fn run(config: Option<PathBuf>) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn identify(config: Option<PathBuf>, paths: &[PathBuf]) -> Result<ExitCode, Error> {
-    let (cfg, identifier) = load(config)?;
+fn identify(config: Option<PathBuf>, no_prefilter: bool, paths: &[PathBuf]) -> Result<ExitCode, Error> {
+    let (cfg, mut identifier) = load(config)?;
+    if no_prefilter {
+        if !identifier.has_identification() {
+            return Err(Error::Input(
+                "--no-prefilter needs an identification model ([identification] model = \".../model.toml\"): \
+                 without one there is nothing to run past the gate"
+                    .into(),
+            ));
+        }
+        identifier.open_gates();
+        log::info!("--no-prefilter: every photo is identified; the pre-filter's score is reported, not applied");
+    }
     let files = images::expand(paths)?;
     if files.is_empty() {
         return Err(Error::Input(format!(

@@ -17,15 +17,42 @@ fn python(args: &[&str]) -> Output {
     Command::new("python3").current_dir(repo()).args(args).output().expect("python3")
 }
 
+/// The exporter under test; `WHALED_EXPORT_SCRIPT` runs these tests against another version of it (to
+/// check that they fail on the old one).
+fn exporter() -> String {
+    std::env::var("WHALED_EXPORT_SCRIPT").unwrap_or_else(|_| "tools/export_upstream.py".into())
+}
+
+/// `export_upstream.py --ckpt .. --classes .. --species .. --out .. [extra]`.
+fn export(ckpt: &Path, classes: &Path, species: &Path, out: &Path, extra: &[&str]) -> Output {
+    let script = exporter();
+    let mut args = vec![
+        script.as_str(),
+        "--ckpt",
+        ckpt.to_str().unwrap(),
+        "--classes",
+        classes.to_str().unwrap(),
+        "--species",
+        species.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    python(&args)
+}
+
 fn check(out: &Output, what: &str) -> String {
     let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{what} failed: {}\nstdout: {o}\nstderr: {e}", out.status);
     o.into_owned()
 }
 
-/// Synthetic checkpoint + photos + reference (made once per test binary), then the export.
-fn exported() -> &'static (PathBuf, PathBuf) {
-    static DIRS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+const CKPT: &str = "efficientnet_b4_512_fold0.ckpt";
+
+/// Synthetic checkpoint + photos + reference (made once per test binary), then the export (with
+/// `--verify`): (synthetic dir, model dir, the exporter's stdout).
+fn exported() -> &'static (PathBuf, PathBuf, String) {
+    static DIRS: OnceLock<(PathBuf, PathBuf, String)> = OnceLock::new();
     DIRS.get_or_init(|| {
         let root = std::env::temp_dir().join(format!("whaled-export-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
@@ -37,32 +64,64 @@ fn exported() -> &'static (PathBuf, PathBuf) {
         args.extend(photos.iter().map(String::as_str));
         check(&python(&args), "make_synthetic_ckpt.py");
         let model = root.join("model");
-        check(
-            &python(&[
-                "tools/export_upstream.py",
-                "--ckpt",
-                synth.join("efficientnet_b4_512_fold0.ckpt").to_str().unwrap(),
-                "--classes",
-                synth.join("encoder_classes.npy").to_str().unwrap(),
-                "--species",
-                synth.join("species_map.csv").to_str().unwrap(),
-                "--out",
-                model.to_str().unwrap(),
-            ]),
+        let stdout = check(
+            &export(
+                &synth.join(CKPT),
+                &synth.join("encoder_classes.npy"),
+                &synth.join("species_map.csv"),
+                &model,
+                &["--verify"],
+            ),
             "export_upstream.py",
         );
-        (synth, model)
+        (synth, model, stdout)
     })
 }
 
+/// Entries of `dir` the exporter's staging left behind (`.<name>.partial-*`).
+fn partials(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .filter(|n| n.contains(".partial-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Rewrites a checkpoint through tools/torch_legacy.py: `module` puts every key under `module.` (as
+/// DataParallel saves), `overflow` scales the stem by 1e30 (float64 copes, float32 overflows).
+fn rewrite(src: &Path, dst: &Path, mode: &str) {
+    const SCRIPT: &str = r#"
+import collections, sys
+import numpy as np
+sys.path.insert(0, "tools")
+import torch_legacy
+src, dst, mode = sys.argv[1:4]
+sd, hp = torch_legacy.load_checkpoint(src)
+if mode == "module":
+    sd = collections.OrderedDict(("module." + k, v) for k, v in sd.items())
+else:
+    sd["model.conv_stem.weight"] = sd["model.conv_stem.weight"] * np.float32(1e30)
+torch_legacy.save_checkpoint(dst, {"state_dict": sd, "hyper_parameters": hp})
+"#;
+    check(&python(&["-c", SCRIPT, src.to_str().unwrap(), dst.to_str().unwrap(), mode]), "rewrite checkpoint");
+}
+
 fn config(dir: &Path, model: &Path, backend: &str) -> PathBuf {
-    let path = dir.join(format!("whaled-{backend}.toml"));
+    config_gated(dir, model, backend, false)
+}
+
+/// `gated`: the shipped pre-filter at its own threshold; else threshold 0 (every photo identified).
+fn config_gated(dir: &Path, model: &Path, backend: &str, gated: bool) -> PathBuf {
+    let path = dir.join(format!("whaled-{backend}{}.toml", if gated { "-gated" } else { "" }));
     std::fs::write(
         &path,
         format!(
             "[inference]\nbackend = \"{backend}\"\n[inference.onnxruntime]\nlibrary = \"{}\"\n\
-             [prefilter]\nthreshold = 0.0\n[identification]\nmodel = \"{}\"\n",
+             {}[identification]\nmodel = \"{}\"\n",
             ort_library().display(),
+            if gated { "" } else { "[prefilter]\nthreshold = 0.0\n" },
             model.join("model.toml").display()
         ),
     )
@@ -71,7 +130,7 @@ fn config(dir: &Path, model: &Path, backend: &str) -> PathBuf {
 }
 
 fn identify_matches_the_reference(backend: &str) {
-    let (synth, model) = exported();
+    let (synth, model, _) = exported();
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(synth.join("reference.json")).unwrap()).unwrap();
     let cfg = config(synth.parent().unwrap(), model, backend);
@@ -123,7 +182,7 @@ fn onnxruntime_identifies_like_the_reference() {
 
 #[test]
 fn the_manifest_pins_every_file() {
-    let (_, model) = exported();
+    let (_, model, _) = exported();
     let m = std::fs::read_to_string(model.join("model.toml")).unwrap();
     for key in ["sha256", "head_sha256", "labels_sha256", "species_map_sha256"] {
         assert!(m.lines().any(|l| l.trim_start().starts_with(&format!("{key} = \""))), "{key} missing:\n{m}");
@@ -160,22 +219,19 @@ fn the_exporter_refuses_missing_extra_and_misshaped_keys() {
         let info: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("corrupt.json")).unwrap()).unwrap();
         let key = info["key"].as_str().unwrap_or_else(|| panic!("corrupt.json names the key: {info}"));
-        let out = python(&[
-            "tools/export_upstream.py",
-            "--ckpt",
-            dir.join("efficientnet_b4_512_fold0.ckpt").to_str().unwrap(),
-            "--classes",
-            dir.join("encoder_classes.npy").to_str().unwrap(),
-            "--species",
-            dir.join("species_map.csv").to_str().unwrap(),
-            "--out",
-            dir.join("model").to_str().unwrap(),
-        ]);
+        let out = export(
+            &dir.join(CKPT),
+            &dir.join("encoder_classes.npy"),
+            &dir.join("species_map.csv"),
+            &dir.join("model"),
+            &[],
+        );
         let e = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{kind}: {e}");
         assert!(e.contains(key), "{kind}: the error names {key}: {e}");
         assert!(!e.contains("Traceback"), "{kind}: a clear error, not a traceback: {e}");
-        assert!(!dir.join("model/model.toml").exists(), "{kind}: nothing exported");
+        assert!(!dir.join("model").exists(), "{kind}: no output directory left");
+        assert_eq!(partials(&dir), Vec::<String>::new(), "{kind}: no temporary directory left");
     }
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -190,4 +246,236 @@ fn the_reader_reads_what_torch_writes() {
         text.contains("lightning_zip.ckpt: 7 tensors") && text.contains("lightning_legacy.ckpt: 7 tensors"),
         "{text}"
     );
+}
+
+/// `--verify` runs on a photo (tests/photos/synthetic_0.jpg, natural image statistics) and passes on a
+/// correct export, judged relative to the embedding's scale; the parameter count is timm's (learnable
+/// only: BatchNorm running statistics are buffers) for the real B4 topology; nothing temporary is left.
+#[test]
+fn the_export_verifies_on_a_photo_and_counts_parameters_like_timm() {
+    let (_, model, stdout) = exported();
+    let verify =
+        stdout.lines().find(|l| l.starts_with("verify")).unwrap_or_else(|| panic!("no verify line:\n{stdout}"));
+    assert!(verify.contains("synthetic_0.jpg") && verify.ends_with(": passed"), "{verify}");
+    assert!(verify.contains("x the largest |value|") && verify.contains("peak activation"), "{verify}");
+    assert!(stdout.contains("backbone 17,548,616 learnable (+ 125,200 BatchNorm running statistics)"), "{stdout}");
+    assert!(model.join("model.toml").is_file());
+    assert_eq!(partials(model.parent().unwrap()), Vec::<String>::new());
+}
+
+/// A checkpoint saved through DataParallel (every key under `module.`) exports to the same files as the
+/// plain one, and says so; into an existing empty directory, which the export replaces.
+#[test]
+fn keys_under_a_dataparallel_prefix_are_recognised() {
+    let (synth, model, _) = exported();
+    let root = synth.parent().unwrap().join("dataparallel");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("model")).unwrap();
+    let ckpt = root.join(CKPT);
+    rewrite(&synth.join(CKPT), &ckpt, "module");
+    let out =
+        export(&ckpt, &synth.join("encoder_classes.npy"), &synth.join("species_map.csv"), &root.join("model"), &[]);
+    let stdout = check(&out, "export of the module.-prefixed checkpoint");
+    assert!(stdout.contains("keys saved under 'module.'") && stdout.contains("prefix removed"), "{stdout}");
+    for f in ["embedder.onnx", "head.npy", "model.toml"] {
+        assert!(
+            std::fs::read(root.join("model").join(f)).unwrap() == std::fs::read(model.join(f)).unwrap(),
+            "{f} differs from the plain checkpoint's export"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Every failure path of the exporter, from crafted inputs: exit status 2, a message naming the cause, no
+/// Python traceback, and nothing left behind (no output directory, no temporary directory, no parent
+/// directory it made; a file or directory that was already there is untouched).
+#[test]
+fn the_exporter_fails_cleanly() {
+    let (synth, _, _) = exported();
+    let root = synth.parent().unwrap().join("failures");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let (ckpt, classes, species) = (synth.join(CKPT), synth.join("encoder_classes.npy"), synth.join("species_map.csv"));
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let truncated = root.join("truncated.ckpt");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let damaged = root.join("damaged.ckpt");
+    let mut flipped = bytes.clone();
+    let mid = bytes.len() / 2;
+    flipped[mid..mid + 4096].iter_mut().for_each(|b| *b ^= 0x5a);
+    std::fs::write(&damaged, flipped).unwrap();
+    let overflow = root.join("overflow.ckpt");
+    rewrite(&ckpt, &overflow, "overflow");
+    let a_file = root.join("a-file");
+    std::fs::write(&a_file, "not a directory\n").unwrap();
+    let full = root.join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    std::fs::write(full.join("keep.txt"), "mine\n").unwrap();
+
+    struct Case<'a> {
+        name: &'a str,
+        ckpt: &'a Path,
+        classes: &'a Path,
+        out: PathBuf,
+        extra: &'a [&'a str],
+        cause: &'a str,
+    }
+    let mut cases = vec![
+        Case {
+            name: "truncated checkpoint (into parents that do not exist yet)",
+            ckpt: &truncated,
+            classes: &classes,
+            out: root.join("made/by/export/model"),
+            extra: &[],
+            cause: "truncated or damaged checkpoint",
+        },
+        Case {
+            name: "damaged checkpoint (4 KiB of a record flipped)",
+            ckpt: &damaged,
+            classes: &classes,
+            out: root.join("model-damaged"),
+            extra: &[],
+            cause: "truncated or damaged checkpoint",
+        },
+        Case {
+            name: "not a checkpoint",
+            ckpt: &species,
+            classes: &classes,
+            out: root.join("model-csv-ckpt"),
+            extra: &[],
+            cause: "not a PyTorch checkpoint",
+        },
+        Case {
+            name: "--classes given the CSV",
+            ckpt: &ckpt,
+            classes: &species,
+            out: root.join("model-csv-classes"),
+            extra: &[],
+            cause: "not a .npy file (it is text (first line 'individual_id,species'), a CSV file)",
+        },
+        Case {
+            name: "--out names an existing file",
+            ckpt: &ckpt,
+            classes: &classes,
+            out: a_file.clone(),
+            extra: &[],
+            cause: "exists and is not a directory",
+        },
+        Case {
+            name: "--out below a file",
+            ckpt: &ckpt,
+            classes: &classes,
+            out: a_file.join("model"),
+            extra: &[],
+            cause: "is a file, not a directory",
+        },
+        Case {
+            name: "--out a directory with files in it",
+            ckpt: &ckpt,
+            classes: &classes,
+            out: full.clone(),
+            extra: &[],
+            cause: "exists and is not empty",
+        },
+        Case {
+            name: "--verify fails (activations float32 cannot hold)",
+            ckpt: &overflow,
+            classes: &classes,
+            out: root.join("model-overflow"),
+            extra: &["--verify"],
+            cause: "--verify: the exported ONNX disagrees with the numpy reference",
+        },
+    ];
+    // Unwritable whatever the user (root included): /proc takes no new directories.
+    if Path::new("/proc/self").exists() {
+        cases.push(Case {
+            name: "--out in an unwritable place",
+            ckpt: &ckpt,
+            classes: &classes,
+            out: PathBuf::from(format!("/proc/whaled-export-test-{}", std::process::id())),
+            extra: &[],
+            cause: "cannot create the output directory there",
+        });
+    }
+    let mut failures = Vec::new();
+    for c in &cases {
+        let existed = c.out.exists();
+        let out = export(c.ckpt, c.classes, &species, &c.out, c.extra);
+        let e = String::from_utf8_lossy(&out.stderr);
+        let mut why = Vec::new();
+        if out.status.code() != Some(2) {
+            why.push(format!("exit status {:?}, expected 2", out.status.code()));
+        }
+        if !e.contains(c.cause) {
+            why.push(format!("the message does not name the cause ({:?})", c.cause));
+        }
+        if e.contains("Traceback") {
+            why.push("a Python traceback".into());
+        }
+        if !existed && c.out.exists() {
+            why.push(format!("{} was left behind", c.out.display()));
+        }
+        let parent = c.out.parent().unwrap();
+        if parent.starts_with(&root) && !partials(parent).is_empty() {
+            why.push(format!("temporary directories left: {:?}", partials(parent)));
+        }
+        if !why.is_empty() {
+            failures.push(format!("{}: {}\n  stderr: {e}", c.name, why.join("; ")));
+        }
+    }
+    assert!(!root.join("made").exists(), "parent directories the export made are removed");
+    assert_eq!(std::fs::read_to_string(&a_file).unwrap(), "not a directory\n");
+    assert_eq!(std::fs::read_dir(&full).unwrap().count(), 1, "a non-empty --out is untouched");
+    assert!(failures.is_empty(), "{} of {} failure paths wrong:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `whaled identify --no-prefilter`: a photo the default gate rejects (the shipped pre-filter at its own
+/// threshold) is still identified, with the same top-5 as the reference; without the flag it is rejected.
+#[test]
+fn no_prefilter_identifies_what_the_gate_rejects() {
+    let (synth, model, _) = exported();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(synth.join("reference.json")).unwrap()).unwrap();
+    let cfg = config_gated(synth.parent().unwrap(), model, "onnxruntime", true);
+    let stem = whales_dev("non_cetacean", 1)[0].file_stem().unwrap().to_string_lossy().into_owned();
+    let photo = synth.join("photos").join(format!("{stem}.png"));
+    let run = |flag: Option<&str>| -> serde_json::Value {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_whaled"));
+        cmd.arg("identify").arg("--config").arg(&cfg).args(flag).arg(&photo);
+        let stdout = check(&cmd.output().unwrap(), "whaled identify");
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "{stdout}");
+        serde_json::from_str(lines[0]).unwrap()
+    };
+    let gated = run(None);
+    assert_eq!(gated["rejected"], true, "{gated}");
+    assert_eq!(gated["rejection_reason"], "not_a_marine_mammal", "{gated}");
+    assert_eq!(gated["class_animal"], "", "{gated}");
+    let score = gated["prefilter"]["score"].as_f64().unwrap();
+    assert!(score < gated["prefilter"]["threshold"].as_f64().unwrap(), "{gated}");
+
+    let open = run(Some("--no-prefilter"));
+    let want = &reference[format!("{stem}.png")]["top5"][0];
+    assert_eq!(open["rejected"], false, "{open}");
+    assert_eq!(open["class_animal"], want["class_animal"], "{open}");
+    assert_eq!(open["id_animal"], want["id_animal"], "{open}");
+    let (p, p_ref) = (open["probability"].as_f64().unwrap(), want["probability_raw"].as_f64().unwrap());
+    assert!((p - p_ref).abs() <= 0.5e-4 + 1e-5, "{p} vs reference {p_ref}");
+    assert_eq!(open["candidates"].as_array().map(Vec::len), Some(4), "{open}");
+    // The gate still ran and its score is reported; it just rejected nothing.
+    assert_eq!(open["prefilter"]["score"].as_f64(), Some(score), "{open}");
+    assert_eq!(open["prefilter"]["threshold"].as_f64(), Some(0.0), "{open}");
+
+    // Without an identification model the flag has nothing to do: a clear error, not a silent no-op.
+    let bare = synth.parent().unwrap().join("whaled-no-id.toml");
+    std::fs::write(&bare, "").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_whaled"))
+        .args(["identify", "--no-prefilter", "--config"])
+        .arg(&bare)
+        .arg(&photo)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("--no-prefilter needs an identification model"), "{e}");
 }
