@@ -780,6 +780,14 @@ pub fn run_controlled<D: Into<Delivery>>(
             drain(&mut deliver, &mut sink_error);
         }
     });
+    if let (Some(path), false) = (&state.path, state.unheld.is_empty()) {
+        log::warn!(
+            "sightings state {}: {} sighting end(s) the outbox did not store are kept there; the next start \
+             sends them (same event_id)",
+            path.display(),
+            state.unheld.len()
+        );
+    }
     match sink_error {
         Some(e) => Err(e),
         None => Ok(names.iter().zip(&stats).map(|(n, s)| s.snapshot(n)).collect()),
