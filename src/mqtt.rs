@@ -1049,7 +1049,8 @@ fn describe(e: &ConnectionError) -> String {
                 ConnectReturnCode::Success => "success?",
             }
         ),
-        ConnectionError::Io(io) => format!("network: {io}"),
+        // rumqttc words a dropped connection as a "serialization/deserialization error"; it is the network.
+        ConnectionError::Io(io) | ConnectionError::MqttState(rumqttc::StateError::Io(io)) => format!("network: {io}"),
         ConnectionError::Tls(t) => format!("TLS: {t}"),
         other => other.to_string(),
     }
