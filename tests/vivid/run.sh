@@ -181,9 +181,11 @@ took "initramfs"
 echo "== boot"
 # QEMU's own exit status is always 0: the verdict is the console lines. The limit, from a measurement:
 # on the 2-vCPU AMD EPYC (shared with other builds) the x86_64 guest took 88 s with the debug binaries
-# (boot 9 s, vivid_check 56 s: 6 pre-filter runs, the slowest 9.2 s; whaled run 15 s). The check runs
-# about 8 inferences; an Intel Sapphire Rapids host took ~40 s per inference (20x), ~10 min here, so
-# 1200 s leaves room for that host, and a hang still fails within 20 minutes. VIVID_TIMEOUT overrides.
+# (boot 9 s, vivid_check 56 s: 6 pre-filter runs, the slowest 9.2 s; whaled run 15 s), the aarch64
+# guest 98 s with its release binaries (boot 6 s, vivid_check 69 s, the slowest run 7.6 s; whaled
+# run 21 s). The check runs about 8 inferences; an Intel Sapphire Rapids host took ~40 s per inference
+# (20x), ~10 min here, so 1200 s leaves room for that host, and a hang still fails within 20 minutes.
+# VIVID_TIMEOUT overrides.
 limit=${VIVID_TIMEOUT:-1200}
 timeout "$limit" "${qemu[@]}" -m 1536 -smp 2 -nographic -no-reboot \
     -kernel "$work/kroot/boot/vmlinuz-$kv" -initrd "$work/initrd.img" \
