@@ -1,8 +1,10 @@
 //! The upstream checkpoint, end to end: a synthetic checkpoint in the real format (torch's zip + pickle,
 //! Lightning-shaped, timm's efficientnet_b4 key set) -> `tools/export_upstream.py` -> `whaled identify`,
 //! on tract and on onnxruntime, against the top-5 an independent numpy forward of the state dict
-//! computed (`tools/effnet_ref.py`, written by `tools/make_synthetic_ckpt.py` as reference.json). And the
-//! exporter's refusals: a checkpoint with a missing, an extra or a misshaped key.
+//! computed (`tools/effnet_ref.py`, written by `tools/make_synthetic_ckpt.py` as reference.json), with
+//! `--verify` passing on a photo and timm's parameter count; a DataParallel (`module.`) checkpoint; the
+//! exporter's refusals (a missing, an extra or a misshaped key, and every other failure path: exit 2, the
+//! cause named, no traceback, nothing left behind); and `whaled identify --no-prefilter`.
 #![cfg(feature = "onnxruntime")]
 
 mod common;
@@ -320,6 +322,9 @@ fn the_exporter_fails_cleanly() {
     let mid = bytes.len() / 2;
     flipped[mid..mid + 4096].iter_mut().for_each(|b| *b ^= 0x5a);
     std::fs::write(&damaged, flipped).unwrap();
+    let empty = root.join("empty.ckpt");
+    std::fs::write(&empty, b"").unwrap();
+    let not_a_photo = ["--verify-photo", species.to_str().unwrap()];
     let overflow = root.join("overflow.ckpt");
     rewrite(&ckpt, &overflow, "overflow");
     let a_file = root.join("a-file");
@@ -332,6 +337,7 @@ fn the_exporter_fails_cleanly() {
         name: &'a str,
         ckpt: &'a Path,
         classes: &'a Path,
+        species: &'a Path,
         out: PathBuf,
         extra: &'a [&'a str],
         cause: &'a str,
@@ -341,6 +347,7 @@ fn the_exporter_fails_cleanly() {
             name: "truncated checkpoint (into parents that do not exist yet)",
             ckpt: &truncated,
             classes: &classes,
+            species: &species,
             out: root.join("made/by/export/model"),
             extra: &[],
             cause: "truncated or damaged checkpoint",
@@ -349,14 +356,25 @@ fn the_exporter_fails_cleanly() {
             name: "damaged checkpoint (4 KiB of a record flipped)",
             ckpt: &damaged,
             classes: &classes,
+            species: &species,
             out: root.join("model-damaged"),
             extra: &[],
             cause: "truncated or damaged checkpoint",
         },
         Case {
+            name: "empty checkpoint",
+            ckpt: &empty,
+            classes: &classes,
+            species: &species,
+            out: root.join("model-empty"),
+            extra: &[],
+            cause: "truncated or damaged checkpoint (0 bytes): the file is empty",
+        },
+        Case {
             name: "not a checkpoint",
             ckpt: &species,
             classes: &classes,
+            species: &species,
             out: root.join("model-csv-ckpt"),
             extra: &[],
             cause: "not a PyTorch checkpoint",
@@ -365,14 +383,34 @@ fn the_exporter_fails_cleanly() {
             name: "--classes given the CSV",
             ckpt: &ckpt,
             classes: &species,
+            species: &species,
             out: root.join("model-csv-classes"),
             extra: &[],
             cause: "not a .npy file (it is text (first line 'individual_id,species'), a CSV file)",
         },
         Case {
+            name: "--species given the .npy",
+            ckpt: &ckpt,
+            classes: &classes,
+            species: &classes,
+            out: root.join("model-npy-species"),
+            extra: &[],
+            cause: "not a UTF-8 CSV with a header individual_id,species",
+        },
+        Case {
+            name: "--verify-photo not an image",
+            ckpt: &ckpt,
+            classes: &classes,
+            species: &species,
+            out: root.join("model-bad-photo"),
+            extra: &not_a_photo,
+            cause: "cannot read the image",
+        },
+        Case {
             name: "--out names an existing file",
             ckpt: &ckpt,
             classes: &classes,
+            species: &species,
             out: a_file.clone(),
             extra: &[],
             cause: "exists and is not a directory",
@@ -381,6 +419,7 @@ fn the_exporter_fails_cleanly() {
             name: "--out below a file",
             ckpt: &ckpt,
             classes: &classes,
+            species: &species,
             out: a_file.join("model"),
             extra: &[],
             cause: "is a file, not a directory",
@@ -389,6 +428,7 @@ fn the_exporter_fails_cleanly() {
             name: "--out a directory with files in it",
             ckpt: &ckpt,
             classes: &classes,
+            species: &species,
             out: full.clone(),
             extra: &[],
             cause: "exists and is not empty",
@@ -397,6 +437,7 @@ fn the_exporter_fails_cleanly() {
             name: "--verify fails (activations float32 cannot hold)",
             ckpt: &overflow,
             classes: &classes,
+            species: &species,
             out: root.join("model-overflow"),
             extra: &["--verify"],
             cause: "--verify: the exported ONNX disagrees with the numpy reference",
@@ -408,6 +449,7 @@ fn the_exporter_fails_cleanly() {
             name: "--out in an unwritable place",
             ckpt: &ckpt,
             classes: &classes,
+            species: &species,
             out: PathBuf::from(format!("/proc/whaled-export-test-{}", std::process::id())),
             extra: &[],
             cause: "cannot create the output directory there",
@@ -422,7 +464,7 @@ fn the_exporter_fails_cleanly() {
             made = made.parent().unwrap().to_path_buf();
         }
         let before = snapshot(&c.out);
-        let out = export(c.ckpt, c.classes, &species, &c.out, c.extra);
+        let out = export(c.ckpt, c.classes, c.species, &c.out, c.extra);
         let e = String::from_utf8_lossy(&out.stderr);
         let mut why = Vec::new();
         if out.status.code() != Some(2) {

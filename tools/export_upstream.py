@@ -296,8 +296,10 @@ def read_checkpoint(path):
             head = f.read(4)
     except OSError as e:
         fail(f"--ckpt {path}: cannot read: {e.strerror}")
-    damaged = (f"--ckpt {path}: truncated or damaged checkpoint ({size:,} bytes)")
-    again = "; download it again (efficientnet_b4_512_fold0.ckpt is about 107 MB)"
+    damaged = f"--ckpt {path}: truncated or damaged checkpoint ({size:,} bytes)"
+    again = "; download it again"
+    if size == 0:
+        fail(f"{damaged}: the file is empty{again}")
     is_zip = head.startswith(b"PK\x03\x04")
     if is_zip and not zipfile.is_zipfile(path):
         fail(f"{damaged}: a zip archive without its end (the central directory is missing; the download "
@@ -525,21 +527,27 @@ model_version = "{name}"
 """
 
 
-def verify(onnx_path, sd, arch, photo):
-    """ONNX (onnxruntime, float32) vs tools/effnet_ref.py (numpy float64) on `photo`, preprocessed as the
-    manifest says. Returns a dict: diff (max |diff|), scale (the reference's largest |value|), cosine,
-    peak (largest |BatchNorm output| of the reference forward), passed."""
+def verify_input(photo):
+    """The --verify photo as the model's input, preprocessed as the manifest says (read before any work)."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401 -- needed by verify()
         import effnet_ref
         from PIL import Image, UnidentifiedImageError
     except ImportError as e:
         fail(f"--verify needs onnxruntime and pillow ({e}); install them or export without --verify")
     try:
         with Image.open(photo) as im:
-            x = effnet_ref.preprocess(im, SIZE)  # stretch to 512x512, bilinear, [0,1], ImageNet mean/std
+            return effnet_ref.preprocess(im, SIZE)  # stretch to 512x512, bilinear, [0,1], ImageNet mean/std
     except (OSError, UnidentifiedImageError) as e:
         fail(f"--verify-photo {photo}: cannot read the image: {e}")
+
+
+def verify(onnx_path, sd, arch, x):
+    """ONNX (onnxruntime, float32) vs tools/effnet_ref.py (numpy float64) on the input `x`. Returns a
+    dict: diff (max |diff|), scale (the reference's largest |value|), cosine, peak (largest |BatchNorm
+    output| of the reference forward), passed."""
+    import onnxruntime as ort
+    import effnet_ref
     sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     got = sess.run(["embedding"], {"input": x})[0][0].astype(np.float64)
     peak = [0.0]
@@ -572,14 +580,15 @@ def export(args):
     if args.verify and not os.path.isfile(photo):
         fail(f"--verify: its default photo {photo} is missing (run the exporter from a whaled checkout); "
              "pass any photo of a whale with --verify-photo")
+    x = verify_input(photo) if args.verify else None
     out = Staging(args.out)
     try:
-        export_into(args, out, t0, photo)
+        export_into(args, out, t0, photo, x)
     finally:
         out.cleanup()
 
 
-def export_into(args, out, t0, photo):
+def export_into(args, out, t0, photo, x):
     expected_backbone = timm_keys()
     ids = read_classes(args.classes)
     sd, hp = read_checkpoint(args.ckpt)
@@ -636,7 +645,7 @@ def export_into(args, out, t0, photo):
           f"embedding {sd['embedding.weight'].size + sd['embedding.bias'].size:,}, "
           f"arc.weight {rows:,} x {dim} ({active:,} active slots)")
     if args.verify:
-        v = verify(paths["embedder.onnx"], sd, arch, photo)
+        v = verify(paths["embedder.onnx"], sd, arch, x)
         line = (f"max |diff| {v['diff']:.2e} = {v['diff'] / max(v['scale'], 1e-300):.1e} x the largest "
                 f"|value| {v['scale']:.3f}, cosine {v['cosine']:.8f}; peak activation {v['peak']:.3g}")
         print(f"verify          onnxruntime vs numpy float64 reference (tools/effnet_ref.py) on "
