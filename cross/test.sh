@@ -11,10 +11,11 @@
 # and publisher against the host's mosquitto: outage, SIGKILL and restart, TLS), tests/service.rs
 # (sd_notify, the progress-fed watchdog, SIGHUP re-exec, /healthz), tests/parity.rs (tract's NEON
 # kernels against onnxruntime on every model), tests/depthwise.rs and tests/pointwise.rs (whaled's own
-# NEON conv ops against tract's and onnxruntime) and tests/cli.rs (the cross-built binary end to end,
-# the B4 identification network included). Not the ops crate's own unit tests: a build of their own
-# (tract re-resolved for one package) costs ~3.5 min per target, and tests/depthwise.rs and
-# tests/pointwise.rs run the same NEON kernels against two references. parity.rs needs the
+# NEON conv ops against tract's and onnxruntime; compiled out on armv7, where the ops are not used),
+# tests/cli.rs (the cross-built binary end to end, the B4 identification network included) and, on
+# aarch64, the ops crate's own unit tests (its NEON kernels against the definition on odd shapes, the
+# work split): built in the same cargo invocation as whaled's, so tract is not re-resolved and rebuilt
+# for that one package (which cost ~3.5 min per target as a separate `cargo test -p`). parity.rs needs the
 # onnxruntime feature, so on armv7 (tract only) it compiles to nothing; there tract is checked instead against this machine's
 # onnxruntime through `whaled identify` on the same photos (below). Measured on a 2-vCPU machine
 # (cross/README.md): aarch64 ~11.5 min of tests (parity 306 s, cli 269 s, mqtt 67 s, service 42 s),
@@ -122,6 +123,15 @@ if [ "$full" = --full ]; then
     selection=()
 else
     selection=(--lib --test model_errors --test mqtt --test service --test parity --test depthwise --test pointwise --test cli)
+fi
+# CROSS_SELECTION replaces the selection (e.g. "--test gps --test sinks", to time tests before adding them).
+if [ -n "${CROSS_SELECTION:-}" ]; then
+    read -ra selection <<<"$CROSS_SELECTION"
+fi
+# aarch64 ships whaled's own ops (armv7 leaves them to tract): their unit tests run too, in this invocation
+# (`--lib` then means both crates' unit tests; features unify, so tract is built once).
+if [ "$target" = aarch64-unknown-linux-gnu ]; then
+    selection=(-p whaled -p whaled-tract-ops "${selection[@]}")
 fi
 build_start=$SECONDS
 cargo-zigbuild test --release "${features[@]}" --target "$target.$glibc_floor" "${selection[@]}" --no-run
