@@ -15,7 +15,11 @@
 # tests/cli.rs (the cross-built binary end to end, the B4 identification network included) and, on
 # aarch64, the ops crate's own unit tests (its NEON kernels against the definition on odd shapes, the
 # work split): built in the same cargo invocation as whaled's, so tract is not re-resolved and rebuilt
-# for that one package (which cost ~3.5 min per target as a separate `cargo test -p`). parity.rs needs the
+# for that one package (which cost ~3.5 min per target as a separate `cargo test -p`), and tests/gps.rs
+# (the gpsd client against a real gpsd). Measured under emulation and left out for their cost or their
+# speed assumptions (2026-12-06, aarch64): allocations 123 s; sinks fails (20 s allowed for every
+# detection through the broker); gps_daemon 85 s (after its 30 s wait for 12 frames became 120 s).
+# gallery, sightings, export and zero_shot run the B4 embedder many times (not measured). parity.rs needs the
 # onnxruntime feature, so on armv7 (tract only) it compiles to nothing; there tract is checked instead against this machine's
 # onnxruntime through `whaled identify` on the same photos (below). Measured on a 2-vCPU machine
 # (cross/README.md): aarch64 ~11.5 min of tests (parity 306 s, cli 269 s, mqtt 67 s, service 42 s),
@@ -132,6 +136,8 @@ fi
 # (`--lib` then means both crates' unit tests; features unify, so tract is built once).
 if [ "$target" = aarch64-unknown-linux-gnu ]; then
     selection=(-p whaled -p whaled-tract-ops "${selection[@]}")
+    # The gpsd client against a real gpsd (gpsfake): 27 s under emulation, ~30 s to build.
+    if [ "$full" != --full ] && [ -z "${CROSS_SELECTION:-}" ]; then selection+=(--test gps); fi
 fi
 build_start=$SECONDS
 cargo-zigbuild test --release "${features[@]}" --target "$target.$glibc_floor" "${selection[@]}" --no-run

@@ -150,11 +150,10 @@ fn detections_and_sightings_carry_the_fix_through_loss_and_a_gpsd_restart() {
     // gpsd killed while frames keep flowing; then restarted.
     let before = d.detections().len();
     gps.kill();
-    let killed_at = Instant::now();
-    d.wait("frames without a position after the kill", Duration::from_secs(30), |ds| {
+    // 12 more frames: natively 3 s at 4 fps; under qemu-user (cross/test.sh) more than 30 s.
+    d.wait("frames without a position after the kill", Duration::from_secs(120), |ds| {
         ds.len() > before + 12 && ds[before..].iter().rev().take(4).all(|x| x.get("position").is_none())
     });
-    assert!(killed_at.elapsed() < Duration::from_secs(30));
     let during = d.detections().len();
     gps.restart();
     d.wait("positions again after the restart", Duration::from_secs(60), |ds| {
