@@ -16,9 +16,11 @@ mod common;
 
 use common::tract_ops::{generate_cases, load, max_diff, read_npy, run};
 
+// This file is compiled only where the op is used.
+const _: () = assert!(whaled_tract_ops::depthwise::ENABLED);
+
 #[test]
 fn whaled_depthwise_matches_tract_and_onnxruntime() {
-    assert!(whaled_tract_ops::depthwise::ENABLED, "this file is compiled only where the op is used");
     let dir = tempfile::tempdir().unwrap();
     let cases = generate_cases("depthwise_cases.py", dir.path());
     assert!(cases.len() >= 45, "{} cases", cases.len());

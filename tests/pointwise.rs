@@ -17,9 +17,11 @@ mod common;
 
 use common::tract_ops::{generate_cases, load, max_diff, read_npy, run};
 
+// This file is compiled only where the op is used.
+const _: () = assert!(whaled_tract_ops::pointwise::ENABLED);
+
 #[test]
 fn whaled_pointwise_matches_tract_and_onnxruntime() {
-    assert!(whaled_tract_ops::pointwise::ENABLED, "this file is compiled only where the op is used");
     let dir = tempfile::tempdir().unwrap();
     let cases = generate_cases("pointwise_cases.py", dir.path());
     assert!(cases.len() >= 40, "{} cases", cases.len());
