@@ -18,8 +18,9 @@ Steps:
      (seeded by the image index): mirror + whole frame; vessel camera (haze, glare, low contrast, JPEG
      quality 15-40, off-centre crop); small animal (the photo shrunk to 25-60 % and pasted into a synthetic
      sea frame with a horizon). Only training folds ever see augmented views; held-out scores use view 0.
-  3. The frozen part of Lite0 (stem .. block FROZEN_UPTO-1) runs once per view with onnxruntime (1 thread)
-     and its output (Bx192x7x7 for block 15) is cached in memory, with the ImageNet logits for the baseline.
+  3. The frozen part of the backbone (`--backbone`, default lite0: stem .. the block before the last
+     `--tap` blocks) runs once per view with onnxruntime (1 thread) and its output (192x7x7 for Lite0's
+     block 15) is cached (`--cache FILE.npz` keeps it between runs), with the ImageNet logits for `base`.
   4. Grouped k-fold by source (`--folds`, greedy size-balanced assignment of whole groups, deterministic):
      every variant is trained on the other folds and scores the held-out fold; the pooled held-out
      ("out-of-fold") scores are the figures. Variants (`--variants`):
@@ -27,8 +28,9 @@ Steps:
        base     today's gate recipe: logistic head on the ImageNet log-softmax (tools/train_prefilter.py).
        lin7     a 7-class linear head on the frozen 1280-d pooled features.
        ft_head  the 1x1 head conv (320 -> 1280) fine-tuned + 7-class head.
-       ft_b15   block 15 (192 -> 320 MBConv) + head conv fine-tuned + 7-class head.
-     `+aug` suffix: trained with the augmented views too (e.g. `ft_b15+aug`).
+       ft_b15   block 15 (192 -> 320 MBConv) + head conv fine-tuned + 7-class head (= ft1).
+       ftN      the last N blocks + head conv fine-tuned (needs --tap >= N).
+     `+aug` suffix: trained with the augmented views too (e.g. `ft_b15+aug`; `--aug-epochs` passes).
   5. Threshold rule on the pooled out-of-fold scores of the chosen variant (models/README.md).
   6. Final model of the chosen variant (`--ship`) on every image and view; ONNX + model.toml (SHA-256).
 
@@ -36,8 +38,13 @@ Weights: every (group, category) cell weighs the same within its category; the c
 1/2 and the six negative categories 1/12 each. torch runs single-threaded with fixed seeds and
 deterministic algorithms: the same bytes on every run on one machine.
 
-Usage:
-  OMP_NUM_THREADS=1 V/bin/python tools/train_gate.py --data ../shared/data --out models/marine-gate-v2
+Usage (models/README.md, "The marine gate v2"; about 45 minutes on one core of this box for the
+comparison, 6 more for the shipped model):
+  OMP_NUM_THREADS=1 V/bin/python tools/train_gate.py --data ../shared/data --cache /tmp/c.npz \
+      --scores /tmp/s.npz --variants shipped_v1,base,lin7,ft_head,ft_b15,ft_head+aug,ft_b15+aug
+  OMP_NUM_THREADS=1 V/bin/python tools/train_gate.py --data ../shared/data --cache /tmp/c.npz \
+      --variants "" --ship ft_b15+aug --oof-from /tmp/s.npz --out models/marine-gate-v2
+  OMP_NUM_THREADS=1 V/bin/python tools/train_gate.py --backbone lite2 --views 1 --variants base,lin7
 """
 import argparse
 import csv
