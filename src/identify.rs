@@ -449,12 +449,11 @@ impl Identifier {
         let output = &self.prefilter.manifest().output;
         let score = prefilter_score(&out, output.kind, &self.positive_classes);
         // A multi-class pre-filter (its manifest names the classes) also says what it saw instead.
-        let seen = match output.labels {
-            Some(_) => top_negative_class(&out, output.kind, &self.positive_classes).and_then(|(c, probability)| {
-                output.label(c).map(|category| Seen { category: category.to_string(), probability })
-            }),
-            None => None,
-        };
+        let seen = output
+            .labels
+            .as_ref()
+            .and_then(|_| top_negative_class(&out, output.kind, &self.positive_classes))
+            .and_then(|(c, probability)| output.label(c).map(|l| Seen { category: l.to_string(), probability }));
         Ok((score, seen))
     }
 

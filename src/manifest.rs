@@ -397,7 +397,7 @@ impl ModelManifest {
             }
         };
         if let Some(labels) = &o.labels {
-            let OutputKind::Logits { classes } | OutputKind::Probabilities { classes } = kind else {
+            let (OutputKind::Logits { classes } | OutputKind::Probabilities { classes }) = kind else {
                 return Err(err("output.labels needs output.kind = \"logits\" or \"probabilities\"".into()));
             };
             if labels.len() != classes {
