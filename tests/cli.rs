@@ -199,7 +199,7 @@ fn onnxruntime_backend_from_config_matches_tract() {
     let photos = photo_dir();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &format!(
-        "[inference]\nbackend = \"onnxruntime\"\n[inference.onnxruntime]\nlibrary = \"{}\"\nexecution_providers = [\"tensorrt\", \"cuda\", \"cpu\"]\n[prefilter]\nmodel = \"marine-gate-lite0\"\nvariant = \"fp32\"\n",
+        "[inference]\nbackend = \"onnxruntime\"\n[inference.onnxruntime]\nlibrary = \"{}\"\nexecution_providers = [\"tensorrt\", \"cuda\", \"cpu\"]\n[prefilter]\nmodel = \"marine-gate-v2\"\nvariant = \"fp32\"\n",
         ort_library().display()));
     let ort = whaled(&["identify", "--config", cfg.to_str().unwrap(), photos.path().to_str().unwrap()]);
     assert!(ort.status.success(), "{}", stderr(&ort));
@@ -289,7 +289,7 @@ fn defaults_use_the_models_of_an_installed_prefix() {
     assert!(out.status.success(), "{}", stderr(&out));
     let log = stderr(&out);
     assert!(log.contains("built-in defaults"), "{log}");
-    assert!(log.contains(&format!("variant fp32, {})", models.join("marine_gate_lite0_fp32.onnx").display())), "{log}");
+    assert!(log.contains(&format!("variant fp32, {})", models.join("marine_gate_v2_fp32.onnx").display())), "{log}");
     assert_eq!(json_lines(&out).len(), 1);
 }
 
