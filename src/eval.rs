@@ -379,10 +379,8 @@ pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut pro
         by_category: by(|s| s.category.as_deref()),
         by_species: by(|s| s.species.as_deref()),
         confusion: labels.map(|columns| {
-            let pairs = scored_samples
-                .iter()
-                .zip(&said)
-                .filter_map(|(s, p)| p.as_deref().map(|p| (s.category.as_deref(), p)));
+            let pairs =
+                scored_samples.iter().zip(&said).filter_map(|(s, p)| p.as_deref().map(|p| (s.category.as_deref(), p)));
             confusion(pairs, &columns)
         }),
         identification: (id_n > 0).then(|| IdAccuracy {

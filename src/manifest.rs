@@ -617,7 +617,11 @@ threshold = 0.05
             ("role = \"prefilter\"", "role = \"embedder\"", "needs an [embedder] table"),
             ("kind = \"logits\"", "kind = \"embedding\"", "needs output.dim"),
             ("name = \"input\"", "name = \"input\"\nsize = 3", "unknown field `size`"),
-            ("classes = 1000", "classes = 1000\nlabels = [\"a\", \"b\"]", "output.labels has 2 names, but the output has 1000 classes"),
+            (
+                "classes = 1000",
+                "classes = 1000\nlabels = [\"a\", \"b\"]",
+                "output.labels has 2 names, but the output has 1000 classes",
+            ),
             ("classes = 1000", "classes = 2\nlabels = [\"a\", \"a\"]", "output.labels names `a` twice"),
             ("classes = 1000", "classes = 2\nlabels = [\"a\", \" \"]", "empty or padded name"),
         ];

@@ -38,14 +38,13 @@ pub fn prefilter_score(output: &[f32], kind: OutputKind, positive_classes: &[usi
 /// The most probable class that is not a positive one, with its probability (what a multi-class
 /// pre-filter saw instead of a cetacean); `None` when every class is positive. Ties: lower class first.
 pub fn top_negative_class(output: &[f32], kind: OutputKind, positive_classes: &[usize]) -> Option<(usize, f64)> {
-    probabilities(output, kind)
-        .into_iter()
-        .enumerate()
-        .filter(|(c, _)| !positive_classes.contains(c))
-        .fold(None, |best: Option<(usize, f64)>, (c, p)| match best {
+    probabilities(output, kind).into_iter().enumerate().filter(|(c, _)| !positive_classes.contains(c)).fold(
+        None,
+        |best: Option<(usize, f64)>, (c, p)| match best {
             Some((_, bp)) if bp >= p => best,
             _ => Some((c, p)),
-        })
+        },
+    )
 }
 
 /// Upstream identification: softmax(scale x cosine) over the active slots, the `k` most probable first

@@ -19,8 +19,13 @@ fn gate() -> PathBuf {
 fn identify(dir: &std::path::Path, threshold: f64, photos: &[PathBuf]) -> Vec<serde_json::Value> {
     let cfg = dir.join("whaled.toml");
     std::fs::write(&cfg, format!("[prefilter]\nmodel = \"{}\"\nthreshold = {threshold}\n", gate().display())).unwrap();
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_whaled")).arg("identify").arg("--config").arg(&cfg).args(photos).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_whaled"))
+        .arg("identify")
+        .arg("--config")
+        .arg(&cfg)
+        .args(photos)
+        .output()
+        .unwrap();
     let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "whaled identify failed: {}\nstdout: {o}\nstderr: {e}", out.status);
     o.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
