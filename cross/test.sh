@@ -175,6 +175,7 @@ if [ -z "$ort_platform" ]; then
     # name | pre-filter model | variant | identification model | photos | ABS | REL
     cases=(
         "gate-fp32|marine-gate-lite0|fp32||$PWD/tests/photos|1e-7|1e-3"
+        "gate-v2-fp32|marine-gate-v2|fp32||$PWD/tests/photos|1e-7|1e-3"
         "lite0-fp32|efficientnet-lite0|fp32||$PWD/tests/photos|1e-7|1e-3"
         "lite0-int8|efficientnet-lite0|int8||$PWD/tests/photos|0.02|0"
         "b0-fp32|$gen/efficientnet-b0-random/model.toml|fp32||$PWD/tests/photos|1e-7|1e-3"

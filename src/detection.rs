@@ -112,12 +112,19 @@ pub struct ZeroShotInfo {
     pub passed: bool,
 }
 
-/// Pre-filter details (not in upstream): unrounded score, the threshold applied and the model.
+/// Pre-filter details (not in upstream): unrounded score, the threshold applied and the model, and
+/// for a multi-class pre-filter that rejected the frame, what it saw instead.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PrefilterInfo {
     pub model: String,
     pub score: f64,
     pub threshold: f64,
+    /// A multi-class pre-filter that rejected the frame: its most probable non-cetacean category
+    /// (the manifest's `[output] labels`, e.g. "seabird") and that category's probability.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub category_probability: Option<f64>,
 }
 
 /// How good a GPS fix is (gpsd's TPV `mode`).

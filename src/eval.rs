@@ -5,6 +5,9 @@
 //! (score, label) pairs so they are tested on their own; the report is printed as a table or as JSON.
 //! Rates are also broken down per category (a `category` column, else the first folder of `relpath`)
 //! and per species (the `species` column), because one overall TNR hides which negatives pass.
+//! With a multi-class pre-filter (its manifest names the classes) the report adds the confusion between
+//! the manifest's categories and what the gate said: its cetacean label for a frame it passed, else the
+//! most probable other category.
 
 use std::path::{Path, PathBuf};
 
@@ -220,6 +223,48 @@ pub fn group_rates<'a>(
         .collect()
 }
 
+/// Manifest category (rows) against what a multi-class gate said (columns, the model's labels in
+/// order: the positive label for a passed frame, else the most probable other category).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Confusion {
+    pub columns: Vec<String>,
+    /// (manifest category, counts per column), sorted by category.
+    pub rows: Vec<(String, Vec<usize>)>,
+}
+
+/// Counts (category, predicted label) pairs into a [`Confusion`] over `columns`; samples without a
+/// category, or with a label not in `columns`, are left out.
+pub fn confusion<'a>(pairs: impl IntoIterator<Item = (Option<&'a str>, &'a str)>, columns: &[String]) -> Confusion {
+    let mut rows: std::collections::BTreeMap<&str, Vec<usize>> = std::collections::BTreeMap::new();
+    for (category, predicted) in pairs {
+        let (Some(c), Some(j)) = (category, columns.iter().position(|l| l == predicted)) else { continue };
+        rows.entry(c).or_insert_with(|| vec![0; columns.len()])[j] += 1;
+    }
+    Confusion { columns: columns.to_vec(), rows: rows.into_iter().map(|(c, v)| (c.to_string(), v)).collect() }
+}
+
+impl Confusion {
+    /// The confusion as a text table.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let width = self.rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max("category \\ gate".len());
+        let cols: Vec<usize> = self.columns.iter().map(|c| c.len().max(4)).collect();
+        let mut s = format!("{:<width$}", "category \\ gate");
+        for (c, w) in self.columns.iter().zip(&cols) {
+            let _ = write!(s, " {c:>w$}");
+        }
+        s.push('\n');
+        for (name, counts) in &self.rows {
+            let _ = write!(s, "{name:<width$}");
+            for (n, w) in counts.iter().zip(&cols) {
+                let _ = write!(s, " {n:>w$}");
+            }
+            s.push('\n');
+        }
+        s
+    }
+}
+
 /// One image that could not be scored.
 #[derive(Debug, Clone, Serialize)]
 pub struct Failure {
@@ -256,6 +301,9 @@ pub struct Report {
     pub by_category: Vec<GroupRates>,
     /// Per species at the configured threshold.
     pub by_species: Vec<GroupRates>,
+    /// A multi-class pre-filter's confusion between the manifest's categories and what it said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confusion: Option<Confusion>,
     pub identification: Option<IdAccuracy>,
     pub failures: Vec<Failure>,
     pub mean_ms_per_image: f64,
@@ -268,6 +316,10 @@ pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut pro
     let mut ws: Workspace = identifier.workspace();
     let mut scored = Vec::with_capacity(samples.len());
     let mut scored_samples: Vec<&Sample> = Vec::with_capacity(samples.len());
+    // What a multi-class gate said of each scored sample (its labels, at the configured threshold).
+    let labels = identifier.prefilter().manifest().output.labels.clone();
+    let passed_label = identifier.passed_label().map(str::to_string);
+    let mut said: Vec<Option<String>> = Vec::with_capacity(samples.len());
     let mut failures = Vec::new();
     let (mut id_n, mut id_top1, mut id_top5) = (0usize, 0usize, 0usize);
     let mut total_ms = 0.0;
@@ -286,6 +338,11 @@ pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut pro
         total_ms += a.timings.total_ms;
         scored.push((a.prefilter_score, s.positive));
         scored_samples.push(s);
+        said.push(if a.prefilter_score >= a.threshold {
+            passed_label.clone()
+        } else {
+            a.prefilter_seen.as_ref().map(|seen| seen.category.clone())
+        });
         if let (true, Some(want), true) = (s.positive, &s.individual_id, identifier.has_identification()) {
             id_n += 1;
             if let Some(found) = &a.identified {
@@ -321,6 +378,11 @@ pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut pro
         at_balanced: balanced.map(|t| rates(&scored, t)),
         by_category: by(|s| s.category.as_deref()),
         by_species: by(|s| s.species.as_deref()),
+        confusion: labels.map(|columns| {
+            let pairs =
+                scored_samples.iter().zip(&said).filter_map(|(s, p)| p.as_deref().map(|p| (s.category.as_deref(), p)));
+            confusion(pairs, &columns)
+        }),
         identification: (id_n > 0).then(|| IdAccuracy {
             n: id_n,
             top1: id_top1 as f64 / id_n as f64,
@@ -428,6 +490,10 @@ impl Report {
                 let _ = writeln!(s);
                 s.push_str(&group_table(title, self.at_threshold.threshold, groups));
             }
+        }
+        if let Some(c) = &self.confusion {
+            let _ = writeln!(s, "\nconfusion: manifest category (rows) vs what the gate said (columns)");
+            s.push_str(&c.table());
         }
         if let Some(id) = &self.identification {
             let _ = writeln!(
@@ -578,6 +644,25 @@ mod tests {
         let json = serde_json::to_value(&group_rates(rows, 0.5)[1]).unwrap();
         assert_eq!(json["fn"], 1);
         assert_eq!(json["tnr"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn confusion_counts_category_against_label() {
+        let cols: Vec<String> = ["cetacean", "seabird", "ocean"].iter().map(|s| s.to_string()).collect();
+        let pairs = [
+            (Some("positives"), "cetacean"),
+            (Some("positives"), "ocean"),
+            (Some("seabirds"), "seabird"),
+            (Some("seabirds"), "seabird"),
+            (Some("seabirds"), "cetacean"),
+            (None, "ocean"),
+            (Some("boats"), "boat"),
+        ];
+        let c = confusion(pairs, &cols);
+        assert_eq!(c.rows, vec![("positives".to_string(), vec![1, 0, 1]), ("seabirds".to_string(), vec![1, 2, 0])]);
+        let t = c.table();
+        assert!(t.contains("cetacean seabird ocean"), "{t}");
+        assert!(t.lines().nth(2).is_some_and(|l| l.starts_with("seabirds")), "{t}");
     }
 
     #[test]

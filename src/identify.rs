@@ -31,7 +31,7 @@ use crate::head::IdentificationHead;
 use crate::manifest::{ModelManifest, OutputKind, Role};
 use crate::model::Model;
 use crate::preprocess::Preprocessor;
-use crate::scoring::{l2_normalise, prefilter_score, rank, round4, zero_shot_score};
+use crate::scoring::{l2_normalise, prefilter_score, rank, round4, top_negative_class, zero_shot_score};
 use crate::source::FrameData;
 
 /// The identification stage: embedder model, head and/or gallery, and the scoring constants.
@@ -183,6 +183,13 @@ pub struct Identified {
     pub gallery_version: Option<u64>,
 }
 
+/// What a multi-class pre-filter saw instead of a cetacean: its most probable other category.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seen {
+    pub category: String,
+    pub probability: f64,
+}
+
 /// Everything decided about one frame.
 #[derive(Debug, Clone)]
 pub struct Assessment {
@@ -192,6 +199,9 @@ pub struct Assessment {
     /// 0 when the pre-filter did not run (the zero-shot stage ran first and rejected the frame).
     pub prefilter_score: f64,
     pub prefilter_ran: bool,
+    /// A multi-class pre-filter's most probable non-cetacean category (`None`: a two-class or unlabelled
+    /// model, or the pre-filter did not run).
+    pub prefilter_seen: Option<Seen>,
     pub threshold: f64,
     /// The zero-shot stage's verdict, if it ran.
     pub zero_shot: Option<ZeroShotInfo>,
@@ -304,6 +314,11 @@ impl Identifier {
             identification,
             jpeg_dct_scaling: cfg.inference.jpeg_dct_scaling,
         })
+    }
+
+    /// The name a multi-class pre-filter gives a frame it passes: its (first) positive class's label.
+    pub fn passed_label(&self) -> Option<&str> {
+        self.positive_classes.first().and_then(|&c| self.prefilter.manifest().output.label(c))
     }
 
     pub fn prefilter(&self) -> &Arc<Model> {
@@ -422,7 +437,7 @@ impl Identifier {
 
     /// The pre-filter score of decoded pixels (probability mass of the positive classes).
     pub fn prefilter_score(&self, ws: &mut Workspace, frame: &RgbImage, timings: &mut Timings) -> Result<f64> {
-        self.score(&mut ws.prefilter, &mut ws.tensor, frame, timings)
+        Ok(self.score(&mut ws.prefilter, &mut ws.tensor, frame, timings)?.0)
     }
 
     fn score(
@@ -431,14 +446,22 @@ impl Identifier {
         tensor: &mut Vec<f32>,
         frame: &RgbImage,
         timings: &mut Timings,
-    ) -> Result<f64> {
+    ) -> Result<(f64, Option<Seen>)> {
         let t = Instant::now();
         pre.run(frame, tensor)?;
         let t1 = Instant::now();
         let out = self.prefilter.run(tensor)?;
         timings.preprocess_ms += ms(t1 - t);
         timings.prefilter_ms += ms(t1.elapsed());
-        Ok(prefilter_score(&out, self.prefilter.manifest().output.kind, &self.positive_classes))
+        let output = &self.prefilter.manifest().output;
+        let score = prefilter_score(&out, output.kind, &self.positive_classes);
+        // A multi-class pre-filter (its manifest names the classes) also says what it saw instead.
+        let seen = output
+            .labels
+            .as_ref()
+            .and_then(|_| top_negative_class(&out, output.kind, &self.positive_classes))
+            .and_then(|(c, probability)| output.label(c).map(|l| Seen { category: l.to_string(), probability }));
+        Ok((score, seen))
     }
 
     /// Decodes and assesses one frame; `name` labels errors. A frame that cannot be decoded is
@@ -477,10 +500,10 @@ impl Identifier {
         };
         let before = self.zero_shot.as_ref().is_some_and(|z| z.position == ZeroShotPosition::BeforePrefilter);
         let mut passed = if before { run_zero_shot(decoder, &mut timings, tensor)? } else { true };
-        let (mut score, mut prefilter_ran) = (0.0, false);
+        let (mut score, mut prefilter_ran, mut prefilter_seen) = (0.0, false, None);
         if passed {
             let decoded = decoder.decode(data, |w, h| prefilter.fits(w, h), name)?;
-            score = self.score(prefilter, tensor, decoded.image, &mut timings)?;
+            (score, prefilter_seen) = self.score(prefilter, tensor, decoded.image, &mut timings)?;
             prefilter_ran = true;
             passed = score >= threshold;
         }
@@ -519,6 +542,7 @@ impl Identifier {
             prefilter_model: self.prefilter.manifest().name.clone(),
             prefilter_score: score,
             prefilter_ran,
+            prefilter_seen,
             threshold,
             zero_shot: zero_shot_info,
             passed,
@@ -680,10 +704,14 @@ impl Detection {
             _ => round4(a.prefilter_score),
         };
         d.is_cetacean = a.passed;
+        // The category seen goes out only when the pre-filter itself rejected the frame.
+        let seen = a.prefilter_seen.as_ref().filter(|_| a.prefilter_score < a.threshold);
         d.prefilter = a.prefilter_ran.then(|| PrefilterInfo {
             model: a.prefilter_model.clone(),
             score: a.prefilter_score,
             threshold: a.threshold,
+            category: seen.map(|s| s.category.clone()),
+            category_probability: seen.map(|s| s.probability),
         });
         d.zero_shot = a.zero_shot.clone();
         d.timings = a.timings.clone();
@@ -745,6 +773,7 @@ mod tests {
             prefilter_model: "pf".into(),
             prefilter_score: 0.123456,
             prefilter_ran: true,
+            prefilter_seen: None,
             threshold: 0.1,
             zero_shot: None,
             passed,
@@ -910,5 +939,27 @@ mod tests {
             assert_eq!(d.timings.total_ms, 4.5);
             assert_eq!(d.captured_at, "1970-01-01T00:00:00.000Z");
         }
+    }
+
+    /// A multi-class pre-filter's category goes into the record only when the pre-filter rejected the
+    /// frame; the JSON has no category keys otherwise.
+    #[test]
+    fn prefilter_category_only_when_rejected_by_it() {
+        let seen = Some(Seen { category: "seabird".into(), probability: 0.91 });
+        let mut rejected = assessment(false, None);
+        rejected.threshold = 0.5;
+        rejected.prefilter_seen = seen.clone();
+        let d = Detection::from_assessment(&rejected, &meta(), "dev");
+        let p = d.prefilter.clone().unwrap();
+        assert_eq!((p.category.as_deref(), p.category_probability), (Some("seabird"), Some(0.91)));
+        let json = serde_json::to_value(&d).unwrap();
+        assert_eq!(json["prefilter"]["category"], "seabird");
+        let mut passed = assessment(true, None);
+        passed.prefilter_seen = seen;
+        let d = Detection::from_assessment(&passed, &meta(), "dev");
+        let p = d.prefilter.clone().unwrap();
+        assert_eq!((p.category, p.category_probability), (None, None));
+        let json = serde_json::to_value(&d).unwrap();
+        assert!(json["prefilter"].get("category").is_none(), "{json}");
     }
 }

@@ -65,7 +65,7 @@ enum Command {
     /// Time a model's preprocessing and inference on this machine.
     Bench {
         /// A shipped model name or a path to a model.toml.
-        #[arg(long, default_value = "marine-gate-lite0")]
+        #[arg(long, default_value = "marine-gate-v2")]
         model: String,
         /// Which ONNX file of the model (default: the manifest's preference for the backend).
         #[arg(long)]

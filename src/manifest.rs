@@ -106,6 +106,8 @@ struct RawOutput {
     kind: OutputKindName,
     classes: Option<Count>,
     dim: Option<Count>,
+    /// Optional class names (a multi-class pre-filter's categories), one per class.
+    labels: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -218,6 +220,16 @@ impl OutputKind {
 pub struct OutputSpec {
     pub name: String,
     pub kind: OutputKind,
+    /// The class names, one per class (`[output] labels`), when the manifest gives them: a multi-class
+    /// pre-filter reports the top non-cetacean category of a rejected frame by name.
+    pub labels: Option<Vec<String>>,
+}
+
+impl OutputSpec {
+    /// The name of class `c`, if the manifest names its classes.
+    pub fn label(&self, c: usize) -> Option<&str> {
+        self.labels.as_ref().and_then(|l| l.get(c)).map(String::as_str)
+    }
 }
 
 /// One ONNX file of a model (fp32, int8, ...), with its expected digest.
@@ -384,7 +396,26 @@ impl ModelManifest {
                 ))
             }
         };
-        let output = OutputSpec { name: o.name, kind };
+        if let Some(labels) = &o.labels {
+            let (OutputKind::Logits { classes } | OutputKind::Probabilities { classes }) = kind else {
+                return Err(err("output.labels needs output.kind = \"logits\" or \"probabilities\"".into()));
+            };
+            if labels.len() != classes {
+                return Err(err(format!(
+                    "output.labels has {} names, but the output has {classes} classes",
+                    labels.len()
+                )));
+            }
+            if let Some(bad) = labels.iter().find(|l| l.trim().is_empty() || l.trim() != l.as_str()) {
+                return Err(err(format!("output.labels has an empty or padded name `{bad}`")));
+            }
+            for (i, l) in labels.iter().enumerate() {
+                if labels[..i].contains(l) {
+                    return Err(err(format!("output.labels names `{l}` twice")));
+                }
+            }
+        }
+        let output = OutputSpec { name: o.name, kind, labels: o.labels };
 
         if raw.role != RoleName::ZeroShot && raw.zero_shot.is_some() {
             return Err(err("a [zero_shot] table needs role = \"zero_shot\"".into()));
@@ -586,6 +617,13 @@ threshold = 0.05
             ("role = \"prefilter\"", "role = \"embedder\"", "needs an [embedder] table"),
             ("kind = \"logits\"", "kind = \"embedding\"", "needs output.dim"),
             ("name = \"input\"", "name = \"input\"\nsize = 3", "unknown field `size`"),
+            (
+                "classes = 1000",
+                "classes = 1000\nlabels = [\"a\", \"b\"]",
+                "output.labels has 2 names, but the output has 1000 classes",
+            ),
+            ("classes = 1000", "classes = 2\nlabels = [\"a\", \"a\"]", "output.labels names `a` twice"),
+            ("classes = 1000", "classes = 2\nlabels = [\"a\", \" \"]", "empty or padded name"),
         ];
         for (from, to, want) in cases {
             assert!(PREFILTER.contains(from), "bad case {from}");
@@ -594,6 +632,17 @@ threshold = 0.05
             assert!(e.contains(want), "{to}: {e}");
             assert!(e.starts_with("model /m/model.toml: "), "{e}");
         }
+    }
+
+    #[test]
+    fn output_labels_name_the_classes() {
+        let src = PREFILTER
+            .replace("classes = 1000", "classes = 3\nlabels = [\"cetacean\", \"shark\", \"seabird\"]")
+            .replace("[147, 148]", "[0]");
+        let m = parse(&src).unwrap();
+        assert_eq!(m.output.label(2), Some("seabird"));
+        assert_eq!(m.output.label(3), None);
+        assert_eq!(parse(PREFILTER).unwrap().output.label(0), None);
     }
 
     #[test]

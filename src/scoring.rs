@@ -19,15 +19,32 @@ pub fn softmax(values: impl Iterator<Item = f64> + Clone) -> Vec<f64> {
     exps.into_iter().map(|e| e / sum).collect()
 }
 
-/// Pre-filter score: the probability mass of the positive classes (softmax first if the model emits logits).
-pub fn prefilter_score(output: &[f32], kind: OutputKind, positive_classes: &[usize]) -> f64 {
-    let probs: Vec<f64> = match kind {
+/// Class probabilities of a classifier's output (softmax first if the model emits logits).
+pub fn probabilities(output: &[f32], kind: OutputKind) -> Vec<f64> {
+    match kind {
         OutputKind::Logits { .. } => softmax(output.iter().map(|&v| f64::from(v))),
         OutputKind::Probabilities { .. } | OutputKind::Embedding { .. } => {
             output.iter().map(|&v| f64::from(v)).collect()
         }
-    };
+    }
+}
+
+/// Pre-filter score: the probability mass of the positive classes (softmax first if the model emits logits).
+pub fn prefilter_score(output: &[f32], kind: OutputKind, positive_classes: &[usize]) -> f64 {
+    let probs = probabilities(output, kind);
     positive_classes.iter().filter_map(|&c| probs.get(c)).sum()
+}
+
+/// The most probable class that is not a positive one, with its probability (what a multi-class
+/// pre-filter saw instead of a cetacean); `None` when every class is positive. Ties: lower class first.
+pub fn top_negative_class(output: &[f32], kind: OutputKind, positive_classes: &[usize]) -> Option<(usize, f64)> {
+    probabilities(output, kind).into_iter().enumerate().filter(|(c, _)| !positive_classes.contains(c)).fold(
+        None,
+        |best: Option<(usize, f64)>, (c, p)| match best {
+            Some((_, bp)) if bp >= p => best,
+            _ => Some((c, p)),
+        },
+    )
 }
 
 /// Upstream identification: softmax(scale x cosine) over the active slots, the `k` most probable first
@@ -123,6 +140,19 @@ mod tests {
         let probs = [0.1f32, 0.2, 0.7];
         let s = prefilter_score(&probs, OutputKind::Probabilities { classes: 3 }, &[0, 2]);
         assert!((s - 0.8).abs() < 1e-6);
+    }
+
+    /// The best class outside the positives: class 0 of the logits above (numpy 0.24233410352490534); none
+    /// when every class is positive; a tie goes to the lower class.
+    #[test]
+    fn top_negative_class_is_the_best_non_positive() {
+        let logits = [2.0f32, 0.5, -1.0, 3.0, 0.0];
+        let (c, p) = top_negative_class(&logits, OutputKind::Logits { classes: 5 }, &[1, 3]).unwrap();
+        assert_eq!(c, 0);
+        assert!((p - 0.24233410352490534).abs() < 1e-12, "{p}");
+        assert_eq!(top_negative_class(&[0.5, 0.5], OutputKind::Probabilities { classes: 2 }, &[0, 1]), None);
+        let tie = top_negative_class(&[0.2, 0.4, 0.4], OutputKind::Probabilities { classes: 3 }, &[0]).unwrap();
+        assert_eq!(tie.0, 1);
     }
 
     /// The upstream CLIP gate rule on known vectors; expected values from numpy in float64:

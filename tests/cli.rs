@@ -64,7 +64,7 @@ const UPSTREAM_FIELDS: &[&str] = &[
 fn check_config_accepts_the_example_and_names_errors() {
     let ok = whaled(&["check-config", repo().join("config/whaled.toml").to_str().unwrap()]);
     assert!(ok.status.success(), "{}", stderr(&ok));
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("prefilter: marine-gate-lite0"));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("prefilter: marine-gate-v2"));
 
     let dir = tempfile::tempdir().unwrap();
     let bad = config(
@@ -113,7 +113,7 @@ fn identify_reports_every_image_and_survives_corrupt_ones() {
         let passed = r["is_cetacean"].as_bool().unwrap();
         assert_eq!(r["id_animal"], if passed { "cetacean_unidentified" } else { "unknown" }, "{r}");
         assert_eq!(r["rejection_reason"], if passed { Value::Null } else { "not_a_marine_mammal".into() });
-        assert_eq!(r["model_version"], "marine-gate-lite0");
+        assert_eq!(r["model_version"], "marine-gate-v2");
         let score = r["prefilter"]["score"].as_f64().unwrap();
         assert_eq!(r["cetacean_score"].as_f64().unwrap(), (score * 1e4).round() / 1e4);
     }
@@ -199,7 +199,7 @@ fn onnxruntime_backend_from_config_matches_tract() {
     let photos = photo_dir();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &format!(
-        "[inference]\nbackend = \"onnxruntime\"\n[inference.onnxruntime]\nlibrary = \"{}\"\nexecution_providers = [\"tensorrt\", \"cuda\", \"cpu\"]\n[prefilter]\nmodel = \"marine-gate-lite0\"\nvariant = \"fp32\"\n",
+        "[inference]\nbackend = \"onnxruntime\"\n[inference.onnxruntime]\nlibrary = \"{}\"\nexecution_providers = [\"tensorrt\", \"cuda\", \"cpu\"]\n[prefilter]\nmodel = \"marine-gate-v2\"\nvariant = \"fp32\"\n",
         ort_library().display()));
     let ort = whaled(&["identify", "--config", cfg.to_str().unwrap(), photos.path().to_str().unwrap()]);
     assert!(ort.status.success(), "{}", stderr(&ort));
@@ -272,12 +272,12 @@ fn eval_reports_metrics_as_json_and_table() {
 fn defaults_use_the_models_of_an_installed_prefix() {
     let prefix = tempfile::tempdir().unwrap();
     let bin = prefix.path().join("bin");
-    let models = prefix.path().join("share/whaled/models/marine-gate-lite0");
+    let models = prefix.path().join("share/whaled/models/marine-gate-v2");
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::create_dir_all(&models).unwrap();
     std::fs::copy(env!("CARGO_BIN_EXE_whaled"), bin.join("whaled")).unwrap();
-    for f in ["model.toml", "marine_gate_lite0_fp32.onnx"] {
-        std::fs::copy(repo().join("models/marine-gate-lite0").join(f), models.join(f)).unwrap();
+    for f in ["model.toml", "marine_gate_v2_fp32.onnx"] {
+        std::fs::copy(repo().join("models/marine-gate-v2").join(f), models.join(f)).unwrap();
     }
     let out = Command::new(bin.join("whaled"))
         .args(["identify", repo().join("tests/photos/synthetic_0.jpg").to_str().unwrap()])
@@ -289,7 +289,7 @@ fn defaults_use_the_models_of_an_installed_prefix() {
     assert!(out.status.success(), "{}", stderr(&out));
     let log = stderr(&out);
     assert!(log.contains("built-in defaults"), "{log}");
-    assert!(log.contains(&format!("variant fp32, {})", models.join("marine_gate_lite0_fp32.onnx").display())), "{log}");
+    assert!(log.contains(&format!("variant fp32, {})", models.join("marine_gate_v2_fp32.onnx").display())), "{log}");
     assert_eq!(json_lines(&out).len(), 1);
 }
 

@@ -35,6 +35,11 @@ fn gate_manifest() -> std::path::PathBuf {
     models.expect("models/ directory").join("marine-gate-lite0/model.toml")
 }
 
+/// The multi-class gate (tools/train_gate.py): Lite0 with its last layers fine-tuned, 7 named logits.
+fn gate_v2_manifest() -> std::path::PathBuf {
+    gate_manifest().parent().and_then(|d| d.parent()).map(|m| m.join("marine-gate-v2/model.toml")).expect("models/")
+}
+
 /// A 1000-logit fp32 classifier: within 1e-4, same top-5.
 fn fp32_case(manifest: std::path::PathBuf) -> Case {
     Case { manifest, variant: "fp32", max_abs_diff: 1e-4, same_top: 5 }
@@ -45,6 +50,7 @@ fn cases() -> Vec<Case> {
         Case { manifest: shipped_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
         Case { manifest: shipped_manifest(), variant: "int8", max_abs_diff: 0.5, same_top: 1 },
         Case { manifest: gate_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 2 },
+        Case { manifest: gate_v2_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 2 },
         Case { manifest: b0_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
         Case { manifest: resnet_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
         Case { manifest: b4_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },

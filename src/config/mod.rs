@@ -26,7 +26,7 @@ use crate::manifest::{BackendKind, ModelManifest};
 use values::{line_col, Count, Interval, Positive, Probability};
 
 /// The model the built-in defaults use as pre-filter (a directory under a model search directory).
-pub const DEFAULT_PREFILTER: &str = "marine-gate-lite0";
+pub const DEFAULT_PREFILTER: &str = "marine-gate-v2";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -861,7 +861,7 @@ mod tests {
         assert_eq!(c.inference.backend, BackendKind::Tract);
         assert_eq!(c.inference.threads, 1);
         assert_eq!(c.inference.tract_precision, TractPrecision::F32);
-        assert!(c.prefilter.manifest.ends_with("models/marine-gate-lite0/model.toml"));
+        assert!(c.prefilter.manifest.ends_with("models/marine-gate-v2/model.toml"));
         assert!(c.identification.is_none());
         assert!(!c.device_id.is_empty());
     }
@@ -898,7 +898,7 @@ mod tests {
     fn shipped_model_by_name_or_path() {
         // One setting of the shipped pre-filter, without naming it.
         let tuned = parse("[prefilter]\nthreshold = 0.1\n").unwrap();
-        assert!(tuned.prefilter.manifest.ends_with("models/marine-gate-lite0/model.toml"));
+        assert!(tuned.prefilter.manifest.ends_with("models/marine-gate-v2/model.toml"));
         assert_eq!(tuned.prefilter.threshold.map(|t| t.get()), Some(0.1));
         let by_name = parse("[prefilter]\nmodel = \"efficientnet-lite0\"").unwrap();
         let by_path = parse("[prefilter]\nmodel = \"../models/efficientnet-lite0\"").unwrap();

@@ -87,7 +87,7 @@ took "kernel and busybox"
 echo "== initramfs"
 root="$work/initrd"
 rm -rf "$root"
-mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules,models/efficientnet-lite0,models/marine-gate-lite0,usr/bin,usr/share/whaled,etc/whaled}
+mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules,models/efficientnet-lite0,models/marine-gate-lite0,models/marine-gate-v2,usr/bin,usr/share/whaled,etc/whaled}
 cp "$work/broot/bin/busybox" "$root/bin/busybox"
 : > "$root/lib/modules/order"
 modprobe -d "$work/kroot" -S "$kv" --show-depends vivid | awk '/^insmod/{print $2}' | while read -r ko; do
@@ -125,7 +125,7 @@ for b in "$root/vivid_check" "$root/usr/bin/whaled"; do
 done
 cp models/efficientnet-lite0/model.toml models/efficientnet-lite0/efficientnet_lite0_fp32.onnx "$root/models/efficientnet-lite0/"
 # `whaled run` with no config file uses the default pre-filter.
-cp models/marine-gate-lite0/model.toml models/marine-gate-lite0/marine_gate_lite0_fp32.onnx "$root/models/marine-gate-lite0/"
+cp models/marine-gate-v2/model.toml models/marine-gate-v2/marine_gate_v2_fp32.onnx "$root/models/marine-gate-v2/"
 ln -s /models "$root/usr/share/whaled/models"
 # `whaled run` with no [[camera]] takes the first V4L2 camera; rejected frames are printed too, so
 # stdout shows that frames went through capture, decoding and the pre-filter.
