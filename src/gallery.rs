@@ -34,8 +34,9 @@
 //! 3. Every other change (remove, merge, a shore update) writes a whole new file beside the old one,
 //!    fsyncs it, renames it over the old and fsyncs the directory: readers see the old gallery or the
 //!    new one, never a mix; it keeps the old file's mode and owner. Each change raises the version by one
-//!    (a shore update sets its own, and must raise it unless forced); at `u64::MAX` (which a shore update
-//!    may set) a change on board is refused, never wrapped. A delta applies only to the exact rows it
+//!    (a shore update sets its own, always above the one in use: a forced rollback installs old rows
+//!    under a new version); at `u64::MAX` (which a signed shore update may set) a change on board is
+//!    refused, never wrapped. A delta applies only to the exact rows it
 //!    was made from (version and content SHA-256), never to a gallery changed on board since.
 //! 4. Writers hold an exclusive `flock` on `<file>.lock` (opened read-only, created world-readable, so
 //!    whoever created it the daemon's user can lock it) for the duration of the change; read-only
@@ -238,7 +239,7 @@ impl Gallery {
         self.version.checked_add(1).ok_or_else(|| {
             Error::Input(format!(
                 "{}: the gallery is at version {} (the largest there is) and cannot be changed on board; \
-                 have shore send a whole gallery with a lower version (forced)",
+                 versions only rise, so rebuild it (`whaled gallery build`) to go on",
                 path.display(),
                 self.version
             ))

@@ -122,15 +122,23 @@ pub fn signed_gallery_update(
 ) -> Result<Vec<u8>> {
     use crate::gallery::{Delta, Gallery};
     use sha2::{Digest, Sha256};
-    let (kind, version) = if file.starts_with(b"WHGDELT1") {
+    let (kind, mut version) = if file.starts_with(b"WHGDELT1") {
         ("delta", Delta::from_bytes(file, what)?.version)
     } else {
         ("full", Gallery::from_bytes(file, what)?.version())
     };
-    if force && (kind == "delta" || replaces.is_none()) {
-        return Err(Error::Input(
-            "--force applies to a whole gallery and needs --replaces N (the version the boat has now)".into(),
-        ));
+    if force {
+        // A rollback installs the file's rows as the version after the one it replaces.
+        version = match (kind, replaces.and_then(|r| r.checked_add(1))) {
+            ("full", Some(v)) => v,
+            _ => {
+                return Err(Error::Input(
+                    "--force applies to a whole gallery and needs --replaces N (the version the boat has now, \
+                     below u64::MAX)"
+                        .into(),
+                ))
+            }
+        };
     }
     let statement =
         Statement { kind: kind.into(), version, sha256: crate::signing::hex(&Sha256::digest(file)), force, replaces };
@@ -147,8 +155,8 @@ pub fn signed_gallery_update(
         header["replaces"] = r.into();
     }
     if let Some(id) = request_id {
-        if id.len() + 2 > MAX_REQUEST_ID {
-            return Err(Error::Input(format!("--request-id is longer than {} bytes", MAX_REQUEST_ID - 2)));
+        if serde_json::to_vec(id).map_or(usize::MAX, |j| j.len()) > MAX_REQUEST_ID {
+            return Err(Error::Input(format!("--request-id is longer than {MAX_REQUEST_ID} bytes as JSON")));
         }
         header["request_id"] = id.into();
     }
@@ -232,14 +240,7 @@ fn apply_gallery_update(
     if let Some(m) = identifier.embedder() {
         new.check_embedder(m.sha256(), m.manifest().output.kind.values(), "the gallery received")?;
     }
-    if new.version() != u.version {
-        return Err(Error::Input(format!(
-            "the header says version {} but the {} holds version {}",
-            u.version,
-            if matches!(u.kind, UpdateKind::Full) { "gallery" } else { "delta" },
-            new.version()
-        )));
-    }
+    let force = u.force.unwrap_or(false);
     if let Some(r) = u.replaces {
         if r != current.version() {
             return Err(Error::Input(format!(
@@ -248,14 +249,34 @@ fn apply_gallery_update(
             )));
         }
     }
-    if u.force.unwrap_or(false) && u.replaces.is_none() {
-        return Err(Error::Input(
-            "\"force\" needs \"replaces\": the version in use, signed with it (`whaled gallery sign --force --replaces N`)".into(),
-        ));
-    }
-    if new.version() <= current.version() && !u.force.unwrap_or(false) {
+    // A rollback: the rows of an older gallery, installed under the new (higher, signed) version, so
+    // that versions only ever rise on the boat and no update signed before can apply again.
+    let new = if force {
+        if matches!(u.kind, UpdateKind::Delta) || u.replaces.is_none() {
+            return Err(Error::Input(
+                "\"force\" applies to a whole gallery and needs \"replaces\": the version in use, signed with it \
+                 (`whaled gallery sign --force --replaces N`)"
+                    .into(),
+            ));
+        }
+        Gallery::with_rows(new.dim(), new.embedder_sha256(), u.version, new.rows().to_vec())?
+    } else {
+        new
+    };
+    if new.version() != u.version {
         return Err(Error::Input(format!(
-            "the gallery sent is version {}, not above the one in use ({}); a signed \"force\" replaces it anyway",
+            "the header says version {} but the {} holds version {}",
+            u.version,
+            if matches!(u.kind, UpdateKind::Full) { "gallery" } else { "delta" },
+            new.version()
+        )));
+    }
+    // Always, forced or not: a version at or below the one in use is an update signed earlier (a replay)
+    // or a stale one.
+    if new.version() <= current.version() {
+        return Err(Error::Input(format!(
+            "the update is version {}, not above the one in use ({}); a rollback is a signed \"force\" that installs \
+             the old rows under a new version",
             new.version(),
             current.version()
         )));

@@ -574,16 +574,33 @@ fn shore_updates_apply_atomically_and_bad_ones_change_nothing() {
     let r = send(unsigned_force);
     assert!(r["ok"] == false && r["message"].as_str().unwrap().contains("does not verify"), "{r}");
     assert_eq!(std::fs::read(&g).unwrap(), v3);
-    // A signed rollback to version 2: applied. Replayed later, it names version 3, which is gone.
+    // A signed rollback to version 2's rows: installed as version 4 (versions only rise on the boat).
+    // Replayed, it names version 3, which is gone; the bad version 3 it undid, replayed, is not above 4.
+    let v3_message = signed(tmp.path(), &key, &shore, &[]);
     let rollback = signed(tmp.path(), &key, &full_v2_path, &["--force", "--replaces", "3"]);
+    assert_eq!(split(&rollback).0["version"], 4, "the rollback's signed version is the one after 3");
     let r = send(rollback.clone());
-    assert_eq!((r["ok"].as_bool(), r["gallery_version"].as_u64()), (Some(true), Some(2)), "{r}");
-    // (Installed as one transaction: the same rows as shore's version 2, not the same bytes.)
-    assert_eq!((list(&g)["version"].as_u64(), list(&g)["photos"].as_u64()), (Some(2), Some(4)));
+    assert_eq!((r["ok"].as_bool(), r["gallery_version"].as_u64()), (Some(true), Some(4)), "{r}");
+    let v2_rows = list(&full_v2_path);
+    let now_rows = list(&g);
+    assert_eq!((now_rows["version"].as_u64(), now_rows["photos"].as_u64()), (Some(4), Some(4)));
+    assert_eq!(now_rows["individuals"], v2_rows["individuals"], "version 2's individuals are back");
     let now = std::fs::read(&g).unwrap();
-    let r = send(rollback);
-    assert!(r["ok"] == false && r["message"].as_str().unwrap().contains("replaces version 3"), "{r}");
-    assert_eq!(std::fs::read(&g).unwrap(), now);
+    for (message, why) in [(rollback, "replaces version 3"), (v3_message, "not above")] {
+        let r = send(message);
+        assert!(r["ok"] == false && r["message"].as_str().unwrap().contains(why), "{why}: {r}");
+        assert_eq!(std::fs::read(&g).unwrap(), now, "{why}: a replay changed the gallery");
+    }
+    // A forced delta, or a force that names no version it replaces, is refused by the signing tool.
+    for extra in [&["--force"][..], &["--force", "--replaces", "18446744073709551615"][..]] {
+        let mut args = vec!["gallery", "sign", "--key", key.to_str().unwrap(), delta_path.to_str().unwrap()];
+        let out_path = tmp.path().join("refused.msg");
+        args.extend_from_slice(&["--out", out_path.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        let out = whaled(&args);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--force"), "{extra:?}");
+    }
 
     let all = sub.snapshot();
     let (det, stats, reply) =
