@@ -696,13 +696,20 @@ pub fn run_controlled<D: Into<Delivery>>(
                          sink_error: &mut Option<Error>| {
             let Some(trackers) = &trackers else { return };
             if sink_error.is_none() && state.retry_due() {
+                let mut held = false;
                 for json in state.take_unheld() {
                     if let Some(e) = restored_event(&json) {
+                        // Offered to every sink again (stdout may repeat it, with the same event_id).
                         if deliver(e, sink_error) == Delivery::NotHeld {
-                            state.keep_unheld(json);
+                            state.put_back(json);
+                        } else {
+                            held = true;
                         }
                     }
                 }
+                // The file is rewritten only when the outbox took some: a failing disk is not written
+                // every STATE_EVERY for nothing.
+                state.unheld_changed |= held;
             }
             let mut records = Vec::new();
             for (t, st) in trackers.iter().zip(&stats) {
@@ -826,6 +833,8 @@ struct StateFile {
 }
 
 const STATE_EVERY: Duration = Duration::from_secs(10);
+/// Most sighting `end`s kept for an outbox that does not take them (a few KiB each).
+const MAX_UNHELD: usize = 1000;
 
 impl StateFile {
     fn new(path: Option<std::path::PathBuf>, unheld: Vec<serde_json::Value>) -> StateFile {
@@ -842,12 +851,26 @@ impl StateFile {
         StateFile { path, ids: Vec::new(), unheld, unheld_changed, written: None, retried: Instant::now() }
     }
 
-    /// An `end` the outbox did not take: kept in the file until it does.
+    /// An `end` the outbox did not take: kept in the file until it does (at most [`MAX_UNHELD`]; beyond,
+    /// the oldest goes, at ERROR).
     fn keep_unheld(&mut self, json: serde_json::Value) {
         if self.path.is_some() {
+            if self.unheld.len() >= MAX_UNHELD {
+                let lost = self.unheld.remove(0);
+                log::error!(
+                    "{} sighting ends wait for an outbox that does not take them; the oldest ({}) is dropped",
+                    MAX_UNHELD,
+                    lost.get("sighting_id").and_then(|v| v.as_str()).unwrap_or("?")
+                );
+            }
             self.unheld.push(json);
             self.unheld_changed = true;
         }
+    }
+
+    /// An unheld `end` offered again and still not taken: back in the list, the file unchanged.
+    fn put_back(&mut self, json: serde_json::Value) {
+        self.unheld.push(json);
     }
 
     /// Whether to offer the unheld `end`s to the sink again (every STATE_EVERY).
@@ -860,7 +883,6 @@ impl StateFile {
     }
 
     fn take_unheld(&mut self) -> Vec<serde_json::Value> {
-        self.unheld_changed = true;
         std::mem::take(&mut self.unheld)
     }
 
@@ -1220,6 +1242,25 @@ fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::
 
 #[cfg(test)]
 mod tests {
+    /// Ends an outbox never takes are bounded: the oldest go first, the newest are kept.
+    #[test]
+    fn unheld_ends_are_capped_oldest_first() {
+        use super::{StateFile, MAX_UNHELD};
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = StateFile::new(Some(dir.path().join("open-sightings.json")), Vec::new());
+        for i in 0..MAX_UNHELD + 5 {
+            s.keep_unheld(serde_json::json!({"sighting_id": i.to_string()}));
+        }
+        assert_eq!(s.unheld.len(), MAX_UNHELD);
+        assert_eq!(s.unheld[0]["sighting_id"], "5");
+        assert_eq!(s.unheld[MAX_UNHELD - 1]["sighting_id"], (MAX_UNHELD + 4).to_string());
+        // Offered again and not taken: back in the list without marking the file changed.
+        s.unheld_changed = false;
+        let taken = s.take_unheld();
+        taken.into_iter().for_each(|j| s.put_back(j));
+        assert_eq!((s.unheld.len(), s.unheld_changed), (MAX_UNHELD, false));
+    }
+
     use std::time::{Duration, SystemTime};
 
     /// A capture time before 1970 or after 9999 (a clock stepped to garbage) is `clock_synced: false`
