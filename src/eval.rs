@@ -338,7 +338,10 @@ pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut pro
         total_ms += a.timings.total_ms;
         scored.push((a.prefilter_score, s.positive));
         scored_samples.push(s);
-        said.push(if a.prefilter_score >= a.threshold {
+        // A frame the zero-shot stage rejected first never reached the pre-filter: it said nothing.
+        said.push(if !a.prefilter_ran {
+            None
+        } else if a.prefilter_score >= a.threshold {
             passed_label.clone()
         } else {
             a.prefilter_seen.as_ref().map(|seen| seen.category.clone())
