@@ -798,7 +798,7 @@ fn no_command_can_knock_the_boat_offline() {
     sub.wait_for(Duration::from_secs(60), "online", |m| {
         m.iter().any(|m| m.topic == "whaled/boat/status" && m.text() == "online")
     });
-    detections_flow(&sub, &HashSet::new(), 3, Duration::from_secs(60), "first detections");
+    detections_flow(&sub, &HashSet::new(), 2, Duration::from_secs(120), "first detections");
     let replies = |m: &[Msg], cmd: &str| {
         m.iter().filter(|x| x.topic == format!("whaled/boat/cmd/{cmd}/reply")).map(Msg::json).collect::<Vec<_>>()
     };
@@ -815,7 +815,7 @@ fn no_command_can_knock_the_boat_offline() {
     });
     let r = &replies(&m, "gallery_update")[0];
     assert_eq!((r["ok"].as_bool(), r["request_id"].as_str()), (Some(false), Some("big")), "{r}");
-    detections_flow(&sub, &before, 5, Duration::from_secs(10), "detections after the 1.5 MiB command");
+    detections_flow(&sub, &before, 2, Duration::from_secs(60), "detections after the 1.5 MiB command");
 
     // 2. A 3 MiB command, above max_command_size: refused unread, with a reply.
     let before = detection_ids(&sub.snapshot());
@@ -825,7 +825,7 @@ fn no_command_can_knock_the_boat_offline() {
     });
     let r = &replies(&m, "gallery_update")[1];
     assert!(r["ok"] == false && r["message"].as_str().unwrap().contains("max_command_size"), "{r}");
-    detections_flow(&sub, &before, 5, Duration::from_secs(10), "detections after the 3 MiB command");
+    detections_flow(&sub, &before, 2, Duration::from_secs(60), "detections after the 3 MiB command");
 
     // 3. A command just under the outgoing limit whose request_id would make the reply larger than it:
     //    refused, not echoed, and the connection stays up (no Last Will).
@@ -845,7 +845,7 @@ fn no_command_can_knock_the_boat_offline() {
         sub.wait_for(Duration::from_secs(20), "a reply to the long camera name", |m| !replies(m, "resume").is_empty());
     assert!(m.iter().all(|x| !x.topic.ends_with("/reply") || x.payload.len() < 1 << 20));
     assert_eq!(replies(&m, "resume")[0]["ok"].as_bool(), Some(false));
-    detections_flow(&sub, &before, 5, Duration::from_secs(10), "detections after the oversized replies");
+    detections_flow(&sub, &before, 2, Duration::from_secs(60), "detections after the oversized replies");
 
     // Each command was answered once (acknowledged, never sent again), the status never went
     // offline, and the daemon connected once.
@@ -894,13 +894,13 @@ fn without_the_right_a_client_cannot_pause_a_camera() {
     let d = Daemon::start(&config);
     shore.wait_for(Duration::from_secs(60), "online", |m| m.iter().any(|m| m.text() == "online"));
     // The guest may read what the boat publishes...
-    guest.wait_for(Duration::from_secs(30), "detections seen by the guest", |m| detection_ids(m).len() >= 3);
+    guest.wait_for(Duration::from_secs(120), "detections seen by the guest", |m| detection_ids(m).len() >= 2);
     let replies = |m: &[Msg]| m.iter().filter(|x| x.topic == "whaled/boat/cmd/pause/reply").count();
     // ...but its pause never reaches the boat: no reply, detections keep coming.
     guest.publish("whaled/boat/cmd/pause", br#"{"camera": "bow", "request_id": "guest"}"#, false);
     std::thread::sleep(Duration::from_secs(2));
     let before = detection_ids(&shore.snapshot());
-    detections_flow(&shore, &before, 5, Duration::from_secs(10), "detections after the guest's pause");
+    detections_flow(&shore, &before, 2, Duration::from_secs(60), "detections after the guest's pause");
     assert_eq!(replies(&shore.snapshot()), 0, "the guest's pause reached the boat");
     assert!(broker.log().contains("Denied PUBLISH from guest"), "mosquitto denied it:\n{}", broker.log());
     // Shore's operator may.
