@@ -49,7 +49,6 @@ comparison, 6 more for the shipped model):
 import argparse
 import csv
 import glob
-import hashlib
 import io
 import math
 import os
@@ -556,14 +555,6 @@ def confusion(items, probs, sel):
     return "\n".join(lines)
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 MANIFEST = """\
 # The default pre-filter: ImageNet EfficientNet-{bb_title}, its last layers fine-tuned with a 7-class head
 # (variant `{variant}`). Written by tools/train_gate.py (threshold and SHA-256 lines included); see
@@ -728,10 +719,10 @@ def main():
                      "TPR>=0.96": "The highest threshold keeping the pooled grouped out-of-fold TPR over all cetaceans >= 0.96"
                      }.get(args.rule, f"Rule {args.rule} on the pooled grouped out-of-fold scores")
         with open(os.path.join(args.out, "model.toml"), "w") as f:
-            f.write(MANIFEST.format(file=fname, sha=sha256(path), labels=labels, rule=rule_text, threshold=t,
+            f.write(MANIFEST.format(file=fname, sha=tp.sha256(path), labels=labels, rule=rule_text, threshold=t,
                                     size=BACKBONE["size"], crop=BACKBONE["crop"], bb=BACKBONE["name"],
                                     bb_title=BACKBONE["name"].title(), variant=args.ship))
-        print(f"{sha256(path)}  {path}  ({os.path.getsize(path)} bytes)", file=sys.stderr)
+        print(f"{tp.sha256(path)}  {path}  ({os.path.getsize(path)} bytes)", file=sys.stderr)
 
 
 if __name__ == "__main__":
