@@ -29,6 +29,7 @@ pub mod mqtt;
 pub mod outbox;
 pub mod pipeline;
 pub mod preprocess;
+pub mod resample;
 pub mod scoring;
 pub mod service;
 pub mod sighting;

@@ -88,6 +88,8 @@ struct RawInput {
     resize: ResizeName,
     crop_fraction: Option<Positive>,
     interpolation: Interpolation,
+    /// `"fast"` (default) or `"pillow"`.
+    resampler: Option<Resampler>,
     mean: [f32; 3],
     std: [Positive; 3],
 }
@@ -170,6 +172,20 @@ pub enum Interpolation {
     Lanczos3,
 }
 
+/// Which implementation resizes frames for the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Resampler {
+    /// `fast_image_resize` (SIMD), with the crop folded into the resize and JPEG frames decoded at a
+    /// reduced DCT scale when that still covers the input: the cheapest path, within +-1 level of
+    /// Pillow's pixels.
+    #[default]
+    Fast,
+    /// Pillow's own resize, byte for byte ([`crate::resample`]), on the frame decoded at full size:
+    /// what a model trained on Pillow-preprocessed images (the upstream's) sees in training.
+    Pillow,
+}
+
 /// The validated input description.
 #[derive(Debug, Clone)]
 pub struct InputSpec {
@@ -179,6 +195,7 @@ pub struct InputSpec {
     pub layout: Layout,
     pub resize: Resize,
     pub interpolation: Interpolation,
+    pub resampler: Resampler,
     pub mean: [f32; 3],
     pub std: [f32; 3],
 }
@@ -371,6 +388,22 @@ impl ModelManifest {
                 return Err(err("input.resize = \"center_crop\" needs input.crop_fraction (e.g. 0.875)".into()))
             }
         };
+        let resampler = i.resampler.unwrap_or_default();
+        if resampler == Resampler::Pillow {
+            if i.interpolation == Interpolation::Nearest {
+                return Err(err(
+                    "input.resampler = \"pillow\" supports bilinear, bicubic and lanczos3, not nearest".into()
+                ));
+            }
+            if matches!(resize, Resize::CenterCrop { .. }) && i.width.get() != i.height.get() {
+                return Err(err(format!(
+                    "input.resampler = \"pillow\" with resize = \"center_crop\" needs a square input (torchvision's \
+                     CenterCrop after Resize(int)), got {}x{}",
+                    i.width.get(),
+                    i.height.get()
+                )));
+            }
+        }
         let input = InputSpec {
             name: i.name,
             width: u32::try_from(i.width.get()).map_err(|_| err("input.width is too large".into()))?,
@@ -378,6 +411,7 @@ impl ModelManifest {
             layout: i.layout,
             resize,
             interpolation: i.interpolation,
+            resampler,
             mean: i.mean,
             std: i.std.map(|s| s.get() as f32),
         };
@@ -590,6 +624,9 @@ threshold = 0.05
         let m = parse(PREFILTER).unwrap();
         assert_eq!(m.input.shape(), [1, 3, 224, 224]);
         assert_eq!(m.input.resize, Resize::CenterCrop { fraction: 0.875 });
+        assert_eq!(m.input.resampler, Resampler::Fast);
+        let pillow = parse(&PREFILTER.replace("layout =", "resampler = \"pillow\"\nlayout =")).unwrap();
+        assert_eq!(pillow.input.resampler, Resampler::Pillow);
         assert_eq!(m.variants()[0].file, Path::new("/m/m.onnx"));
         let Role::Prefilter(p) = &m.role else { panic!("role") };
         assert_eq!(p.positive_classes, vec![147, 148]);
@@ -624,6 +661,21 @@ threshold = 0.05
             ),
             ("classes = 1000", "classes = 2\nlabels = [\"a\", \"a\"]", "output.labels names `a` twice"),
             ("classes = 1000", "classes = 2\nlabels = [\"a\", \" \"]", "empty or padded name"),
+            (
+                "interpolation = \"bicubic\"",
+                "interpolation = \"bicubic\"\nresampler = \"pil\"",
+                "unknown variant `pil`",
+            ),
+            (
+                "interpolation = \"bicubic\"",
+                "interpolation = \"nearest\"\nresampler = \"pillow\"",
+                "supports bilinear, bicubic and lanczos3, not nearest",
+            ),
+            (
+                "width = 224",
+                "width = 256\nresampler = \"pillow\"",
+                "with resize = \"center_crop\" needs a square input",
+            ),
         ];
         for (from, to, want) in cases {
             assert!(PREFILTER.contains(from), "bad case {from}");

@@ -1,21 +1,26 @@
 //! Frame -> model input tensor, exactly as a model's manifest describes it.
 //!
-//! One resize (with the crop folded into it as a source rectangle, so a centre crop costs no extra copy)
-//! through `fast_image_resize` (SIMD, antialiased convolution like Pillow's), then a per-channel lookup
-//! table turns bytes into normalised floats in the model's layout. A [`Preprocessor`] owns its buffers
+//! One resize, then a per-channel lookup table turns bytes into normalised floats in the model's
+//! layout. The resize is either `fast_image_resize` (SIMD, antialiased convolution like Pillow's, with
+//! the crop folded into it as a source rectangle so a centre crop costs no extra copy), or, where the
+//! manifest says `resampler = "pillow"`, Pillow's own arithmetic ([`crate::resample`]) on the frame
+//! decoded at full size, for models trained on Pillow's pixels. A [`Preprocessor`] owns its buffers
 //! and is reused frame after frame: after the first frame of a given size it allocates nothing.
 
 use fast_image_resize as fr;
 use image::RgbImage;
 
 use crate::error::{Error, Result};
-use crate::manifest::{InputSpec, Interpolation, Layout, Resize};
+use crate::manifest::{InputSpec, Interpolation, Layout, Resampler, Resize};
+use crate::resample::{Filter, Geometry, PillowResizer};
 
 /// Reusable preprocessing state for one model input.
 pub struct Preprocessor {
     spec: InputSpec,
     resizer: fr::Resizer,
     resized: fr::images::Image<'static>,
+    /// Pillow's resampler and its output, for `resampler = "pillow"` manifests.
+    pillow: Option<(PillowResizer, Vec<u8>)>,
     /// `lut[c][v]` = (v / 255 - mean[c]) / std[c].
     lut: [[f32; 256]; 3],
 }
@@ -32,6 +37,11 @@ impl Preprocessor {
             spec: spec.clone(),
             resizer: fr::Resizer::new(),
             resized: fr::images::Image::new(spec.width, spec.height, fr::PixelType::U8x3),
+            // The manifest refuses `pillow` with nearest; fall back to the fast path if it ever came.
+            pillow: match spec.resampler {
+                Resampler::Pillow => Filter::of(spec.interpolation).map(|f| (PillowResizer::new(f), Vec::new())),
+                Resampler::Fast => None,
+            },
             lut,
         }
     }
@@ -53,8 +63,12 @@ impl Preprocessor {
     }
 
     /// Whether a `width x height` frame covers the model input at 1:1 or better (the resize only
-    /// shrinks): the test [`crate::decode::Decoder`] uses to pick a DCT scale.
+    /// shrinks): the test [`crate::decode::Decoder`] uses to pick a DCT scale. Never for the Pillow
+    /// resampler, whose pixels are Pillow's only from the full-size decode.
     pub fn fits(&self, width: u32, height: u32) -> bool {
+        if self.pillow.is_some() {
+            return false;
+        }
         let (_, _, cw, ch) = self.source_rect(width, height);
         cw + 1e-6 >= f64::from(self.spec.width) && ch + 1e-6 >= f64::from(self.spec.height)
     }
@@ -65,21 +79,38 @@ impl Preprocessor {
         if width == 0 || height == 0 {
             return Err(Error::Input(format!("cannot preprocess an empty {width}x{height} frame")));
         }
-        let src = fr::images::ImageRef::new(width, height, frame.as_raw(), fr::PixelType::U8x3)
-            .map_err(|e| Error::Input(format!("frame buffer does not match {width}x{height} RGB: {e}")))?;
-        let (left, top, cw, ch) = self.source_rect(width, height);
-        let alg = match self.spec.interpolation {
-            Interpolation::Nearest => fr::ResizeAlg::Nearest,
-            Interpolation::Bilinear => fr::ResizeAlg::Convolution(fr::FilterType::Bilinear),
-            Interpolation::Bicubic => fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom),
-            Interpolation::Lanczos3 => fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3),
+        let pixels: &[u8] = match &mut self.pillow {
+            Some((resizer, buf)) => {
+                let (w, h) = (self.spec.width as usize, self.spec.height as usize);
+                let g = match self.spec.resize {
+                    Resize::Stretch => Some(Geometry::stretch(w, h)),
+                    Resize::CenterCrop { fraction } => {
+                        let short = (w.min(h) as f64 / fraction).floor() as usize;
+                        Geometry::center_crop(width as usize, height as usize, short, w)
+                    }
+                };
+                let g =
+                    g.ok_or_else(|| Error::Input(format!("cannot centre-crop a {width}x{height} frame to {w}x{h}")))?;
+                resizer.resize(frame.as_raw(), width as usize, height as usize, g, buf);
+                buf
+            }
+            None => {
+                let src = fr::images::ImageRef::new(width, height, frame.as_raw(), fr::PixelType::U8x3)
+                    .map_err(|e| Error::Input(format!("frame buffer does not match {width}x{height} RGB: {e}")))?;
+                let (left, top, cw, ch) = self.source_rect(width, height);
+                let alg = match self.spec.interpolation {
+                    Interpolation::Nearest => fr::ResizeAlg::Nearest,
+                    Interpolation::Bilinear => fr::ResizeAlg::Convolution(fr::FilterType::Bilinear),
+                    Interpolation::Bicubic => fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom),
+                    Interpolation::Lanczos3 => fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3),
+                };
+                let options = fr::ResizeOptions::new().resize_alg(alg).crop(left, top, cw, ch);
+                self.resizer.resize(&src, &mut self.resized, &options).map_err(|e| {
+                    Error::Input(format!("resize {width}x{height} -> {}x{}: {e}", self.spec.width, self.spec.height))
+                })?;
+                self.resized.buffer()
+            }
         };
-        let options = fr::ResizeOptions::new().resize_alg(alg).crop(left, top, cw, ch);
-        self.resizer.resize(&src, &mut self.resized, &options).map_err(|e| {
-            Error::Input(format!("resize {width}x{height} -> {}x{}: {e}", self.spec.width, self.spec.height))
-        })?;
-
-        let pixels = self.resized.buffer();
         let plane = (self.spec.width * self.spec.height) as usize;
         out.resize(plane * 3, 0.0);
         match self.spec.layout {
@@ -116,6 +147,7 @@ mod tests {
             layout,
             resize,
             interpolation: Interpolation::Bilinear,
+            resampler: Resampler::Fast,
             mean: [0.5, 0.25, 0.0],
             std: [0.5, 0.25, 1.0],
         }

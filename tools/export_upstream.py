@@ -504,6 +504,8 @@ height = {size}
 layout = "nchw"
 resize = "stretch"
 interpolation = "bilinear"
+# Pillow's own resize, byte for byte (upstream: transforms.Resize((512, 512)) on a PIL image).
+resampler = "pillow"
 mean = [0.485, 0.456, 0.406]
 std = [0.229, 0.224, 0.225]
 

@@ -552,6 +552,8 @@ height = 512
 layout = "nchw"
 resize = "stretch"
 interpolation = "bilinear"
+# As tools/export_upstream.py writes it: Pillow's resize, byte for byte.
+resampler = "pillow"
 mean = [0.485, 0.456, 0.406]
 std = [0.229, 0.224, 0.225]
 
