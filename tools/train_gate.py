@@ -45,6 +45,8 @@ comparison, 6 more for the shipped model):
   OMP_NUM_THREADS=1 V/bin/python tools/train_gate.py --data ../shared/data --cache /tmp/c.npz \
       --variants "" --ship ft_b15+aug --oof-from /tmp/s.npz --out models/marine-gate-v2
   OMP_NUM_THREADS=1 V/bin/python tools/train_gate.py --backbone lite2 --views 1 --variants base,lin7
+  OMP_NUM_THREADS=1 V/bin/python tools/train_gate.py --backbone lite2 --tap 1 --cache /tmp/c2.npz \
+      --scores /tmp/s2.npz --variants ft1+aug      # Lite2, last block fine-tuned (about 25 minutes)
 """
 import argparse
 import csv
