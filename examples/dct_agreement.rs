@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use whaled::config::Config;
-use whaled::identify::Identifier;
+use whaled::identify::{GalleryAccess, Identifier};
 use whaled::source::FrameData;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -16,12 +16,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files: Vec<PathBuf> =
         whaled::images::expand(&dirs)?.into_iter().filter(|p| p.extension().is_some_and(|e| e == "jpg")).collect();
     let mut cfg = Config::defaults()?;
-    let full = Identifier::from_config(&{
-        cfg.inference.jpeg_dct_scaling = false;
-        cfg.clone()
-    })?;
+    let full = Identifier::from_config(
+        &{
+            cfg.inference.jpeg_dct_scaling = false;
+            cfg.clone()
+        },
+        GalleryAccess::ReadOnly,
+    )?;
     cfg.inference.jpeg_dct_scaling = true;
-    let scaled = Identifier::from_config(&cfg)?;
+    let scaled = Identifier::from_config(&cfg, GalleryAccess::ReadOnly)?;
     let (mut wf, mut ws) = (full.workspace(), scaled.workspace());
     for variant in ["photo", "1920x1080 frame"] {
         let (mut n, mut scaled_n, mut worst, mut flips, mut sum) = (0, 0, 0f64, Vec::new(), 0f64);

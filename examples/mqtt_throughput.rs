@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{Client, Event, Incoming, MqttOptions, QoS};
 use whaled::config::Config;
-use whaled::identify::Identifier;
+use whaled::identify::{GalleryAccess, Identifier};
 use whaled::mqtt::Publisher;
 use whaled::pipeline::Control;
 
@@ -62,7 +62,7 @@ fn durable(
         fsync_every.map_or(String::new(), |k| format!("fsync_every = {k}\n"))
     );
     let cfg = Config::parse(&dir.with_extension("toml"), &toml)?;
-    let id = Arc::new(Identifier::from_config(&cfg)?);
+    let id = Arc::new(Identifier::from_config(&cfg, GalleryAccess::ReadWrite)?);
     let control = Arc::new(Control::new(&[Arc::from("bow")], id));
     let p = Publisher::start(cfg.mqtt.as_ref().ok_or("no [mqtt]")?, "bench", control)?;
     let t = Instant::now();

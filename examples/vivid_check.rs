@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use whaled::config::{CameraConfig, Config, PixelFormat, SourceConfig};
-use whaled::identify::Identifier;
+use whaled::identify::{GalleryAccess, Identifier};
 use whaled::pipeline::{self, Camera, Options, Shutdown};
 use whaled::source::v4l2::{describe, V4l2Settings, V4l2Source};
 use whaled::source::{Source, SourceEvent};
@@ -113,7 +113,7 @@ fn run() -> Result<(), String> {
         &format!("[prefilter]\nmodel = \"{models}/efficientnet-lite0/model.toml\"\n"),
     )
     .map_err(|e| e.to_string())?;
-    let identifier = Arc::new(Identifier::from_config(&cfg).map_err(|e| e.to_string())?);
+    let identifier = Arc::new(Identifier::from_config(&cfg, GalleryAccess::ReadWrite).map_err(|e| e.to_string())?);
     clock.step("1: describe the device, load the pre-filter");
     let mut source = V4l2Source::new("vivid".into(), settings());
     let mut frames = Vec::new();

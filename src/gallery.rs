@@ -40,7 +40,8 @@
 //!    was made from (version and content SHA-256), never to a gallery changed on board since.
 //! 4. Writers hold an exclusive `flock` on `<file>.lock` (opened read-only, created world-readable, so
 //!    whoever created it the daemon's user can lock it) for the duration of the change; read-only
-//!    commands (`gallery list`, `diff`, the galleries merged in) take no lock and create nothing. The
+//!    commands (`gallery list`, `diff`, the galleries merged in, and `identify`, `eval`, `check-config`
+//!    and SIGHUP's check through `identify::GalleryAccess::ReadOnly`) take no lock and create nothing. The
 //!    daemon reads the gallery and takes its [`FileStamp`] (size, mtime, inode) in one step under the
 //!    lock ([`Gallery::load`]), waits at most [`LOCK_WAIT`] for it when installing, and installs an
 //!    update only if the file is still the one it loaded.

@@ -176,7 +176,8 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         let cfg = crate::config::Config::defaults().unwrap();
-        let identifier = Arc::new(crate::identify::Identifier::from_config(&cfg).unwrap());
+        let identifier =
+            Arc::new(crate::identify::Identifier::from_config(&cfg, crate::identify::GalleryAccess::ReadOnly).unwrap());
         let names: Vec<Arc<str>> = vec![Arc::from(r#"bow"cam\1"#), Arc::from("mast")];
         let control = Control::new(&names, identifier);
         let text = metrics(&control, None, Duration::from_secs(1));

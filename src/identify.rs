@@ -137,7 +137,20 @@ impl ZeroShot {
 struct GallerySlot {
     path: PathBuf,
     current: RwLock<Arc<Gallery>>,
-    writer: Mutex<Option<FileStamp>>,
+    /// The file's stamp at the last read or install (`None` inside: no file yet); `None`: opened
+    /// read-only ([`GalleryAccess::ReadOnly`]), so nothing may be installed.
+    writer: Option<Mutex<Option<FileStamp>>>,
+}
+
+/// How an [`Identifier`] opens the configured gallery file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GalleryAccess {
+    /// The daemon: read and stamped under the gallery lock, a torn tail cut off, updates installed.
+    ReadWrite,
+    /// `whaled identify`, `eval`, `check-config`, SIGHUP's check, `gallery build`/`enroll` (which
+    /// write through their own locked path): the file is only read, no lock file is created, a torn
+    /// tail is left for the next writer, and [`Identifier::replace_gallery`] refuses.
+    ReadOnly,
 }
 
 impl GallerySlot {
@@ -221,13 +234,14 @@ pub struct Assessment {
 /// at start-up. Returns one summary line per model.
 pub fn check(cfg: &Config) -> Result<Vec<String>> {
     let lines = cfg.check_models()?;
-    Identifier::from_config(cfg)?;
+    Identifier::from_config(cfg, GalleryAccess::ReadOnly)?;
     Ok(lines)
 }
 
 impl Identifier {
-    /// Loads the configured models (and the identification head) on the configured backend.
-    pub fn from_config(cfg: &Config) -> Result<Identifier> {
+    /// Loads the configured models (and the identification head, and the gallery as `access` says) on
+    /// the configured backend.
+    pub fn from_config(cfg: &Config, access: GalleryAccess) -> Result<Identifier> {
         let manifest = ModelManifest::load(&cfg.prefilter.manifest)?;
         let Role::Prefilter(spec) = &manifest.role else {
             return Err(Error::model(
@@ -259,7 +273,7 @@ impl Identifier {
                 let model = Model::load(manifest, idc.variant.as_deref(), &cfg.inference)?;
                 let gallery = match &idc.gallery {
                     Some(path) => {
-                        let (g, stamp) = open_gallery(path, &model, dim)?;
+                        let (g, stamp) = open_gallery(path, &model, dim, access)?;
                         log::info!(
                             "gallery {}: version {}, {} photos of {} individuals",
                             path.display(),
@@ -270,7 +284,7 @@ impl Identifier {
                         Some(GallerySlot {
                             path: path.clone(),
                             current: RwLock::new(Arc::new(g)),
-                            writer: Mutex::new(stamp),
+                            writer: (access == GalleryAccess::ReadWrite).then(|| Mutex::new(stamp)),
                         })
                     }
                     None => None,
@@ -427,9 +441,12 @@ impl Identifier {
             .gallery
             .as_ref()
             .ok_or_else(|| Error::Input("no gallery configured ([identification] gallery)".into()))?;
+        let writer = slot.writer.as_ref().ok_or_else(|| {
+            Error::Input(format!("gallery {}: opened read-only by this command; not changed", slot.path.display()))
+        })?;
         new.check_embedder(id.model.sha256(), id.dim, "the new gallery")?;
         // The file work happens under the writer's mutex only: frames keep reading the current gallery.
-        let mut stamp = slot.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut stamp = writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         *stamp = Gallery::install(&slot.path, &new, *stamp)?;
         *slot.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
         Ok(())
@@ -567,16 +584,25 @@ fn finite(embedding: &[f32], model: &Model) -> Result<()> {
     })
 }
 
-/// Opens the configured gallery and checks it belongs to `model`; with the file's stamp, taken under the
-/// gallery lock together with the read (`None`: no file yet), for [`Identifier::replace_gallery`].
-fn open_gallery(path: &Path, model: &Model, dim: usize) -> Result<(Gallery, Option<FileStamp>)> {
-    let Some((g, stamp)) = Gallery::load(path)? else {
+/// Opens the configured gallery and checks it belongs to `model`; for a writer with the file's stamp,
+/// taken under the gallery lock together with the read (`None`: no file yet), for
+/// [`Identifier::replace_gallery`]. A reader writes nothing.
+fn open_gallery(path: &Path, model: &Model, dim: usize, access: GalleryAccess) -> Result<(Gallery, Option<FileStamp>)> {
+    let empty = || {
         // Written on the first change (an enrolment or an update from shore).
         log::info!("gallery {}: no such file yet; starting with an empty gallery", path.display());
-        return Ok((Gallery::empty(dim, model.sha256())?, None));
+        Gallery::empty(dim, model.sha256())
+    };
+    let (g, stamp) = match access {
+        GalleryAccess::ReadWrite => match Gallery::load(path)? {
+            Some((g, stamp)) => (g, Some(stamp)),
+            None => return Ok((empty()?, None)),
+        },
+        GalleryAccess::ReadOnly if path.exists() => (Gallery::open(path)?, None),
+        GalleryAccess::ReadOnly => return Ok((empty()?, None)),
     };
     g.check_embedder(model.sha256(), dim, &format!("gallery {}", path.display()))?;
-    Ok((g, Some(stamp)))
+    Ok((g, stamp))
 }
 
 /// What a candidate index of the combined ranking stands for.

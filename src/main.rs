@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use whaled::config::{Config, Origin};
 use whaled::config::{ExecutionProvider, InferenceConfig, OrtConfig};
 use whaled::detection::{Detection, FrameMeta};
-use whaled::identify::Identifier;
+use whaled::identify::{GalleryAccess, Identifier};
 use whaled::manifest::{BackendKind, ModelManifest};
 use whaled::model::Model;
 use whaled::pipeline::Shutdown;
@@ -275,13 +275,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(config: Option<PathBuf>) -> Result<(Config, Identifier), Error> {
+fn load(config: Option<PathBuf>, access: GalleryAccess) -> Result<(Config, Identifier), Error> {
     let cfg = Config::discover(config.as_deref())?;
     match &cfg.origin {
         Origin::File(p) => log::info!("config {}", p.display()),
         Origin::Defaults => log::info!("no config file found; using built-in defaults"),
     }
-    let identifier = whaled::service::extending_start_timeout("loading models", || Identifier::from_config(&cfg))?;
+    let identifier =
+        whaled::service::extending_start_timeout("loading models", || Identifier::from_config(&cfg, access))?;
     if !identifier.has_identification() {
         log::info!(
             "no identification model configured: frames that pass the pre-filter are reported as cetacean_unidentified"
@@ -291,7 +292,7 @@ fn load(config: Option<PathBuf>) -> Result<(Config, Identifier), Error> {
 }
 
 fn run(config: Option<PathBuf>) -> Result<ExitCode, Error> {
-    let (cfg, identifier) = load(config)?;
+    let (cfg, identifier) = load(config, GalleryAccess::ReadWrite)?;
     let shutdown = Shutdown::new();
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while shutting down exits at once.
@@ -317,7 +318,7 @@ fn run(config: Option<PathBuf>) -> Result<ExitCode, Error> {
 }
 
 fn identify(config: Option<PathBuf>, no_prefilter: bool, paths: &[PathBuf]) -> Result<ExitCode, Error> {
-    let (cfg, mut identifier) = load(config)?;
+    let (cfg, mut identifier) = load(config, GalleryAccess::ReadOnly)?;
     if no_prefilter {
         if !identifier.has_identification() {
             return Err(Error::Input(
@@ -379,7 +380,7 @@ fn run_eval(
     if cfg.zero_shot.take().is_some() {
         log::info!("eval measures the pre-filter: the [zero_shot] stage is not applied");
     }
-    let identifier = Identifier::from_config(&cfg)?;
+    let identifier = Identifier::from_config(&cfg, GalleryAccess::ReadOnly)?;
     let samples = eval::read_manifest(manifest)?;
     let bar =
         indicatif::ProgressBar::with_draw_target(Some(samples.len() as u64), indicatif::ProgressDrawTarget::stderr());
@@ -438,13 +439,13 @@ fn gallery(command: GalleryCommand) -> Result<ExitCode, Error> {
     };
     match command {
         GalleryCommand::Build { config, out, added_by, input } => {
-            let (_cfg, identifier) = load(config)?;
+            let (_cfg, identifier) = load(config, GalleryAccess::ReadOnly)?;
             let by = added_by.unwrap_or_else(catalogue::default_added_by);
             let (g, skipped) = catalogue::build(&identifier, &input, &out, &by)?;
             Ok(report(&g, &skipped, &out))
         }
         GalleryCommand::Enroll { config, gallery, id, species, added_by, photos } => {
-            let (_cfg, identifier) = load(config)?;
+            let (_cfg, identifier) = load(config, GalleryAccess::ReadOnly)?;
             let path = match gallery.or_else(|| identifier.gallery_path().map(std::path::Path::to_path_buf)) {
                 Some(p) => p,
                 None => return Err(Error::Input("no gallery: pass --gallery or set [identification] gallery".into())),

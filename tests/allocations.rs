@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use common::*;
 use whaled::config::Config;
 use whaled::decode::Decoder;
-use whaled::identify::Identifier;
+use whaled::identify::{GalleryAccess, Identifier};
 use whaled::preprocess::Preprocessor;
 use whaled::source::pixels::RawFormat;
 use whaled::source::FrameData;
@@ -70,7 +70,7 @@ fn frames() -> Vec<(&'static str, FrameData)> {
 fn decode_and_preprocess_allocate_nothing_per_frame() {
     let _g = SERIAL.lock().unwrap();
     let cfg = Config::defaults().unwrap();
-    let id = Identifier::from_config(&cfg).unwrap();
+    let id = Identifier::from_config(&cfg, GalleryAccess::ReadOnly).unwrap();
     let mut pre = Preprocessor::new(&id.prefilter().manifest().input);
     let mut tensor = Vec::new();
     for (what, data) in frames() {
@@ -107,7 +107,7 @@ fn decode_and_preprocess_allocate_nothing_per_frame() {
 fn assess_frees_what_it_allocates() {
     let _g = SERIAL.lock().unwrap();
     let cfg = Config::defaults().unwrap();
-    let id = Identifier::from_config(&cfg).unwrap();
+    let id = Identifier::from_config(&cfg, GalleryAccess::ReadOnly).unwrap();
     let mut ws = id.workspace();
     let images: Vec<Vec<u8>> = (0..4).map(|seed| jpeg(&frame(seed + 3, 1920, 1080), 85)).collect();
     let frames: Vec<FrameData> = (0..43).map(|i| FrameData::Encoded(Arc::from(images[i % 4].clone()))).collect();

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use common::*;
 use whaled::config::{Config, PublishMode, SightingsConfig};
 use whaled::detection::{end_event_id, rfc3339_millis, TIME_AFTER_9999, TIME_BEFORE_1970};
-use whaled::identify::Identifier;
+use whaled::identify::{GalleryAccess, Identifier};
 use whaled::pipeline::{run_controlled, Camera, Control, Event, Options, Shutdown};
 use whaled::sink::{Failure, Sink, Sinks};
 use whaled::source::replay::ReplaySource;
@@ -25,7 +25,7 @@ use whaled::source::replay::ReplaySource;
 fn identifier() -> Arc<Identifier> {
     let dir = tempfile::tempdir().unwrap();
     let cfg = Config::parse(&dir.path().join("whaled.toml"), "[prefilter]\nthreshold = 0.0\n").unwrap();
-    Arc::new(Identifier::from_config(&cfg).unwrap())
+    Arc::new(Identifier::from_config(&cfg, GalleryAccess::ReadWrite).unwrap())
 }
 
 fn camera(frames: u32) -> Vec<Camera> {

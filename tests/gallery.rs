@@ -254,6 +254,27 @@ fn an_enrolment_cut_short_leaves_the_old_gallery_or_the_new_one() {
         assert_eq!(std::fs::read(&g).unwrap(), &after[..cut], "cut at {cut}: a read-only command changed the file");
         assert_eq!(listing(), names, "cut at {cut}: a read-only command created files");
     }
+    // `identify` and `check-config` read the configured gallery the same way: they see the old gallery
+    // and leave the file, its lock and its torn tail alone (only the daemon and the writers cut it).
+    let cut = (before.len() + after.len()) / 2;
+    std::fs::write(&g, &after[..cut]).unwrap();
+    let names = listing();
+    let out = whaled(&["identify", "--no-prefilter", "--config", cfg.to_str().unwrap(), &photos[0]]);
+    let stdout = ok(&out);
+    assert_eq!(detections(&stdout).len(), 1, "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ignoring"), "identify WARNs about the torn tail");
+    ok(&whaled(&["check-config", cfg.to_str().unwrap()]));
+    assert_eq!(std::fs::read(&g).unwrap(), &after[..cut], "identify or check-config changed the gallery");
+    assert_eq!(listing(), names, "identify or check-config created files");
+    // And a read-only identifier refuses to install a gallery, changing nothing.
+    let config = whaled::config::Config::load(&cfg).unwrap();
+    let reader = whaled::identify::Identifier::from_config(&config, whaled::identify::GalleryAccess::ReadOnly).unwrap();
+    let current = reader.gallery().unwrap();
+    assert_eq!(current.len(), 2, "the old gallery, without the torn enrolment");
+    let e = reader.replace_gallery((*current).clone()).unwrap_err().to_string();
+    assert!(e.contains("opened read-only"), "{e}");
+    assert_eq!(std::fs::read(&g).unwrap(), &after[..cut]);
+    assert_eq!(listing(), names);
     // A writer (an enrolment) cuts the torn tail off, keeps it aside, and appends after the old gallery.
     let one = photos[0].clone();
     let out = whaled(&["gallery", "enroll", "--config", cfg.to_str().unwrap(), "--id", "crew-003", &one]);

@@ -18,13 +18,13 @@ use common::broker::{free_port, unsafe_kill, Broker, Msg, Subscriber};
 use common::{logs, repo};
 use whaled::config::mqtt::MqttConfig;
 use whaled::config::Config;
-use whaled::identify::Identifier;
+use whaled::identify::{GalleryAccess, Identifier};
 use whaled::mqtt::Publisher;
 use whaled::outbox::{Outbox, OutboxConfig};
 use whaled::pipeline::Control;
 
 fn control(cameras: &[&str]) -> Arc<Control> {
-    let id = Arc::new(Identifier::from_config(&Config::defaults().unwrap()).unwrap());
+    let id = Arc::new(Identifier::from_config(&Config::defaults().unwrap(), GalleryAccess::ReadWrite).unwrap());
     let names: Vec<Arc<str>> = cameras.iter().map(|c| Arc::from(*c)).collect();
     Arc::new(Control::new(&names, id))
 }

@@ -10,14 +10,14 @@ use std::time::{Duration, Instant, SystemTime};
 use common::*;
 use whaled::config::Config;
 use whaled::detection::Detection;
-use whaled::identify::Identifier;
+use whaled::identify::{GalleryAccess, Identifier};
 use whaled::pipeline::{run, Camera, Options, Shutdown};
 use whaled::source::replay::ReplaySource;
 
 fn identifier(config: &str) -> Arc<Identifier> {
     let dir = tempfile::tempdir().unwrap();
     let cfg = Config::parse(&dir.path().join("whaled.toml"), config).unwrap();
-    Arc::new(Identifier::from_config(&cfg).unwrap())
+    Arc::new(Identifier::from_config(&cfg, GalleryAccess::ReadWrite).unwrap())
 }
 
 fn options(emit_rejected: bool) -> Options {
