@@ -215,13 +215,13 @@ fn onnxruntime_identifies_like_the_reference() {
 /// The whole chain the upstream runs, from the photographer's JPEG: whaled's decode and the Pillow
 /// resampler the exported manifest names (`resampler = "pillow"`), against the reference computed on
 /// Pillow's decode and `resize((512, 512), BILINEAR)`. With the fast resampler the same photos differ
-/// by up to a few hundredths (the +-1 level differences amplified by the ArcFace scale of 30).
+/// by up to a few hundredths (the +-1 level differences amplified by the ArcFace scale of 30). One
+/// backend: the pixels are the same on both, and the PNG tests above cover the model on each.
 #[test]
 fn the_whole_chain_from_the_original_jpegs_matches_pillow_and_the_reference() {
     let photos = original_photos();
     assert!(photos.iter().all(|p| p.extension().is_some_and(|e| e == "jpg")), "{photos:?}");
     identify_matches_the_reference("tract", &photos, 1e-3);
-    identify_matches_the_reference("onnxruntime", &photos, 1e-3);
 }
 
 #[test]
