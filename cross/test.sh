@@ -15,8 +15,9 @@
 # tests/cli.rs (the cross-built binary end to end, the B4 identification network included) and, on
 # aarch64, the ops crate's own unit tests (its NEON kernels against the definition on odd shapes, the
 # work split): built in the same cargo invocation as whaled's, so tract is not re-resolved and rebuilt
-# for that one package (which cost ~3.5 min per target as a separate `cargo test -p`), and tests/gps.rs
-# (the gpsd client against a real gpsd). Measured under emulation and left out for their cost or their
+# for that one package (which cost ~3.5 min per target as a separate `cargo test -p`), tests/gps.rs
+# (the gpsd client against a real gpsd) and tests/pillow_resize.rs (the Pillow-exact resize as compiled
+# for the board, against Pillow on the host: 12 s). Measured under emulation and left out for their cost or their
 # speed assumptions (2026-12-06, aarch64): allocations 123 s; sinks fails (20 s allowed for every
 # detection through the broker); gps_daemon 85 s (after its 30 s wait for 12 frames became 120 s).
 # gallery, sightings, export and zero_shot run the B4 embedder many times (not measured). parity.rs needs the
@@ -136,8 +137,9 @@ fi
 # (`--lib` then means both crates' unit tests; features unify, so tract is built once).
 if [ "$target" = aarch64-unknown-linux-gnu ]; then
     selection=(-p whaled -p whaled-tract-ops "${selection[@]}")
-    # The gpsd client against a real gpsd (gpsfake): 27 s under emulation, ~30 s to build.
-    if [ "$full" != --full ] && [ -z "${CROSS_SELECTION:-}" ]; then selection+=(--test gps); fi
+    # The gpsd client against a real gpsd (gpsfake): 27 s under emulation, ~30 s to build. Pillow's exact
+    # resize, as the compiler vectorised it for NEON, against Pillow itself on the host: 12 s.
+    if [ "$full" != --full ] && [ -z "${CROSS_SELECTION:-}" ]; then selection+=(--test gps --test pillow_resize); fi
 fi
 build_start=$SECONDS
 cargo-zigbuild test --release "${features[@]}" --target "$target.$glibc_floor" "${selection[@]}" --no-run
