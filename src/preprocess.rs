@@ -18,9 +18,10 @@ use crate::resample::{Filter, Geometry, PillowResizer};
 pub struct Preprocessor {
     spec: InputSpec,
     resizer: fr::Resizer,
+    /// The resized frame (either resampler's output).
     resized: fr::images::Image<'static>,
-    /// Pillow's resampler and its output, for `resampler = "pillow"` manifests.
-    pillow: Option<(PillowResizer, Vec<u8>)>,
+    /// Pillow's resampler, for `resampler = "pillow"` manifests.
+    pillow: Option<PillowResizer>,
     /// `lut[c][v]` = (v / 255 - mean[c]) / std[c].
     lut: [[f32; 256]; 3],
 }
@@ -39,7 +40,7 @@ impl Preprocessor {
             resized: fr::images::Image::new(spec.width, spec.height, fr::PixelType::U8x3),
             // The manifest refuses `pillow` with nearest; fall back to the fast path if it ever came.
             pillow: match spec.resampler {
-                Resampler::Pillow => Filter::of(spec.interpolation).map(|f| (PillowResizer::new(f), Vec::new())),
+                Resampler::Pillow => Filter::of(spec.interpolation).map(PillowResizer::new),
                 Resampler::Fast => None,
             },
             lut,
@@ -79,8 +80,8 @@ impl Preprocessor {
         if width == 0 || height == 0 {
             return Err(Error::Input(format!("cannot preprocess an empty {width}x{height} frame")));
         }
-        let pixels: &[u8] = match &mut self.pillow {
-            Some((resizer, buf)) => {
+        match &mut self.pillow {
+            Some(resizer) => {
                 let (w, h) = (self.spec.width as usize, self.spec.height as usize);
                 let g = match self.spec.resize {
                     Resize::Stretch => Some(Geometry::stretch(w, h)),
@@ -91,8 +92,7 @@ impl Preprocessor {
                 };
                 let g =
                     g.ok_or_else(|| Error::Input(format!("cannot centre-crop a {width}x{height} frame to {w}x{h}")))?;
-                resizer.resize(frame.as_raw(), width as usize, height as usize, g, buf);
-                buf
+                resizer.resize(frame.as_raw(), width as usize, height as usize, g, self.resized.buffer_mut());
             }
             None => {
                 let src = fr::images::ImageRef::new(width, height, frame.as_raw(), fr::PixelType::U8x3)
@@ -108,9 +108,9 @@ impl Preprocessor {
                 self.resizer.resize(&src, &mut self.resized, &options).map_err(|e| {
                     Error::Input(format!("resize {width}x{height} -> {}x{}: {e}", self.spec.width, self.spec.height))
                 })?;
-                self.resized.buffer()
             }
-        };
+        }
+        let pixels = self.resized.buffer();
         let plane = (self.spec.width * self.spec.height) as usize;
         out.resize(plane * 3, 0.0);
         match self.spec.layout {

@@ -203,10 +203,8 @@ pub struct PillowResizer {
     temp: Vec<u8>,
     /// The vertical pass's accumulators, one row.
     sums: Vec<i32>,
-    /// The horizontal pass's two input rows, interleaved as RGBx RGBx.
-    wide: Vec<[u8; 8]>,
-    /// The output of an odd row count's missing partner.
-    spare: Vec<u8>,
+    /// The horizontal pass's kernel and buffers.
+    rows: RowScratch,
 }
 
 /// The passes for one input size and geometry.
@@ -234,7 +232,6 @@ fn span(axis: &Axis) -> (usize, usize) {
 /// The horizontal pass over `n` rows: `row(i)` holds input columns from `base` on, `out` gets `n` rows
 /// of `stride` bytes: the kept outputs or, without a pass, the input columns `left..`. Rows go two at a
 /// time, each tap one multiply-add of both rows' RGBx lanes (8 x i32: one AVX2 instruction).
-#[allow(clippy::too_many_arguments)]
 fn horizontal<'a>(
     axis: Option<&Axis>,
     row: impl Fn(usize) -> &'a [u8],
@@ -242,9 +239,9 @@ fn horizontal<'a>(
     base: usize,
     left: usize,
     out: &mut [u8],
-    wide: &mut Vec<[u8; 8]>,
-    spare: &mut Vec<u8>,
+    scratch: &mut RowScratch,
 ) {
+    let RowScratch { lanes, wide, spare } = scratch;
     let stride = out.len() / n.max(1);
     let Some(h) = axis else {
         for (i, dst) in out.chunks_exact_mut(stride).enumerate() {
@@ -258,21 +255,52 @@ fn horizontal<'a>(
         let i = 2 * pair;
         let (d0, d1) = if dst.len() == 2 * stride { dst.split_at_mut(stride) } else { (dst, &mut spare[..]) };
         let (a, b) = (row(i), row((i + 1).min(n - 1)));
+        match lanes {
+            // SAFETY: `Lanes::Avx2` / `Sse41` exist only where `Lanes::detect` saw the CPU feature; the
+            // functions are safe code compiled with it.
+            #[cfg(target_arch = "x86_64")]
+            Lanes::Avx2 => unsafe { taps_avx2(h, a, b, base, d0, d1, wide) },
+            #[cfg(target_arch = "x86_64")]
+            Lanes::Sse41 => unsafe { taps_sse41(h, a, b, base, d0, d1, wide) },
+            Lanes::Portable => taps(h, a, b, base, d0, d1, wide),
+        }
+    }
+}
+
+/// The widest 32-bit lane multiply of this CPU, found once per resizer (not per row).
+#[derive(Debug, Clone, Copy)]
+enum Lanes {
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Sse41,
+    /// Whatever the target's baseline gives the compiler (NEON on aarch64).
+    Portable,
+}
+
+impl Lanes {
+    fn detect() -> Lanes {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2 (checked just above); the function is safe code compiled with it.
-                unsafe { taps_avx2(h, a, b, base, d0, d1, wide) };
-                continue;
+                return Lanes::Avx2;
             }
             if std::arch::is_x86_feature_detected!("sse4.1") {
-                // SAFETY: as above, for SSE4.1.
-                unsafe { taps_sse41(h, a, b, base, d0, d1, wide) };
-                continue;
+                return Lanes::Sse41;
             }
         }
-        taps(h, a, b, base, d0, d1, wide);
+        Lanes::Portable
     }
+}
+
+/// The horizontal pass's kernel choice and buffers, kept between frames.
+#[derive(Debug)]
+struct RowScratch {
+    lanes: Lanes,
+    /// Two input rows interleaved as RGBx RGBx.
+    wide: Vec<[u8; 8]>,
+    /// The output of an odd row count's missing partner.
+    spare: Vec<u8>,
 }
 
 /// [`taps`] compiled with AVX2: the 8-lane multiply-add is one `vpmulld` + `vpaddd` (x86-64's baseline
@@ -334,8 +362,7 @@ impl PillowResizer {
             plan: Plan::default(),
             temp: Vec::new(),
             sums: Vec::new(),
-            wide: Vec::new(),
-            spare: Vec::new(),
+            rows: RowScratch { lanes: Lanes::detect(), wide: Vec::new(), spare: Vec::new() },
         }
     }
 
@@ -358,14 +385,14 @@ impl PillowResizer {
     }
 
     /// Resizes the RGB `src` (`width x height`, rows packed) to `g`'s crop, written to `out` as packed
-    /// RGB rows. The caller checks the sizes: `src.len() == width * height * 3`, the crop inside
-    /// `g.resized`, and no dimension zero.
-    pub fn resize(&mut self, src: &[u8], width: usize, height: usize, g: Geometry, out: &mut Vec<u8>) {
+    /// RGB rows (`out` is exactly the crop: width x height x 3 bytes). The caller checks the sizes:
+    /// `src.len() == width * height * 3`, the crop inside `g.resized`, and no dimension zero.
+    pub fn resize(&mut self, src: &[u8], width: usize, height: usize, g: Geometry, out: &mut [u8]) {
         self.prepare(width, height, g);
         let (left, top, cw, ch) = g.crop;
         let p = &self.plan;
         let stride = cw * 3;
-        out.resize(ch * stride, 0);
+        assert_eq!(out.len(), ch * stride, "the output buffer is not the crop's size");
         let input_row = |r: usize| &src[r * width * 3..(r + 1) * width * 3];
         if p.vertical_first {
             // Vertical pass over the columns the horizontal pass reads, then the horizontal pass.
@@ -380,13 +407,13 @@ impl PillowResizer {
             }
             let temp = &self.temp;
             let row = |i: usize| &temp[i * tstride..(i + 1) * tstride];
-            horizontal(p.horizontal.as_ref(), row, ch, c0, left, out, &mut self.wide, &mut self.spare);
+            horizontal(p.horizontal.as_ref(), row, ch, c0, left, out, &mut self.rows);
         } else {
             // Horizontal pass over the rows the vertical pass reads, then the vertical pass.
             let (r0, r1) = p.rows;
             self.temp.resize((r1 - r0) * stride, 0);
             let row = |i: usize| input_row(r0 + i);
-            horizontal(p.horizontal.as_ref(), row, r1 - r0, 0, left, &mut self.temp, &mut self.wide, &mut self.spare);
+            horizontal(p.horizontal.as_ref(), row, r1 - r0, 0, left, &mut self.temp, &mut self.rows);
             let temp = &self.temp;
             for (y, dst) in out.chunks_exact_mut(stride).enumerate() {
                 match &p.vertical {
@@ -401,6 +428,13 @@ impl PillowResizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `r.resize` into a buffer of the crop's size.
+    fn resized(r: &mut PillowResizer, src: &[u8], w: usize, h: usize, g: Geometry) -> Vec<u8> {
+        let mut out = vec![0; g.crop.2 * g.crop.3 * 3];
+        r.resize(src, w, h, g, &mut out);
+        out
+    }
 
     /// Every filter's coefficients of every output sum to one unit (+- rounding of each tap), for
     /// shrinking and enlarging.
@@ -425,13 +459,12 @@ mod tests {
     #[test]
     fn a_uniform_frame_stays_uniform() {
         let src: Vec<u8> = [200u8, 7, 99].repeat(37 * 23);
-        let mut out = Vec::new();
         for filter in [Filter::Bilinear, Filter::Bicubic, Filter::Lanczos3] {
             let mut r = PillowResizer::new(filter);
             for g in
                 [Geometry::stretch(16, 16), Geometry::stretch(64, 50), Geometry::center_crop(37, 23, 20, 20).unwrap()]
             {
-                r.resize(&src, 37, 23, g, &mut out);
+                let out = resized(&mut r, &src, 37, 23, g);
                 assert_eq!(out.len(), g.crop.2 * g.crop.3 * 3);
                 assert!(out.chunks_exact(3).all(|p| p == [200, 7, 99]), "{filter:?} {g:?}");
             }
@@ -442,13 +475,12 @@ mod tests {
     fn same_size_is_the_identity_and_a_crop_a_crop() {
         let src: Vec<u8> = (0..20 * 10 * 3).map(|i| (i * 7 % 251) as u8).collect();
         let mut r = PillowResizer::new(Filter::Bicubic);
-        let mut out = Vec::new();
-        r.resize(&src, 20, 10, Geometry::stretch(20, 10), &mut out);
+        let out = resized(&mut r, &src, 20, 10, Geometry::stretch(20, 10));
         assert_eq!(out, src);
         // Resize(10) of 20x10 is the identity; CenterCrop(10) takes columns 5..15.
         let g = Geometry::center_crop(20, 10, 10, 10).unwrap();
         assert_eq!(g, Geometry { resized: (20, 10), crop: (5, 0, 10, 10) });
-        r.resize(&src, 20, 10, g, &mut out);
+        let out = resized(&mut r, &src, 20, 10, g);
         let want: Vec<u8> = src.chunks_exact(60).flat_map(|row| row[15..45].to_vec()).collect();
         assert_eq!(out, want);
     }
@@ -513,10 +545,9 @@ mod tests {
         ];
         for filter in [Filter::Bilinear, Filter::Bicubic, Filter::Lanczos3] {
             let mut r = PillowResizer::new(filter);
-            let mut out = Vec::new();
             for (w, h, g) in cases {
                 let src = noise(w * h * 3);
-                r.resize(&src, w, h, g, &mut out);
+                let out = resized(&mut r, &src, w, h, g);
                 assert_eq!(out, plain(&src, w, h, g, filter), "{filter:?} {w}x{h} {g:?}");
             }
         }

@@ -194,22 +194,24 @@ fn identify_matches_the_reference(backend: &str, inputs: &[PathBuf], tolerance: 
     eprintln!("{backend}: 4 photos, top-5 ids and species equal to the numpy reference, max |p - p_ref| = {worst:.2e}");
 }
 
-// The exported model's input: the 512x512 PNGs the reference embedded (the resize is the identity).
-// 4 dp; a value within 1e-5 of a rounding boundary may land on either side.
-#[test]
-fn tract_identifies_like_the_reference() {
+/// The exported model's input as the reference embedded it: the 512x512 PNGs (the resize is the
+/// identity), checked to the reference's 4 dp (a value within 1e-5 of a rounding boundary may land on
+/// either side).
+fn identify_the_pngs_like_the_reference(backend: &str) {
     let (synth, ..) = exported();
     let mut pngs: Vec<PathBuf> = std::fs::read_dir(synth.join("photos")).unwrap().map(|e| e.unwrap().path()).collect();
     pngs.sort();
-    identify_matches_the_reference("tract", &pngs, 0.5e-4 + 1e-5);
+    identify_matches_the_reference(backend, &pngs, 0.5e-4 + 1e-5);
+}
+
+#[test]
+fn tract_identifies_like_the_reference() {
+    identify_the_pngs_like_the_reference("tract");
 }
 
 #[test]
 fn onnxruntime_identifies_like_the_reference() {
-    let (synth, ..) = exported();
-    let mut pngs: Vec<PathBuf> = std::fs::read_dir(synth.join("photos")).unwrap().map(|e| e.unwrap().path()).collect();
-    pngs.sort();
-    identify_matches_the_reference("onnxruntime", &pngs, 0.5e-4 + 1e-5);
+    identify_the_pngs_like_the_reference("onnxruntime");
 }
 
 /// The whole chain the upstream runs, from the photographer's JPEG: whaled's decode and the Pillow

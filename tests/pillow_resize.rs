@@ -105,11 +105,15 @@ fn first_difference(got: &[u8], want: &[u8], width: usize) -> String {
     }
 }
 
+/// Asserts `got` is Pillow's output for `case`, naming the first differing byte.
+fn same_bytes(got: &[u8], case: &Case, path: &str) {
+    assert!(got == case.expected, "{} ({path}): {}", case.name, first_difference(got, &case.expected, case.out.0));
+}
+
 #[test]
 fn pillow_resampler_gives_pillows_bytes() {
     let cases = cases();
     assert_eq!(cases.len(), 20);
-    let mut out = Vec::new();
     let mut tensor = Vec::new();
     for case in &cases {
         let (w, h) = case.input.dimensions();
@@ -128,33 +132,23 @@ fn pillow_resampler_gives_pillows_bytes() {
 
         let filter = Filter::of(case.interpolation).unwrap();
         let mut resizer = PillowResizer::new(filter);
+        let mut out = vec![0; case.expected.len()];
         resizer.resize(case.input.as_raw(), w as usize, h as usize, geometry, &mut out);
-        assert!(out == case.expected, "{}: {}", case.name, first_difference(&out, &case.expected, case.out.0));
+        same_bytes(&out, case, "resampler");
         // Again with the cached coefficients, on a different frame of the same size first (the frames
         // under 2 megapixels: the check is the cache, not the size, and debug builds are slow).
         if w * h < 2_000_000 {
             let other = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 7]));
             resizer.resize(other.as_raw(), w as usize, h as usize, geometry, &mut out);
             resizer.resize(case.input.as_raw(), w as usize, h as usize, geometry, &mut out);
+            same_bytes(&out, case, "second frame");
         }
-        assert!(
-            out == case.expected,
-            "{} (second frame): {}",
-            case.name,
-            first_difference(&out, &case.expected, case.out.0)
-        );
 
         // The whole preprocessor, deriving the geometry from the manifest's crop fraction.
         let mut pre = Preprocessor::new(&spec(case, Resampler::Pillow));
         assert!(!pre.fits(w, h), "{}: the Pillow path must ask for the full-size decode", case.name);
         pre.run(&case.input, &mut tensor).unwrap();
-        let got = bytes_of(&tensor);
-        assert!(
-            got == case.expected,
-            "{} (Preprocessor): {}",
-            case.name,
-            first_difference(&got, &case.expected, case.out.0)
-        );
+        same_bytes(&bytes_of(&tensor), case, "Preprocessor");
 
         let mut fast = Preprocessor::new(&spec(case, Resampler::Fast));
         fast.run(&case.input, &mut tensor).unwrap();
