@@ -18,8 +18,9 @@ Sets:
       40 % of the frame (the pasted rectangle is the known box; the animal fills part of it);
   (b) marine-dev (the gate's own training images: in-sample for it, so TNR figures are optimistic for
       both methods alike) for the thresholds and the hard negatives' TNR.
-Thresholds: for each method, the highest keeping marine-dev TPR >= 0.97 on its own scores (the same rule
-as the shipped gate's, here in-sample for both, so the comparison is like for like).
+Thresholds: for each method, the highest keeping marine-dev TPR >= 0.97 on its own scores
+(train_prefilter.threshold_rule, the shipped gates' rule; here in-sample for both, so the comparison is
+like for like).
 
 Usage: python3 tools/localise_eval.py [--data ../shared/data] [--long 640] [--out /tmp/loc.json]
 """
@@ -37,6 +38,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import preprocess_ref  # noqa: E402
+import train_prefilter as tp  # noqa: E402
 
 SIZES = (48, 96, 192, 400)
 
@@ -120,20 +122,6 @@ def iou(a, b):
     return inter / union if union > 0 else 0.0
 
 
-def cover(img, w, h):
-    s = max(w / img.width, h / img.height)
-    big = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
-    left, top = (big.width - w) // 2, (big.height - h) // 2
-    return big.crop((left, top, left + w, top + h))
-
-
-def threshold(scores, pos, tpr=0.97):
-    for t in np.unique(scores[pos])[::-1]:
-        if (scores[pos] >= t).mean() >= tpr:
-            return float(t)
-    return 0.0
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data")
@@ -156,13 +144,13 @@ def main():
         md_pos.append(r["label"] == "cetacean")
         md_cat.append(r["relpath"].split("/")[0])
     md_whole, md_map, md_pos, md_cat = map(np.array, (md_whole, md_map, md_pos, md_cat))
-    t_whole, t_map = threshold(md_whole, md_pos), threshold(md_map, md_pos)
+    t_whole, t_map = tp.threshold_rule(md_whole, md_pos), tp.threshold_rule(md_map, md_pos)
 
     whales = sorted(glob.glob(os.path.join(args.data, "whales-extra", "*.jpg")))
     oceans = sorted(glob.glob(os.path.join(args.data, "marine-dev", "ocean", "*.jpg")))
     comp = []
     for i, o in enumerate(oceans):
-        canvas0 = cover(Image.open(o).convert("RGB"), 1920, 1080)
+        canvas0 = tp.sea_frame(o, (1920, 1080))
         for j, size in enumerate(SIZES):
             whale = Image.open(whales[(i + j) % len(whales)]).convert("RGB")
             s = size / max(whale.size)
