@@ -162,10 +162,10 @@ if [ -z "$ort_platform" ]; then
     echo "== parity: tract on $target against onnxruntime on this machine (whaled identify)"
     parity_start=$SECONDS
     # The reference: this machine's whaled with the onnxruntime backend ($HOST_WHALED, else the dev build
-    # .ci/test made, so this build is a no-op in CI).
+    # .ci/test made with the same features, so this build is a no-op in CI).
     host_whaled=${HOST_WHALED:-}
     if [ -z "$host_whaled" ]; then
-        cargo build --quiet --features onnxruntime --bin whaled
+        cargo build --quiet --features onnxruntime,gstreamer --bin whaled
         host_whaled=target/debug/whaled
     fi
     host_ort=$(python3 -c 'import onnxruntime, os, glob; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))[-1])')

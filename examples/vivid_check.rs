@@ -165,7 +165,7 @@ fn run() -> Result<(), String> {
             SourceEvent::Frame(f) => f,
             other => return Err(format!("v4l2 source: {other:?}")),
         };
-        let whaled::source::FrameData::Raw { format, width, height, stride, bytes } = &f.data else {
+        let whaled::source::FrameData::Raw { format, width, height, stride, bytes, .. } = &f.data else {
             return Err("YUYV frames are raw".into());
         };
         addresses.insert(bytes.as_ptr() as usize);

@@ -93,10 +93,10 @@ impl Decoder {
                     self.rgb = decode_other(bytes, name)?;
                     (self.rgb.width(), self.rgb.height(), (1, 1))
                 }
-                FrameData::Raw { format, width, height, stride, bytes } => {
+                FrameData::Raw { format, colour, width, height, stride, bytes } => {
                     check_size(u64::from(*width), u64::from(*height), name)?;
                     let mut buf = std::mem::take(&mut self.rgb).into_raw();
-                    pixels::convert_into(*format, *width, *height, *stride, bytes, name, &mut buf)?;
+                    pixels::convert_into(*format, *colour, *width, *height, *stride, bytes, name, &mut buf)?;
                     self.rgb = into_image(*width, *height, buf, name)?;
                     (*width, *height, (1, 1))
                 }
@@ -338,7 +338,14 @@ mod tests {
             yuyv.iter_mut().step_by(2).for_each(|y| *y = luma);
             let bytes: Arc<[u8]> = Arc::from(yuyv);
             addresses.insert(bytes.as_ptr() as usize);
-            let data = FrameData::Raw { format: pixels::RawFormat::Yuyv, width: w, height: h, stride: 0, bytes };
+            let data = FrameData::Raw {
+                format: pixels::RawFormat::Yuyv,
+                colour: Default::default(),
+                width: w,
+                height: h,
+                stride: 0,
+                bytes,
+            };
             // The reference: the converter called directly, with no decoder (and no cache) involved.
             let FrameData::Raw { bytes, .. } = &data else { unreachable!() };
             let want = pixels::to_rgb(pixels::RawFormat::Yuyv, w, h, 0, bytes, "ref").unwrap();
@@ -380,6 +387,7 @@ mod tests {
     fn raw_frames_reuse_the_buffer() {
         let data = FrameData::Raw {
             format: pixels::RawFormat::Grey,
+            colour: Default::default(),
             width: 4,
             height: 2,
             stride: 0,

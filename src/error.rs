@@ -21,6 +21,11 @@ pub enum Error {
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// A camera could not be opened or stopped delivering. `refused`: it rejected whaled's credentials,
+    /// which no retry can fix until someone changes them (logged at ERROR; other camera failures are
+    /// recovered by reopening and logged at WARN).
+    #[error("camera {camera}: {msg}")]
+    Camera { camera: String, msg: String, refused: bool },
     /// Bad input that is none of the above (an evaluation manifest, a command-line argument).
     #[error("{0}")]
     Input(String),

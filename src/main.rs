@@ -98,8 +98,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List V4L2 cameras with their formats, frame sizes and rates (like v4l2-ctl --list-formats-ext).
-    Cameras,
+    /// List V4L2 cameras with their formats, frame sizes and rates (like v4l2-ctl --list-formats-ext),
+    /// or, with --probe URL, what a network camera's stream offers.
+    Cameras {
+        /// A stream to describe instead (rtsp://, http://, file://): codec, size, rate. Needs the
+        /// `gstreamer` feature. Credentials in the URL are used and never printed.
+        #[arg(long, value_name = "URL")]
+        probe: Option<String>,
+        /// How long --probe waits for the stream.
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Galleries: a crew's own catalogue of individuals, searched beside the ArcFace head.
     Gallery {
         #[command(subcommand)]
@@ -232,7 +241,8 @@ fn main() -> ExitCode {
         Command::Identify { config, no_prefilter, paths } => identify(config, no_prefilter, &paths),
         Command::Eval { config, manifest, json, roc } => run_eval(config, &manifest, json, roc),
         Command::CheckConfig { file } => check_config(&file),
-        Command::Cameras => cameras(),
+        Command::Cameras { probe: None, .. } => cameras(),
+        Command::Cameras { probe: Some(url), timeout } => probe(&url, timeout),
         Command::Gallery { command } => gallery(command),
         Command::Bench {
             model,
@@ -419,6 +429,17 @@ fn cameras() -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(feature = "gstreamer")]
+fn probe(url: &str, timeout: std::time::Duration) -> Result<ExitCode, Error> {
+    print!("{}", whaled::source::gst::probe(url, timeout)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "gstreamer"))]
+fn probe(_url: &str, _timeout: std::time::Duration) -> Result<ExitCode, Error> {
+    Err(Error::Input("--probe needs whaled built with the `gstreamer` feature".into()))
+}
+
 fn gallery(command: GalleryCommand) -> Result<ExitCode, Error> {
     use whaled::catalogue;
     use whaled::gallery::Gallery;
@@ -539,6 +560,13 @@ fn check_config(file: &std::path::Path) -> Result<ExitCode, Error> {
     let cfg = Config::load(file)?;
     for line in whaled::identify::check(&cfg)? {
         println!("{line}");
+    }
+    #[cfg(feature = "gstreamer")]
+    for cam in &cfg.cameras {
+        if matches!(cam.source, whaled::config::SourceConfig::Rtsp(_) | whaled::config::SourceConfig::Gstreamer(_)) {
+            whaled::source::gst::check(cam)?;
+            println!("camera {}: every GStreamer element it names is installed", cam.name);
+        }
     }
     if cfg.inference.backend == BackendKind::Onnxruntime {
         println!("{}", cfg.inference.onnxruntime.summary());

@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -259,6 +259,12 @@ impl Control {
     fn beat(&self, i: usize, state: u8) {
         self.capture_beat[i].store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         self.camera_state[i].store(state, Ordering::Relaxed);
+    }
+
+    /// The capture loop came round without a frame (a network source waiting within its timeout): the
+    /// loop is alive, its camera's state is unchanged.
+    fn touch(&self, i: usize) {
+        self.capture_beat[i].store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     fn set_busy(&self, worker: usize, busy: bool) {
@@ -993,6 +999,10 @@ fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, sh
     control.beat(i, CAMERA_STARTING);
     let mut last_sample: Option<Instant> = None;
     let mut backoff: Option<Duration> = None;
+    // The failure being reported, and how often it has repeated: a camera that stays down logs once
+    // (and on every change of reason), not every retry.
+    let mut failing: Option<(String, u64, Instant)> = None;
+    let mut jitter = Jitter::new(i);
     while !shutdown.is_triggered() {
         // Sampling is decided before the source copies the frame out of the driver's buffer.
         let mut wanted = || {
@@ -1011,9 +1021,15 @@ fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, sh
         match cam.source.next_sampled(&mut wanted) {
             Ok(event @ (SourceEvent::Frame(_) | SourceEvent::Skipped)) => {
                 control.beat(i, CAMERA_RUNNING);
-                if backoff.take().is_some() {
+                backoff = None;
+                if let Some((_, attempts, since)) = failing.take() {
                     CameraStats::add(&stats.reconnects);
-                    log::warn!("camera {}: delivering frames again", cam.name);
+                    log::warn!(
+                        "camera {}: delivering frames again (after {attempts} failed attempt{} over {:.0?})",
+                        cam.name,
+                        if attempts == 1 { "" } else { "s" },
+                        since.elapsed()
+                    );
                 }
                 stats.captured(Instant::now());
                 if let SourceEvent::Frame(frame) = event {
@@ -1025,6 +1041,7 @@ fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, sh
                     }
                 }
             }
+            Ok(SourceEvent::Idle) => control.touch(i),
             Ok(SourceEvent::End) => {
                 control.beat(i, CAMERA_ENDED);
                 log::info!("camera {}: source ended", cam.name);
@@ -1033,10 +1050,29 @@ fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, sh
             Err(e) => {
                 control.beat(i, CAMERA_FAILING);
                 CameraStats::add(&stats.errors);
-                let wait = backoff.map_or(BACKOFF_MIN, |b| (b * 2).min(BACKOFF_MAX));
-                backoff = Some(wait);
-                // Recovered by the retry: WARN, not ERROR; the counters show a camera that stays down.
-                log::warn!("{e}; retrying in {wait:?}");
+                let base = backoff.map_or(BACKOFF_MIN, |b| (b * 2).min(BACKOFF_MAX));
+                backoff = Some(base);
+                // +-20 %: cameras that failed together (a switch rebooted) do not retry in lockstep.
+                let wait = jitter.spread(base);
+                let text = e.to_string();
+                match &mut failing {
+                    Some((last, attempts, _)) if *last == text => {
+                        *attempts += 1;
+                        log::debug!("{text} (attempt {attempts}); retrying in {wait:?}");
+                    }
+                    _ => {
+                        let attempts = failing.as_ref().map_or(0, |f| f.1) + 1;
+                        let since = failing.as_ref().map_or_else(Instant::now, |f| f.2);
+                        // Credentials refused: no retry fixes that, an operator must (ERROR). Anything
+                        // else is recovered by reopening (WARN); the counters show a camera that stays down.
+                        if matches!(e, Error::Camera { refused: true, .. }) {
+                            log::error!("{text}; retrying with backoff (repeats are logged at DEBUG)");
+                        } else {
+                            log::warn!("{text}; retrying in {wait:.1?} with backoff (repeats are logged at DEBUG)");
+                        }
+                        failing = Some((text, attempts, since));
+                    }
+                }
                 sleep_unless_shutdown(wait, shutdown);
             }
         }
@@ -1044,6 +1080,25 @@ fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, sh
     control.beat(i, CAMERA_ENDED);
     log::info!("camera {}: capture stopped", cam.name);
     mailbox.source_ended();
+}
+
+/// Spreads retry delays by +-20 % (xorshift, seeded per camera and start time): enough to keep a
+/// fleet's cameras from reconnecting in lockstep, no randomness crate needed.
+struct Jitter(u64);
+
+impl Jitter {
+    fn new(camera: usize) -> Jitter {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as u64);
+        Jitter((nanos ^ (camera as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1)
+    }
+
+    fn spread(&mut self, base: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        let unit = (self.0 >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+        base.mul_f64(0.8 + 0.4 * unit)
+    }
 }
 
 fn sleep_unless_shutdown(total: Duration, shutdown: &Shutdown) {

@@ -61,7 +61,14 @@ fn frames() -> Vec<(&'static str, FrameData)> {
         ("1080p JPEG", FrameData::Encoded(Arc::from(jpeg(&img, 85)))),
         (
             "1080p YUYV",
-            FrameData::Raw { format: RawFormat::Yuyv, width: 1920, height: 1080, stride: 0, bytes: Arc::from(yuyv) },
+            FrameData::Raw {
+                format: RawFormat::Yuyv,
+                colour: Default::default(),
+                width: 1920,
+                height: 1080,
+                stride: 0,
+                bytes: Arc::from(yuyv),
+            },
         ),
     ]
 }

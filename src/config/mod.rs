@@ -9,7 +9,9 @@
 
 pub mod gps;
 pub mod mqtt;
+pub mod network;
 pub mod onnxruntime;
+pub mod secret;
 pub use crate::values;
 pub use mqtt::OutboxConfig;
 pub use onnxruntime::{
@@ -130,8 +132,8 @@ struct RawPipeline {
 #[serde(deny_unknown_fields)]
 struct RawCamera {
     name: Spanned<String>,
-    kind: SourceKind,
-    path: Spanned<PathBuf>,
+    kind: Spanned<SourceKind>,
+    path: Option<Spanned<PathBuf>>,
     fps: Option<Spanned<Positive>>,
     #[serde(rename = "loop")]
     looping: Option<Spanned<bool>>,
@@ -141,6 +143,40 @@ struct RawCamera {
     width: Option<Count>,
     height: Option<Count>,
     timeout: Option<Interval>,
+    // Network cameras (network.rs).
+    url: Option<Spanned<String>>,
+    user: Option<String>,
+    password: Option<String>,
+    password_file: Option<Spanned<PathBuf>>,
+    password_env: Option<Spanned<String>>,
+    transport: Option<network::Transport>,
+    latency: Option<Interval>,
+    codec: Option<network::VideoCodec>,
+    decoder: Option<Spanned<String>>,
+    ntp_sync: Option<bool>,
+    pipeline: Option<Spanned<String>>,
+}
+
+impl RawCamera {
+    /// The keys only network cameras take, by name, where set (for "only applies to" errors).
+    fn network_keys(&self) -> Vec<&'static str> {
+        [
+            ("url", self.url.is_some()),
+            ("user", self.user.is_some()),
+            ("password", self.password.is_some()),
+            ("password_file", self.password_file.is_some()),
+            ("password_env", self.password_env.is_some()),
+            ("transport", self.transport.is_some()),
+            ("latency", self.latency.is_some()),
+            ("codec", self.codec.is_some()),
+            ("decoder", self.decoder.is_some()),
+            ("ntp_sync", self.ntp_sync.is_some()),
+            ("pipeline", self.pipeline.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect()
+    }
 }
 
 /// What a V4L2 camera is asked for.
@@ -175,6 +211,10 @@ pub enum SourceKind {
     Replay,
     /// A Video4Linux2 camera (USB/CSI) at `path`.
     V4l2,
+    /// A network camera's RTSP stream at `url` (the `gstreamer` feature).
+    Rtsp,
+    /// Any GStreamer pipeline ending in `appsink name=whaled` (the `gstreamer` feature).
+    Gstreamer,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -332,6 +372,8 @@ pub enum SourceConfig {
         speed: Option<f64>,
     },
     V4l2(V4l2Settings),
+    Rtsp(network::RtspSettings),
+    Gstreamer(network::GstSettings),
 }
 
 #[derive(Debug, Clone)]
@@ -537,12 +579,39 @@ impl Config {
                     ));
                 }
             }
-            let source = match c.kind {
+            let kind = *c.kind.get_ref();
+            let network = matches!(kind, SourceKind::Rtsp | SourceKind::Gstreamer);
+            if let (false, Some(key)) = (network, c.network_keys().first()) {
+                return Err(at(
+                    c.kind.span(),
+                    &format!("camera.{key}"),
+                    "only applies to kind = \"rtsp\" or \"gstreamer\"".into(),
+                ));
+            }
+            let path = match (&c.path, network) {
+                (Some(p), true) => {
+                    return Err(at(
+                        p.span(),
+                        "camera.path",
+                        "network cameras take `url` or `pipeline`, not `path`".into(),
+                    ))
+                }
+                (None, false) => {
+                    return Err(at(
+                        c.kind.span(),
+                        "camera.path",
+                        "is missing: the file, directory or device to read".into(),
+                    ))
+                }
+                (p, _) => p,
+            };
+            let source = match kind {
                 SourceKind::Replay => {
-                    let p = dir.join(c.path.get_ref());
+                    let path = path.as_ref().ok_or_else(|| Error::Config("camera.path".into()))?;
+                    let p = dir.join(path.get_ref());
                     if !p.exists() {
                         return Err(at(
-                            c.path.span(),
+                            path.span(),
                             "camera.path",
                             format!("no such file or directory {}", p.display()),
                         ));
@@ -574,13 +643,14 @@ impl Config {
                     }
                 }
                 SourceKind::V4l2 => {
+                    let path = path.as_ref().ok_or_else(|| Error::Config("camera.path".into()))?;
                     if let Some(l) = &c.looping {
                         return Err(at(l.span(), "camera.loop", "only applies to kind = \"replay\"".into()));
                     }
                     if let Some(k) = &c.speed {
                         return Err(at(k.span(), "camera.speed", "only applies to kind = \"replay\"".into()));
                     }
-                    let formats = match c.formats {
+                    let formats = match &c.formats {
                         None => vec![PixelFormat::Mjpeg, PixelFormat::Yuyv],
                         Some(f) if f.get_ref().is_empty() => {
                             return Err(at(
@@ -589,11 +659,11 @@ impl Config {
                                 "is empty; list at least one pixel format".into(),
                             ))
                         }
-                        Some(f) => f.into_inner(),
+                        Some(f) => f.get_ref().clone(),
                     };
                     // Not checked for existence: a camera may be plugged in after start-up.
                     SourceConfig::V4l2(V4l2Settings {
-                        path: c.path.into_inner(),
+                        path: path.get_ref().clone(),
                         formats,
                         width: c.width.map_or(1280, |w| w.get() as u32),
                         height: c.height.map_or(720, |h| h.get() as u32),
@@ -601,6 +671,7 @@ impl Config {
                         timeout: c.timeout.map_or(std::time::Duration::from_secs(3), Interval::get),
                     })
                 }
+                SourceKind::Rtsp | SourceKind::Gstreamer => network_camera(&c, kind, dir, &at)?,
             };
             cameras.push(CameraConfig {
                 name: name.clone(),
@@ -847,6 +918,109 @@ pub fn host_name() -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
+/// Validates a `kind = "rtsp"` or `kind = "gstreamer"` block (the keys the other kinds take, and those
+/// of the other network kind, are errors).
+fn network_camera(
+    c: &RawCamera,
+    kind: SourceKind,
+    dir: &Path,
+    at: &dyn Fn(std::ops::Range<usize>, &str, String) -> Error,
+) -> Result<SourceConfig> {
+    if !cfg!(feature = "gstreamer") {
+        return Err(at(
+            c.kind.span(),
+            "camera.kind",
+            "network cameras need whaled built with GStreamer (cargo build --release --features gstreamer; \
+             tools/system-packages.sh gstreamer installs what that needs)"
+                .into(),
+        ));
+    }
+    for (key, set) in [
+        ("formats", c.formats.is_some()),
+        ("width", c.width.is_some()),
+        ("height", c.height.is_some()),
+        ("fps", c.fps.is_some()),
+        ("loop", c.looping.is_some()),
+        ("speed", c.speed.is_some()),
+    ] {
+        if set {
+            return Err(at(
+                c.kind.span(),
+                &format!("camera.{key}"),
+                "does not apply to network cameras: the stream (or the pipeline's caps) sets it".into(),
+            ));
+        }
+    }
+    let timeout = c.timeout.map_or(network::DEFAULT_TIMEOUT, Interval::get);
+    if kind == SourceKind::Gstreamer {
+        let keys = c.network_keys();
+        if let Some(k) = keys.iter().find(|k| **k != "pipeline") {
+            return Err(at(
+                c.kind.span(),
+                &format!("camera.{k}"),
+                "only applies to kind = \"rtsp\"; a gstreamer pipeline sets its source's properties itself".into(),
+            ));
+        }
+        let Some(p) = &c.pipeline else {
+            return Err(at(
+                c.kind.span(),
+                "camera.pipeline",
+                "is missing: a gst-launch-1.0 description ending in `appsink name=whaled`".into(),
+            ));
+        };
+        let pipeline = network::check_pipeline(p.get_ref()).map_err(|m| at(p.span(), "camera.pipeline", m))?;
+        return Ok(SourceConfig::Gstreamer(network::GstSettings { pipeline, timeout }));
+    }
+    if let Some(p) = &c.pipeline {
+        return Err(at(p.span(), "camera.pipeline", "only applies to kind = \"gstreamer\"".into()));
+    }
+    let Some(url) = &c.url else {
+        return Err(at(c.kind.span(), "camera.url", "is missing: the camera's rtsp:// URL".into()));
+    };
+    let split = network::split_url(url.get_ref(), &["rtsp", "rtsps"]).map_err(|m| at(url.span(), "camera.url", m))?;
+    let given = secret::RawPassword {
+        password: c.password.clone(),
+        password_file: c.password_file.clone(),
+        password_env: c.password_env.clone(),
+    }
+    .resolve(dir, "camera", at)?;
+    if split.password.is_some() && given.is_some() {
+        return Err(at(
+            url.span(),
+            "camera.url",
+            "carries a password and the block sets one too: keep one (password_env keeps it out of the file)".into(),
+        ));
+    }
+    if split.user.is_some() && c.user.is_some() {
+        return Err(at(url.span(), "camera.url", "carries a user name and the block sets `user` too: keep one".into()));
+    }
+    let user = split.user.or_else(|| c.user.clone());
+    let password = split.password.or(given);
+    if password.is_some() && user.is_none() {
+        return Err(at(c.kind.span(), "camera.user", "is missing: a password is set without a user name".into()));
+    }
+    let codec = c.codec.unwrap_or(network::VideoCodec::H264);
+    let decoder = match &c.decoder {
+        Some(d) => network::check_decoder(d.get_ref()).map_err(|m| at(d.span(), "camera.decoder", m))?,
+        None => codec.default_decoder().to_string(),
+    };
+    let latency = c.latency.map_or(std::time::Duration::from_millis(200), Interval::get);
+    if latency > std::time::Duration::from_secs(10) {
+        return Err(at(c.kind.span(), "camera.latency", format!("expected at most 10s, got {latency:?}")));
+    }
+    Ok(SourceConfig::Rtsp(network::RtspSettings {
+        url: split.url,
+        user,
+        password,
+        transport: c.transport.unwrap_or(network::Transport::Tcp),
+        latency,
+        codec,
+        decoder,
+        timeout,
+        ntp_sync: c.ntp_sync.unwrap_or(false),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -910,6 +1084,59 @@ mod tests {
     }
 
     /// Data-driven: each bad config must fail naming the file, the line and the key.
+    /// Network cameras: defaults, credentials out of the URL, and every misplaced or missing key named.
+    #[cfg(feature = "gstreamer")]
+    #[test]
+    fn network_cameras() {
+        use network::{Transport, VideoCodec};
+        let c = parse("[[camera]]\nname = \"mast\"\nkind = \"rtsp\"\nurl = \"rtsp://crew:s%3Dcret@10.0.0.9/axis-media/media.amp\"\n").unwrap();
+        let SourceConfig::Rtsp(r) = &c.cameras[0].source else { panic!("rtsp") };
+        assert_eq!(r.url.as_str(), "rtsp://10.0.0.9/axis-media/media.amp");
+        assert_eq!((r.user.as_deref(), r.password.as_ref().map(|p| p.expose())), (Some("crew"), Some("s=cret")));
+        assert_eq!((r.transport, r.codec, r.decoder.as_str()), (Transport::Tcp, VideoCodec::H264, "avdec_h264"));
+        assert_eq!(
+            (r.timeout, r.latency, r.ntp_sync),
+            (network::DEFAULT_TIMEOUT, std::time::Duration::from_millis(200), false)
+        );
+        assert!(!format!("{c:?}").contains("s=cret"), "a password in Debug output");
+        let c = parse("[[camera]]\nname = \"pi\"\nkind = \"rtsp\"\nurl = \"rtsp://cam/h265\"\ncodec = \"h265\"\ndecoder = \"v4l2slh265dec\"\ntransport = \"udp\"\nlatency = \"50ms\"\ntimeout = \"4s\"\nuser = \"u\"\npassword = \"p\"\n").unwrap();
+        let SourceConfig::Rtsp(r) = &c.cameras[0].source else { panic!("rtsp") };
+        assert_eq!((r.codec, r.decoder.as_str(), r.transport), (VideoCodec::H265, "v4l2slh265dec", Transport::Udp));
+        let c = parse("[[camera]]\nname = \"http\"\nkind = \"gstreamer\"\npipeline = \"souphttpsrc location=http://cam/mjpg ! multipartdemux ! appsink name=whaled\"\n").unwrap();
+        assert!(matches!(&c.cameras[0].source, SourceConfig::Gstreamer(g) if g.timeout == network::DEFAULT_TIMEOUT));
+
+        let rtsp = "[[camera]]\nname = \"a\"\nkind = \"rtsp\"\n";
+        let cases: &[(String, &[&str])] = &[
+            (format!("{rtsp}path = \"/dev/video0\"\n"), &["config/test.toml:4:8: camera.path: network cameras take `url` or `pipeline`, not `path`"]),
+            (rtsp.to_string(), &["config/test.toml:3:8: camera.url: is missing"]),
+            (format!("{rtsp}url = \"http://cam/x\"\n"), &["config/test.toml:4:7: camera.url: expected a rtsp or rtsps URL, got a http:// one"]),
+            (format!("{rtsp}url = \"rtsp://u:hunter2@cam/\"\npassword = \"x\"\n"), &["camera.url: carries a password and the block sets one too"]),
+            (format!("{rtsp}url = \"rtsp://cam/\"\npassword = \"hunter2\"\n"), &["camera.user: is missing: a password is set without a user name"]),
+            (format!("{rtsp}url = \"rtsp://cam/\"\nuser = \"u\"\npassword_env = \"WHALED_TEST_UNSET_VAR\"\n"), &["camera.password_env: environment variable WHALED_TEST_UNSET_VAR is not set"]),
+            (format!("{rtsp}url = \"rtsp://cam/\"\nformats = [\"mjpeg\"]\n"), &["camera.formats: does not apply to network cameras"]),
+            (format!("{rtsp}url = \"rtsp://cam/\"\ndecoder = \"avdec_h264 ! \"\n"), &["camera.decoder: expected a GStreamer element or a chain"]),
+            (format!("{rtsp}url = \"rtsp://cam/\"\ntransport = \"quic\"\n"), &["unknown variant `quic`, expected `tcp` or `udp`"]),
+            (format!("{rtsp}url = \"rtsp://cam/\"\npipeline = \"videotestsrc ! appsink name=whaled\"\n"), &["camera.pipeline: only applies to kind = \"gstreamer\""]),
+            ("[[camera]]\nname = \"a\"\nkind = \"gstreamer\"\npipeline = \"videotestsrc ! fakesink\"\n".into(), &["config/test.toml:4:12: camera.pipeline: must end in `appsink name=whaled`"]),
+            ("[[camera]]\nname = \"a\"\nkind = \"gstreamer\"\n".into(), &["camera.pipeline: is missing"]),
+            ("[[camera]]\nname = \"a\"\nkind = \"gstreamer\"\npipeline = \"videotestsrc ! appsink name=whaled\"\nurl = \"rtsp://x/\"\n".into(), &["camera.url: only applies to kind = \"rtsp\""]),
+        ];
+        for (src, wants) in cases {
+            let e = parse(src).expect_err(src).to_string();
+            assert!(!e.contains("hunter2"), "the error repeats a password: {e}");
+            for w in *wants {
+                assert!(e.contains(w), "config {src:?}\n error: {e}\n lacks: {w}");
+            }
+        }
+    }
+
+    #[cfg(not(feature = "gstreamer"))]
+    #[test]
+    fn network_cameras_need_the_feature() {
+        let e = parse("[[camera]]\nname = \"a\"\nkind = \"rtsp\"\nurl = \"rtsp://cam/\"\n").unwrap_err().to_string();
+        assert!(e.contains("camera.kind: network cameras need whaled built with GStreamer"), "{e}");
+    }
+
     #[test]
     fn errors_name_file_line_and_key() {
         let cases: &[(&str, &[&str])] = &[
@@ -958,7 +1185,9 @@ mod tests {
              &["config/test.toml:6:8: camera.name: camera `a` is defined twice"]),
             ("[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"nowhere\"\n",
              &["config/test.toml:4:8: camera.path: no such file or directory", "config/nowhere"]),
-            ("[[camera]]\nname = \"a\"\nkind = \"webcam\"\npath = \"x\"\n", &["line 3", "unknown variant `webcam`, expected `replay` or `v4l2`"]),
+            ("[[camera]]\nname = \"a\"\nkind = \"webcam\"\npath = \"x\"\n", &["line 3", "unknown variant `webcam`, expected one of `replay`, `v4l2`, `rtsp`, `gstreamer`"]),
+            ("[[camera]]\nname = \"a\"\nkind = \"v4l2\"\npath = \"/dev/video0\"\nurl = \"rtsp://x/\"\n", &["config/test.toml:3:8: camera.url: only applies to kind = \"rtsp\" or \"gstreamer\""]),
+            ("[[camera]]\nname = \"a\"\nkind = \"replay\"\n", &["config/test.toml:3:8: camera.path: is missing"]),
             ("[[camera]]\nname = \"a\"\nkind = \"v4l2\"\npath = \"/dev/video0\"\nformats = [\"h264\"]\n", &["line 5", "unknown variant `h264`, expected one of `mjpeg`, `yuyv`, `nv12`, `grey`, `rgb24`"]),
             ("[[camera]]\nname = \"a\"\nkind = \"v4l2\"\npath = \"/dev/video0\"\nloop = true\n", &["config/test.toml:5:8: camera.loop: only applies to kind = \"replay\""]),
             ("[[camera]]\nname = \"a\"\nkind = \"replay\"\npath = \"../tests/photos\"\nformats = [\"yuyv\"]\n", &["config/test.toml:5:11: camera.formats: only applies to kind = \"v4l2\""]),

@@ -1,8 +1,7 @@
 //! `[mqtt]`: the broker connection, topics and the durable outbox, validated once at load.
 //!
-//! Credentials may come from the file itself, a separate file (`password_file`, e.g. a systemd
-//! credential) or the environment (`password_env`); whichever it is, the value is held in a [`Secret`]
-//! that never prints.
+//! Credentials may come from the file itself, a separate file or the environment (see
+//! [`super::secret`]); whichever it is, the value is held in a [`Secret`] that never prints.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -56,21 +55,7 @@ struct RawOutbox {
     fsync_interval: Option<Interval>,
 }
 
-/// A credential: shown as `***` by `Debug` so it cannot reach a log line.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
-    }
-}
+pub use super::secret::Secret;
 
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
@@ -183,27 +168,12 @@ impl RawMqtt {
                 v
             }
         };
-        let sources = [self.password.is_some(), self.password_file.is_some(), self.password_env.is_some()];
-        if sources.iter().filter(|s| **s).count() > 1 {
-            return Err(crate::error::Error::Config(
-                "mqtt: set only one of password, password_file and password_env".into(),
-            ));
+        let password = super::secret::RawPassword {
+            password: self.password,
+            password_file: self.password_file,
+            password_env: self.password_env,
         }
-        let password = if let Some(p) = self.password {
-            Some(Secret(p))
-        } else if let Some(f) = self.password_file {
-            let path = dir.join(f.get_ref());
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| at(f.span(), "mqtt.password_file", format!("cannot read {}: {e}", path.display())))?;
-            Some(Secret(text.trim_end_matches(['\r', '\n']).to_string()))
-        } else if let Some(v) = self.password_env {
-            let value = std::env::var(v.get_ref()).map_err(|_| {
-                at(v.span(), "mqtt.password_env", format!("environment variable {} is not set", v.get_ref()))
-            })?;
-            Some(Secret(value))
-        } else {
-            None
-        };
+        .resolve(dir, "mqtt", at)?;
         // Read and parsed here, so a missing, unreadable or wrong file fails start-up and check-config
         // (naming file and key) instead of every connection attempt.
         let pem = |p: Spanned<PathBuf>, key: &str, want: Pem| {

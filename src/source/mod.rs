@@ -1,7 +1,10 @@
-//! Frame sources behind one trait: `replay` (files, for trying whaled without a camera and for tests)
-//! and, later, `v4l2`. A source is owned by its capture thread; it hands out compressed or raw frames
+//! Frame sources behind one trait: `replay` (files, for trying whaled without a camera and for tests),
+//! `v4l2` (USB/CSI cameras) and, with the `gstreamer` feature, `gst` (RTSP cameras and any GStreamer
+//! pipeline). A source is owned by its capture thread; it hands out compressed or raw frames
 //! and never decodes (decoding happens only for frames that enter inference).
 
+#[cfg(feature = "gstreamer")]
+pub mod gst;
 pub mod pixels;
 pub mod replay;
 pub mod v4l2;
@@ -29,7 +32,7 @@ pub enum FrameData {
     /// A complete JPEG (or PNG) image: replay files, MJPEG cameras.
     Encoded(Arc<[u8]>),
     /// Uncompressed pixels as the camera delivered them.
-    Raw { format: pixels::RawFormat, width: u32, height: u32, stride: u32, bytes: Arc<[u8]> },
+    Raw { format: pixels::RawFormat, colour: pixels::Colour, width: u32, height: u32, stride: u32, bytes: Arc<[u8]> },
 }
 
 impl FrameData {
@@ -55,6 +58,9 @@ pub enum SourceEvent {
     /// A frame was captured but the sampler did not want it: nothing was copied out of the driver's
     /// buffer.
     Skipped,
+    /// No frame yet, and the source is still within its timeout: the capture loop comes round (for
+    /// shutdown and the watchdog) and asks again.
+    Idle,
     /// The source has no more frames and will not have any (a replay played once).
     End,
 }
@@ -85,5 +91,19 @@ pub fn open(cfg: &crate::config::CameraConfig) -> crate::Result<Box<dyn Source>>
         crate::config::SourceConfig::V4l2(settings) => {
             Ok(Box::new(v4l2::V4l2Source::new(Arc::from(cfg.name.as_str()), settings.clone())))
         }
+        #[cfg(feature = "gstreamer")]
+        crate::config::SourceConfig::Rtsp(s) => {
+            Ok(Box::new(gst::GstSource::rtsp(Arc::from(cfg.name.as_str()), s.clone())))
+        }
+        #[cfg(feature = "gstreamer")]
+        crate::config::SourceConfig::Gstreamer(s) => {
+            Ok(Box::new(gst::GstSource::pipeline(Arc::from(cfg.name.as_str()), s.clone())))
+        }
+        // Config parsing refuses these kinds in a build without GStreamer; a config built in code gets
+        // the same answer here.
+        #[cfg(not(feature = "gstreamer"))]
+        crate::config::SourceConfig::Rtsp(_) | crate::config::SourceConfig::Gstreamer(_) => Err(crate::Error::Input(
+            format!("camera {}: network cameras need whaled built with the `gstreamer` feature", cfg.name),
+        )),
     }
 }

@@ -1,15 +1,36 @@
-//! Raw camera pixel formats -> RGB. YUYV and NV12 go through the `yuv` crate's SIMD converters
-//! (BT.601, limited range: what UVC and CSI cameras deliver); GREY and RGB24 are copied.
+//! Raw camera pixel formats -> RGB. YUYV, NV12 and I420 go through the `yuv` crate's SIMD converters
+//! (BT.601 or BT.709, limited or full range, as the source declares; V4L2 cameras are BT.601 limited);
+//! GREY and RGB24 are copied.
 
 use image::RgbImage;
 
 use crate::error::{Error, Result};
+
+/// How a YUV frame's values map to RGB. V4L2 cameras get the default (BT.601, limited range: what UVC
+/// and CSI cameras deliver); a GStreamer source takes what the stream's caps declare (HD H.264 is
+/// usually BT.709; an encoder fed from JPEG may signal full range).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Colour {
+    /// 0-255 instead of 16-235 (luma) / 16-240 (chroma).
+    pub full_range: bool,
+    pub matrix: Matrix,
+}
+
+/// The YUV -> RGB matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Matrix {
+    #[default]
+    Bt601,
+    Bt709,
+}
 
 /// Uncompressed pixel formats whaled accepts from V4L2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RawFormat {
     Yuyv,
     Nv12,
+    /// Planar 4:2:0 (Y, then U, then V): what software H.264/H.265 decoders emit.
+    I420,
     Grey,
     Rgb24,
 }
@@ -20,7 +41,7 @@ impl RawFormat {
         let (w, h) = (width as usize, height as usize);
         match self {
             RawFormat::Yuyv => w * h * 2,
-            RawFormat::Nv12 => w * h + w.div_ceil(2) * 2 * h.div_ceil(2),
+            RawFormat::Nv12 | RawFormat::I420 => w * h + w.div_ceil(2) * 2 * h.div_ceil(2),
             RawFormat::Grey => w * h,
             RawFormat::Rgb24 => w * h * 3,
         }
@@ -29,16 +50,31 @@ impl RawFormat {
 
 /// Converts one raw frame (rows of `stride` bytes; 0 = tightly packed) to RGB8.
 pub fn to_rgb(format: RawFormat, width: u32, height: u32, stride: u32, data: &[u8], name: &str) -> Result<RgbImage> {
+    to_rgb_with(format, Colour::default(), width, height, stride, data, name)
+}
+
+/// [`to_rgb`] for a frame whose colour range and matrix are known.
+pub fn to_rgb_with(
+    format: RawFormat,
+    colour: Colour,
+    width: u32,
+    height: u32,
+    stride: u32,
+    data: &[u8],
+    name: &str,
+) -> Result<RgbImage> {
     let mut rgb = Vec::new();
-    convert_into(format, width, height, stride, data, name, &mut rgb)?;
+    convert_into(format, colour, width, height, stride, data, name, &mut rgb)?;
     RgbImage::from_raw(width, height, rgb)
         .ok_or_else(|| Error::Image { source_name: name.to_string(), msg: "RGB buffer size mismatch".into() })
 }
 
 /// Like [`to_rgb`], into a caller-owned buffer (resized to `width * height * 3`): the live pipeline
 /// reuses one buffer per worker, so a raw frame costs no allocation once the size is known.
+#[allow(clippy::too_many_arguments)]
 pub fn convert_into(
     format: RawFormat,
+    colour: Colour,
     width: u32,
     height: u32,
     stride: u32,
@@ -49,12 +85,12 @@ pub fn convert_into(
     let fail = |msg: String| Error::Image { source_name: name.to_string(), msg };
     let min_stride = match format {
         RawFormat::Yuyv => width * 2,
-        RawFormat::Nv12 | RawFormat::Grey => width,
+        RawFormat::Nv12 | RawFormat::I420 | RawFormat::Grey => width,
         RawFormat::Rgb24 => width * 3,
     };
     let stride = if stride == 0 { min_stride } else { stride };
     let rows = match format {
-        RawFormat::Nv12 => height as usize + (height as usize).div_ceil(2),
+        RawFormat::Nv12 | RawFormat::I420 => height as usize + (height as usize).div_ceil(2),
         _ => height as usize,
     };
     if width == 0
@@ -69,8 +105,11 @@ pub fn convert_into(
     }
     rgb.resize(width as usize * height as usize * 3, 0);
     let rgb = rgb.as_mut_slice();
-    let range = yuv::YuvRange::Limited;
-    let matrix = yuv::YuvStandardMatrix::Bt601;
+    let range = if colour.full_range { yuv::YuvRange::Full } else { yuv::YuvRange::Limited };
+    let matrix = match colour.matrix {
+        Matrix::Bt601 => yuv::YuvStandardMatrix::Bt601,
+        Matrix::Bt709 => yuv::YuvStandardMatrix::Bt709,
+    };
     match format {
         RawFormat::Yuyv => {
             let img = yuv::YuvPackedImage { yuy: data, yuy_stride: stride, width, height };
@@ -88,6 +127,28 @@ pub fn convert_into(
             };
             yuv::yuv_nv12_to_rgb(&img, rgb, width * 3, range, matrix, yuv::YuvConversionMode::Balanced)
                 .map_err(|e| fail(e.to_string()))?;
+        }
+        RawFormat::I420 => {
+            // Chroma planes follow the luma plane, each ceil(h/2) rows of stride ceil(stride/2) bytes
+            // (the packed layout the GStreamer source writes with stride 0).
+            let y_len = stride as usize * height as usize;
+            let c_stride = stride.div_ceil(2);
+            let c_len = c_stride as usize * (height as usize).div_ceil(2);
+            let (u, v) = data[y_len..].split_at(c_len.min(data.len() - y_len));
+            if v.len() < c_len - (c_stride - width.div_ceil(2)) as usize {
+                return Err(fail(format!("short I420 frame: {} bytes for {width}x{height}", data.len())));
+            }
+            let img = yuv::YuvPlanarImage {
+                y_plane: &data[..y_len],
+                y_stride: stride,
+                u_plane: u,
+                u_stride: c_stride,
+                v_plane: v,
+                v_stride: c_stride,
+                width,
+                height,
+            };
+            yuv::yuv420_to_rgb(&img, rgb, width * 3, range, matrix).map_err(|e| fail(e.to_string()))?;
         }
         RawFormat::Grey => {
             for (y, row) in rgb.chunks_exact_mut(width as usize * 3).enumerate() {

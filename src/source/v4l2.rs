@@ -178,6 +178,7 @@ impl Source for V4l2Source {
                 None => FrameData::Encoded(Arc::from(&buf[..used])),
                 Some(raw) => FrameData::Raw {
                     format: raw,
+                    colour: Default::default(),
                     width: n.width,
                     height: n.height,
                     stride: n.stride,

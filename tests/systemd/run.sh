@@ -33,7 +33,7 @@ if [ -z "$deb" ]; then
     command -v cargo-deb >/dev/null || { echo "tests/systemd/run.sh: cargo-deb not found (cargo install cargo-deb --locked)" >&2; exit 1; }
     echo "== .deb (dev profile: the boot test needs no optimised build)"
     # The binary `cargo test` built (same features, so a no-op after the test run), packaged as is.
-    cargo build --quiet --features onnxruntime --example vivid_check --bin whaled
+    cargo build --quiet --features onnxruntime,gstreamer --example vivid_check --bin whaled
     deb="$work/whaled.deb"
     # An old package must never be what gets installed: remove it first, and fail if cargo deb fails
     # (only its harmless notes about the dev profile are filtered out of the log).
@@ -61,10 +61,11 @@ deb_sha=$(deb_binary_sha "$deb")
 echo "$deb: whaled $deb_version, /usr/bin/whaled sha256 $deb_sha"
 
 root="$work/root"
-if [ ! -x "$root/lib/systemd/systemd" ]; then
+# The amd64 package is built with network cameras: its binary links GStreamer's core libraries.
+if [ ! -x "$root/lib/systemd/systemd" ] || [ ! -e "$root/usr/lib/x86_64-linux-gnu/libgstreamer-1.0.so.0" ]; then
     echo "== debootstrap bookworm into $root"
     rm -rf "$root"
-    debootstrap --variant=minbase --include=systemd,systemd-sysv,adduser,dbus bookworm "$root" "$mirror" >"$work/debootstrap.log" 2>&1 \
+    debootstrap --variant=minbase --include=systemd,systemd-sysv,adduser,dbus,libgstreamer1.0-0,libgstreamer-plugins-base1.0-0 bookworm "$root" "$mirror" >"$work/debootstrap.log" 2>&1 \
         || { tail -20 "$work/debootstrap.log"; echo "tests/systemd/run.sh: debootstrap failed (log: $work/debootstrap.log)" >&2; exit 1; }
 fi
 

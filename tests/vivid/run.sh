@@ -5,7 +5,7 @@
 # `whaled run` on the first camera it finds until its first detection, stopped by SIGTERM. Passes
 # only if the guest prints VIVID_CHECK_EXIT=0 and WHALED_RUN_EXIT=0.
 #
-#   tests/vivid/run.sh            # x86_64 guest, release binaries (--features onnxruntime);
+#   tests/vivid/run.sh            # x86_64 guest, release binaries (--features onnxruntime,gstreamer);
 #                                 # VIVID_PROFILE=debug: the debug ones `cargo test` built
 #   tests/vivid/run.sh aarch64    # aarch64 guest (qemu-system-aarch64), the binaries cross/test.sh
 #                                 # built and tested for aarch64-unknown-linux-gnu (release, glibc 2.31)
@@ -26,12 +26,12 @@ arch=${1:-x86_64}
 case "$arch" in
     x86_64)
         deb_arch=amd64
-        # VIVID_PROFILE=debug: the binaries `cargo test --features onnxruntime` built (no extra build;
+        # VIVID_PROFILE=debug: the binaries `cargo test --features onnxruntime,gstreamer` built (no extra build;
         # whaled's own code unoptimised, tract optimised either way).
         profile=${VIVID_PROFILE:-release}
         case "$profile" in
-            release) bindir=target/release build=(cargo build --release --features onnxruntime --example vivid_check --bin whaled) ;;
-            debug) bindir=target/debug build=(cargo build --features onnxruntime --example vivid_check --bin whaled) ;;
+            release) bindir=target/release build=(cargo build --release --features onnxruntime,gstreamer --example vivid_check --bin whaled) ;;
+            debug) bindir=target/debug build=(cargo build --features onnxruntime,gstreamer --example vivid_check --bin whaled) ;;
             *) echo "tests/vivid/run.sh: VIVID_PROFILE is release or debug, not '$profile'" >&2; exit 2 ;;
         esac
         libdirs=(/lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu)
