@@ -54,7 +54,7 @@ impl Model {
             }
         }
         let read_ms = started.elapsed().as_secs_f64() * 1e3;
-        let req = LoadRequest { manifest: &manifest, variant: &variant, onnx: &onnx, inference };
+        let req = LoadRequest { manifest: &manifest, variant: &variant, onnx: std::cell::Cell::new(onnx), inference };
         let backend: Box<dyn Backend> = match backend_kind {
             BackendKind::Tract => Box::new(backend::tract::TractBackend::load(&req)?),
             BackendKind::Onnxruntime => backend::onnxruntime::load(&req)?,

@@ -168,7 +168,7 @@ fn tract_runs_one_inference_at_a_time_on_a_pool_shared_by_workers() {
     cfg.threads = 2;
     let variant = manifest.select_variant(Some("fp32"), BackendKind::Tract).unwrap().clone();
     let onnx = std::fs::read(&variant.file).unwrap();
-    let req = LoadRequest { manifest: &manifest, variant: &variant, onnx: &onnx, inference: &cfg };
+    let req = LoadRequest { manifest: &manifest, variant: &variant, onnx: std::cell::Cell::new(onnx), inference: &cfg };
     let tract = Arc::new(TractBackend::load(&req).unwrap());
     let ort = Model::load(manifest.clone(), Some("fp32"), &inference(BackendKind::Onnxruntime)).unwrap();
     let inputs = Arc::new(gate_inputs(&manifest, (0..6).map(|i| i * 13 + 5)));

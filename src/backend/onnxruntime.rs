@@ -138,6 +138,7 @@ mod imp {
     fn tensorrt_plan(
         t: &TensorRtConfig,
         req: &LoadRequest,
+        onnx: &[u8],
         env: &'static Environment,
         ort_version: Option<String>,
     ) -> TrtPlan {
@@ -162,8 +163,8 @@ mod imp {
             name: m.name.clone(),
             stage: Stage::of(&m.role),
             // model.rs has checked the file against a pinned digest; otherwise compute it.
-            sha256: req.variant.sha256.clone().unwrap_or_else(|| hex(&Sha256::digest(req.onnx))),
-            qdq: providers::is_qdq(req.onnx),
+            sha256: req.variant.sha256.clone().unwrap_or_else(|| hex(&Sha256::digest(onnx))),
+            qdq: providers::is_qdq(onnx),
         };
         let mut plan = TrtPlan::resolve(t, &facts, &Versions { onnxruntime: ort_version, tensorrt });
         if plan.int8 && !facts.qdq {
@@ -239,6 +240,7 @@ mod imp {
 
     impl OrtBackend {
         pub fn load(req: &LoadRequest) -> Result<Self> {
+            let onnx = req.onnx.take();
             let m = req.manifest;
             let err = |msg: String| Error::model(m.path(), msg);
             let cfg = &req.inference.onnxruntime;
@@ -279,7 +281,7 @@ mod imp {
                 }
                 let dispatch = match provider {
                     ExecutionProvider::Tensorrt(t) => {
-                        let plan = tensorrt_plan(t, req, env, ort_version.clone());
+                        let plan = tensorrt_plan(t, req, &onnx, env, ort_version.clone());
                         let cached = plan.engine_cache.as_deref().is_some_and(providers::has_engine);
                         log::debug!("model {}: TensorRT provider options {}", m.name, show(&plan.options()));
                         let dispatch = tensorrt_provider(&plan).build();
@@ -326,7 +328,7 @@ mod imp {
             let started = std::time::Instant::now();
             let mut first_ms = None;
             for i in 0..cfg.sessions.max(1) {
-                let s = match builder.clone().commit_from_memory(req.onnx) {
+                let s = match builder.clone().commit_from_memory(&onnx) {
                     Ok(s) => s,
                     // A cached engine that cannot be used (a TensorRT change the key missed, a damaged
                     // file): set it aside and build from scratch, once.
@@ -342,7 +344,7 @@ mod imp {
                                 dir.display(),
                                 dir.display()
                             );
-                            builder.clone().commit_from_memory(req.onnx).map_err(|e| {
+                            builder.clone().commit_from_memory(&onnx).map_err(|e| {
                                 oe(
                                     &format!(
                                         "cannot load {} (also without the cached engine)",

@@ -81,8 +81,16 @@ impl TractBackend {
             keep_activation_memory();
         }
         let started = std::time::Instant::now();
+        // The protobuf is decoded straight from the file's bytes, which go as soon as it is decoded; the
+        // protobuf goes once tract has its own tensors. (`model_for_read` would copy the file into a
+        // buffer of its own first: up to four copies of the weights alive at the load's peak.)
+        let onnx = req.onnx.take();
+        let proto = <tract_onnx::pb::ModelProto as prost::Message>::decode(&onnx[..])
+            .map_err(|e| err(format!("tract cannot parse ONNX file {}: {e}", req.variant.file.display())))?;
+        drop(onnx);
         let mut model =
-            tract_onnx::onnx().model_for_read(&mut &req.onnx[..]).map_err(|e| te("tract cannot parse ONNX file", e))?;
+            tract_onnx::onnx().model_for_proto_model(&proto).map_err(|e| te("tract cannot parse ONNX file", e))?;
+        drop(proto);
 
         let inputs = model.input_outlets().map_err(|e| te("no inputs in", e))?.to_vec();
         if inputs.len() != 1 {
@@ -150,6 +158,7 @@ impl TractBackend {
         // Stock: tract runs the plan from the calling thread, as it comes.
         let executor = if stock { None } else { options.executor.clone() };
         let plan = typed.into_runnable_with_options(&options).map_err(|e| te("tract cannot plan", e))?;
+        release_load_memory();
         let load_times = LoadTimes {
             parse_ms: Some((parsed - started).as_secs_f64() * 1e3),
             optimise_ms: parsed.elapsed().as_secs_f64() * 1e3,
@@ -248,6 +257,17 @@ fn keep_activation_memory() {
             log::debug!("allocator: mmap threshold {threshold:?} bytes, trim threshold set: {trim}");
         }
     });
+}
+
+/// Hands the memory the load freed (the file's bytes, the protobuf, tract's intermediate models) back
+/// to the system. The allocator keeps freed memory for the activations (above), so without this a
+/// process's RSS stays at the load's peak for its whole life; inference then reuses only what it needs.
+fn release_load_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages to the kernel, under the allocator's own lock.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 impl TractBackend {
