@@ -3,7 +3,9 @@
 //! pipeline and match the photos; a server killed and restarted mid-run comes back by itself while the
 //! other camera never stops; a server that accepts and then sends nothing is reported stalled and
 //! recovers; wrong credentials give one ERROR and never show the password; under a slow model the
-//! camera delivers fresh frames and drops the rest.
+//! camera delivers fresh frames and drops the rest; a camera that also sends audio; `kind = "gstreamer"`
+//! pipelines (JPEG, NV12, I420, YUY2 against GStreamer's own conversion); `cameras --probe` and
+//! `check-config` on the command line.
 //!
 //! Needs the `gstreamer` feature and Debian's GStreamer packages (tools/system-packages.sh test).
 
@@ -32,10 +34,16 @@ struct RtspServer {
 
 impl RtspServer {
     fn start(fps: u32, size: &str, login: Option<(&str, &str)>) -> RtspServer {
-        Self::start_with(fps, size, login, None)
+        Self::start_with(fps, size, login, None, false)
     }
 
-    fn start_with(fps: u32, size: &str, login: Option<(&str, &str)>, colorimetry: Option<&str>) -> RtspServer {
+    fn start_with(
+        fps: u32,
+        size: &str,
+        login: Option<(&str, &str)>,
+        colorimetry: Option<&str>,
+        audio: bool,
+    ) -> RtspServer {
         // A folder of 000.jpg, 001.jpg, ...: multifilesrc plays numbered files. Scaled to the stream's
         // size here, so the server's own scaler does nothing and frames can be compared with these files.
         let photos = tempfile::tempdir().unwrap();
@@ -59,6 +67,9 @@ impl RtspServer {
         ];
         if let Some(c) = colorimetry {
             args.extend(["--colorimetry".into(), c.into()]);
+        }
+        if audio {
+            args.push("--audio".into());
         }
         if let Some((u, p)) = login {
             args.extend(["--user".into(), u.into(), "--password".into(), p.into()]);
@@ -185,7 +196,7 @@ fn rtsp_frames_are_the_served_photos_with_stream_times() {
 }
 
 fn frames_match_photos(colorimetry: Option<&str>, declared: whaled::source::pixels::Colour) {
-    let server = RtspServer::start_with(10, "640x360", None, colorimetry);
+    let server = RtspServer::start_with(10, "640x360", None, colorimetry, false);
     let dir = tempfile::tempdir().unwrap();
     let cfg = Config::parse(
         &dir.path().join("whaled.toml"),
@@ -238,10 +249,11 @@ fn frames_match_photos(colorimetry: Option<&str>, declared: whaled::source::pixe
     assert!((60..=160).contains(&per.as_millis()), "frames {per:?} apart at 10 fps");
 }
 
-/// Frames from the network camera reach the models and give detections beside a second camera.
+/// Frames from the network camera reach the models and give detections beside a second camera. The
+/// camera also sends an audio stream, as many IP cameras do: whaled takes the video and ignores it.
 #[test]
 fn rtsp_camera_gets_detections_beside_another_camera() {
-    let server = RtspServer::start(10, "640x360", None);
+    let server = RtspServer::start_with(10, "640x360", None, None, true);
     let id = identifier("");
     let cams = vec![
         camera(&format!("name = \"mast\"\nkind = \"rtsp\"\nurl = \"{}\"\nsample_fps = 4\n", server.url())),
@@ -457,4 +469,94 @@ fn a_slow_model_gets_fresh_frames_and_drops_the_rest() {
         );
         assert_eq!(d.candidates.len(), 4, "identification ran");
     }
+}
+
+/// Pulls `n` frames from a `kind = "gstreamer"` camera built from `pipeline`.
+fn pipeline_frames(pipeline: &str, n: usize) -> Vec<whaled::source::Frame> {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config::parse(
+        &dir.path().join("whaled.toml"),
+        &format!("[[camera]]\nname = \"pipe\"\nkind = \"gstreamer\"\npipeline = \"{pipeline}\"\n"),
+    )
+    .unwrap();
+    let mut source = whaled::source::open(&cfg.cameras[0]).unwrap();
+    let t = Instant::now();
+    let mut frames = Vec::new();
+    while frames.len() < n {
+        assert!(t.elapsed() < Duration::from_secs(20), "{pipeline}: only {} frames", frames.len());
+        if let SourceEvent::Frame(f) = source.next().unwrap() {
+            frames.push(f);
+        }
+    }
+    frames
+}
+
+/// `kind = "gstreamer"`: the operator's pipeline. JPEG frames (an HTTP MJPEG camera's) arrive encoded
+/// and decode; NV12, I420 and YUY2 frames, converted by whaled, match the same frames converted to RGB
+/// by GStreamer's own videoconvert (a second code path, with its own chroma upsampling) within 4 levels
+/// on average, and read with the wrong range they would not.
+#[test]
+fn gstreamer_pipelines_deliver_jpeg_and_raw_frames() {
+    let src = "videotestsrc pattern=smpte is-live=true";
+    let caps = "width=320,height=240,framerate=20/1";
+    let jpeg = pipeline_frames(&format!("{src} ! video/x-raw,{caps} ! jpegenc ! appsink name=whaled"), 2);
+    let whaled::source::FrameData::Encoded(bytes) = &jpeg[1].data else { panic!("JPEG frames stay encoded") };
+    let img = image::load_from_memory(bytes).unwrap();
+    assert_eq!((img.width(), img.height()), (320, 240));
+
+    let to_rgb = |f: &whaled::source::Frame| match &f.data {
+        whaled::source::FrameData::Raw { format, colour, width, height, stride, bytes } => {
+            whaled::source::pixels::to_rgb_with(*format, *colour, *width, *height, *stride, bytes, "pipe").unwrap()
+        }
+        other => panic!("raw frames expected, got {other:?}"),
+    };
+    for format in ["NV12", "I420", "YUY2"] {
+        let raw = format!("{src} ! video/x-raw,format={format},{caps}");
+        let reference = to_rgb(
+            &pipeline_frames(&format!("{raw} ! videoconvert ! video/x-raw,format=RGB ! appsink name=whaled"), 1)[0],
+        );
+        let frames = pipeline_frames(&format!("{raw} ! appsink name=whaled"), 1);
+        let diff = mean_abs_diff(&to_rgb(&frames[0]), &reference);
+        eprintln!("{format}: {diff:.2} levels from GStreamer's RGB");
+        // Measured 1.5-2.8: the two upsample chroma differently at the bars' edges.
+        assert!(diff < 4.0, "{format}: {diff:.2} levels from GStreamer's own conversion");
+        // The test can tell: the same frame read with the other range is far off.
+        let mut wrong = frames[0].clone();
+        if let whaled::source::FrameData::Raw { colour, .. } = &mut wrong.data {
+            colour.full_range = !colour.full_range;
+        }
+        let off = mean_abs_diff(&to_rgb(&wrong), &reference);
+        assert!(off > 8.0, "{format}: the wrong range is only {off:.2} levels off");
+    }
+}
+
+/// The command line: `whaled cameras --probe URL` describes the stream (and never prints the password
+/// the URL carries); `whaled check-config` names the elements this machine lacks (a Jetson's decoder on
+/// a PC) and exits non-zero.
+#[test]
+fn probe_and_check_config_on_the_command_line() {
+    let server = RtspServer::start(10, "320x180", Some(("crew", "right-horse")));
+    let whaled = env!("CARGO_BIN_EXE_whaled");
+    let url = server.url().replace("rtsp://", "rtsp://crew:right-horse@");
+    let out = Command::new(whaled).args(["cameras", "--probe", &url]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("{}:", server.url())) && text.contains("video: H.264"), "{text}");
+    assert!(text.contains("320x180 @ 10.00 fps"), "{text}");
+    assert!(!text.contains("right-horse"), "the password printed: {text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "whaled.toml",
+        format!(
+            "[[camera]]\nname = \"jetson\"\nkind = \"rtsp\"\nurl = \"{}\"\ndecoder = \"nvv4l2decoder ! nvvidconv\"\n",
+            server.url()
+        )
+        .as_bytes(),
+    );
+    let out = Command::new(whaled).args(["check-config"]).arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "check-config accepted a missing element");
+    assert!(err.contains("camera jetson: this machine has no GStreamer element nvv4l2decoder, nvvidconv"), "{err}");
 }

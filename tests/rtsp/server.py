@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--fps", type=int, default=10)
     ap.add_argument("--size", default="640x360")
     ap.add_argument("--colorimetry", help="e.g. bt709 (limited range); default: what jpegdec gives (full-range BT.601)")
+    ap.add_argument("--audio", action="store_true", help="a second stream, PCMA audio, as many IP cameras send")
     ap.add_argument("--user")
     ap.add_argument("--password")
     args = ap.parse_args()
@@ -49,6 +50,8 @@ def main():
         )
     else:
         ap.error("give --dir or --clip")
+    if args.audio:
+        launch = launch[:-1] + "audiotestsrc is-live=true ! alawenc ! rtppcmapay name=pay1 pt=8 )"
     factory.set_launch(launch)
     factory.set_shared(True)
     if args.user:
