@@ -10,11 +10,13 @@ Linear(1792 -> 512) -> L2 = the embedding; cosine against the L2-normalised arc.
 
   python tools/upstream_path.py --ckpt C.ckpt --classes encoder_classes.npy [--threads 1] PHOTO...
 
-Prints one JSON line per photo ({"photo", "top5": [[id, probability], ...]}) in order; nothing else on
-stdout, so the caller times the whole process (load included) from outside.
+Prints one JSON line per photo ({"photo", "ms", "top5": [[id, probability], ...]}) in order, where "ms"
+is the photo's time from opening the file to the top-5 (as whaled's Detection `timings.total_ms`);
+nothing else on stdout, so the caller can also time the whole process (load included) from outside.
 """
 import argparse
 import json
+import time
 
 import numpy as np
 import timm
@@ -50,12 +52,14 @@ def main():
     ])
     with torch.inference_mode():
         for path in args.photos:
+            started = time.perf_counter()
             x = prep(Image.open(path).convert("RGB")).unsqueeze(0)
             e = torch.nn.functional.normalize(embedding(model(x).mean((2, 3))), dim=1)
             p = torch.softmax(30.0 * (e @ arc.T), dim=1)[0]
             top = torch.topk(p, 5)
-            print(json.dumps({"photo": path, "top5": [[str(classes[i]), round(float(v), 4)]
-                                                      for v, i in zip(top.values, top.indices)]}), flush=True)
+            ms = (time.perf_counter() - started) * 1e3
+            print(json.dumps({"photo": path, "ms": ms, "top5": [[str(classes[i]), round(float(v), 4)]
+                                                                for v, i in zip(top.values, top.indices)]}), flush=True)
 
 
 if __name__ == "__main__":
