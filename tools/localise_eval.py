@@ -23,6 +23,8 @@ Thresholds: for each method, the highest keeping marine-dev TPR >= 0.97 on its o
 like for like).
 
 Usage: python3 tools/localise_eval.py [--data ../shared/data] [--long 640] [--out /tmp/loc.json]
+       python3 tools/localise_eval.py --boxes models/localisation/marine-dev-boxes.csv [--long 640]
+         (evidence (b): real photos against boxes drawn by looking at them)
 """
 import argparse
 import csv
@@ -122,6 +124,25 @@ def iou(a, b):
     return inter / union if union > 0 else 0.0
 
 
+def drawn_boxes(args, conv, w, b):
+    """Evidence (b): the map's box on real photos against boxes drawn by looking at them (one box around
+    every cetacean in the photo), beside the whole frame, which is every Detection's bbox today."""
+    rows = list(csv.DictReader(open(args.boxes)))
+    mapped, whole_frame = [], []
+    for r in rows:
+        img = Image.open(os.path.join(args.data, "marine-dev", r["relpath"])).convert("RGB")
+        x, y, bw, bh = (int(r[k]) for k in ("x", "y", "w", "h"))
+        gt = (x, y, x + bw, y + bh)
+        pm, scale = prob_map(conv, w, b, img, args.long, args.window)
+        mapped.append(iou(box_from(pm, scale, args.rel), gt))
+        whole_frame.append(iou((0, 0, img.width, img.height), gt))
+    for name, v in (("whole frame (today's bbox)", whole_frame), (f"map box (long {args.long}, rel {args.rel})", mapped)):
+        v = np.array(v)
+        print(f"{name}: {len(v)} photos, IoU >= 0.5 on {np.mean(v >= 0.5):.0%}, median IoU {np.median(v):.2f}")
+    if args.out:
+        json.dump({"whole_frame": whole_frame, "map": mapped, "photos": [r["relpath"] for r in rows]}, open(args.out, "w"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data")
@@ -131,8 +152,11 @@ def main():
     ap.add_argument("--window", type=int, default=1, help="average the features over this many cells square before the head")
     ap.add_argument("--seed", type=int, default=21)
     ap.add_argument("--out")
+    ap.add_argument("--boxes", help="only evidence (b): IoU against hand-drawn boxes (models/localisation/marine-dev-boxes.csv)")
     args = ap.parse_args()
     whole, conv, w, b = sessions(args.model)
+    if args.boxes:
+        return drawn_boxes(args, conv, w, b)
     rng = np.random.default_rng(args.seed)
 
     rows = list(csv.DictReader(open(os.path.join(args.data, "marine-dev", "manifest.csv"))))
