@@ -26,6 +26,9 @@ pub struct Sample {
     pub category: Option<String>,
     /// The `species` column, where present and not empty.
     pub species: Option<String>,
+    /// Where the animal is, `[x, y, w, h]` in pixels (columns `x`, `y`, `w`, `h`; a row leaves all four
+    /// empty when it has no box).
+    pub bbox: Option<[u32; 4]>,
 }
 
 /// Reads an evaluation manifest CSV.
@@ -40,6 +43,10 @@ pub fn read_manifest(csv_path: &Path) -> Result<Vec<Sample>> {
     };
     let id_col = col("individual_id");
     let (category_col, species_col) = (col("category"), col("species"));
+    let box_cols = [col("x"), col("y"), col("w"), col("h")];
+    if box_cols.iter().any(Option::is_some) && box_cols.iter().any(Option::is_none) {
+        return Err(err("boxes need all four columns x, y, w and h".into()));
+    }
     let cell = |row: &csv::StringRecord, c: Option<usize>| {
         c.and_then(|c| row.get(c)).filter(|s| !s.is_empty()).map(str::to_string)
     };
@@ -64,7 +71,25 @@ pub fn read_manifest(csv_path: &Path) -> Result<Vec<Sample>> {
             _ => None,
         });
         let species = cell(&row, species_col);
-        out.push(Sample { path: dir.join(rel), positive, individual_id, category, species });
+        let no_box = box_cols.iter().all(|c| c.and_then(|c| row.get(c)).is_none_or(|t| t.trim().is_empty()));
+        let bbox = match box_cols {
+            _ if no_box => None,
+            [Some(x), Some(y), Some(w), Some(h)] => {
+                let mut v = [0u32; 4];
+                for (slot, (c, name)) in v.iter_mut().zip([(x, "x"), (y, "y"), (w, "w"), (h, "h")]) {
+                    let text = row.get(c).unwrap_or("");
+                    *slot = text.trim().parse().map_err(|_| {
+                        err(format!("line {line}: {name} must be a whole number of pixels, got `{text}`"))
+                    })?;
+                }
+                if v[2] == 0 || v[3] == 0 {
+                    return Err(err(format!("line {line}: an empty box ({}x{})", v[2], v[3])));
+                }
+                Some(v)
+            }
+            _ => None,
+        };
+        out.push(Sample { path: dir.join(rel), positive, individual_id, category, species, bbox });
     }
     if out.is_empty() {
         return Err(err("has no rows".into()));
@@ -281,6 +306,44 @@ pub struct IdAccuracy {
     pub random_weights: bool,
 }
 
+/// How well the reported boxes cover the manifest's (samples with a box that could be scored).
+#[derive(Debug, Clone, Serialize)]
+pub struct Localisation {
+    pub n: usize,
+    /// Share of boxes the Detection's `bbox` overlaps with IoU >= 0.5.
+    pub iou_at_least_half: f64,
+    pub median_iou: f64,
+}
+
+/// Intersection over union of two `[x, y, w, h]` boxes.
+pub fn iou(a: [u32; 4], b: [u32; 4]) -> f64 {
+    let span = |p0: u32, l0: u32, p1: u32, l1: u32| {
+        (u64::from(p0 + l0).min(u64::from(p1 + l1))).saturating_sub(u64::from(p0.max(p1))) as f64
+    };
+    let inter = span(a[0], a[2], b[0], b[2]) * span(a[1], a[3], b[1], b[3]);
+    let area = |r: [u32; 4]| f64::from(r[2]) * f64::from(r[3]);
+    let union = area(a) + area(b) - inter;
+    if union > 0.0 {
+        inter / union
+    } else {
+        0.0
+    }
+}
+
+fn localisation(ious: &mut [f64]) -> Option<Localisation> {
+    if ious.is_empty() {
+        return None;
+    }
+    ious.sort_by(f64::total_cmp);
+    let n = ious.len();
+    let median = if n % 2 == 1 { ious[n / 2] } else { (ious[n / 2 - 1] + ious[n / 2]) / 2.0 };
+    Some(Localisation {
+        n,
+        iou_at_least_half: ious.iter().filter(|&&v| v >= 0.5).count() as f64 / n as f64,
+        median_iou: median,
+    })
+}
+
 /// The evaluation report (`--json` prints it as is).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -305,6 +368,9 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confusion: Option<Confusion>,
     pub identification: Option<IdAccuracy>,
+    /// Where the manifest carries boxes: how the Detection's `bbox` overlaps them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub localisation: Option<Localisation>,
     pub failures: Vec<Failure>,
     pub mean_ms_per_image: f64,
     #[serde(skip)]
@@ -323,6 +389,7 @@ pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut pro
     let mut failures = Vec::new();
     let (mut id_n, mut id_top1, mut id_top5) = (0usize, 0usize, 0usize);
     let mut total_ms = 0.0;
+    let mut ious = Vec::new();
     for s in samples {
         let name = s.path.display().to_string();
         let result =
@@ -336,6 +403,9 @@ pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut pro
             }
         };
         total_ms += a.timings.total_ms;
+        if let Some(want) = s.bbox {
+            ious.push(iou(a.bbox(), want));
+        }
         scored.push((a.prefilter_score, s.positive));
         scored_samples.push(s);
         // A frame the zero-shot stage rejected first never reached the pre-filter: it said nothing.
@@ -392,6 +462,7 @@ pub fn evaluate(identifier: &Identifier, csv: &Path, samples: &[Sample], mut pro
             top5: id_top5 as f64 / id_n as f64,
             random_weights: identifier.identification_random_weights(),
         }),
+        localisation: localisation(&mut ious),
         failures,
         mean_ms_per_image: total_ms / scored.len() as f64,
         roc: roc_curve(&scored),
@@ -508,6 +579,15 @@ impl Report {
                 if id.random_weights { " (RANDOM WEIGHTS: expect ~0)" } else { "" }
             );
         }
+        if let Some(l) = &self.localisation {
+            let _ = writeln!(
+                s,
+                "localisation: the Detection's bbox against {} boxes: IoU >= 0.5 on {:.1} %, median IoU {:.3}",
+                l.n,
+                100.0 * l.iou_at_least_half,
+                l.median_iou
+            );
+        }
         for f in &self.failures {
             let _ = writeln!(s, "unreadable: {}: {}", f.path.display(), f.error);
         }
@@ -620,6 +700,39 @@ mod tests {
     }
 
     /// (score, positive, group) rows -> per-group (name, tp, fp, tn, fn, tpr, tnr) at threshold 0.5.
+    /// Worked examples, computed by hand.
+    #[test]
+    fn iou_and_boxes_in_manifests() {
+        assert_eq!(iou([0, 0, 10, 10], [0, 0, 10, 10]), 1.0);
+        assert_eq!(iou([0, 0, 10, 10], [10, 0, 10, 10]), 0.0, "touching edges share nothing");
+        assert!((iou([0, 0, 10, 10], [5, 0, 10, 10]) - 50.0 / 150.0).abs() < 1e-12);
+        assert!((iou([0, 0, 100, 50], [20, 10, 30, 20]) - 600.0 / 5000.0).abs() < 1e-12, "one inside the other");
+        let l = localisation(&mut [0.9, 0.2, 0.5, 0.4]).unwrap();
+        assert_eq!((l.n, l.iou_at_least_half, l.median_iou), (4, 0.5, 0.45));
+        assert!(localisation(&mut []).is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        let read = |text: &str| {
+            let p = dir.path().join("m.csv");
+            std::fs::write(&p, text).unwrap();
+            read_manifest(&p)
+        };
+        let s = read("relpath,label,x,y,w,h\na.jpg,cetacean,1,2,30,40\nb.jpg,non_cetacean,,,,\n");
+        let s = s.unwrap();
+        assert_eq!((s[0].bbox, s[1].bbox), (Some([1, 2, 30, 40]), None), "a row without a box has none");
+        for (text, want) in [
+            ("relpath,label,x,y,w\na.jpg,cetacean,1,2,3\n", "boxes need all four columns x, y, w and h"),
+            (
+                "relpath,label,x,y,w,h\na.jpg,cetacean,1,2,-3,4\n",
+                "line 2: w must be a whole number of pixels, got `-3`",
+            ),
+            ("relpath,label,x,y,w,h\na.jpg,cetacean,1,2,0,4\n", "line 2: an empty box (0x4)"),
+        ] {
+            let e = read(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
     #[test]
     fn group_rates_per_group() {
         let rows = [

@@ -228,6 +228,14 @@ pub struct Assessment {
     pub timings: Timings,
 }
 
+impl Assessment {
+    /// Where the animal is, `[x, y, w, h]` in the frame's pixels: the Detection's `bbox`, and what
+    /// `whaled eval` measures against a manifest's boxes. The whole frame, as the upstream reports it.
+    pub fn bbox(&self) -> [u32; 4] {
+        [0, 0, self.width, self.height]
+    }
+}
+
 /// Checks everything start-up checks, keeping nothing: the manifests and their roles, each ONNX file's
 /// SHA-256, the graphs' input and output shapes on the configured backend, and the identification head.
 /// Used by `whaled check-config` and by SIGHUP before a reload, so that a config they accept never fails
@@ -723,7 +731,7 @@ impl Detection {
     /// The record for an assessed frame.
     pub fn from_assessment(a: &Assessment, meta: &FrameMeta, device_id: &str) -> Detection {
         let mut d = Detection::base(meta, device_id, a.model_version.clone());
-        d.bbox = [0, 0, a.width, a.height];
+        d.bbox = a.bbox();
         // cetacean_score: the pre-filter's score, or the zero-shot score when it rejected the frame first.
         d.cetacean_score = match (&a.zero_shot, a.prefilter_ran) {
             (Some(z), false) => round4(z.score),

@@ -266,6 +266,44 @@ fn eval_reports_metrics_as_json_and_table() {
     );
 }
 
+/// Issue 21 part 3, evidence (b): `whaled eval` on the 48 real photos with hand-drawn boxes
+/// (models/localisation/marine-dev-boxes.csv) reports how the Detection's bbox overlaps them. The
+/// reference is computed here from the CSV alone: the bbox is the whole frame, whose size the CSV
+/// records as Pillow read it (so whaled's decoded size is checked too), and the IoU is this test's own.
+#[test]
+fn eval_reports_localisation_against_drawn_boxes() {
+    let csv_path = repo().join("models/localisation/marine-dev-boxes.csv");
+    shared_data(); // the photos are under ../shared/data
+    let out = whaled(&["eval", "--manifest", csv_path.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["failures"].as_array().unwrap().len(), 0);
+    let text = std::fs::read_to_string(&csv_path).unwrap();
+    let mut want: Vec<f64> = text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let c: Vec<f64> = l.split(',').skip(3).map(|v| v.parse().unwrap()).collect();
+            let (fw, fh, x, y, w, h) = (c[0], c[1], c[2], c[3], c[4], c[5]);
+            // The box lies inside the frame, so the intersection is the box itself.
+            assert!(x + w <= fw && y + h <= fh, "{l}");
+            (w * h) / (fw * fh)
+        })
+        .collect();
+    want.sort_by(f64::total_cmp);
+    let n = want.len();
+    assert!(n >= 40, "{n} boxes");
+    let l = &r["localisation"];
+    assert_eq!(l["n"].as_u64(), Some(n as u64));
+    let share = want.iter().filter(|&&v| v >= 0.5).count() as f64 / n as f64;
+    let median = if n % 2 == 1 { want[n / 2] } else { (want[n / 2 - 1] + want[n / 2]) / 2.0 };
+    assert!((l["iou_at_least_half"].as_f64().unwrap() - share).abs() < 1e-12, "{l} vs {share}");
+    assert!((l["median_iou"].as_f64().unwrap() - median).abs() < 1e-12, "{l} vs {median}");
+    let table = whaled(&["eval", "--manifest", csv_path.to_str().unwrap()]);
+    let t = String::from_utf8_lossy(&table.stdout);
+    assert!(t.contains(&format!("localisation: the Detection's bbox against {n} boxes")), "{t}");
+}
+
 /// An installed package (`<prefix>/bin/whaled` + `<prefix>/share/whaled/models`) finds its shipped
 /// models with no config: the prefix is searched before the source checkout.
 #[test]

@@ -130,7 +130,9 @@ def drawn_boxes(args, conv, w, b):
     rows = list(csv.DictReader(open(args.boxes)))
     mapped, whole_frame = [], []
     for r in rows:
-        img = Image.open(os.path.join(args.data, "marine-dev", r["relpath"])).convert("RGB")
+        # relpath is relative to the CSV (as `whaled eval` reads it): ../../../shared/data/marine-dev/...
+        img = Image.open(os.path.join(os.path.dirname(os.path.abspath(args.boxes)), r["relpath"])).convert("RGB")
+        assert img.size == (int(r["width"]), int(r["height"])), r["relpath"]
         x, y, bw, bh = (int(r[k]) for k in ("x", "y", "w", "h"))
         gt = (x, y, x + bw, y + bh)
         pm, scale = prob_map(conv, w, b, img, args.long, args.window)
