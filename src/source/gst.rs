@@ -355,7 +355,8 @@ fn capture_time(pipeline: &gst::Pipeline, buffer: &gst::BufferRef) -> (SystemTim
         return arrival;
     };
     let now = clock.time();
-    match now.checked_sub(base + pts) {
+    // Checked: a stream's timestamps are the sender's to choose.
+    match base.checked_add(pts).and_then(|at| now.checked_sub(at)) {
         // A frame from the future or from more than a minute ago: the stream's clock is not usable.
         Some(age) if age < gst::ClockTime::from_seconds(60) => {
             let age = Duration::from_nanos(age.nseconds());
