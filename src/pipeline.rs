@@ -999,9 +999,10 @@ fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, sh
     control.beat(i, CAMERA_STARTING);
     let mut last_sample: Option<Instant> = None;
     let mut backoff: Option<Duration> = None;
-    // The failure being reported, and how often it has repeated: a camera that stays down logs once
-    // (and on every change of reason), not every retry.
-    let mut failing: Option<(String, u64, Instant)> = None;
+    // The outage being reported: the reasons already logged, the failed attempts and since when. A
+    // camera that stays down logs each reason once per outage (a dead camera's attempts may alternate
+    // between two, a refused connection and a timeout), not every retry.
+    let mut failing: Option<(Vec<String>, u64, Instant)> = None;
     let mut jitter = Jitter::new(i);
     while !shutdown.is_triggered() {
         // Sampling is decided before the source copies the frame out of the driver's buffer.
@@ -1055,23 +1056,21 @@ fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, sh
                 // +-20 %: cameras that failed together (a switch rebooted) do not retry in lockstep.
                 let wait = jitter.spread(base);
                 let text = e.to_string();
-                match &mut failing {
-                    Some((last, attempts, _)) if *last == text => {
-                        *attempts += 1;
-                        log::debug!("{text} (attempt {attempts}); retrying in {wait:?}");
+                let (reported, attempts, _) = failing.get_or_insert_with(|| (Vec::new(), 0, Instant::now()));
+                *attempts += 1;
+                // Bounded: a source whose messages never repeat (a counter in them) still logs at most
+                // 8 lines per outage.
+                if reported.contains(&text) || reported.len() >= 8 {
+                    log::debug!("{text} (attempt {attempts}); retrying in {wait:?}");
+                } else {
+                    // Credentials refused: no retry fixes that, an operator must (ERROR). Anything else
+                    // is recovered by reopening (WARN); the counters show a camera that stays down.
+                    if matches!(e, Error::Camera { refused: true, .. }) {
+                        log::error!("{text}; retrying with backoff (repeats are logged at DEBUG)");
+                    } else {
+                        log::warn!("{text}; retrying in {wait:.1?} with backoff (repeats are logged at DEBUG)");
                     }
-                    _ => {
-                        let attempts = failing.as_ref().map_or(0, |f| f.1) + 1;
-                        let since = failing.as_ref().map_or_else(Instant::now, |f| f.2);
-                        // Credentials refused: no retry fixes that, an operator must (ERROR). Anything
-                        // else is recovered by reopening (WARN); the counters show a camera that stays down.
-                        if matches!(e, Error::Camera { refused: true, .. }) {
-                            log::error!("{text}; retrying with backoff (repeats are logged at DEBUG)");
-                        } else {
-                            log::warn!("{text}; retrying in {wait:.1?} with backoff (repeats are logged at DEBUG)");
-                        }
-                        failing = Some((text, attempts, since));
-                    }
+                    reported.push(text);
                 }
                 sleep_unless_shutdown(wait, shutdown);
             }
