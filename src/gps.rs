@@ -32,6 +32,7 @@ use serde::Deserialize;
 
 use crate::config::gps::GpsConfig;
 use crate::detection::{FixMode, Position};
+use crate::jitter::Jitter;
 
 /// Socket read timeout: how often the thread looks at the shutdown flag and the silence timer.
 const POLL: Duration = Duration::from_millis(200);
@@ -101,7 +102,7 @@ impl Gps {
     /// absent, slow or unresolvable costs start-up nothing (positions are absent until it answers).
     pub fn start(cfg: &GpsConfig) -> Gps {
         let shared = Arc::new(Shared::default());
-        let mut link = Link { cfg: cfg.clone(), shared: shared.clone(), rng: seed() };
+        let mut link = Link { cfg: cfg.clone(), shared: shared.clone(), jitter: Jitter::new(0) };
         let thread = std::thread::Builder::new().name("gps".into()).spawn(move || link.run());
         let thread = match thread {
             Ok(t) => Some(t),
@@ -228,29 +229,16 @@ enum End {
     Lost(String, bool),
 }
 
-fn seed() -> u64 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-    (t ^ (u64::from(std::process::id()) << 32)) | 1
-}
-
 /// The `gps` thread's state.
 struct Link {
     cfg: GpsConfig,
     shared: Arc<Shared>,
-    rng: u64,
+    jitter: Jitter,
 }
 
 impl Link {
     fn stopping(&self) -> bool {
         self.shared.stop.load(Ordering::SeqCst)
-    }
-
-    fn jitter(&mut self) -> f64 {
-        // xorshift64: spreads the retries; not security relevant.
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        (self.rng >> 11) as f64 / (1u64 << 53) as f64
     }
 
     fn run(&mut self) {
@@ -287,7 +275,7 @@ impl Link {
                 Err(why) => why,
             };
             failed = true;
-            let wait = backoff.mul_f64(0.5 + 0.5 * self.jitter()).max(self.cfg.reconnect_min);
+            let wait = self.jitter.scale(backoff, 0.5, 1.0).max(self.cfg.reconnect_min);
             if outage.is_none() {
                 outage = Some(Instant::now());
                 log::warn!(

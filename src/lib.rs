@@ -25,6 +25,7 @@ pub mod head;
 pub mod health;
 pub mod identify;
 pub mod images;
+pub mod jitter;
 pub mod mqtt;
 pub mod outbox;
 pub mod pipeline;

@@ -32,6 +32,7 @@ use serde::Serialize;
 
 use crate::config::mqtt::MqttConfig;
 use crate::error::{Error, Result};
+use crate::jitter::Jitter;
 use crate::outbox::{Outbox, OutboxStats, SharedOutbox};
 use crate::pipeline::{CameraSnapshot, Control, ModelLatencies};
 use crate::signing::{Statement, Verifier};
@@ -426,7 +427,7 @@ impl Publisher {
             control,
             snapshots: snap_rx,
             started: Instant::now(),
-            rng: seed(),
+            jitter: Jitter::new(0),
             connected: connected.clone(),
             flapping: flapping.clone(),
             short_sessions: VecDeque::new(),
@@ -552,7 +553,7 @@ struct Link {
     control: Arc<Control>,
     snapshots: mpsc::Receiver<Snapshot>,
     started: Instant,
-    rng: u64,
+    jitter: Jitter,
     connected: Arc<AtomicBool>,
     flapping: Arc<Flapping>,
     /// When recent short sessions ended (see [`SHORT_SESSION`]).
@@ -579,20 +580,7 @@ fn resets_backoff(lasted: Option<Duration>, delivered: bool, closed_by_broker: b
     }
 }
 
-fn seed() -> u64 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-    (t ^ (u64::from(std::process::id()) << 32)) | 1
-}
-
 impl Link {
-    fn jitter(&mut self) -> f64 {
-        // xorshift64: spreads reconnects of a fleet; not security relevant.
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        (self.rng >> 11) as f64 / (1u64 << 53) as f64
-    }
-
     fn options(&self) -> Result<MqttOptions> {
         let c = &self.cfg;
         let mut o = MqttOptions::new(c.client_id.clone(), c.host.clone(), c.port);
@@ -643,7 +631,7 @@ impl Link {
                         failures = 0;
                     }
                     failures += 1;
-                    let wait = backoff.mul_f64(0.5 + 0.5 * self.jitter());
+                    let wait = self.jitter.scale(backoff, 0.5, 1.0);
                     // The outbox keeps every event: WARN (recovered by retrying), not ERROR, except when
                     // only the operator can fix it (credentials), which `session` logs at ERROR.
                     if failures <= 3 || failures.is_power_of_two() {

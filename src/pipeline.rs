@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -24,6 +24,7 @@ use crate::config::{PublishMode, SightingsConfig};
 use crate::detection::{Detection, EndReason, FrameMeta, SightingEvent, SightingPhase};
 use crate::error::{Error, Result};
 use crate::identify::Identifier;
+use crate::jitter::Jitter;
 use crate::sighting::{Decision, FrameIdentity, FrameInfo, RankedCandidate, Ranking, Tracker};
 use crate::source::{Frame, Source, SourceEvent};
 
@@ -1003,7 +1004,7 @@ fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, sh
     // camera that stays down logs each reason once per outage (a dead camera's attempts may alternate
     // between two, a refused connection and a timeout), not every retry.
     let mut failing: Option<(Vec<String>, u64, Instant)> = None;
-    let mut jitter = Jitter::new(i);
+    let mut jitter = Jitter::new(i as u64);
     while !shutdown.is_triggered() {
         // Sampling is decided before the source copies the frame out of the driver's buffer.
         let mut wanted = || {
@@ -1054,7 +1055,7 @@ fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, sh
                 let base = backoff.map_or(BACKOFF_MIN, |b| (b * 2).min(BACKOFF_MAX));
                 backoff = Some(base);
                 // +-20 %: cameras that failed together (a switch rebooted) do not retry in lockstep.
-                let wait = jitter.spread(base);
+                let wait = jitter.scale(base, 0.8, 1.2);
                 let text = e.to_string();
                 let (reported, attempts, _) = failing.get_or_insert_with(|| (Vec::new(), 0, Instant::now()));
                 *attempts += 1;
@@ -1079,25 +1080,6 @@ fn capture(i: usize, mut cam: Camera, mailbox: &Mailbox, stats: &CameraStats, sh
     control.beat(i, CAMERA_ENDED);
     log::info!("camera {}: capture stopped", cam.name);
     mailbox.source_ended();
-}
-
-/// Spreads retry delays by +-20 % (xorshift, seeded per camera and start time): enough to keep a
-/// fleet's cameras from reconnecting in lockstep, no randomness crate needed.
-struct Jitter(u64);
-
-impl Jitter {
-    fn new(camera: usize) -> Jitter {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as u64);
-        Jitter((nanos ^ (camera as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1)
-    }
-
-    fn spread(&mut self, base: Duration) -> Duration {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        let unit = (self.0 >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
-        base.mul_f64(0.8 + 0.4 * unit)
-    }
 }
 
 fn sleep_unless_shutdown(total: Duration, shutdown: &Shutdown) {

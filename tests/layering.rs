@@ -9,7 +9,7 @@ use std::path::Path;
 
 /// Layers, lowest first; the same table as ARCHITECTURE.md's "Layers".
 const LAYERS: &[(&str, &[&str])] = &[
-    ("foundations", &["error", "values", "signing"]),
+    ("foundations", &["error", "values", "signing", "jitter"]),
     ("configuration and wire types", &["config", "manifest", "detection", "scoring"]),
     (
         "frames and models",
