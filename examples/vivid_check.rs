@@ -165,11 +165,11 @@ fn run() -> Result<(), String> {
             SourceEvent::Frame(f) => f,
             other => return Err(format!("v4l2 source: {other:?}")),
         };
-        let whaled::source::FrameData::Raw { format, width, height, stride, bytes, .. } = &f.data else {
+        let whaled::source::FrameData::Raw { format, colour, width, height, stride, bytes } = &f.data else {
             return Err("YUYV frames are raw".into());
         };
         addresses.insert(bytes.as_ptr() as usize);
-        let direct = whaled::source::pixels::to_rgb(*format, *width, *height, *stride, bytes, "direct")
+        let direct = whaled::source::pixels::to_rgb(*format, *colour, *width, *height, *stride, bytes, "direct")
             .map_err(|e| e.to_string())?;
         let decoded = decoder.decode(&f.data, |_, _| true, "vivid").map_err(|e| e.to_string())?.image.as_raw().clone();
         stale += usize::from(decoded != *direct.as_raw());

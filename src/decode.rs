@@ -348,7 +348,7 @@ mod tests {
             };
             // The reference: the converter called directly, with no decoder (and no cache) involved.
             let FrameData::Raw { bytes, .. } = &data else { unreachable!() };
-            let want = pixels::to_rgb(pixels::RawFormat::Yuyv, w, h, 0, bytes, "ref").unwrap();
+            let want = pixels::to_rgb(pixels::RawFormat::Yuyv, Default::default(), w, h, 0, bytes, "ref").unwrap();
             for _ in 0..2 {
                 if d.decode(&data, |_, _| true, "cam").unwrap().image != &want {
                     stale += 1;

@@ -317,8 +317,10 @@ pub struct Localisation {
 
 /// Intersection over union of two `[x, y, w, h]` boxes.
 pub fn iou(a: [u32; 4], b: [u32; 4]) -> f64 {
+    // In u64: a manifest's x + w may not fit a u32.
     let span = |p0: u32, l0: u32, p1: u32, l1: u32| {
-        (u64::from(p0 + l0).min(u64::from(p1 + l1))).saturating_sub(u64::from(p0.max(p1))) as f64
+        let end = (u64::from(p0) + u64::from(l0)).min(u64::from(p1) + u64::from(l1));
+        end.saturating_sub(u64::from(p0.max(p1))) as f64
     };
     let inter = span(a[0], a[2], b[0], b[2]) * span(a[1], a[3], b[1], b[3]);
     let area = |r: [u32; 4]| f64::from(r[2]) * f64::from(r[3]);
@@ -707,6 +709,7 @@ mod tests {
         assert_eq!(iou([0, 0, 10, 10], [10, 0, 10, 10]), 0.0, "touching edges share nothing");
         assert!((iou([0, 0, 10, 10], [5, 0, 10, 10]) - 50.0 / 150.0).abs() < 1e-12);
         assert!((iou([0, 0, 100, 50], [20, 10, 30, 20]) - 600.0 / 5000.0).abs() < 1e-12, "one inside the other");
+        assert_eq!(iou([u32::MAX, 0, u32::MAX, 10], [0, 0, 10, 10]), 0.0, "no overflow on hostile boxes");
         let l = localisation(&mut [0.9, 0.2, 0.5, 0.4]).unwrap();
         assert_eq!((l.n, l.iou_at_least_half, l.median_iou), (4, 0.5, 0.45));
         assert!(localisation(&mut []).is_none());

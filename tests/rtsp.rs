@@ -224,8 +224,7 @@ fn frames_match_photos(colorimetry: Option<&str>, declared: whaled::source::pixe
         };
         assert_eq!((*format, *width, *height), (whaled::source::pixels::RawFormat::I420, 640, 360));
         assert_eq!(*colour, declared);
-        let rgb =
-            whaled::source::pixels::to_rgb_with(*format, *colour, *width, *height, *stride, bytes, "direct").unwrap();
+        let rgb = whaled::source::pixels::to_rgb(*format, *colour, *width, *height, *stride, bytes, "direct").unwrap();
         let (best, diff) = photos
             .iter()
             .enumerate()
@@ -509,7 +508,7 @@ fn gstreamer_pipelines_deliver_jpeg_and_raw_frames() {
 
     let to_rgb = |f: &whaled::source::Frame| match &f.data {
         whaled::source::FrameData::Raw { format, colour, width, height, stride, bytes } => {
-            whaled::source::pixels::to_rgb_with(*format, *colour, *width, *height, *stride, bytes, "pipe").unwrap()
+            whaled::source::pixels::to_rgb(*format, *colour, *width, *height, *stride, bytes, "pipe").unwrap()
         }
         other => panic!("raw frames expected, got {other:?}"),
     };

@@ -588,26 +588,15 @@ impl Config {
                     "only applies to kind = \"rtsp\" or \"gstreamer\"".into(),
                 ));
             }
-            let path = match (&c.path, network) {
-                (Some(p), true) => {
-                    return Err(at(
-                        p.span(),
-                        "camera.path",
-                        "network cameras take `url` or `pipeline`, not `path`".into(),
-                    ))
-                }
-                (None, false) => {
-                    return Err(at(
-                        c.kind.span(),
-                        "camera.path",
-                        "is missing: the file, directory or device to read".into(),
-                    ))
-                }
-                (p, _) => p,
+            // Replay and V4L2 read a path; network cameras refuse one (network_camera).
+            let required_path = || {
+                c.path.as_ref().ok_or_else(|| {
+                    at(c.kind.span(), "camera.path", "is missing: the file, directory or device to read".into())
+                })
             };
             let source = match kind {
                 SourceKind::Replay => {
-                    let path = path.as_ref().ok_or_else(|| Error::Config("camera.path".into()))?;
+                    let path = required_path()?;
                     let p = dir.join(path.get_ref());
                     if !p.exists() {
                         return Err(at(
@@ -643,7 +632,7 @@ impl Config {
                     }
                 }
                 SourceKind::V4l2 => {
-                    let path = path.as_ref().ok_or_else(|| Error::Config("camera.path".into()))?;
+                    let path = required_path()?;
                     if let Some(l) = &c.looping {
                         return Err(at(l.span(), "camera.loop", "only applies to kind = \"replay\"".into()));
                     }
@@ -926,6 +915,9 @@ fn network_camera(
     dir: &Path,
     at: &dyn Fn(std::ops::Range<usize>, &str, String) -> Error,
 ) -> Result<SourceConfig> {
+    if let Some(p) = &c.path {
+        return Err(at(p.span(), "camera.path", "network cameras take `url` or `pipeline`, not `path`".into()));
+    }
     if !cfg!(feature = "gstreamer") {
         return Err(at(
             c.kind.span(),
@@ -1083,7 +1075,6 @@ mod tests {
         );
     }
 
-    /// Data-driven: each bad config must fail naming the file, the line and the key.
     /// Network cameras: defaults, credentials out of the URL, and every misplaced or missing key named.
     #[cfg(feature = "gstreamer")]
     #[test]
@@ -1137,6 +1128,7 @@ mod tests {
         assert!(e.contains("camera.kind: network cameras need whaled built with GStreamer"), "{e}");
     }
 
+    /// Data-driven: each bad config must fail naming the file, the line and the key.
     #[test]
     fn errors_name_file_line_and_key() {
         let cases: &[(&str, &[&str])] = &[

@@ -17,6 +17,7 @@
 //! - **No credential in any string.** The RTSP password goes to `rtspsrc` as a property, never into a
 //!   URL or a pipeline description, and is removed from every message that could carry it back.
 
+use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -150,8 +151,6 @@ fn build(spec: &Spec, camera: &str) -> Result<(gst::Pipeline, gst_app::AppSink)>
     Ok((pipeline, sink))
 }
 
-use std::str::FromStr;
-
 /// Checks that a camera's pipeline can be built on this machine (for `whaled check-config`): every
 /// element installed, the appsink present. Nothing is started and nothing connects.
 pub fn check(cfg: &crate::config::CameraConfig) -> Result<()> {
@@ -181,17 +180,15 @@ pub struct GstSource {
     spec: Spec,
     running: Option<Running>,
     seq: u64,
-    /// The RGB/YUV bytes of the frame being copied, reused between frames.
-    scratch: Vec<u8>,
 }
 
 impl GstSource {
     pub fn rtsp(camera: Arc<str>, settings: RtspSettings) -> Self {
-        GstSource { camera, spec: Spec::Rtsp(settings), running: None, seq: 0, scratch: Vec::new() }
+        GstSource { camera, spec: Spec::Rtsp(settings), running: None, seq: 0 }
     }
 
     pub fn pipeline(camera: Arc<str>, settings: GstSettings) -> Self {
-        GstSource { camera, spec: Spec::Pipeline(settings), running: None, seq: 0, scratch: Vec::new() }
+        GstSource { camera, spec: Spec::Pipeline(settings), running: None, seq: 0 }
     }
 
     /// A message with the password (if any) taken out: GStreamer's debug strings may quote properties.
@@ -230,8 +227,9 @@ impl GstSource {
         }
     }
 
-    /// Copies a sample's frame out of GStreamer's buffer into a `FrameData` (tightly packed planes).
-    fn copy(&mut self, sample: &gst::Sample) -> std::result::Result<FrameData, String> {
+    /// Copies a sample's frame out of GStreamer's buffer into a `FrameData` (tightly packed planes),
+    /// straight into the frame's own allocation.
+    fn copy(sample: &gst::Sample) -> std::result::Result<FrameData, String> {
         let caps = sample.caps().ok_or("a frame without caps")?;
         let buffer = sample.buffer().ok_or("a sample without a buffer")?;
         let structure = caps.structure(0).ok_or("empty caps")?;
@@ -245,23 +243,27 @@ impl GstSource {
         let (w, h) = (info.width() as usize, info.height() as usize);
         let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
         // (plane, bytes per row, rows) in the packed layout RawFormat expects.
-        let (format, planes): (RawFormat, Vec<(u32, usize, usize)>) = match info.format() {
-            gst_video::VideoFormat::I420 => (RawFormat::I420, vec![(0, w, h), (1, cw, ch), (2, cw, ch)]),
-            gst_video::VideoFormat::Nv12 => (RawFormat::Nv12, vec![(0, w, h), (1, cw * 2, ch)]),
-            gst_video::VideoFormat::Yuy2 => (RawFormat::Yuyv, vec![(0, w * 2, h)]),
-            gst_video::VideoFormat::Rgb => (RawFormat::Rgb24, vec![(0, w * 3, h)]),
-            gst_video::VideoFormat::Gray8 => (RawFormat::Grey, vec![(0, w, h)]),
+        let (format, planes): (RawFormat, &[(u32, usize, usize)]) = match info.format() {
+            gst_video::VideoFormat::I420 => (RawFormat::I420, &[(0, w, h), (1, cw, ch), (2, cw, ch)]),
+            gst_video::VideoFormat::Nv12 => (RawFormat::Nv12, &[(0, w, h), (1, cw * 2, ch)]),
+            gst_video::VideoFormat::Yuy2 => (RawFormat::Yuyv, &[(0, w * 2, h)]),
+            gst_video::VideoFormat::Rgb => (RawFormat::Rgb24, &[(0, w * 3, h)]),
+            gst_video::VideoFormat::Gray8 => (RawFormat::Grey, &[(0, w, h)]),
             other => return Err(format!("unsupported pixel format {other:?}")),
         };
-        self.scratch.clear();
-        for (plane, row, rows) in planes {
+        let len = planes.iter().map(|(_, row, rows)| row * rows).sum();
+        let mut bytes: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
+        let mut out = Arc::get_mut(&mut bytes).ok_or("a new frame buffer is shared")?;
+        for &(plane, row, rows) in planes {
             let data = frame.plane_data(plane).map_err(|e| e.to_string())?;
             let stride = usize::try_from(frame.plane_stride()[plane as usize]).map_err(|_| "negative stride")?;
             if stride < row || data.len() < stride * (rows.max(1) - 1) + row {
                 return Err(format!("plane {plane} is short: {} bytes, stride {stride}, {rows} rows", data.len()));
             }
-            for r in 0..rows {
-                self.scratch.extend_from_slice(&data[r * stride..r * stride + row]);
+            for src in data.chunks(stride).take(rows) {
+                let (dst, rest) = out.split_at_mut(row);
+                dst.copy_from_slice(&src[..row]);
+                out = rest;
             }
         }
         Ok(FrameData::Raw {
@@ -270,7 +272,7 @@ impl GstSource {
             width: info.width(),
             height: info.height(),
             stride: 0,
-            bytes: Arc::from(self.scratch.as_slice()),
+            bytes,
         })
     }
 }
@@ -408,7 +410,7 @@ impl Source for GstSource {
             (Some(b), Some(r)) => capture_time(&r.pipeline, b),
             _ => (SystemTime::now(), Instant::now()),
         };
-        let data = self.copy(&sample).map_err(|m| self.fail(format!("cannot read a frame: {m}"), false))?;
+        let data = Self::copy(&sample).map_err(|m| self.fail(format!("cannot read a frame: {m}"), false))?;
         Ok(SourceEvent::Frame(Frame { camera: self.camera.clone(), seq, captured_at, captured_mono, data }))
     }
 }

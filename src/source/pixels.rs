@@ -48,13 +48,9 @@ impl RawFormat {
     }
 }
 
-/// Converts one raw frame (rows of `stride` bytes; 0 = tightly packed) to RGB8.
-pub fn to_rgb(format: RawFormat, width: u32, height: u32, stride: u32, data: &[u8], name: &str) -> Result<RgbImage> {
-    to_rgb_with(format, Colour::default(), width, height, stride, data, name)
-}
-
-/// [`to_rgb`] for a frame whose colour range and matrix are known.
-pub fn to_rgb_with(
+/// Converts one raw frame (rows of `stride` bytes; 0 = tightly packed) to RGB8, with the frame's
+/// colour range and matrix (`Colour::default()` for a V4L2 camera's).
+pub fn to_rgb(
     format: RawFormat,
     colour: Colour,
     width: u32,
@@ -177,23 +173,23 @@ mod tests {
         let (w, h) = (4u32, 2u32);
         let yuyv: Vec<u8> =
             (0..w * h / 2).flat_map(|i| if i % 2 == 0 { [235, 128, 235, 128] } else { [16, 128, 16, 128] }).collect();
-        let img = to_rgb(RawFormat::Yuyv, w, h, 0, &yuyv, "t").unwrap();
+        let img = to_rgb(RawFormat::Yuyv, Colour::default(), w, h, 0, &yuyv, "t").unwrap();
         assert!(img.get_pixel(0, 0).0.iter().all(|&c| c >= 250), "{:?}", img.get_pixel(0, 0));
         assert!(img.get_pixel(2, 0).0.iter().all(|&c| c <= 5), "{:?}", img.get_pixel(2, 0));
 
         let mut nv12 = vec![235u8; (w * h) as usize];
         nv12.extend(std::iter::repeat_n(128u8, (w * h / 2) as usize));
-        let img = to_rgb(RawFormat::Nv12, w, h, 0, &nv12, "t").unwrap();
+        let img = to_rgb(RawFormat::Nv12, Colour::default(), w, h, 0, &nv12, "t").unwrap();
         assert!(img.pixels().all(|p| p.0.iter().all(|&c| c >= 250)));
     }
 
     #[test]
     fn grey_rgb_and_short_frames() {
-        let img = to_rgb(RawFormat::Grey, 2, 1, 0, &[10, 200], "t").unwrap();
+        let img = to_rgb(RawFormat::Grey, Colour::default(), 2, 1, 0, &[10, 200], "t").unwrap();
         assert_eq!(img.get_pixel(1, 0).0, [200, 200, 200]);
-        let img = to_rgb(RawFormat::Rgb24, 1, 2, 4, &[1, 2, 3, 0, 4, 5, 6], "t").unwrap();
+        let img = to_rgb(RawFormat::Rgb24, Colour::default(), 1, 2, 4, &[1, 2, 3, 0, 4, 5, 6], "t").unwrap();
         assert_eq!(img.get_pixel(0, 1).0, [4, 5, 6]);
-        let e = to_rgb(RawFormat::Yuyv, 640, 480, 0, &[0; 100], "cam#3").unwrap_err().to_string();
+        let e = to_rgb(RawFormat::Yuyv, Colour::default(), 640, 480, 0, &[0; 100], "cam#3").unwrap_err().to_string();
         assert!(e.contains("cam#3") && e.contains("short Yuyv frame: 100 bytes for 640x480"), "{e}");
     }
 }
