@@ -168,6 +168,8 @@ pub struct Timings {
     pub preprocess_ms: f64,
     pub prefilter_ms: f64,
     pub zero_shot_ms: f64,
+    /// The gate's map and its box (`[prefilter] locate = "gate_map"`; 0 otherwise), preprocessing included.
+    pub locate_ms: f64,
     pub identification_ms: f64,
     pub total_ms: f64,
 }

@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use image::RgbImage;
 
-use crate::config::Config;
 use crate::config::ZeroShotPosition;
+use crate::config::{Config, Locate};
 use crate::decode::Decoder;
 use crate::detection::{
     Candidate, Detection, FrameMeta, IdentificationInfo, MatchSource, PrefilterInfo, RejectionReason, Timings,
@@ -28,6 +28,7 @@ use crate::detection::{
 use crate::error::{Error, Result};
 use crate::gallery::{FileStamp, Gallery, Match};
 use crate::head::IdentificationHead;
+use crate::locate::{Locator, PixelBox};
 use crate::manifest::{ModelManifest, OutputKind, Role};
 use crate::model::Model;
 use crate::preprocess::Preprocessor;
@@ -167,6 +168,8 @@ pub struct Identifier {
     threshold: AtomicU64,
     identification: Option<Identification>,
     zero_shot: Option<ZeroShot>,
+    /// `[prefilter] locate = "gate_map"`: where the animal in a passing frame is.
+    locator: Option<Locator>,
     jpeg_dct_scaling: bool,
 }
 
@@ -176,6 +179,8 @@ pub struct Workspace {
     prefilter: Preprocessor,
     embedder: Option<Preprocessor>,
     zero_shot: Option<Preprocessor>,
+    /// The gate's map input (built for the first frame's map size).
+    map: Option<Preprocessor>,
     tensor: Vec<f32>,
     cosines: Vec<f32>,
     gallery_scratch: Vec<f32>,
@@ -225,14 +230,18 @@ pub struct Assessment {
     pub model_version: String,
     /// The gallery's version when the frame was assessed (`None`: no gallery configured).
     pub gallery_version: Option<u64>,
+    /// Where the gate's map put the animal, in the frame's pixels (`None`: the frame was rejected or
+    /// `locate = "frame"`).
+    pub located: Option<PixelBox>,
     pub timings: Timings,
 }
 
 impl Assessment {
     /// Where the animal is, `[x, y, w, h]` in the frame's pixels: the Detection's `bbox`, and what
-    /// `whaled eval` measures against a manifest's boxes. The whole frame, as the upstream reports it.
+    /// `whaled eval` measures against a manifest's boxes: the map's box where the frame was located,
+    /// else the whole frame, as the upstream reports it.
     pub fn bbox(&self) -> [u32; 4] {
-        [0, 0, self.width, self.height]
+        self.located.map_or([0, 0, self.width, self.height], PixelBox::as_array)
     }
 }
 
@@ -328,8 +337,20 @@ impl Identifier {
             Some(z) => Some(ZeroShot::load(z, &cfg.inference)?),
             None => None,
         };
+        let locator = match cfg.prefilter.locate {
+            Locate::Frame => None,
+            Locate::GateMap { long_side } => {
+                let l = Locator::new(&prefilter, &positive_classes, long_side, &cfg.inference)?;
+                log::info!(
+                    "locating animals with {}'s map (longer side {long_side} px): bbox and the embedder's crop",
+                    prefilter.manifest().name
+                );
+                Some(l)
+            }
+        };
         Ok(Identifier {
             zero_shot,
+            locator,
             prefilter,
             positive_classes,
             threshold: AtomicU64::new(threshold.to_bits()),
@@ -388,6 +409,7 @@ impl Identifier {
             prefilter: Preprocessor::new(&self.prefilter.manifest().input),
             embedder: self.identification.as_ref().map(|i| Preprocessor::new(&i.model.manifest().input)),
             zero_shot: self.zero_shot.as_ref().map(|z| Preprocessor::new(&z.model.manifest().input)),
+            map: None,
             tensor: Vec::new(),
             cosines: Vec::new(),
             gallery_scratch: Vec::new(),
@@ -506,7 +528,7 @@ impl Identifier {
     ) -> Result<Assessment> {
         let start = Instant::now();
         let mut timings = Timings::default();
-        let Workspace { decoder, prefilter, embedder, zero_shot, tensor, cosines, gallery_scratch, matches } = ws;
+        let Workspace { decoder, prefilter, embedder, zero_shot, map, tensor, cosines, gallery_scratch, matches } = ws;
         let decoded = decoder.decode(data, |w, h| prefilter.fits(w, h), name)?;
         let (width, height) = (decoded.full_width, decoded.full_height);
         timings.decode_ms += ms(start.elapsed());
@@ -535,16 +557,39 @@ impl Identifier {
         if passed && !before {
             passed = run_zero_shot(decoder, &mut timings, tensor)?;
         }
+        // The gate's map on the full-size frame (the crop below comes from the same pixels).
+        let located = match (&self.locator, passed) {
+            (Some(loc), true) => {
+                let t = Instant::now();
+                let decoded = decoder.decode(data, |_, _| false, name)?;
+                timings.decode_ms += ms(t.elapsed());
+                let t = Instant::now();
+                let found = loc.locate(decoded.image, map, tensor)?;
+                timings.locate_ms += ms(t.elapsed());
+                Some(found.bbox)
+            }
+            _ => None,
+        };
         let identified = match (&self.identification, passed && identify(score)) {
             (Some(id), true) => {
                 let pre = embedder
                     .as_mut()
                     .ok_or_else(|| Error::Input("workspace was made for another identifier".into()))?;
                 let t = Instant::now();
-                let decoded = decoder.decode(data, |w, h| pre.fits(w, h), name)?;
+                let crop;
+                let image = match located {
+                    // The animal with a margin, cut from the full-size decode (the map's own pixels).
+                    Some(b) => {
+                        let full = decoder.decode(data, |_, _| false, name)?.image;
+                        let g = b.grown(crate::locate::MARGIN, full.width(), full.height());
+                        crop = image::imageops::crop_imm(full, g.x, g.y, g.w, g.h).to_image();
+                        &crop
+                    }
+                    None => decoder.decode(data, |w, h| pre.fits(w, h), name)?.image,
+                };
                 timings.decode_ms += ms(t.elapsed());
                 let t = Instant::now();
-                pre.run(decoded.image, tensor)?;
+                pre.run(image, tensor)?;
                 let t1 = Instant::now();
                 let mut embedding = id.model.run(tensor)?;
                 finite(&embedding, &id.model)?;
@@ -574,6 +619,7 @@ impl Identifier {
             identified,
             model_version: self.model_version(),
             gallery_version,
+            located,
             timings,
         })
     }
@@ -814,6 +860,7 @@ mod tests {
             identified,
             model_version: "effb4-arcface-v1".into(),
             gallery_version: Some(3),
+            located: None,
             timings: Timings { decode_ms: 1.5, prefilter_ms: 2.0, total_ms: 4.5, ..Timings::default() },
         }
     }

@@ -26,6 +26,7 @@ pub mod health;
 pub mod identify;
 pub mod images;
 pub mod jitter;
+pub mod locate;
 pub mod mqtt;
 pub mod outbox;
 pub mod pipeline;

@@ -220,6 +220,9 @@ pub enum OutputKind {
     Probabilities { classes: usize },
     /// An embedding vector (L2-normalised again by whaled before scoring).
     Embedding { dim: usize },
+    /// A convolutional feature map, `channels` x `cells`, flattened channel-major: what
+    /// [`crate::locate`] derives from a gate's graph (never read from a manifest file).
+    FeatureMap { channels: usize, cells: usize },
 }
 
 impl OutputKind {
@@ -228,6 +231,7 @@ impl OutputKind {
         match self {
             OutputKind::Logits { classes } | OutputKind::Probabilities { classes } => classes,
             OutputKind::Embedding { dim } => dim,
+            OutputKind::FeatureMap { channels, cells } => channels * cells,
         }
     }
 }
@@ -483,7 +487,7 @@ impl ModelManifest {
             (RoleName::Prefilter, Some(p), None) => {
                 let classes = match kind {
                     OutputKind::Logits { classes } | OutputKind::Probabilities { classes } => classes,
-                    OutputKind::Embedding { .. } => {
+                    OutputKind::Embedding { .. } | OutputKind::FeatureMap { .. } => {
                         return Err(err("a prefilter's output.kind must be \"logits\" or \"probabilities\"".into()))
                     }
                 };

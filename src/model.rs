@@ -39,9 +39,8 @@ impl std::fmt::Debug for Model {
 impl Model {
     /// Loads the manifest's `variant` (or the backend's preferred one) on the configured backend.
     pub fn load(manifest: ModelManifest, variant: Option<&str>, inference: &InferenceConfig) -> Result<Arc<Model>> {
-        let backend_kind = inference.backend;
         let started = std::time::Instant::now();
-        let variant = manifest.select_variant(variant, backend_kind)?.clone();
+        let variant = manifest.select_variant(variant, inference.backend)?.clone();
         let onnx = std::fs::read(&variant.file).map_err(|e| {
             Error::model(manifest.path(), format!("cannot read ONNX file {}: {e}", variant.file.display()))
         })?;
@@ -54,20 +53,34 @@ impl Model {
             }
         }
         let read_ms = started.elapsed().as_secs_f64() * 1e3;
+        let model = Model::from_bytes(manifest, variant, onnx, got, inference)?;
+        log::info!(
+            "loaded model {} (variant {}, {}) on {}{}",
+            model.manifest.name,
+            model.variant.name,
+            model.variant.file.display(),
+            model.backend_kind.name(),
+            if model.manifest.random_weights { " -- RANDOM WEIGHTS, test model" } else { "" }
+        );
+        Ok(Arc::new(Model { read_ms, ..model }))
+    }
+
+    /// Builds a model from ONNX bytes already read and verified (`sha256` is the file's digest): a
+    /// graph derived from a verified file, such as [`crate::locate`]'s feature-map view of the gate.
+    pub fn from_bytes(
+        manifest: ModelManifest,
+        variant: Variant,
+        onnx: Vec<u8>,
+        sha256: String,
+        inference: &InferenceConfig,
+    ) -> Result<Model> {
+        let backend_kind = inference.backend;
         let req = LoadRequest { manifest: &manifest, variant: &variant, onnx: std::cell::Cell::new(onnx), inference };
         let backend: Box<dyn Backend> = match backend_kind {
             BackendKind::Tract => Box::new(backend::tract::TractBackend::load(&req)?),
             BackendKind::Onnxruntime => backend::onnxruntime::load(&req)?,
         };
-        log::info!(
-            "loaded model {} (variant {}, {}) on {}{}",
-            manifest.name,
-            variant.name,
-            variant.file.display(),
-            backend_kind.name(),
-            if manifest.random_weights { " -- RANDOM WEIGHTS, test model" } else { "" }
-        );
-        Ok(Arc::new(Model { manifest, variant, backend_kind, backend, sha256: got, read_ms }))
+        Ok(Model { manifest, variant, backend_kind, backend, sha256, read_ms: 0.0 })
     }
 
     pub fn manifest(&self) -> &ModelManifest {

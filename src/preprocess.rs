@@ -63,6 +63,11 @@ impl Preprocessor {
         }
     }
 
+    /// The input this preprocessor writes.
+    pub fn spec(&self) -> &InputSpec {
+        &self.spec
+    }
+
     /// Whether a `width x height` frame covers the model input at 1:1 or better (the resize only
     /// shrinks): the test [`crate::decode::Decoder`] uses to pick a DCT scale. Never for the Pillow
     /// resampler, whose pixels are Pillow's only from the full-size decode.

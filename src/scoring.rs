@@ -23,7 +23,7 @@ pub fn softmax(values: impl Iterator<Item = f64> + Clone) -> Vec<f64> {
 pub fn probabilities(output: &[f32], kind: OutputKind) -> Vec<f64> {
     match kind {
         OutputKind::Logits { .. } => softmax(output.iter().map(|&v| f64::from(v))),
-        OutputKind::Probabilities { .. } | OutputKind::Embedding { .. } => {
+        OutputKind::Probabilities { .. } | OutputKind::Embedding { .. } | OutputKind::FeatureMap { .. } => {
             output.iter().map(|&v| f64::from(v)).collect()
         }
     }

@@ -23,6 +23,7 @@ Thresholds: for each method, the highest keeping marine-dev TPR >= 0.97 on its o
 like for like).
 
 Usage: python3 tools/localise_eval.py [--data ../shared/data] [--long 640] [--out /tmp/loc.json]
+       python3 tools/localise_eval.py --write /tmp/composites   (evidence (a)'s frames, for `whaled eval`)
        python3 tools/localise_eval.py --boxes models/localisation/marine-dev-boxes.csv [--long 640]
          (evidence (b): real photos against boxes drawn by looking at them)
 """
@@ -145,6 +146,56 @@ def drawn_boxes(args, conv, w, b):
         json.dump({"whole_frame": whole_frame, "map": mapped, "photos": [r["relpath"] for r in rows]}, open(args.out, "w"))
 
 
+def composites(data, seed):
+    """Evidence (a)'s frames, in a fixed order: for each marine-dev `ocean` photo (cover-resized to a
+    1920x1080 canvas), a whales-extra photo pasted at each of SIZES px (longer side) at a seeded place below
+    the top 40 %, then the empty canvas. Yields (ocean path, empty canvas, size, whale file, canvas,
+    (x0, y0, x1, y1)); size 0 (and canvas None) for the empty canvas."""
+    rng = np.random.default_rng(seed)
+    whales = sorted(glob.glob(os.path.join(data, "whales-extra", "*.jpg")))
+    oceans = sorted(glob.glob(os.path.join(data, "marine-dev", "ocean", "*.jpg")))
+    for i, o in enumerate(oceans):
+        canvas0 = tp.sea_frame(o, (1920, 1080))
+        for j, size in enumerate(SIZES):
+            path = whales[(i + j) % len(whales)]
+            whale = Image.open(path).convert("RGB")
+            s = size / max(whale.size)
+            pw, ph = max(1, round(whale.width * s)), max(1, round(whale.height * s))
+            # Below the top 40 % of the frame, where the sea is in most of these photos (not in the sky).
+            x, y = int(rng.integers(0, 1920 - pw)), int(rng.integers(min(432, 1080 - ph), 1080 - ph + 1))
+            canvas = canvas0.copy()
+            canvas.paste(whale.resize((pw, ph), Image.BICUBIC), (x, y))
+            yield o, canvas0, size, os.path.basename(path), canvas, (x, y, x + pw, y + ph)
+        yield o, canvas0, 0, None, None, None
+
+
+def write_composites(data, seed, out_dir):
+    """Writes evidence (a)'s frames as JPEGs (quality 95) and one `whaled eval` manifest per whale size
+    (`composites-<size>.csv`: relpath, label, x, y, w, h; the empty canvases as negatives in every one),
+    so that the figures come from whaled's own decode, map and box."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = {size: [] for size in SIZES}
+    empties = []
+    for o, canvas0, size, whale, canvas, gt in composites(data, seed):
+        stem = os.path.splitext(os.path.basename(o))[0]
+        if size == 0:
+            name = f"{stem}-empty.jpg"
+            canvas0.save(os.path.join(out_dir, name), quality=95)
+            empties.append(name)
+            continue
+        name = f"{stem}-{size}.jpg"
+        canvas.save(os.path.join(out_dir, name), quality=95)
+        x0, y0, x1, y1 = gt
+        rows[size].append((name, "cetacean", x0, y0, x1 - x0, y1 - y0))
+    for size, r in rows.items():
+        with open(os.path.join(out_dir, f"composites-{size}.csv"), "w", newline="") as f:
+            wr = csv.writer(f)
+            wr.writerow(["relpath", "label", "x", "y", "w", "h"])
+            wr.writerows(r)
+            wr.writerows((name, "non_cetacean", "", "", "", "") for name in empties)
+    print(f"wrote {sum(map(len, rows.values()))} composites and {len(empties)} empty canvases to {out_dir}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data")
@@ -155,12 +206,13 @@ def main():
     ap.add_argument("--seed", type=int, default=21)
     ap.add_argument("--out")
     ap.add_argument("--boxes", help="only evidence (b): IoU against hand-drawn boxes (models/localisation/marine-dev-boxes.csv)")
+    ap.add_argument("--write", metavar="DIR", help="only write evidence (a)'s frames and whaled eval manifests to DIR")
     args = ap.parse_args()
+    if args.write:
+        return write_composites(args.data, args.seed, args.write)
     whole, conv, w, b = sessions(args.model)
     if args.boxes:
         return drawn_boxes(args, conv, w, b)
-    rng = np.random.default_rng(args.seed)
-
     rows = list(csv.DictReader(open(os.path.join(args.data, "marine-dev", "manifest.csv"))))
     md_whole, md_map, md_pos, md_cat = [], [], [], []
     for r in rows:
@@ -172,27 +224,17 @@ def main():
     md_whole, md_map, md_pos, md_cat = map(np.array, (md_whole, md_map, md_pos, md_cat))
     t_whole, t_map = tp.threshold_rule(md_whole, md_pos), tp.threshold_rule(md_map, md_pos)
 
-    whales = sorted(glob.glob(os.path.join(args.data, "whales-extra", "*.jpg")))
-    oceans = sorted(glob.glob(os.path.join(args.data, "marine-dev", "ocean", "*.jpg")))
     comp = []
-    for i, o in enumerate(oceans):
-        canvas0 = tp.sea_frame(o, (1920, 1080))
-        for j, size in enumerate(SIZES):
-            whale = Image.open(whales[(i + j) % len(whales)]).convert("RGB")
-            s = size / max(whale.size)
-            pw, ph = max(1, round(whale.width * s)), max(1, round(whale.height * s))
-            # Below the top 40 % of the frame, where the sea is in most of these photos (not in the sky).
-            x, y = int(rng.integers(0, 1920 - pw)), int(rng.integers(min(432, 1080 - ph), 1080 - ph + 1))
-            canvas = canvas0.copy()
-            canvas.paste(whale.resize((pw, ph), Image.BICUBIC), (x, y))
-            pm, scale = prob_map(conv, w, b, canvas, args.long, args.window)
-            box = box_from(pm, scale, args.rel)
-            comp.append({"ocean": os.path.basename(o), "whale": os.path.basename(whales[(i + j) % len(whales)]),
-                         "size": size, "gt": [x, y, x + pw, y + ph], "box": [round(v) for v in box],
-                         "iou": iou(box, (x, y, x + pw, y + ph)), "map": float(pm.max()),
-                         "whole": whole_score(whole, canvas)})
-        empty_map = float(prob_map(conv, w, b, canvas0, args.long, args.window)[0].max())
-        comp.append({"ocean": os.path.basename(o), "size": 0, "map": empty_map, "whole": whole_score(whole, canvas0)})
+    for o, canvas0, size, whale, canvas, gt in composites(args.data, args.seed):
+        if size == 0:
+            empty_map = float(prob_map(conv, w, b, canvas0, args.long, args.window)[0].max())
+            comp.append({"ocean": os.path.basename(o), "size": 0, "map": empty_map, "whole": whole_score(whole, canvas0)})
+            continue
+        pm, scale = prob_map(conv, w, b, canvas, args.long, args.window)
+        box = box_from(pm, scale, args.rel)
+        comp.append({"ocean": os.path.basename(o), "whale": whale, "size": size, "gt": list(gt),
+                     "box": [round(v) for v in box], "iou": iou(box, gt), "map": float(pm.max()),
+                     "whole": whole_score(whole, canvas)})
 
     out = {"long": args.long, "rel": args.rel, "window": args.window, "threshold_whole": t_whole, "threshold_map": t_map}
     print(f"thresholds (marine-dev TPR >= 0.97, in-sample): whole-frame {t_whole:.4f}, map max {t_map:.4f}")

@@ -235,6 +235,16 @@ struct RawStage {
     model: Option<Spanned<String>>,
     variant: Option<String>,
     threshold: Option<Probability>,
+    locate: Option<LocateMode>,
+    locate_long_side: Option<Spanned<u32>>,
+}
+
+/// `[prefilter] locate`: how a passing frame's animal is found.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum LocateMode {
+    Frame,
+    GateMap,
 }
 
 #[derive(Debug, Deserialize)]
@@ -406,7 +416,23 @@ pub struct PrefilterConfig {
     pub variant: Option<String>,
     /// Overrides the manifest's default threshold.
     pub threshold: Option<Probability>,
+    pub locate: Locate,
 }
+
+/// Where the animal in a passing frame is, for the Detection's `bbox` and the embedder's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Locate {
+    /// The whole frame (the upstream's answer: its photographers crop).
+    Frame,
+    /// The gate's class-activation map on the whole frame resized to this longer side (see
+    /// [`crate::locate`]); the embedder sees a crop of the decoded frame around the box.
+    GateMap { long_side: u32 },
+}
+
+/// The default map size: the longer side of the gate's input for `locate = "gate_map"`.
+pub const DEFAULT_LOCATE_LONG_SIDE: u32 = 640;
+/// The map sizes accepted: at least 2 cells, at most 4096 px (a 4K frame at 1:1).
+pub const LOCATE_LONG_SIDE_RANGE: std::ops::RangeInclusive<u32> = 64..=4096;
 
 #[derive(Debug, Clone)]
 pub struct IdentificationConfig {
@@ -460,7 +486,7 @@ impl Config {
                     sessions: 1,
                 },
             },
-            prefilter: PrefilterConfig { manifest, variant: None, threshold: None },
+            prefilter: PrefilterConfig { manifest, variant: None, threshold: None, locate: Locate::Frame },
             identification: None,
             zero_shot: None,
             cameras: Vec::new(),
@@ -510,7 +536,12 @@ impl Config {
             })
         };
         let prefilter = match raw.prefilter {
-            None => PrefilterConfig { manifest: shipped_prefilter()?, variant: None, threshold: None },
+            None => PrefilterConfig {
+                manifest: shipped_prefilter()?,
+                variant: None,
+                threshold: None,
+                locate: Locate::Frame,
+            },
             Some(p) => PrefilterConfig {
                 manifest: match &p.model {
                     Some(m) => resolve_model(dir, m.get_ref()).map_err(|e| at(m.span(), "prefilter.model", e))?,
@@ -518,6 +549,32 @@ impl Config {
                 },
                 variant: p.variant,
                 threshold: p.threshold,
+                locate: match (p.locate.unwrap_or(LocateMode::Frame), p.locate_long_side) {
+                    (LocateMode::Frame, Some(l)) => {
+                        return Err(at(
+                            l.span(),
+                            "prefilter.locate_long_side",
+                            "is only read with locate = \"gate_map\"".into(),
+                        ))
+                    }
+                    (LocateMode::Frame, None) => Locate::Frame,
+                    (LocateMode::GateMap, None) => Locate::GateMap { long_side: DEFAULT_LOCATE_LONG_SIDE },
+                    (LocateMode::GateMap, Some(l)) if LOCATE_LONG_SIDE_RANGE.contains(l.get_ref()) => {
+                        Locate::GateMap { long_side: *l.get_ref() }
+                    }
+                    (LocateMode::GateMap, Some(l)) => {
+                        return Err(at(
+                            l.span(),
+                            "prefilter.locate_long_side",
+                            format!(
+                                "must be {} to {} pixels, not {}",
+                                LOCATE_LONG_SIDE_RANGE.start(),
+                                LOCATE_LONG_SIDE_RANGE.end(),
+                                l.get_ref()
+                            ),
+                        ))
+                    }
+                },
             },
         };
         let identification = match raw.identification {
@@ -1030,6 +1087,28 @@ mod tests {
         assert!(c.prefilter.manifest.ends_with("models/marine-gate-v2/model.toml"));
         assert!(c.identification.is_none());
         assert!(!c.device_id.is_empty());
+    }
+
+    #[test]
+    fn locate_is_the_frame_unless_the_gate_map_is_asked_for() {
+        assert_eq!(parse("").unwrap().prefilter.locate, Locate::Frame);
+        assert_eq!(
+            parse("[prefilter]\nlocate = \"gate_map\"\n").unwrap().prefilter.locate,
+            Locate::GateMap { long_side: 640 }
+        );
+        let c = parse("[prefilter]\nlocate = \"gate_map\"\nlocate_long_side = 1280\n").unwrap();
+        assert_eq!(c.prefilter.locate, Locate::GateMap { long_side: 1280 });
+        for (src, want) in [
+            (
+                "[prefilter]\nlocate_long_side = 960\n",
+                "2:20: prefilter.locate_long_side: is only read with locate = \"gate_map\"",
+            ),
+            ("[prefilter]\nlocate = \"gate_map\"\nlocate_long_side = 10\n", "must be 64 to 4096 pixels, not 10"),
+            ("[prefilter]\nlocate = \"map\"\n", "unknown variant `map`, expected `frame` or `gate_map`"),
+        ] {
+            let e = parse(src).unwrap_err().to_string();
+            assert!(e.contains(want), "{src:?}: {e}");
+        }
     }
 
     #[test]

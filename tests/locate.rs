@@ -1,0 +1,212 @@
+//! The gate's map (`[prefilter] locate = "gate_map"`, src/locate.rs) checked against independent
+//! answers: the gate's own graph (its pool and head average what the map computes per cell), the
+//! refusals of gates whose head is not linear, and the crop the embedder sees (the same photo cropped by
+//! the test and identified as a whole file must give the same ranking).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use image::RgbImage;
+use serde_json::Value;
+use std::sync::Arc;
+use whaled::config::Config;
+use whaled::identify::{GalleryAccess, Identifier};
+use whaled::locate::{feature_graph, Locator, PixelBox, MARGIN, STRIDE};
+use whaled::manifest::{BackendKind, ModelManifest, OutputKind};
+use whaled::model::Model;
+use whaled::preprocess::Preprocessor;
+use whaled::source::FrameData;
+
+fn backends() -> Vec<BackendKind> {
+    let mut b = vec![BackendKind::Tract];
+    if cfg!(feature = "onnxruntime") {
+        b.push(BackendKind::Onnxruntime);
+    }
+    b
+}
+
+/// The gate's input for a real whale photo, preprocessed as the gate's manifest says.
+fn gate_input(manifest: &ModelManifest, photo: &Path) -> Vec<f32> {
+    let img = whaled::decode::decode_file(photo).unwrap();
+    let mut t = Vec::new();
+    Preprocessor::new(&manifest.input).run(&img, &mut t).unwrap();
+    t
+}
+
+/// The head is linear and the pool is a mean, so the mean over cells of the head's per-cell logits must
+/// be the gate's own logits: the rewritten graph, the head read from the Gemm and the per-cell product
+/// are checked against the unmodified graph on both backends, for the shipped gate and the generated
+/// EfficientNet-B0 and ResNet-18.
+#[test]
+fn the_maps_cells_average_to_the_gates_own_logits() {
+    let manifests = [repo().join("models/marine-gate-v2/model.toml"), b0_manifest(), resnet_manifest()];
+    let photo = &whales_dev("cetacean", 1)[0];
+    for path in manifests {
+        let manifest = ModelManifest::load(&path).unwrap();
+        let input = gate_input(&manifest, photo);
+        let (w, h) = (manifest.input.width, manifest.input.height);
+        let variant = manifest.select_variant(Some("fp32"), BackendKind::Tract).unwrap().clone();
+        let onnx = std::fs::read(&variant.file).unwrap();
+        let (bytes, head) = feature_graph(&onnx, w, h).unwrap();
+        let cells = (w.div_ceil(STRIDE) * h.div_ceil(STRIDE)) as usize;
+        for backend in backends() {
+            let whole = Model::load(manifest.clone(), Some("fp32"), &inference(backend)).unwrap();
+            let want = whole.run(&input).unwrap();
+            let mut m = manifest.clone();
+            m.output.name = "whaled_feature_map".into();
+            m.output.kind = OutputKind::FeatureMap { channels: head.channels, cells };
+            let fmap =
+                Model::from_bytes(m, variant.clone(), bytes.clone(), String::new(), &inference(backend)).unwrap();
+            let features = fmap.run(&input).unwrap();
+            let logits = head.cell_logits(&features, cells);
+            let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+            for (k, &want_k) in want.iter().enumerate() {
+                let mean = (0..cells).map(|c| logits[c * head.classes + k]).sum::<f64>() / cells as f64;
+                assert!(
+                    (mean as f32 - want_k).abs() <= 1e-4 * scale,
+                    "{} on {backend:?}: class {k}: mean of the cells' logits {mean} vs the gate's {want_k}",
+                    manifest.name
+                );
+            }
+        }
+    }
+}
+
+/// Gates whose pool does not feed a final linear layer cannot be mapped this way, and say so at load.
+#[test]
+fn gates_without_a_linear_head_after_the_pool_are_refused_by_name() {
+    let cases = [
+        // v1: pool -> ImageNet classifier -> LogSoftmax -> trained Gemm.
+        (repo().join("models/marine-gate-lite0/model.toml"), "computes more after its pool"),
+        // A ViT: class token, no pool.
+        (generated().join("vit-b16-mini/model.toml"), "a GlobalAveragePool"),
+    ];
+    for (path, want) in cases {
+        let manifest = ModelManifest::load(&path).unwrap();
+        let positive = [0];
+        let gate = Model::load(manifest, Some("fp32"), &inference(BackendKind::Tract)).unwrap();
+        let err = Locator::new(&gate, &positive, 640, &inference(BackendKind::Tract)).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains("model.toml"), "{}: {err}", path.display());
+    }
+}
+
+fn whaled(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_whaled")).args(args).env("RUST_LOG", "warn").output().unwrap()
+}
+
+fn detections(out: &std::process::Output) -> Vec<Value> {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// A 1920x1080 sea frame with a whale photo pasted at `(x, y)`, `size` px on its longer side. PNG, so
+/// that whaled and this test decode the same pixels.
+fn composite(size: u32, x: u32, y: u32) -> (RgbImage, PixelBox) {
+    let ocean = std::fs::read_dir(shared_data().join("marine-dev/ocean"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .min()
+        .unwrap();
+    let sea = whaled::decode::decode_file(&ocean).unwrap();
+    let mut canvas = image::imageops::resize(&sea, 1920, 1080, image::imageops::FilterType::Triangle);
+    let whale = whaled::decode::decode_file(&whales_dev("cetacean", 3)[2]).unwrap();
+    let s = f64::from(size) / f64::from(whale.width().max(whale.height()));
+    let (pw, ph) = ((f64::from(whale.width()) * s).round() as u32, (f64::from(whale.height()) * s).round() as u32);
+    let small = image::imageops::resize(&whale, pw, ph, image::imageops::FilterType::Triangle);
+    image::imageops::replace(&mut canvas, &small, i64::from(x), i64::from(y));
+    (canvas, PixelBox { x, y, w: pw, h: ph })
+}
+
+fn iou(a: [u32; 4], b: PixelBox) -> f64 {
+    let ix = (a[0] + a[2]).min(b.x + b.w).saturating_sub(a[0].max(b.x));
+    let iy = (a[1] + a[3]).min(b.y + b.h).saturating_sub(a[1].max(b.y));
+    let inter = f64::from(ix) * f64::from(iy);
+    inter / (f64::from(a[2]) * f64::from(a[3]) + f64::from(b.w) * f64::from(b.h) - inter)
+}
+
+fn png(img: &RgbImage) -> Arc<[u8]> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    Arc::from(out.into_inner())
+}
+
+/// With the map the embedder runs on the crop of the full-size frame around the box: the test cuts that
+/// crop itself (the box grown by `MARGIN`, clipped) and embeds it as a whole photo, which must give the
+/// same embedding; the whole frame's differs. The embedder is the Lite0's 1000 logits (content-sensitive,
+/// unlike the random-weight B4 stand-in), the gate the shipped one, on both backends.
+#[test]
+fn the_embedder_sees_the_crop_around_the_box() {
+    let dir = tempfile::tempdir().unwrap();
+    let (frame, pasted) = composite(600, 1100, 420);
+    let embedder = gallery_only_embedder(dir.path(), "models/efficientnet-lite0/efficientnet_lite0_fp32.onnx", "lite0");
+    for backend in backends() {
+        let text = format!(
+            "[inference]\nbackend = \"{}\"\n[inference.onnxruntime]\nlibrary = \"{}\"\n\
+             [prefilter]\nlocate = \"gate_map\"\n[identification]\nmodel = \"{}\"\n",
+            backend.name(),
+            ort_library().display(),
+            embedder.display()
+        );
+        let cfg = Config::parse(&dir.path().join("whaled.toml"), &text).unwrap();
+        let mut id = Identifier::from_config(&cfg, GalleryAccess::ReadOnly).unwrap();
+        id.open_gates();
+        let mut ws = id.workspace();
+        let a = id.assess(&mut ws, &FrameData::Encoded(png(&frame)), "composite").unwrap();
+        let bbox = a.bbox();
+        assert!(a.located.is_some() && a.timings.locate_ms > 0.0, "{a:?}");
+        assert!(iou(bbox, pasted) >= 0.3, "{backend:?}: bbox {bbox:?} vs the pasted whale {pasted:?}");
+        let located = a.identified.expect("identified").embedding;
+
+        let b = PixelBox { x: bbox[0], y: bbox[1], w: bbox[2], h: bbox[3] }.grown(MARGIN, 1920, 1080);
+        let crop = image::imageops::crop_imm(&frame, b.x, b.y, b.w, b.h).to_image();
+        let cropped = id.embed(&mut ws, &FrameData::Encoded(png(&crop)), "crop").unwrap();
+        let diff = located.iter().zip(&cropped).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-6, "{backend:?}: the located embedding differs from the crop's by {diff}");
+        let whole = id.embed(&mut ws, &FrameData::Encoded(png(&frame)), "frame").unwrap();
+        let cosine: f32 = located.iter().zip(&whole).map(|(a, b)| a * b).sum();
+        assert!(cosine < 0.95, "{backend:?}: the crop's embedding is the whole frame's (cosine {cosine})");
+    }
+}
+
+/// The Detection `whaled identify` prints carries the map's box and its cost; with the default
+/// (`locate = "frame"`) the box is the whole frame and the map never runs.
+#[test]
+fn detections_carry_the_maps_box() {
+    let dir = tempfile::tempdir().unwrap();
+    let (frame, pasted) = composite(400, 300, 600);
+    let path = dir.path().join("frame.png");
+    frame.save(&path).unwrap();
+    // Threshold 0: every frame passes (this 400 px whale need not convince the whole-frame gate).
+    let map = write(dir.path(), "map.toml", b"[prefilter]\nlocate = \"gate_map\"\nthreshold = 0.0\n");
+    let d = &detections(&whaled(&["identify", "--config", map.to_str().unwrap(), path.to_str().unwrap()]))[0];
+    let b: Vec<u32> = d["bbox"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert!(iou([b[0], b[1], b[2], b[3]], pasted) >= 0.3, "bbox {b:?} vs the pasted whale {pasted:?}");
+    assert!(d["timings"]["locate_ms"].as_f64().unwrap() > 0.0, "{d}");
+    let plain = write(dir.path(), "plain.toml", b"[prefilter]\nthreshold = 0.0\n");
+    let d = &detections(&whaled(&["identify", "--config", plain.to_str().unwrap(), path.to_str().unwrap()]))[0];
+    assert_eq!(d["bbox"], serde_json::json!([0, 0, 1920, 1080]));
+    assert_eq!(d["timings"]["locate_ms"].as_f64(), Some(0.0));
+}
+
+/// `whaled eval` on the 48 hand-drawn boxes (models/localisation/marine-dev-boxes.csv): with the map the
+/// Detection's `bbox` overlaps the drawn box at IoU >= 0.5 on 66.7 % of the photos (Python's
+/// tools/localise_eval.py, on its own resize and onnxruntime, found 67 %); the whole frame, 29.2 %.
+#[test]
+fn eval_measures_the_maps_boxes_against_drawn_ones() {
+    let csv_path = repo().join("models/localisation/marine-dev-boxes.csv");
+    shared_data();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "map.toml", b"[prefilter]\nlocate = \"gate_map\"\n");
+    let out = whaled(&["eval", "--config", cfg.to_str().unwrap(), "--manifest", csv_path.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let l = &r["localisation"];
+    assert_eq!(l["n"].as_u64(), Some(48));
+    let hit = l["iou_at_least_half"].as_f64().unwrap();
+    assert!(hit >= 0.6, "{l}: the map's boxes, IoU >= 0.5 on {hit}");
+    assert!(l["median_iou"].as_f64().unwrap() >= 0.55, "{l}");
+}
