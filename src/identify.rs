@@ -514,17 +514,18 @@ impl Identifier {
     /// Decodes and assesses one frame; `name` labels errors. A frame that cannot be decoded is
     /// `Err(Error::Image)`; any other error is the models'.
     pub fn assess(&self, ws: &mut Workspace, data: &FrameData, name: &str) -> Result<Assessment> {
-        self.assess_with(ws, data, name, &mut |_| true)
+        self.assess_with(ws, data, name, &mut |_, _| true)
     }
 
-    /// [`Identifier::assess`], identifying a frame that passes the gates only if `identify(score)` says
-    /// so (the sighting's frame budget): skipped frames have `identified: None`.
+    /// [`Identifier::assess`], identifying a frame that passes the gates only if `identify(score, box)`
+    /// says so (the sighting's frame budget; `box`: where the map located the animal, if it ran):
+    /// skipped frames have `identified: None`.
     pub fn assess_with(
         &self,
         ws: &mut Workspace,
         data: &FrameData,
         name: &str,
-        identify: &mut dyn FnMut(f64) -> bool,
+        identify: &mut dyn FnMut(f64, Option<PixelBox>) -> bool,
     ) -> Result<Assessment> {
         let start = Instant::now();
         let mut timings = Timings::default();
@@ -570,7 +571,7 @@ impl Identifier {
             }
             _ => None,
         };
-        let identified = match (&self.identification, passed && identify(score)) {
+        let identified = match (&self.identification, passed && identify(score, located)) {
             (Some(id), true) => {
                 let pre = embedder
                     .as_mut()

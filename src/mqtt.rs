@@ -455,9 +455,11 @@ impl Publisher {
         self.outbox.append(&self.topics.detection(camera), json)
     }
 
-    /// Stores a sighting's best-frame JPEG for delivery (QoS 1, `<prefix>/<camera>/sighting/<id>/snapshot`).
-    pub fn publish_sighting_snapshot(&self, camera: &str, sighting_id: &str, jpeg: &[u8]) -> Result<u64> {
-        self.outbox.append(&format!("{}/{sighting_id}/snapshot", self.topics.sighting(camera)), jpeg)
+    /// Stores a sighting's best-frame JPEG for delivery (QoS 1, `<prefix>/<camera>/sighting/<id>/snapshot`;
+    /// the crop around the located animal: `.../<id>/crop`).
+    pub fn publish_sighting_snapshot(&self, camera: &str, sighting_id: &str, jpeg: &[u8], crop: bool) -> Result<u64> {
+        let part = if crop { "crop" } else { "snapshot" };
+        self.outbox.append(&format!("{}/{sighting_id}/{part}", self.topics.sighting(camera)), jpeg)
     }
 
     /// Stores a sighting event for delivery (QoS 1, `<prefix>/<camera>/sighting`), like a detection.

@@ -41,11 +41,13 @@ pub enum Event {
     },
     /// A worker left sighting events in a tracker: the output thread drains them (never delivered).
     Wake,
-    /// The best frame of an ended sighting, as JPEG (`[sightings] snapshot`).
+    /// The best frame of an ended sighting, as JPEG (`[sightings] snapshot`); `crop`: the crop around
+    /// the animal the gate's map located in it (`[prefilter] locate = "gate_map"`), the embedder's input.
     Snapshot {
         camera: String,
         sighting_id: String,
         jpeg: Vec<u8>,
+        crop: bool,
     },
 }
 
@@ -738,13 +740,24 @@ pub fn run_controlled<D: Into<Delivery>>(
                         }
                     }
                 }
-                for (sighting_id, data) in snapshots {
-                    match snapshot_jpeg(&data, &sighting_id) {
+                for best in snapshots {
+                    let camera = camera.clone().unwrap_or_default();
+                    let id = &best.sighting_id;
+                    match snapshot_jpeg(&best.data, id) {
                         Ok(jpeg) => {
-                            let camera = camera.clone().unwrap_or_default();
-                            deliver(Event::Snapshot { camera, sighting_id, jpeg }, sink_error);
+                            let (camera, sighting_id) = (camera.clone(), id.clone());
+                            deliver(Event::Snapshot { camera, sighting_id, jpeg, crop: false }, sink_error);
                         }
-                        Err(e) => log::warn!("sighting {sighting_id}: no snapshot: {e}"),
+                        Err(e) => log::warn!("sighting {id}: no snapshot: {e}"),
+                    }
+                    if let Some(b) = best.located {
+                        match crop_jpeg(&best.data, b, id) {
+                            Ok(jpeg) => {
+                                let sighting_id = id.clone();
+                                deliver(Event::Snapshot { camera, sighting_id, jpeg, crop: true }, sink_error);
+                            }
+                            Err(e) => log::warn!("sighting {id}: no crop snapshot: {e}"),
+                        }
                     }
                 }
                 records.extend(record);
@@ -809,6 +822,13 @@ pub fn run_controlled<D: Into<Delivery>>(
 }
 
 /// A frame as JPEG: MJPEG frames as they came, anything else decoded and encoded.
+/// The crop the embedder saw (the located box grown by [`crate::locate::MARGIN`]) of a frame, as JPEG.
+fn crop_jpeg(data: &crate::source::FrameData, located: crate::locate::PixelBox, name: &str) -> Result<Vec<u8>> {
+    let frame = crate::decode::decode_frame(data, name)?;
+    let g = located.grown(crate::locate::MARGIN, frame.width(), frame.height());
+    crate::images::encode_jpeg(&image::imageops::crop_imm(&frame, g.x, g.y, g.w, g.h).to_image())
+}
+
 fn snapshot_jpeg(data: &crate::source::FrameData, name: &str) -> Result<Vec<u8>> {
     match data {
         crate::source::FrameData::Encoded(b) if b.starts_with(&[0xFF, 0xD8]) => Ok(b.to_vec()),
@@ -1157,7 +1177,7 @@ fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::
         }
         p
     });
-    let info = |passed: bool, score: f64| FrameInfo {
+    let info = |passed: bool, score: f64, located: Option<crate::locate::PixelBox>| FrameInfo {
         time: frame.captured_at,
         mono: frame.captured_mono,
         passed,
@@ -1167,12 +1187,13 @@ fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::
         clock_synced,
         gallery_version: identifier.gallery().map(|g| g.version()),
         data: options.sightings.as_ref().filter(|s| s.snapshot).map(|_| frame.data.clone()),
+        located,
     };
     let mut decision = Decision::Skip;
-    let mut budget = |score: f64| match tracker {
+    let mut budget = |score: f64, located| match tracker {
         None => true,
         Some(t) => {
-            decision = lock(t).frame(&info(true, score), Instant::now());
+            decision = lock(t).frame(&info(true, score, located), Instant::now());
             matches!(decision, Decision::Identify(_))
         }
     };
@@ -1207,7 +1228,7 @@ fn assess_one(i: usize, frame: &Frame, ctx: &Ctx<'_>, ws: &mut crate::identify::
     if let Some(t) = tracker {
         let mut t = lock(t);
         if !assessment.passed {
-            t.frame(&info(false, assessment.prefilter_score), Instant::now());
+            t.frame(&info(false, assessment.prefilter_score, None), Instant::now());
         }
         if let Decision::Identify(sid) = &decision {
             let result = assessment.identified.as_ref().map(|found| FrameIdentity {

@@ -38,7 +38,17 @@ use crate::detection::{
     BestFrame, EndReason, MatchSource, Position, SightingCandidate, SightingEvent, SightingFrames,
     SightingIdentification, SightingPhase,
 };
+use crate::locate::PixelBox;
 use crate::source::FrameData;
+
+/// An ended sighting's best frame, to publish as its snapshot (and, where the map located the animal,
+/// the crop around it).
+#[derive(Debug, Clone)]
+pub struct BestFrameData {
+    pub sighting_id: String,
+    pub data: FrameData,
+    pub located: Option<PixelBox>,
+}
 
 /// What the gates said about one frame.
 #[derive(Debug, Clone)]
@@ -55,6 +65,9 @@ pub struct FrameInfo {
     pub gallery_version: Option<u64>,
     /// The frame itself, when sightings publish their best frame (`snapshot`).
     pub data: Option<FrameData>,
+    /// Where the gate's map located the animal (`[prefilter] locate = "gate_map"`): a best frame's crop
+    /// is published beside it.
+    pub located: Option<PixelBox>,
 }
 
 /// A ranked candidate as the aggregate needs it.
@@ -96,8 +109,8 @@ pub struct Tracker {
     discarded: u64,
     /// Events not yet taken by [`Tracker::drain`], in order.
     pending: Vec<SightingEvent>,
-    /// Best frames of ended sightings to publish (sighting id, frame), taken by [`Tracker::drain`].
-    snapshots: Vec<(String, FrameData)>,
+    /// Best frames of ended sightings to publish, taken by [`Tracker::drain`].
+    snapshots: Vec<BestFrameData>,
 }
 
 struct Open {
@@ -110,6 +123,7 @@ struct Open {
     best: Option<BestFrame>,
     best_score: f64,
     best_data: Option<FrameData>,
+    best_located: Option<PixelBox>,
     last_identified: Option<Instant>,
     sum: Vec<f64>,
     /// Embeddings in `sum`.
@@ -183,7 +197,7 @@ impl Tracker {
 
     /// Takes the events in order, and the record of the open sighting as it stands after them (see
     /// [`Tracker::restart_record`]): taken together, so a record never runs ahead of the events.
-    pub fn drain(&mut self) -> (Vec<SightingEvent>, Option<SightingEvent>, Vec<(String, FrameData)>) {
+    pub fn drain(&mut self) -> (Vec<SightingEvent>, Option<SightingEvent>, Vec<BestFrameData>) {
         (std::mem::take(&mut self.pending), self.restart_record(), std::mem::take(&mut self.snapshots))
     }
 
@@ -227,6 +241,7 @@ impl Tracker {
                             snapshot: false,
                         });
                         o.best_data = f.data.clone();
+                        o.best_located = f.located;
                     }
                     o.gallery_version = f.gallery_version.or(o.gallery_version);
                     let due = o.last_identified.is_none_or(|t| since(f.mono, t) >= s.identify_interval);
@@ -270,6 +285,7 @@ impl Tracker {
                     }),
                     best_score: f.score,
                     best_data: f.data.clone(),
+                    best_located: f.located,
                     last_identified: identify.then_some(f.mono),
                     sum: Vec::new(),
                     embedded: 0,
@@ -440,7 +456,7 @@ impl Tracker {
         if let Some(o) = self.open.as_mut() {
             if let (true, Some(data), Some(best)) = (self.settings.snapshot, o.best_data.take(), o.best.as_mut()) {
                 best.snapshot = true;
-                self.snapshots.push((o.id.clone(), data));
+                self.snapshots.push(BestFrameData { sighting_id: o.id.clone(), data, located: o.best_located });
             }
         }
         self.emit(SightingPhase::End, Some(reason), at);
@@ -521,6 +537,7 @@ mod tests {
             clock_synced: Some(true),
             gallery_version: None,
             data: None,
+            located: None,
         }
     }
 

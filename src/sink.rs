@@ -95,8 +95,8 @@ impl Sink for OutboxSink<'_> {
             }
             Event::Sighting(s) => self.publisher.publish_sighting(&s.camera, line.as_bytes()),
             Event::Restored { camera, .. } => self.publisher.publish_sighting(camera, line.as_bytes()),
-            Event::Snapshot { camera, sighting_id, jpeg } => {
-                self.publisher.publish_sighting_snapshot(camera, sighting_id, jpeg)
+            Event::Snapshot { camera, sighting_id, jpeg, crop } => {
+                self.publisher.publish_sighting_snapshot(camera, sighting_id, jpeg, *crop)
             }
             Event::Wake => return Ok(()),
         };

@@ -210,3 +210,87 @@ fn eval_measures_the_maps_boxes_against_drawn_ones() {
     assert!(hit >= 0.6, "{l}: the map's boxes, IoU >= 0.5 on {hit}");
     assert!(l["median_iou"].as_f64().unwrap() >= 0.55, "{l}");
 }
+
+/// The daemon with the map and sighting snapshots: an ended sighting's best frame arrives whole on
+/// `.../sighting/<id>/snapshot` and, beside it, the crop the embedder saw on `.../sighting/<id>/crop`:
+/// the best frame's Detection `bbox` grown by `MARGIN`, to the pixel.
+#[test]
+fn a_sightings_snapshot_comes_with_the_crop_around_the_animal() {
+    use common::broker::{unsafe_kill, Broker, Subscriber};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let cam = dir.path().join("cam");
+    std::fs::create_dir_all(&cam).unwrap();
+    for (i, (x, y)) in [(200, 500), (900, 400), (1300, 600)].into_iter().enumerate() {
+        composite(500, x, y).0.save(cam.join(format!("{i:03}.png"))).unwrap();
+    }
+    let broker = Broker::start(&dir.path().join("broker"), "");
+    let embedder = gallery_only_embedder(dir.path(), "models/efficientnet-lite0/efficientnet_lite0_fp32.onnx", "lite0");
+    let cfg = write(
+        dir.path(),
+        "whaled.toml",
+        format!(
+            "device_id = \"boat\"\n[prefilter]\nlocate = \"gate_map\"\nthreshold = 0.0\n\
+             [identification]\nmodel = \"{}\"\n\
+             [[camera]]\nname = \"bow\"\nkind = \"replay\"\npath = \"{}\"\nfps = 2\n\
+             [sightings]\npublish = \"both\"\nidentify_interval = \"1ms\"\nidentify_quality = 0.0\nsnapshot = true\n\
+             [mqtt]\nhost = \"127.0.0.1\"\nport = {}\n[mqtt.outbox]\ndir = \"{}\"\n",
+            embedder.display(),
+            cam.display(),
+            broker.port,
+            dir.path().join("outbox").display()
+        )
+        .as_bytes(),
+    );
+    let detections = Subscriber::start(broker.port, "shore-detections", "whaled/boat/bow/detection");
+    let sightings = Subscriber::start(broker.port, "shore-sightings", "whaled/boat/bow/sighting");
+    let images = Subscriber::start(broker.port, "shore-images", "whaled/boat/bow/sighting/+/+");
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut daemon = Killed(
+        Command::new(env!("CARGO_BIN_EXE_whaled"))
+            .args(["--log-level", "warn", "run", "--config"])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut daemon.0;
+    detections.wait_for(Duration::from_secs(120), "3 detections", |m| m.len() >= 3);
+    unsafe_kill(child.id(), "TERM");
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(60), "whaled did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ends = sightings
+        .wait_for(Duration::from_secs(30), "a sighting's end", |m| m.iter().any(|x| x.json()["event"] == "end"));
+    let end = ends.iter().map(|x| x.json()).find(|e| e["event"] == "end").unwrap();
+    assert_eq!(end["best_frame"]["snapshot"], true, "{end}");
+    let id = end["sighting_id"].as_str().unwrap().to_string();
+    let best = end["best_frame"]["image_ind"].as_str().unwrap().to_string();
+    let prefix = format!("whaled/boat/bow/sighting/{id}/");
+    let got = images.wait_for(Duration::from_secs(30), "the snapshot and the crop", |m| {
+        ["snapshot", "crop"].iter().all(|p| m.iter().any(|x| x.topic == format!("{prefix}{p}")))
+    });
+    let image = |part: &str| {
+        let m = got.iter().find(|x| x.topic == format!("{prefix}{part}")).unwrap();
+        assert!(m.payload.starts_with(&[0xFF, 0xD8]), "{part} is not a JPEG");
+        image::load_from_memory(&m.payload).unwrap().to_rgb8()
+    };
+    assert_eq!(image("snapshot").dimensions(), (1920, 1080));
+    let d =
+        detections.snapshot().iter().map(|x| x.json()).find(|d| d["image_ind"] == best.as_str()).unwrap_or_else(|| {
+            let inds: Vec<String> = detections.snapshot().iter().map(|x| x.json()["image_ind"].to_string()).collect();
+            panic!("no detection for the best frame {best} among {inds:?}")
+        });
+    let b: Vec<u32> = d["bbox"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_ne!(b, [0, 0, 1920, 1080], "the best frame was not located: {d}");
+    let g = PixelBox { x: b[0], y: b[1], w: b[2], h: b[3] }.grown(MARGIN, 1920, 1080);
+    assert_eq!(image("crop").dimensions(), (g.w, g.h), "the crop of bbox {b:?}");
+}
