@@ -984,11 +984,11 @@ mod tests {
         Row::new(id, "humpback_whale", &format!("{id}-{seed}.jpg"), "test", SystemTime::UNIX_EPOCH, emb).unwrap()
     }
 
-    fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("whaled-gallery-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d.join("g.wgal")
+    /// A gallery path in a fresh directory, removed when the returned guard drops.
+    fn tmp(name: &str) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::Builder::new().prefix(&format!("whaled-gallery-{name}-")).tempdir().unwrap();
+        let path = d.path().join("g.wgal");
+        (d, path)
     }
 
     #[test]
@@ -1023,7 +1023,7 @@ mod tests {
     /// daemon's [`Gallery::load`] (a writer, under the lock) cuts the tail off and keeps it aside.
     #[test]
     fn torn_append_at_every_byte_is_cut_off() {
-        let path = tmp("torn");
+        let (_dir, path) = tmp("torn");
         let mut g = Gallery::empty(16, SHA).unwrap();
         g.push(row("a", 1)).unwrap();
         g.create(&path).unwrap();
@@ -1051,7 +1051,7 @@ mod tests {
 
     #[test]
     fn damage_before_a_commit_is_an_error_naming_the_offset() {
-        let path = tmp("damage");
+        let (_dir, path) = tmp("damage");
         let mut g = Gallery::empty(16, SHA).unwrap();
         g.push(row("a", 1)).unwrap();
         g.create(&path).unwrap();
@@ -1074,7 +1074,7 @@ mod tests {
     /// byte for byte as it is), not a torn tail to cut off with the whole last enrolment.
     #[test]
     fn a_damaged_length_in_the_last_version_record_is_an_error_not_a_cut() {
-        let path = tmp("vlen");
+        let (_dir, path) = tmp("vlen");
         let mut g = Gallery::empty(16, SHA).unwrap();
         g.push(row("a", 1)).unwrap();
         g.create(&path).unwrap();
@@ -1124,7 +1124,7 @@ mod tests {
     /// change is refused, nothing wraps to 0, the file stays as it is.
     #[test]
     fn version_u64_max_is_refused_never_wrapped() {
-        let path = tmp("vmax");
+        let (_dir, path) = tmp("vmax");
         let g = Gallery::with_rows(16, SHA, u64::MAX, vec![row("a", 1), row("b", 2)]).unwrap();
         g.create(&path).unwrap();
         let bytes = std::fs::read(&path).unwrap();
@@ -1147,7 +1147,7 @@ mod tests {
     /// the stamp matches, and the next shore update would overwrite it.)
     #[test]
     fn the_daemons_stamp_is_taken_with_its_read_under_the_lock() {
-        let path = tmp("stamp");
+        let (_dir, path) = tmp("stamp");
         Gallery::with_rows(16, SHA, 1, vec![row("a", 1)]).unwrap().create(&path).unwrap();
         // An enrolment in progress: it holds the lock while it writes.
         let held = lock(&path).unwrap();
@@ -1169,7 +1169,7 @@ mod tests {
         // So an update made against what it loaded installs; one against an older stamp would not.
         let new = Gallery::with_rows(16, SHA, 3, vec![row("c", 3)]).unwrap();
         Gallery::install(&path, &new, Some(stamp)).unwrap();
-        assert_eq!(Gallery::load(&tmp("none")).unwrap().map(|(g, _)| g.len()), None, "no file: nothing loaded");
+        assert_eq!(Gallery::load(&tmp("none").1).unwrap().map(|(g, _)| g.len()), None, "no file: nothing loaded");
     }
 
     #[test]

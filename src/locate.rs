@@ -323,7 +323,7 @@ fn floats(t: &TensorProto) -> std::result::Result<Vec<f32>, String> {
     if !t.float_data.is_empty() {
         return Ok(t.float_data.clone());
     }
-    if t.raw_data.len() % 4 != 0 {
+    if !t.raw_data.len().is_multiple_of(4) {
         return Err(format!("the head's `{}` has {} raw bytes", t.name, t.raw_data.len()));
     }
     Ok(t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
@@ -342,6 +342,9 @@ pub struct Located {
     pub rows: usize,
 }
 
+/// A built map plan: (map width, map height) and its model.
+type Plan = ((u32, u32), Arc<Model>);
+
 /// The gate's map, built from its manifest: see the module docs.
 pub struct Locator {
     manifest: ModelManifest,
@@ -351,7 +354,7 @@ pub struct Locator {
     long_side: u32,
     head: Head,
     /// (map width, map height) -> plan, newest last.
-    plans: Mutex<Vec<((u32, u32), Arc<Model>)>>,
+    plans: Mutex<Vec<Plan>>,
 }
 
 impl std::fmt::Debug for Locator {

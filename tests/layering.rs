@@ -21,6 +21,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "resample",
             "backend",
             "model",
+            "locate",
             "head",
             "gallery",
             "gps",
