@@ -250,8 +250,11 @@ impl Assessment {
 /// Used by `whaled check-config` and by SIGHUP before a reload, so that a config they accept never fails
 /// at start-up. Returns one summary line per model.
 pub fn check(cfg: &Config) -> Result<Vec<String>> {
-    let lines = cfg.check_models()?;
-    Identifier::from_config(cfg, GalleryAccess::ReadOnly)?;
+    let mut lines = cfg.check_models()?;
+    let id = Identifier::from_config(cfg, GalleryAccess::ReadOnly)?;
+    if let Some(l) = &id.locator {
+        lines.push(l.describe());
+    }
     Ok(lines)
 }
 

@@ -406,6 +406,14 @@ impl Locator {
         self.long_side
     }
 
+    /// One line for `whaled check-config`: what was cut and how the map is made.
+    pub fn describe(&self) -> String {
+        format!(
+            "locate: gate_map, {} cut at its pool ({} channels, a {}-class head per {STRIDE} px cell), longer side {} px",
+            self.manifest.name, self.head.channels, self.head.classes, self.long_side
+        )
+    }
+
     /// The plan for a `width` x `height` map input, built on first use.
     fn plan(&self, width: u32, height: u32) -> Result<Arc<Model>> {
         let mut plans = self.plans.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -190,6 +190,11 @@ fn detections_carry_the_maps_box() {
     let d = &detections(&whaled(&["identify", "--config", plain.to_str().unwrap(), path.to_str().unwrap()]))[0];
     assert_eq!(d["bbox"], serde_json::json!([0, 0, 1920, 1080]));
     assert_eq!(d["timings"]["locate_ms"].as_f64(), Some(0.0));
+    // check-config builds the map as start-up does, and says so.
+    let out = whaled(&["check-config", map.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("locate: gate_map, marine-gate-v2 cut at its pool (1280 channels, a 7-class head per 32 px cell), longer side 640 px"), "{text}");
 }
 
 /// `whaled eval` on the 48 hand-drawn boxes (models/localisation/marine-dev-boxes.csv): with the map the
