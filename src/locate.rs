@@ -21,7 +21,6 @@
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
-use sha2::{Digest, Sha256};
 use tract_onnx::pb::{
     self, tensor_shape_proto::dimension::Value as Dim, type_proto::Value as TypeValue, AttributeProto, ModelProto,
     NodeProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
@@ -30,7 +29,7 @@ use tract_onnx::pb::{
 use crate::config::InferenceConfig;
 use crate::error::{Error, Result};
 use crate::manifest::{Layout, ModelManifest, OutputKind, Resize, Variant};
-use crate::model::Model;
+use crate::model::{read_verified, Model};
 use crate::preprocess::Preprocessor;
 use image::RgbImage;
 
@@ -372,7 +371,7 @@ impl Locator {
             return Err(Error::model(manifest.path(), "locate = \"gate_map\" needs a gate with an NCHW input"));
         }
         let variant = gate.variant().clone();
-        let onnx = read_verified(&manifest, &variant)?;
+        let (onnx, _) = read_verified(&manifest, &variant)?;
         let (w, h) = map_size(1920, 1080, long_side);
         let (_, head) = feature_graph(&onnx, w, h).map_err(|e| Error::model(manifest.path(), e))?;
         if head.classes != manifest.output.kind.values() {
@@ -423,8 +422,7 @@ impl Locator {
             plans.push(entry);
             return Ok(model);
         }
-        let onnx = read_verified(&self.manifest, &self.variant)?;
-        let sha = hex(&Sha256::digest(&onnx));
+        let (onnx, sha) = read_verified(&self.manifest, &self.variant)?;
         let (bytes, _) = feature_graph(&onnx, width, height).map_err(|e| Error::model(self.manifest.path(), e))?;
         drop(onnx);
         let cells = (width / STRIDE) as usize * (height / STRIDE) as usize;
@@ -474,25 +472,6 @@ impl Locator {
         let bbox = cell_box.scaled(f64::from(iw) / f64::from(w), f64::from(ih) / f64::from(h), iw, ih);
         Ok(Located { bbox, peak, map, cols, rows })
     }
-}
-
-fn read_verified(manifest: &ModelManifest, variant: &Variant) -> Result<Vec<u8>> {
-    let onnx = std::fs::read(&variant.file)
-        .map_err(|e| Error::model(manifest.path(), format!("cannot read ONNX file {}: {e}", variant.file.display())))?;
-    if let Some(want) = &variant.sha256 {
-        let got = hex(&Sha256::digest(&onnx));
-        if &got != want {
-            return Err(Error::model(
-                manifest.path(),
-                format!("{} has SHA-256 {got}, the manifest says {want}: the file changed", variant.file.display()),
-            ));
-        }
-    }
-    Ok(onnx)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -41,17 +41,7 @@ impl Model {
     pub fn load(manifest: ModelManifest, variant: Option<&str>, inference: &InferenceConfig) -> Result<Arc<Model>> {
         let started = std::time::Instant::now();
         let variant = manifest.select_variant(variant, inference.backend)?.clone();
-        let onnx = std::fs::read(&variant.file).map_err(|e| {
-            Error::model(manifest.path(), format!("cannot read ONNX file {}: {e}", variant.file.display()))
-        })?;
-        let got = hex(&Sha256::digest(&onnx));
-        if let Some(want) = &variant.sha256 {
-            if &got != want {
-                return Err(Error::model(manifest.path(), format!(
-                    "{} has SHA-256 {got}, the manifest says {want}: the file is corrupt or not the one the manifest describes",
-                    variant.file.display())));
-            }
-        }
+        let (onnx, got) = read_verified(&manifest, &variant)?;
         let read_ms = started.elapsed().as_secs_f64() * 1e3;
         let model = Model::from_bytes(manifest, variant, onnx, got, inference)?;
         log::info!(
@@ -131,6 +121,26 @@ impl Model {
     fn inference_error(&self, msg: String) -> Error {
         Error::Inference { backend: self.backend_kind.name(), model: self.manifest.name.clone(), msg }
     }
+}
+
+/// Reads `variant`'s ONNX file and checks it against the manifest's SHA-256: (bytes, digest as lowercase
+/// hex). Every load goes through here, the gate's map ([`crate::locate`]) included.
+pub fn read_verified(manifest: &ModelManifest, variant: &Variant) -> Result<(Vec<u8>, String)> {
+    let onnx = std::fs::read(&variant.file)
+        .map_err(|e| Error::model(manifest.path(), format!("cannot read ONNX file {}: {e}", variant.file.display())))?;
+    let got = hex(&Sha256::digest(&onnx));
+    if let Some(want) = &variant.sha256 {
+        if &got != want {
+            return Err(Error::model(
+                manifest.path(),
+                format!(
+                    "{} has SHA-256 {got}, the manifest says {want}: the file is corrupt or not the one the manifest describes",
+                    variant.file.display()
+                ),
+            ));
+        }
+    }
+    Ok((onnx, got))
 }
 
 fn hex(bytes: &[u8]) -> String {
