@@ -8,7 +8,8 @@
 //! `rejection_reason: "not_a_marine_mammal"`; a frame that passes with no identification model configured
 //! has `id_animal: "cetacean_unidentified"`; a top-1 probability below `min_confidence` gives
 //! `rejected: true, rejection_reason: "low_confidence"` with the candidates still reported; an image that
-//! cannot be decoded gives `rejection_reason: "corrupted_image"`. `bbox` is the whole frame.
+//! cannot be decoded gives `rejection_reason: "corrupted_image"`. `bbox` is the whole frame, or with
+//! `[prefilter] locate = "gate_map"` the box the gate's map drew around the animal (src/locate.rs).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;

@@ -173,6 +173,9 @@ pub struct Identifier {
     jpeg_dct_scaling: bool,
 }
 
+/// Frames whose map failed (logged at the 1st, 2nd, 4th, 8th... failure, not per frame).
+static LOCATE_FAILURES: AtomicU64 = AtomicU64::new(0);
+
 /// Per-thread scratch buffers: preprocessors and tensors, reused frame after frame.
 pub struct Workspace {
     decoder: Decoder,
@@ -568,9 +571,19 @@ impl Identifier {
                 let decoded = decoder.decode(data, |_, _| false, name)?;
                 timings.decode_ms += ms(t.elapsed());
                 let t = Instant::now();
-                let found = loc.locate(decoded.image, map, tensor)?;
+                let found = loc.locate(decoded.image, map, tensor);
                 timings.locate_ms += ms(t.elapsed());
-                Some(found.bbox)
+                match found {
+                    Ok(found) => Some(found.bbox),
+                    // The frame passed: it goes on whole, as without the map (never dropped for it).
+                    Err(e) => {
+                        let n = LOCATE_FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n.is_power_of_two() {
+                            log::warn!("{name}: not located, identified on the whole frame ({n} so far): {e}");
+                        }
+                        None
+                    }
+                }
             }
             _ => None,
         };

@@ -144,18 +144,25 @@ pub struct Head {
 
 impl Head {
     /// The head's logits at every cell of a channel-major feature map (`channels` x `cells`):
-    /// `out[cell * classes + k]`.
+    /// `out[cell * classes + k]`. Accumulated channel by channel over contiguous feature rows (f32, as
+    /// the graph computes), so a 1000-class head costs one pass over the features per class block.
     pub fn cell_logits(&self, features: &[f32], cells: usize) -> Vec<f64> {
-        let mut out = vec![0f64; cells * self.classes];
-        for k in 0..self.classes {
-            let w = &self.weights[k * self.channels..(k + 1) * self.channels];
-            for cell in 0..cells {
-                let dot: f64 =
-                    w.iter().enumerate().map(|(c, &wc)| f64::from(wc) * f64::from(features[c * cells + cell])).sum();
-                out[cell * self.classes + k] = dot + f64::from(self.bias[k]);
+        let mut acc = vec![0f32; self.classes * cells];
+        for (c, row) in features.chunks_exact(cells).take(self.channels).enumerate() {
+            for (k, out) in acc.chunks_exact_mut(cells).enumerate() {
+                let w = self.weights[k * self.channels + c];
+                for (o, &f) in out.iter_mut().zip(row) {
+                    *o += w * f;
+                }
             }
         }
-        out
+        let mut logits = vec![0f64; cells * self.classes];
+        for (k, out) in acc.chunks_exact(cells).enumerate() {
+            for (cell, &v) in out.iter().enumerate() {
+                logits[cell * self.classes + k] = f64::from(v + self.bias[k]);
+            }
+        }
+        logits
     }
 
     /// P(any of `positive`) at every cell: [`Head::cell_logits`] and a softmax per cell.
@@ -170,12 +177,17 @@ impl Head {
     }
 }
 
-/// The gate's graph cut at its global average pool: input `[1, 3, height, width]`, one output
+/// The gate's graph cut at its global average pool: input `input` as `[1, 3, height, width]`, one output
 /// `whaled_feature_map` `[1, channels * cells]` (the pool's input, flattened), and the head the cut took
 /// off. Accepts the tail the shipped gates have: `GlobalAveragePool` -> (`Flatten` | `Reshape` |
 /// `Squeeze`)* -> `Gemm` (alpha = beta = 1) -> (`Identity` | `Softmax` | shape-only)* -> the output; a
 /// graph without one is refused, saying why.
-pub fn feature_graph(onnx: &[u8], width: u32, height: u32) -> std::result::Result<(Vec<u8>, Head), String> {
+pub fn feature_graph(
+    onnx: &[u8],
+    input: &str,
+    width: u32,
+    height: u32,
+) -> std::result::Result<(Vec<u8>, Head), String> {
     let mut model = ModelProto::decode(onnx).map_err(|e| format!("cannot parse the ONNX file: {e}"))?;
     let graph = model.graph.as_mut().ok_or("the ONNX file has no graph")?;
     // The pool that feeds the head (squeeze-and-excitation blocks have pools of their own).
@@ -257,10 +269,14 @@ pub fn feature_graph(onnx: &[u8], width: u32, height: u32) -> std::result::Resul
     graph.node = nodes;
     graph.initializer.retain(|t| needed.contains(&t.name));
     graph.value_info.clear();
-    let input = graph.input.iter_mut().find(|i| needed.contains(&i.name)).ok_or("the graph's input is not used")?;
-    input.r#type = Some(float_type(&[1, 3, i64::from(height), i64::from(width)]));
-    let input_name = input.name.clone();
-    graph.input.retain(|i| i.name == input_name || graph_initialised(&graph.initializer, &i.name));
+    let image =
+        graph.input.iter_mut().find(|i| i.name == input).ok_or_else(|| format!("the graph has no input `{input}`"))?;
+    image.r#type = Some(float_type(&[1, 3, i64::from(height), i64::from(width)]));
+    if !needed.contains(input) {
+        return Err(format!("the features before the pool do not depend on the input `{input}`"));
+    }
+    // Keep the image input and the initializers an old (IR < 4) file also lists as inputs.
+    graph.input.retain(|i| i.name == input || graph_initialised(&graph.initializer, &i.name));
     graph.output = vec![ValueInfoProto { name: OUTPUT.into(), r#type: Some(float_type(&[])), ..Default::default() }];
     let bytes = model.encode_to_vec();
     Ok((bytes, Head { classes, channels, weights, bias }))
@@ -348,6 +364,9 @@ type Plan = ((u32, u32), Arc<Model>);
 pub struct Locator {
     manifest: ModelManifest,
     variant: Variant,
+    /// The gate file's bytes as verified at start-up, and their SHA-256 (cut again for each map size).
+    onnx: Arc<[u8]>,
+    sha256: String,
     inference: InferenceConfig,
     positive: Vec<usize>,
     long_side: u32,
@@ -363,17 +382,19 @@ impl std::fmt::Debug for Locator {
 }
 
 impl Locator {
-    /// Checks that `gate` (as loaded for the pre-filter) can be cut at its pool, by building the map's
-    /// graph once for a 16:9 frame.
+    /// Cuts `gate` (as loaded for the pre-filter) at its pool, and builds and runs the map for a 16:9
+    /// frame once: a gate that cannot be cut, or whose cut graph the backend refuses or answers in another
+    /// shape, fails here, at start-up (and in `check-config`), not at the first whale.
     pub fn new(gate: &Model, positive: &[usize], long_side: u32, inference: &InferenceConfig) -> Result<Locator> {
         let manifest = gate.manifest().clone();
         if manifest.input.layout != Layout::Nchw {
             return Err(Error::model(manifest.path(), "locate = \"gate_map\" needs a gate with an NCHW input"));
         }
         let variant = gate.variant().clone();
-        let (onnx, _) = read_verified(&manifest, &variant)?;
+        let (onnx, sha256) = read_verified(&manifest, &variant)?;
         let (w, h) = map_size(1920, 1080, long_side);
-        let (_, head) = feature_graph(&onnx, w, h).map_err(|e| Error::model(manifest.path(), e))?;
+        let (_, head) =
+            feature_graph(&onnx, &manifest.input.name, w, h).map_err(|e| Error::model(manifest.path(), e))?;
         if head.classes != manifest.output.kind.values() {
             return Err(Error::model(
                 manifest.path(),
@@ -390,15 +411,20 @@ impl Locator {
                 format!("its positive classes {positive:?} are not all among the head's {} classes", head.classes),
             ));
         }
-        Ok(Locator {
+        let locator = Locator {
             manifest,
             variant,
+            onnx: Arc::from(onnx),
+            sha256,
             inference: inference.clone(),
             positive: positive.to_vec(),
             long_side,
             head,
             plans: Mutex::new(Vec::new()),
-        })
+        };
+        let model = locator.plan(w, h)?;
+        model.run(&vec![0.0; model.manifest().input.shape().iter().product()])?;
+        Ok(locator)
     }
 
     pub fn long_side(&self) -> u32 {
@@ -413,18 +439,21 @@ impl Locator {
         )
     }
 
-    /// The plan for a `width` x `height` map input, built on first use.
+    /// The plan for a `width` x `height` map input, built on first use (outside the lock: other workers
+    /// keep using the plans they have while one is built; two workers may build the same size once).
     fn plan(&self, width: u32, height: u32) -> Result<Arc<Model>> {
-        let mut plans = self.plans.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(i) = plans.iter().position(|(k, ..)| *k == (width, height)) {
-            let entry = plans.remove(i);
-            let model = entry.1.clone();
-            plans.push(entry);
-            return Ok(model);
+        let lock = || self.plans.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        {
+            let mut plans = lock();
+            if let Some(i) = plans.iter().position(|(k, ..)| *k == (width, height)) {
+                let entry = plans.remove(i);
+                let model = entry.1.clone();
+                plans.push(entry);
+                return Ok(model);
+            }
         }
-        let (onnx, sha) = read_verified(&self.manifest, &self.variant)?;
-        let (bytes, _) = feature_graph(&onnx, width, height).map_err(|e| Error::model(self.manifest.path(), e))?;
-        drop(onnx);
+        let (bytes, _) = feature_graph(&self.onnx, &self.manifest.input.name, width, height)
+            .map_err(|e| Error::model(self.manifest.path(), e))?;
         let cells = (width / STRIDE) as usize * (height / STRIDE) as usize;
         let mut manifest = self.manifest.clone();
         manifest.name = format!("{} (map {width}x{height})", self.manifest.name);
@@ -435,12 +464,17 @@ impl Locator {
         manifest.output.kind = OutputKind::FeatureMap { channels: self.head.channels, cells };
         manifest.output.labels = None;
         let started = std::time::Instant::now();
-        let model = Arc::new(Model::from_bytes(manifest, self.variant.clone(), bytes, sha, &self.inference)?);
+        let model =
+            Arc::new(Model::from_bytes(manifest, self.variant.clone(), bytes, self.sha256.clone(), &self.inference)?);
         log::debug!(
             "{}: built the map for {width}x{height} inputs in {:.0} ms",
             self.manifest.name,
             started.elapsed().as_secs_f64() * 1e3
         );
+        let mut plans = lock();
+        if let Some((_, built)) = plans.iter().find(|(k, _)| *k == (width, height)) {
+            return Ok(built.clone());
+        }
         if plans.len() >= PLANS {
             plans.remove(0);
         }

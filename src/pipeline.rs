@@ -821,7 +821,6 @@ pub fn run_controlled<D: Into<Delivery>>(
     }
 }
 
-/// A frame as JPEG: MJPEG frames as they came, anything else decoded and encoded.
 /// The crop the embedder saw (the located box grown by [`crate::locate::MARGIN`]) of a frame, as JPEG.
 fn crop_jpeg(data: &crate::source::FrameData, located: crate::locate::PixelBox, name: &str) -> Result<Vec<u8>> {
     let frame = crate::decode::decode_frame(data, name)?;
@@ -829,6 +828,7 @@ fn crop_jpeg(data: &crate::source::FrameData, located: crate::locate::PixelBox, 
     crate::images::encode_jpeg(&image::imageops::crop_imm(&frame, g.x, g.y, g.w, g.h).to_image())
 }
 
+/// A frame as JPEG: MJPEG frames as they came, anything else decoded and encoded.
 fn snapshot_jpeg(data: &crate::source::FrameData, name: &str) -> Result<Vec<u8>> {
     match data {
         crate::source::FrameData::Encoded(b) if b.starts_with(&[0xFF, 0xD8]) => Ok(b.to_vec()),

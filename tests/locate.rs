@@ -14,7 +14,7 @@ use serde_json::Value;
 use std::sync::Arc;
 use whaled::config::Config;
 use whaled::identify::{GalleryAccess, Identifier};
-use whaled::locate::{feature_graph, Locator, PixelBox, MARGIN, STRIDE};
+use whaled::locate::{feature_graph, Locator, PixelBox, STRIDE};
 use whaled::manifest::{BackendKind, ModelManifest, OutputKind};
 use whaled::model::Model;
 use whaled::preprocess::Preprocessor;
@@ -50,7 +50,7 @@ fn the_maps_cells_average_to_the_gates_own_logits() {
         let (w, h) = (manifest.input.width, manifest.input.height);
         let variant = manifest.select_variant(Some("fp32"), BackendKind::Tract).unwrap().clone();
         let onnx = std::fs::read(&variant.file).unwrap();
-        let (bytes, head) = feature_graph(&onnx, w, h).unwrap();
+        let (bytes, head) = feature_graph(&onnx, &manifest.input.name, w, h).unwrap();
         let cells = (w.div_ceil(STRIDE) * h.div_ceil(STRIDE)) as usize;
         for backend in backends() {
             let whole = Model::load(manifest.clone(), Some("fp32"), &inference(backend)).unwrap();
@@ -121,6 +121,17 @@ fn composite(size: u32, x: u32, y: u32) -> (RgbImage, PixelBox) {
     (canvas, PixelBox { x, y, w: pw, h: ph })
 }
 
+/// The embedder's crop for a `bbox` in a `width` x `height` frame, written out here: 15 % of the box's
+/// width and height added on each side (outwards to whole pixels), clipped to the frame.
+fn crop_of(b: [u32; 4], width: u32, height: u32) -> PixelBox {
+    let (x, y, w, h) = (f64::from(b[0]), f64::from(b[1]), f64::from(b[2]), f64::from(b[3]));
+    let x0 = (x - 0.15 * w).floor().max(0.0) as u32;
+    let y0 = (y - 0.15 * h).floor().max(0.0) as u32;
+    let x1 = ((x + w + 0.15 * w).ceil() as u32).min(width);
+    let y1 = ((y + h + 0.15 * h).ceil() as u32).min(height);
+    PixelBox { x: x0, y: y0, w: x1 - x0, h: y1 - y0 }
+}
+
 fn iou(a: [u32; 4], b: PixelBox) -> f64 {
     let ix = (a[0] + a[2]).min(b.x + b.w).saturating_sub(a[0].max(b.x));
     let iy = (a[1] + a[3]).min(b.y + b.h).saturating_sub(a[1].max(b.y));
@@ -161,7 +172,7 @@ fn the_embedder_sees_the_crop_around_the_box() {
         assert!(iou(bbox, pasted) >= 0.3, "{backend:?}: bbox {bbox:?} vs the pasted whale {pasted:?}");
         let located = a.identified.expect("identified").embedding;
 
-        let b = PixelBox { x: bbox[0], y: bbox[1], w: bbox[2], h: bbox[3] }.grown(MARGIN, 1920, 1080);
+        let b = crop_of(bbox, 1920, 1080);
         let crop = image::imageops::crop_imm(&frame, b.x, b.y, b.w, b.h).to_image();
         let cropped = id.embed(&mut ws, &FrameData::Encoded(png(&crop)), "crop").unwrap();
         let diff = located.iter().zip(&cropped).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
@@ -190,7 +201,7 @@ fn detections_carry_the_maps_box() {
     let d = &detections(&whaled(&["identify", "--config", plain.to_str().unwrap(), path.to_str().unwrap()]))[0];
     assert_eq!(d["bbox"], serde_json::json!([0, 0, 1920, 1080]));
     assert_eq!(d["timings"]["locate_ms"].as_f64(), Some(0.0));
-    // check-config builds the map as start-up does, and says so.
+    // check-config builds and runs the map for a 16:9 frame as start-up does, and says so.
     let out = whaled(&["check-config", map.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -296,6 +307,17 @@ fn a_sightings_snapshot_comes_with_the_crop_around_the_animal() {
         });
     let b: Vec<u32> = d["bbox"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     assert_ne!(b, [0, 0, 1920, 1080], "the best frame was not located: {d}");
-    let g = PixelBox { x: b[0], y: b[1], w: b[2], h: b[3] }.grown(MARGIN, 1920, 1080);
-    assert_eq!(image("crop").dimensions(), (g.w, g.h), "the crop of bbox {b:?}");
+    let g = crop_of([b[0], b[1], b[2], b[3]], 1920, 1080);
+    let crop = image("crop");
+    assert_eq!(crop.dimensions(), (g.w, g.h), "the crop of bbox {b:?}");
+    // And it is that part of the best frame (both JPEG-coded: compared on average, within a few levels).
+    let frames: Vec<RgbImage> =
+        (0..3).map(|i| image::open(cam.join(format!("{i:03}.png"))).unwrap().to_rgb8()).collect();
+    let diff = |f: &RgbImage| {
+        let part = image::imageops::crop_imm(f, g.x, g.y, g.w, g.h).to_image();
+        part.as_raw().iter().zip(crop.as_raw()).map(|(a, b)| f64::from(a.abs_diff(*b))).sum::<f64>()
+            / part.as_raw().len() as f64
+    };
+    let best_diff = frames.iter().map(diff).fold(f64::INFINITY, f64::min);
+    assert!(best_diff < 4.0, "the crop matches none of the frames at {g:?} (mean |diff| {best_diff})");
 }
