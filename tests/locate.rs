@@ -36,13 +36,51 @@ fn gate_input(manifest: &ModelManifest, photo: &Path) -> Vec<f32> {
     t
 }
 
+/// A copy of the generated ResNet-18 whose head is `Gemm(transB = 0)` with the weight stored [C, K]
+/// (the same function: the exporters write either form), with its manifest (no digest) in `dir`.
+fn resnet_with_untransposed_head(dir: &Path) -> std::path::PathBuf {
+    use prost::Message;
+    let src = resnet_manifest();
+    let text = std::fs::read_to_string(&src).unwrap();
+    let onnx = std::fs::read(src.parent().unwrap().join("resnet18_224.onnx")).unwrap();
+    let mut model = tract_onnx::pb::ModelProto::decode(&onnx[..]).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    let gemm = graph.node.iter_mut().find(|n| n.op_type == "Gemm").unwrap();
+    let trans_b = gemm.attribute.iter_mut().find(|a| a.name == "transB").unwrap();
+    assert_eq!(trans_b.i, 1);
+    trans_b.i = 0;
+    let weight = gemm.input[1].clone();
+    let t = graph.initializer.iter_mut().find(|t| t.name == weight).unwrap();
+    let (k, c) = (t.dims[0] as usize, t.dims[1] as usize);
+    let w: Vec<f32> = t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    t.raw_data = (0..c)
+        .flat_map(|ci| (0..k).map(move |ki| (ci, ki)))
+        .flat_map(|(ci, ki)| w[ki * c + ci].to_le_bytes())
+        .collect();
+    t.dims = vec![c as i64, k as i64];
+    let d = dir.join("resnet18-transb0");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("resnet18_224.onnx"), model.encode_to_vec()).unwrap();
+    let manifest: String = text.lines().filter(|l| !l.starts_with("sha256")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(d.join("model.toml"), manifest.replace("name = \"resnet18-random\"", "name = \"resnet18-transb0\""))
+        .unwrap();
+    d.join("model.toml")
+}
+
 /// The head is linear and the pool is a mean, so the mean over cells of the head's per-cell logits must
 /// be the gate's own logits: the rewritten graph, the head read from the Gemm and the per-cell product
-/// are checked against the unmodified graph on both backends, for the shipped gate and the generated
-/// EfficientNet-B0 and ResNet-18.
+/// are checked against the unmodified graph on both backends, for the shipped gate, the generated
+/// EfficientNet-B0 (16 squeeze-excitation pools before the head's) and ResNet-18, and that ResNet with
+/// its head stored the other way round (`transB = 0`).
 #[test]
 fn the_maps_cells_average_to_the_gates_own_logits() {
-    let manifests = [repo().join("models/marine-gate-v2/model.toml"), b0_manifest(), resnet_manifest()];
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = [
+        repo().join("models/marine-gate-v2/model.toml"),
+        b0_manifest(),
+        resnet_manifest(),
+        resnet_with_untransposed_head(dir.path()),
+    ];
     let photo = &whales_dev("cetacean", 1)[0];
     for path in manifests {
         let manifest = ModelManifest::load(&path).unwrap();
