@@ -235,6 +235,13 @@ fn detections_carry_the_maps_box() {
     let b: Vec<u32> = d["bbox"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     assert!(iou([b[0], b[1], b[2], b[3]], pasted) >= 0.3, "bbox {b:?} vs the pasted whale {pasted:?}");
     assert!(d["timings"]["locate_ms"].as_f64().unwrap() > 0.0, "{d}");
+    // The same frame as a JPEG: the gate decodes it at a reduced DCT scale, the map and the box are
+    // still in the full frame's pixels.
+    let jpeg_path = dir.path().join("frame.jpg");
+    std::fs::write(&jpeg_path, jpeg(&frame, 92)).unwrap();
+    let dj = &detections(&whaled(&["identify", "--config", map.to_str().unwrap(), jpeg_path.to_str().unwrap()]))[0];
+    let bj: Vec<u32> = dj["bbox"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert!(iou([bj[0], bj[1], bj[2], bj[3]], pasted) >= 0.3, "JPEG: bbox {bj:?} vs the pasted whale {pasted:?}");
     let plain = write(dir.path(), "plain.toml", b"[prefilter]\nthreshold = 0.0\n");
     let d = &detections(&whaled(&["identify", "--config", plain.to_str().unwrap(), path.to_str().unwrap()]))[0];
     assert_eq!(d["bbox"], serde_json::json!([0, 0, 1920, 1080]));
