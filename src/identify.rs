@@ -173,9 +173,6 @@ pub struct Identifier {
     jpeg_dct_scaling: bool,
 }
 
-/// Frames whose map failed (logged at the 1st, 2nd, 4th, 8th... failure, not per frame).
-static LOCATE_FAILURES: AtomicU64 = AtomicU64::new(0);
-
 /// Per-thread scratch buffers: preprocessors and tensors, reused frame after frame.
 pub struct Workspace {
     decoder: Decoder,
@@ -574,11 +571,10 @@ impl Identifier {
                 let found = loc.locate(decoded.image, map, tensor);
                 timings.locate_ms += ms(t.elapsed());
                 match found {
-                    Ok(found) => Some(found.bbox),
+                    Ok(found) => Some(found),
                     // The frame passed: it goes on whole, as without the map (never dropped for it).
                     Err(e) => {
-                        let n = LOCATE_FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
-                        if n.is_power_of_two() {
+                        if let (n, true) = loc.failed() {
                             log::warn!("{name}: not located, identified on the whole frame ({n} so far): {e}");
                         }
                         None
@@ -597,9 +593,7 @@ impl Identifier {
                 let image = match located {
                     // The animal with a margin, cut from the full-size decode (the map's own pixels).
                     Some(b) => {
-                        let full = decoder.decode(data, |_, _| false, name)?.image;
-                        let g = b.grown(crate::locate::MARGIN, full.width(), full.height());
-                        crop = image::imageops::crop_imm(full, g.x, g.y, g.w, g.h).to_image();
+                        crop = crate::locate::crop(decoder.decode(data, |_, _| false, name)?.image, b);
                         &crop
                     }
                     None => decoder.decode(data, |w, h| pre.fits(w, h), name)?.image,

@@ -18,6 +18,7 @@
 //!
 //! A plan is built per map size (a camera's frames all have one); the last [`PLANS`] are kept.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
@@ -344,19 +345,6 @@ fn floats(t: &TensorProto) -> std::result::Result<Vec<f32>, String> {
     Ok(t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
-/// What the map found in one frame.
-#[derive(Debug, Clone)]
-pub struct Located {
-    /// The box in the pixels of the image the map was computed on.
-    pub bbox: PixelBox,
-    /// The peak cell's P(positive).
-    pub peak: f32,
-    /// The map, row-major, `cols` x `rows`.
-    pub map: Vec<f32>,
-    pub cols: usize,
-    pub rows: usize,
-}
-
 /// A built map plan: (map width, map height) and its model.
 type Plan = ((u32, u32), Arc<Model>);
 
@@ -373,6 +361,8 @@ pub struct Locator {
     head: Head,
     /// (map width, map height) -> plan, newest last.
     plans: Mutex<Vec<Plan>>,
+    /// Frames the map failed on (see [`Locator::failed`]).
+    failures: AtomicU64,
 }
 
 impl std::fmt::Debug for Locator {
@@ -393,7 +383,7 @@ impl Locator {
         let variant = gate.variant().clone();
         let (onnx, sha256) = read_verified(&manifest, &variant)?;
         let (w, h) = map_size(1920, 1080, long_side);
-        let (_, head) =
+        let (bytes, head) =
             feature_graph(&onnx, &manifest.input.name, w, h).map_err(|e| Error::model(manifest.path(), e))?;
         if head.classes != manifest.output.kind.values() {
             return Err(Error::model(
@@ -421,14 +411,11 @@ impl Locator {
             long_side,
             head,
             plans: Mutex::new(Vec::new()),
+            failures: AtomicU64::new(0),
         };
-        let model = locator.plan(w, h)?;
+        let model = locator.insert(w, h, locator.build(w, h, bytes)?);
         model.run(&vec![0.0; model.manifest().input.shape().iter().product()])?;
         Ok(locator)
-    }
-
-    pub fn long_side(&self) -> u32 {
-        self.long_side
     }
 
     /// One line for `whaled check-config`: what was cut and how the map is made.
@@ -439,12 +426,15 @@ impl Locator {
         )
     }
 
+    fn plans(&self) -> std::sync::MutexGuard<'_, Vec<Plan>> {
+        self.plans.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The plan for a `width` x `height` map input, built on first use (outside the lock: other workers
     /// keep using the plans they have while one is built; two workers may build the same size once).
     fn plan(&self, width: u32, height: u32) -> Result<Arc<Model>> {
-        let lock = || self.plans.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         {
-            let mut plans = lock();
+            let mut plans = self.plans();
             if let Some(i) = plans.iter().position(|(k, ..)| *k == (width, height)) {
                 let entry = plans.remove(i);
                 let model = entry.1.clone();
@@ -454,6 +444,12 @@ impl Locator {
         }
         let (bytes, _) = feature_graph(&self.onnx, &self.manifest.input.name, width, height)
             .map_err(|e| Error::model(self.manifest.path(), e))?;
+        let model = self.build(width, height, bytes)?;
+        Ok(self.insert(width, height, model))
+    }
+
+    /// The backend's model for the graph [`feature_graph`] cut for a `width` x `height` input.
+    fn build(&self, width: u32, height: u32, bytes: Vec<u8>) -> Result<Arc<Model>> {
         let cells = (width / STRIDE) as usize * (height / STRIDE) as usize;
         let mut manifest = self.manifest.clone();
         manifest.name = format!("{} (map {width}x{height})", self.manifest.name);
@@ -471,20 +467,26 @@ impl Locator {
             self.manifest.name,
             started.elapsed().as_secs_f64() * 1e3
         );
-        let mut plans = lock();
+        Ok(model)
+    }
+
+    /// Keeps `model` as the plan for its size (the oldest of [`PLANS`] goes), or returns the one another
+    /// worker kept first.
+    fn insert(&self, width: u32, height: u32, model: Arc<Model>) -> Arc<Model> {
+        let mut plans = self.plans();
         if let Some((_, built)) = plans.iter().find(|(k, _)| *k == (width, height)) {
-            return Ok(built.clone());
+            return built.clone();
         }
         if plans.len() >= PLANS {
             plans.remove(0);
         }
         plans.push(((width, height), model.clone()));
-        Ok(model)
+        model
     }
 
-    /// The map of `image` and the box around its peak, in `image`'s pixels. `pre` and `tensor` are the
+    /// The box around the peak of `image`'s map, in `image`'s pixels. `pre` and `tensor` are the
     /// caller's scratch (one per worker).
-    pub fn locate(&self, image: &RgbImage, pre: &mut Option<Preprocessor>, tensor: &mut Vec<f32>) -> Result<Located> {
+    pub fn locate(&self, image: &RgbImage, pre: &mut Option<Preprocessor>, tensor: &mut Vec<f32>) -> Result<PixelBox> {
         let (iw, ih) = image.dimensions();
         let (w, h) = map_size(iw, ih, self.long_side);
         let model = self.plan(w, h)?;
@@ -502,10 +504,22 @@ impl Locator {
             model: model.manifest().name.clone(),
             msg: "the map has no finite cell".into(),
         })?;
-        let peak = map.iter().copied().filter(|v| v.is_finite()).fold(f32::NEG_INFINITY, f32::max);
-        let bbox = cell_box.scaled(f64::from(iw) / f64::from(w), f64::from(ih) / f64::from(h), iw, ih);
-        Ok(Located { bbox, peak, map, cols, rows })
+        Ok(cell_box.scaled(f64::from(iw) / f64::from(w), f64::from(ih) / f64::from(h), iw, ih))
     }
+
+    /// Counts a frame the map failed on; true when that failure should be logged (the 1st, 2nd, 4th,
+    /// 8th...: a broken map says so without a line per frame).
+    pub fn failed(&self) -> (u64, bool) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        (n, n.is_power_of_two())
+    }
+}
+
+/// The embedder's input for a located frame: `image` cut to `located` grown by [`MARGIN`] (clipped).
+/// The same pixels go out as the sighting's crop snapshot.
+pub fn crop(image: &RgbImage, located: PixelBox) -> RgbImage {
+    let g = located.grown(MARGIN, image.width(), image.height());
+    image::imageops::crop_imm(image, g.x, g.y, g.w, g.h).to_image()
 }
 
 #[cfg(test)]

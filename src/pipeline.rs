@@ -821,11 +821,9 @@ pub fn run_controlled<D: Into<Delivery>>(
     }
 }
 
-/// The crop the embedder saw (the located box grown by [`crate::locate::MARGIN`]) of a frame, as JPEG.
+/// The crop the embedder saw ([`crate::locate::crop`]) of a frame, as JPEG.
 fn crop_jpeg(data: &crate::source::FrameData, located: crate::locate::PixelBox, name: &str) -> Result<Vec<u8>> {
-    let frame = crate::decode::decode_frame(data, name)?;
-    let g = located.grown(crate::locate::MARGIN, frame.width(), frame.height());
-    crate::images::encode_jpeg(&image::imageops::crop_imm(&frame, g.x, g.y, g.w, g.h).to_image())
+    crate::images::encode_jpeg(&crate::locate::crop(&crate::decode::decode_frame(data, name)?, located))
 }
 
 /// A frame as JPEG: MJPEG frames as they came, anything else decoded and encoded.
