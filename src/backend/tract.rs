@@ -129,12 +129,18 @@ impl TractBackend {
         let f16 = req.inference.tract_precision == TractPrecision::F16;
         let (typed, substituted) = optimise(model, stock, f16).map_err(|e| te("tract cannot optimise", e))?;
         log::debug!(
-            "{}: {} depthwise convolutions on whaled's kernel ({}), {} pointwise ({}){}",
+            "{}: {} depthwise convolutions on whaled's kernel ({}), {} pointwise ({}), {} int8 pointwise ({}), \
+             {} quantizations vectorised, {} lookup tables, {} u8 element-wise{}",
             m.name,
             substituted.depthwise,
             whaled_tract_ops::depthwise::kernel_name(),
             substituted.pointwise,
             whaled_tract_ops::pointwise::kernel_name(),
+            substituted.int8_pointwise,
+            whaled_tract_ops::qpointwise::kernel_name(),
+            substituted.quantize,
+            substituted.int8_tables,
+            substituted.int8_binary,
             if stock { ", the rest stock tract ({STOCK_ENV} set)" } else { "" }
         );
         let out_dims: Vec<usize> = typed
@@ -200,17 +206,33 @@ fn op_label(node: &TypedNode) -> String {
 /// kernels are tested against tract's and onnxruntime's.
 pub const STOCK_ENV: &str = "WHALED_TRACT_STOCK";
 
+/// Whether this CPU runs static-QDQ int8 models' 1x1 convolutions on whaled's integer op (AVX-512
+/// VNNI; [`whaled_tract_ops::qpointwise`]): where int8 is the faster variant on tract.
+pub fn int8_kernels() -> bool {
+    whaled_tract_ops::pointwise::ENABLED && whaled_tract_ops::qpointwise::available()
+}
+
 /// How many nodes of a model [`optimise`] replaced by whaled's ops, by op.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Substituted {
     pub depthwise: usize,
     pub pointwise: usize,
+    /// Integer (u8 x i8) pointwise convolutions of a static-QDQ int8 model.
+    pub int8_pointwise: usize,
+    /// tract's scalar `QuantizeLinearU8` nodes replaced by the vectorised one.
+    pub quantize: usize,
+    /// Dequantize -> unary ops -> quantize chains turned into lookup tables, and dequantized
+    /// `Mul` / `Add` -> quantize kept in u8.
+    pub int8_tables: usize,
+    pub int8_binary: usize,
 }
 
 /// Types, declutters and optimises a parsed model; in between, with `f16`, translates it to half
 /// precision (tract's own `f32_to_f16` transform: input and output become f16 too), and unless `stock`
 /// substitutes whaled's kernels for the ops it has better ones for (today: f32 depthwise and pointwise
-/// convolutions, [`whaled_tract_ops::depthwise`], [`whaled_tract_ops::pointwise`]). Returns the
+/// convolutions, [`whaled_tract_ops::depthwise`], [`whaled_tract_ops::pointwise`]; in static-QDQ int8
+/// models, integer pointwise convolutions on CPUs with AVX-512 VNNI, [`whaled_tract_ops::qpointwise`],
+/// and a vectorised `QuantizeLinear`, [`whaled_tract_ops::quantize`]). Returns the
 /// optimised model and how many nodes were substituted.
 pub fn optimise(model: InferenceModel, stock: bool, f16: bool) -> TractResult<(TypedModel, Substituted)> {
     let mut typed = model.into_typed()?.into_decluttered()?;
@@ -223,6 +245,14 @@ pub fn optimise(model: InferenceModel, stock: bool, f16: bool) -> TractResult<(T
     let mut substituted = Substituted::default();
     if whaled_tract_ops::depthwise::ENABLED && !stock {
         substituted.depthwise = whaled_tract_ops::depthwise::substitute(&mut typed)?;
+    }
+    // The int8 ops where the float ones are used (x86_64, aarch64; armv7 keeps tract's own), the integer
+    // 1x1 op only on CPUs with AVX-512 VNNI. Before the float pointwise op, which would take the same
+    // einsums as float convolutions.
+    if whaled_tract_ops::pointwise::ENABLED && !stock {
+        substituted.int8_pointwise = whaled_tract_ops::qpointwise::substitute(&mut typed)?;
+        substituted.quantize = whaled_tract_ops::quantize::substitute(&mut typed)?;
+        (substituted.int8_tables, substituted.int8_binary) = whaled_tract_ops::qelementwise::substitute(&mut typed)?;
     }
     if whaled_tract_ops::pointwise::ENABLED && !stock {
         substituted.pointwise = whaled_tract_ops::pointwise::substitute(&mut typed)?;

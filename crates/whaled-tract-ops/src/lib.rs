@@ -10,6 +10,9 @@
 pub mod depthwise;
 mod fuse;
 pub mod pointwise;
+pub mod qelementwise;
+pub mod qpointwise;
+pub mod quantize;
 #[cfg(test)]
 mod test_util;
 
