@@ -52,6 +52,19 @@ impl Model {
             model.backend_kind.name(),
             if model.manifest.random_weights { " -- RANDOM WEIGHTS, test model" } else { "" }
         );
+        let has_int8 = model.manifest.variants().iter().any(|v| v.name == "int8");
+        if model.backend_kind == BackendKind::Tract
+            && model.variant.name != "int8"
+            && has_int8
+            && backend::tract::int8_kernels()
+        {
+            log::info!(
+                "{}: this CPU has AVX-512 VNNI, where the model's int8 variant runs on whaled's integer kernels, \
+                 faster than fp32 on tract: `variant = \"int8\"` in its config section turns it on (its quality \
+                 against fp32: models/README.md)",
+                model.manifest.name
+            );
+        }
         Ok(Arc::new(Model { read_ms, ..model }))
     }
 

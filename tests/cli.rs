@@ -128,6 +128,25 @@ fn identify_missing_path_is_an_error() {
     assert!(stderr(&out).contains("/nonexistent/photos"), "{}", stderr(&out));
 }
 
+/// On tract, a model with an int8 variant that runs fp32 says at start-up when this CPU would run the
+/// int8 file on whaled's integer kernels (AVX-512 VNNI), and says nothing where it would not or when
+/// int8 is already chosen. The shipped gate has an int8 variant.
+#[test]
+fn start_up_names_the_int8_variant_where_the_cpu_runs_it_on_integer_kernels() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = write(dir.path(), "sea.jpg", &jpeg(&frame(1, 320, 240), 90));
+    let hint = "this CPU has AVX-512 VNNI, where the model's int8 variant runs on whaled's integer kernels";
+    let vnni = whaled::backend::tract::int8_kernels();
+    let out = whaled(&["identify", photo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out).contains(hint), vnni, "VNNI {vnni}: {}", stderr(&out));
+    let cfg = config(dir.path(), "[prefilter]\nvariant = \"int8\"\n");
+    let out = whaled(&["identify", "--config", cfg.to_str().unwrap(), photo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("variant int8"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains(hint), "{}", stderr(&out));
+}
+
 /// The generated upstream-topology model: every frame passes (threshold 0), identification ranks the
 /// 13,837 active slots, the top-1 and 4 candidates carry 12-hex ids and species from species_map.csv.
 #[test]

@@ -51,6 +51,7 @@ fn cases() -> Vec<Case> {
         Case { manifest: shipped_manifest(), variant: "int8", max_abs_diff: 0.5, same_top: 1 },
         Case { manifest: gate_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 2 },
         Case { manifest: gate_v2_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 2 },
+        Case { manifest: gate_v2_manifest(), variant: "int8", max_abs_diff: 0.5, same_top: 1 },
         Case { manifest: b0_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
         Case { manifest: resnet_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
         Case { manifest: b4_manifest(), variant: "fp32", max_abs_diff: 1e-4, same_top: 5 },
