@@ -15,7 +15,7 @@ echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(n
 echo
 echo "| model | variant | threads | tract p50 ms (mean ± std, p95) | onnxruntime p50 ms (mean ± std, p95) | tract / onnxruntime | onnxruntime Python API p50 ms | tract load: parse + optimise ms | onnxruntime session ms |"
 echo "|---|---|---|---|---|---|---|---|---|"
-for spec in efficientnet-lite0:fp32 efficientnet-lite0:int8 marine-gate-lite0:fp32 \
+for spec in efficientnet-lite0:fp32 efficientnet-lite0:int8 marine-gate-lite0:fp32 marine-gate-v2:fp32 marine-gate-v2:int8 \
             models/generated/efficientnet-b0-random/model.toml:fp32 models/generated/resnet18-random/model.toml:fp32 \
             models/generated/effb4-arcface-random/model.toml:fp32; do
     model=${spec%:*}; variant=${spec##*:}

@@ -23,7 +23,7 @@
 # gallery, sightings, export and zero_shot run the B4 embedder many times (not measured). parity.rs needs the
 # onnxruntime feature, so on armv7 (tract only) it compiles to nothing; there tract is checked instead against this machine's
 # onnxruntime through `whaled identify` on the same photos (below). Measured on a 2-vCPU machine
-# (cross/README.md): aarch64 ~11.5 min of tests (parity 306 s, cli 269 s, mqtt 67 s, service 42 s),
+# (cross/README.md): aarch64 ~11.5 min of tests (parity 306 s; 332-407 s on 2026-12-06 with the gate's int8 case, cli 269 s, mqtt 67 s, service 42 s),
 # armv7 ~7 min of tests (cli 172 s, 125 s since its B4 test is left to the parity check; mqtt 78 s) and 162 s for the parity check; plus ~10-15 min per
 # target for a cold build. With --full, the whole `cargo test`
 # suite (adds the pipeline and allocation tests: ~15 min on aarch64). Not here: the V4L2 capture test
