@@ -77,14 +77,6 @@ class CalibReader:
         return {self.spec["name"]: self.pending.pop(0)} if self.pending else None
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +97,8 @@ def main():
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
     text = open(args.model).read()
-    digest = sha256(int8)
+    with open(int8, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
     text, n = re.subn(r'(name = "int8"\nfile = ")[^"]+("\nsha256 = ")[0-9a-f]*(")',
                       rf"\g<1>{int8_name}\g<2>{digest}\g<3>", text)
     if n == 0:

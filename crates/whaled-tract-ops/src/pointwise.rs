@@ -189,16 +189,16 @@ thread_local! {
 /// rectangles (output-channel blocks x column ranges, see [`Split`]) through it, so no `&mut` to the
 /// whole output exists while they run; every write is bounds-checked against `len` ([`Tile::check`]).
 #[derive(Clone, Copy)]
-pub(crate) struct Out {
-    pub(crate) ptr: *mut f32,
+pub(crate) struct Out<T> {
+    pub(crate) ptr: *mut T,
     pub(crate) len: usize,
 }
 
-// SAFETY: `Out` is only used inside `compute_with`, while the tensor it points into is alive and not
-// otherwise borrowed, by items that write disjoint elements (see `Split`); nothing reads the output
-// until every item has returned.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
+// SAFETY: `Out` is only used inside a conv op's `compute_with` (here and in `qpointwise`), while the
+// tensor it points into is alive and not otherwise borrowed, by items that write disjoint elements (see
+// `Split`); nothing reads the output until every item has returned.
+unsafe impl<T> Send for Out<T> {}
+unsafe impl<T> Sync for Out<T> {}
 
 /// One tile's inputs. `x` holds `cin` rows `x_stride` apart, each with at least `vectors * lanes`
 /// readable columns; `w` the block's packed weights (`cin * BLOCK`); `bias` the block's `BLOCK` biases.
@@ -210,7 +210,7 @@ struct Tile<'a> {
     w: &'a [f32],
     bias: &'a [f32],
     clamp: Option<(f32, f32)>,
-    out: Out,
+    out: Out<f32>,
     out_at: usize,
     out_stride: usize,
     n: usize,
@@ -363,7 +363,7 @@ impl PointwiseConv {
         blocks: std::ops::Range<usize>,
         columns: std::ops::Range<usize>,
         clamp: Option<(f32, f32)>,
-        out: Out,
+        out: Out<f32>,
         at: usize,
         tail: &mut Vec<f32>,
     ) {
@@ -879,13 +879,24 @@ pub(crate) fn conv_axes(axes: &AxesMapping) -> Option<[bool; 2]> {
     (i2 == i && all_distinct).then_some([batch_in.is_some(), batch_out])
 }
 
-/// The op, packed weights, `[Cout]` bias and the node whose output the op replaces (before any fused
-/// activation: the einsum, or the bias `Add` after it) for an einsum this op can run, or `None`.
-fn eligible(
-    model: &TypedModel,
-    node: &TypedNode,
-    einsum: &EinSum,
-) -> TractResult<Option<(PointwiseConv, Tensor, Tensor, usize)>> {
+/// A float einsum that is a 1x1 convolution over a constant `[cout, cin]` weight matrix: its sizes and
+/// weights, as [`conv_1x1`] finds them (shared by this op and [`crate::qpointwise`], whose data is a
+/// dequantized tensor of the same shape).
+pub(crate) struct Conv1x1 {
+    pub(crate) batch: usize,
+    pub(crate) cin: usize,
+    pub(crate) cout: usize,
+    pub(crate) hw: [usize; 2],
+    /// Whether the data and the output have the batch axis.
+    pub(crate) batch_axis: [bool; 2],
+    /// Row-major `[cout, cin]`.
+    pub(crate) weights: Vec<f32>,
+}
+
+/// The [`Conv1x1`] of an einsum node, or `None` when it is not one: f32 without quantization
+/// parameters, axes of a 1x1 conv ([`conv_axes`]), constant rank-2 f32 weights, concrete shapes that
+/// agree (data `cin` channels, output `[n] cout h w`).
+pub(crate) fn conv_1x1(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> TractResult<Option<Conv1x1>> {
     if einsum.q_params.is_some() || einsum.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
         return Ok(None);
     }
@@ -902,13 +913,25 @@ fn eligible(
     let (cout, cin) = (weights.shape()[0], weights.shape()[1]);
     let (batch, data_chw) = if batch_axis[0] { (shape[0], &shape[1..]) } else { (1, shape) };
     let &[c, h, w] = data_chw else { return Ok(None) };
-    let Ok(op) = PointwiseConv::new(batch, cin, cout, [h, w], batch_axis) else { return Ok(None) };
-    if c != cin || out_shape != &op.shape(1)[..] {
+    if c != cin || out_shape != &nchw(cout, batch, [h, w], batch_axis[1])[..] {
         return Ok(None);
     }
     let Ok(weights) = weights.try_as_plain_ram().and_then(|w| w.as_slice::<f32>().map(<[f32]>::to_vec)) else {
         return Ok(None);
     };
+    Ok(Some(Conv1x1 { batch, cin, cout, hw: [h, w], batch_axis, weights }))
+}
+
+/// The op, packed weights, `[Cout]` bias and the node whose output the op replaces (before any fused
+/// activation: the einsum, or the bias `Add` after it) for an einsum this op can run, or `None`.
+fn eligible(
+    model: &TypedModel,
+    node: &TypedNode,
+    einsum: &EinSum,
+) -> TractResult<Option<(PointwiseConv, Tensor, Tensor, usize)>> {
+    let Some(conv) = conv_1x1(model, node, einsum)? else { return Ok(None) };
+    let Conv1x1 { batch, cin, cout, hw, batch_axis, weights } = conv;
+    let Ok(op) = PointwiseConv::new(batch, cin, cout, hw, batch_axis) else { return Ok(None) };
     let (bias, conv_end) = match bias_after(model, node.id, cout)? {
         Some((bias, add)) => (bias, add),
         None => (vec![0f32; cout], node.id),

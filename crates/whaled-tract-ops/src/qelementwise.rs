@@ -280,29 +280,20 @@ impl TypedOp for QBinary {
 
 #[inline(always)]
 fn run_kernel(kind: BinKind, a: &[u8], b: &[u8], out: &mut [u8], pa: (f32, i32), pb: (f32, i32), q: (f32, u8)) {
+    let deq = |v: u8, (scale, zero): (f32, i32)| (v as i32 - zero) as f32 * scale;
+    let op = |x: f32, y: f32| match kind {
+        BinKind::Mul => x * y,
+        BinKind::Add => x + y,
+    };
     let (q_inv, q_zero) = (q.0, q.1 as i32);
-    match b.len() {
-        1 => {
-            let bf = (b[0] as i32 - pb.1) as f32 * pb.0;
-            for (o, &x) in out.iter_mut().zip(a) {
-                let af = (x as i32 - pa.1) as f32 * pa.0;
-                let y = match kind {
-                    BinKind::Mul => af * bf,
-                    BinKind::Add => af + bf,
-                };
-                *o = quantize_one(y, q_inv, q_zero);
-            }
+    if let [z] = b {
+        let bf = deq(*z, pb);
+        for (o, &x) in out.iter_mut().zip(a) {
+            *o = quantize_one(op(deq(x, pa), bf), q_inv, q_zero);
         }
-        _ => {
-            for ((o, &x), &z) in out.iter_mut().zip(a).zip(b) {
-                let af = (x as i32 - pa.1) as f32 * pa.0;
-                let bf = (z as i32 - pb.1) as f32 * pb.0;
-                let y = match kind {
-                    BinKind::Mul => af * bf,
-                    BinKind::Add => af + bf,
-                };
-                *o = quantize_one(y, q_inv, q_zero);
-            }
+    } else {
+        for ((o, &x), &z) in out.iter_mut().zip(a).zip(b) {
+            *o = quantize_one(op(deq(x, pa), deq(z, pb)), q_inv, q_zero);
         }
     }
 }

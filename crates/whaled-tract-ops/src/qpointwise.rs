@@ -37,7 +37,7 @@ use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
 
 use crate::fuse::{as_clamp, fusable_successors, Post};
-use crate::pointwise::{bias_after, conv_axes, nchw, Pool, Split};
+use crate::pointwise::{bias_after, conv_1x1, nchw, Conv1x1, Out, Pool, Split};
 use crate::quantize::{dequantized_u8, quantize_after, quantize_one};
 
 /// Output channels per block: a substituted conv has a multiple of this many.
@@ -244,20 +244,6 @@ thread_local! {
     static PACKED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The output tensor's bytes, shared by the work items that fill disjoint rectangles of it (see
-/// [`Split`]); every write is bounds-checked against `len` ([`QTile::check`]).
-#[derive(Clone, Copy)]
-struct RawOut {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: as for `pointwise::Out`: used only inside `compute_with`, while the tensor it points into is
-// alive and not otherwise borrowed, by items that write disjoint elements; nothing reads the output
-// until every item has returned.
-unsafe impl Send for RawOut {}
-unsafe impl Sync for RawOut {}
-
 /// One tile: `BLOCK` output channels x `n` pixels from pixel `p0` of one image.
 struct QTile<'a> {
     /// The image's interleaved activation: `quads` rows of `padded * 4` bytes.
@@ -273,7 +259,8 @@ struct QTile<'a> {
     bias: &'a [f32],
     clamp: Option<(f32, f32)>,
     output: QOutput,
-    out: RawOut,
+    /// The output tensor's bytes (f32 or u8 values, [`QOutput`]), shared by the work items.
+    out: Out<u8>,
     /// Element index of the tile's first output (row 0, pixel p0) and the row stride, in elements.
     out_at: usize,
     out_stride: usize,
@@ -561,7 +548,7 @@ impl QPointwiseConv {
             let packed = &packed[..];
             let mut view = out.try_as_plain_ram_mut()?;
             let bytes = view.as_bytes_mut();
-            let raw = RawOut { ptr: bytes.as_mut_ptr(), len: bytes.len() };
+            let raw = Out { ptr: bytes.as_mut_ptr(), len: bytes.len() };
             let item = |i: usize| {
                 let (blocks, tiles) = split.item(i);
                 let columns = tiles.start * TILE..(tiles.end * TILE).min(plane);
@@ -616,27 +603,9 @@ pub fn substitute_with_any_kernel(model: &mut TypedModel) -> TractResult<usize> 
     for id in model.eval_order()? {
         let node = model.node(id);
         let Some(einsum) = node.op_as::<EinSum>() else { continue };
-        if einsum.q_params.is_some() || einsum.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
-            continue;
-        }
-        let Some(batch_axis) = conv_axes(&einsum.axes) else { continue };
+        let Some(conv) = conv_1x1(model, node, einsum)? else { continue };
+        let Conv1x1 { batch, cin, cout, hw, batch_axis, weights: wf } = conv;
         let Some((data, x_scale, x_zero)) = dequantized_u8(model, node.inputs[0])? else { continue };
-        let Some(weights) = model.outlet_fact(node.inputs[1])?.konst.clone() else { continue };
-        if weights.datum_type() != f32::datum_type() || weights.rank() != 2 {
-            continue;
-        }
-        let (cout, cin) = (weights.shape()[0], weights.shape()[1]);
-        let (Some(shape), Some(out_shape)) = (
-            model.outlet_fact(data)?.shape.as_concrete().map(<[usize]>::to_vec),
-            model.outlet_fact(node.id.into())?.shape.as_concrete().map(<[usize]>::to_vec),
-        ) else {
-            continue;
-        };
-        let (batch, chw) = if batch_axis[0] { (shape[0], &shape[1..]) } else { (1, &shape[..]) };
-        let &[c, h, w] = chw else { continue };
-        let Ok(wf) = weights.try_as_plain_ram().and_then(|w| w.as_slice::<f32>().map(<[f32]>::to_vec)) else {
-            continue;
-        };
         let Some((q, scales)) = recover_int8(&wf, cout, cin) else { continue };
         let (bias, conv_end) = match bias_after(model, node.id, cout)? {
             Some((bias, add)) => (bias, add),
@@ -647,10 +616,7 @@ pub fn substitute_with_any_kernel(model: &mut TypedModel) -> TractResult<usize> 
             Some((qid, inv_scale, zero_point)) => (QOutput::U8 { inv_scale: inv_scale.to_bits(), zero_point }, qid),
             None => (QOutput::F32, last),
         };
-        let Ok(op) = QPointwiseConv::new(batch, cin, cout, [h, w], batch_axis, output) else { continue };
-        if c != cin || out_shape != op.shape(1).to_vec() {
-            continue;
-        }
+        let Ok(op) = QPointwiseConv::new(batch, cin, cout, hw, batch_axis, output) else { continue };
         let op = op.with_post(post)?;
         let mul: Vec<f32> = scales.iter().map(|s| x_scale * s).collect();
         // Finite products and biases only: the VNNI epilogue's clamp would turn a NaN into -inf where
