@@ -311,6 +311,10 @@ fn fill_scratch(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
     let (qh, qw, len) = (g.phase_rows(), g.phase_width(), g.phase_len());
     let [h, w] = g.in_hw;
     let [pt, pl] = g.pad_before;
+    if sw == 2 {
+        fill_scratch_sw2(g, input, scratch);
+        return;
+    }
     for pr in 0..sh {
         for pc in 0..sw {
             let phase = &mut scratch[(pr * sw + pc) * len..][..qh * qw];
@@ -332,6 +336,52 @@ fn fill_scratch(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
                         *d = *s;
                     }
                 }
+            }
+        }
+    }
+}
+
+/// [`fill_scratch`] for a column stride of 2, the stride-2 layers of every EfficientNet: one pass over
+/// each input row deals its even and odd columns into the two column phases. (The general path reads
+/// each row once per phase with `step_by`, which does not vectorise: 11 of the 15 ms of the B4's first
+/// stride-2 layer, 144 planes of 256x256.) Input column `ix` is padded column `ix + pl`, so phase
+/// `(ix + pl) % 2`, column `(ix + pl) / 2`: the even columns go to phase `pl % 2` from column `pl / 2`,
+/// the odd ones to phase `(pl + 1) % 2` from column `(pl + 1) / 2`, both cut at `phase_width`.
+fn fill_scratch_sw2(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
+    let sh = g.stride[0];
+    let (qh, qw, len) = (g.phase_rows(), g.phase_width(), g.phase_len());
+    let [h, w] = g.in_hw;
+    let [pt, pl] = g.pad_before;
+    let (pe, je) = (pl % 2, pl / 2);
+    let (po, jo) = ((pl + 1) % 2, pl.div_ceil(2));
+    let n_even = w.div_ceil(2).min(qw.saturating_sub(je));
+    let n_odd = (w / 2).min(qw.saturating_sub(jo));
+    debug_assert!(n_odd <= n_even && n_even <= n_odd + 1);
+    // Input rows in order (padded row `iy + pt` is phase row `(iy + pt) % sh`, row `(iy + pt) / sh`),
+    // so the plane is read front to back.
+    for (iy, src) in input.chunks_exact(w).enumerate().take(h) {
+        let (pr, i) = ((iy + pt) % sh, (iy + pt) / sh);
+        if i >= qh {
+            break;
+        }
+        {
+            let row = |pc: usize| (pr * 2 + pc) * len + i * qw;
+            let (even_at, odd_at) = (row(pe) + je, row(po) + jo);
+            // The two phases are disjoint `len`-long blocks of the scratch: split it between them.
+            let (even, odd) = if even_at < odd_at {
+                let (a, b) = scratch.split_at_mut(odd_at);
+                (&mut a[even_at..][..n_even], &mut b[..n_odd])
+            } else {
+                let (a, b) = scratch.split_at_mut(even_at);
+                (&mut b[..n_even], &mut a[odd_at..][..n_odd])
+            };
+            // Never more odd columns than even ones (`jo >= je`), and at most one even column more.
+            for ((e, o), s) in even.iter_mut().zip(odd.iter_mut()).zip(src.chunks_exact(2)) {
+                *e = s[0];
+                *o = s[1];
+            }
+            if n_even > n_odd {
+                even[n_odd] = src[2 * n_odd];
             }
         }
     }
@@ -614,6 +664,13 @@ mod tests {
             ([40, 37], [5, 3], [1, 2], [2, 1], [4, 1], [3, 0]),
             ([5, 70], [3, 3], [3, 3], [1, 2], [0, 2], [2, 1]),
             ([1, 1], [3, 3], [1, 1], [1, 1], [1, 1], [1, 1]),
+            // Column stride 2 (`fill_scratch_sw2`): odd and even pads and widths, TF-style (0, 1) pads,
+            // a pad larger than a phase's first column, dilation.
+            ([10, 10], [3, 3], [2, 2], [1, 1], [0, 0], [1, 1]),
+            ([10, 13], [3, 3], [2, 2], [1, 1], [1, 1], [1, 1]),
+            ([13, 12], [5, 5], [2, 2], [1, 1], [1, 3], [2, 2]),
+            ([6, 5], [3, 5], [2, 2], [2, 2], [2, 4], [1, 3]),
+            ([4, 2], [3, 3], [3, 2], [1, 1], [1, 1], [1, 1]),
         ];
         for (in_hw, kernel, stride, dilation, pb, pa) in cases {
             let out_hw: [usize; 2] =
