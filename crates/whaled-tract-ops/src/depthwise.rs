@@ -364,25 +364,23 @@ fn fill_scratch_sw2(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
         if i >= qh {
             break;
         }
-        {
-            let row = |pc: usize| (pr * 2 + pc) * len + i * qw;
-            let (even_at, odd_at) = (row(pe) + je, row(po) + jo);
-            // The two phases are disjoint `len`-long blocks of the scratch: split it between them.
-            let (even, odd) = if even_at < odd_at {
-                let (a, b) = scratch.split_at_mut(odd_at);
-                (&mut a[even_at..][..n_even], &mut b[..n_odd])
-            } else {
-                let (a, b) = scratch.split_at_mut(even_at);
-                (&mut b[..n_even], &mut a[odd_at..][..n_odd])
-            };
-            // Never more odd columns than even ones (`jo >= je`), and at most one even column more.
-            for ((e, o), s) in even.iter_mut().zip(odd.iter_mut()).zip(src.chunks_exact(2)) {
-                *e = s[0];
-                *o = s[1];
-            }
-            if n_even > n_odd {
-                even[n_odd] = src[2 * n_odd];
-            }
+        let row = |pc: usize| (pr * 2 + pc) * len + i * qw;
+        let (even_at, odd_at) = (row(pe) + je, row(po) + jo);
+        // The two phases are disjoint `len`-long blocks of the scratch: split it between them.
+        let (even, odd) = if even_at < odd_at {
+            let (a, b) = scratch.split_at_mut(odd_at);
+            (&mut a[even_at..][..n_even], &mut b[..n_odd])
+        } else {
+            let (a, b) = scratch.split_at_mut(even_at);
+            (&mut b[..n_even], &mut a[odd_at..][..n_odd])
+        };
+        // Never more odd columns than even ones (`jo >= je`), and at most one even column more.
+        for ((e, o), s) in even.iter_mut().zip(odd.iter_mut()).zip(src.chunks_exact(2)) {
+            *e = s[0];
+            *o = s[1];
+        }
+        if n_even > n_odd {
+            even[n_odd] = src[2 * n_odd];
         }
     }
 }
