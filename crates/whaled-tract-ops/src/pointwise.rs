@@ -15,8 +15,9 @@
 //! registers over every input channel (AVX-512: 8 x 48, 24 registers; AVX2 + FMA: two passes of
 //! 4 x 16; NEON: 8 x 12 with lane-indexed multiply-adds), reading the activation rows in place; a
 //! plane's last, partial tile reads a zero-padded copy of its columns. Output-channel blocks are split
-//! across tract's intra-op thread pool; within a thread, one pixel tile is run against all of its
-//! blocks before the next (the tile's activation columns stay in cache).
+//! across tract's intra-op thread pool (column ranges first where the activation outweighs the
+//! weights, so each thread reads only its part of it); within a thread, one pixel tile is run against
+//! all of its blocks before the next (the tile's activation columns stay in cache).
 //!
 //! Numerics: every output is `bias + sum over ci of w * x`, in input-channel order, in f32 with fused
 //! multiply-adds where the CPU has them: the sum tract and onnxruntime compute in some order.
@@ -259,6 +260,14 @@ impl Split {
         Split { blocks, tiles, block_groups, column_groups }
     }
 
+    /// About `items` items, split over the column tiles first (then over blocks if there are fewer
+    /// tiles than items).
+    pub(crate) fn columns_first(blocks: usize, tiles: usize, items: usize) -> Split {
+        let column_groups = items.clamp(1, tiles);
+        let block_groups = items.div_ceil(column_groups).clamp(1, blocks);
+        Split { blocks, tiles, block_groups, column_groups }
+    }
+
     pub(crate) fn items(&self) -> usize {
         self.block_groups * self.column_groups
     }
@@ -308,7 +317,16 @@ impl PointwiseConv {
         let blocks_per_image = cout / BLOCK;
         let macs = self.batch * cout * cin * plane;
         let pool = Pool::for_work(macs);
-        let split = Split::new(self.batch * blocks_per_image, plane.div_ceil(full), 4 * pool.threads());
+        let (blocks, tiles, items) = (self.batch * blocks_per_image, plane.div_ceil(full), 4 * pool.threads());
+        // Threads split what is larger: where the activation (`cin x plane`) outweighs the weights
+        // (`cin x cout`: the B4's and Lite0's early, large planes) each reads part of the columns and all
+        // weights, instead of all of the activation for part of the blocks. 2 threads: B4 -2 to -5 %, Lite0
+        // and the gate -2 to -4 % (docs/BENCHMARKS.md).
+        let split = if pool.threads() > 1 && plane > cout {
+            Split::columns_first(blocks, tiles, items)
+        } else {
+            Split::new(blocks, tiles, items)
+        };
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
@@ -1077,23 +1095,24 @@ mod tests {
         for (blocks, tiles, items) in
             [(1, 1, 8), (3, 262, 8), (160, 2, 8), (3, 1, 8), (2, 5, 4), (7, 7, 1), (5, 3, 16), (24, 1, 8)]
         {
-            let split = Split::new(blocks, tiles, items);
-            let mut seen = vec![0u8; blocks * tiles];
-            for i in 0..split.items() {
-                let (bs, ts) = split.item(i);
-                assert!(!bs.is_empty() && !ts.is_empty(), "{blocks} x {tiles} / {items}: item {i} is empty");
-                for b in bs {
-                    for t in ts.clone() {
-                        seen[b * tiles + t] += 1;
+            for split in [Split::new(blocks, tiles, items), Split::columns_first(blocks, tiles, items)] {
+                let mut seen = vec![0u8; blocks * tiles];
+                for i in 0..split.items() {
+                    let (bs, ts) = split.item(i);
+                    assert!(!bs.is_empty() && !ts.is_empty(), "{blocks} x {tiles} / {items}: item {i} is empty");
+                    for b in bs {
+                        for t in ts.clone() {
+                            seen[b * tiles + t] += 1;
+                        }
                     }
                 }
+                assert!(seen.iter().all(|&n| n == 1), "{blocks} x {tiles} / {items}: {seen:?}");
+                assert!(
+                    split.items() >= items.min(blocks * tiles),
+                    "{blocks} x {tiles} / {items}: only {} items",
+                    split.items()
+                );
             }
-            assert!(seen.iter().all(|&n| n == 1), "{blocks} x {tiles} / {items}: {seen:?}");
-            assert!(
-                split.items() >= items.min(blocks * tiles),
-                "{blocks} x {tiles} / {items}: only {} items",
-                split.items()
-            );
         }
     }
 
