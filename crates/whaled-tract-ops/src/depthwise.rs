@@ -307,14 +307,14 @@ impl DepthwiseConv {
 /// `(i * stride[0] + pr, j * stride[1] + pc)`. Writes only the positions inside the input: the caller
 /// zeroes the scratch once per geometry (every plane of a geometry writes the same positions).
 fn fill_scratch(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
+    if g.stride[1] == 2 {
+        fill_scratch_sw2(g, input, scratch);
+        return;
+    }
     let [sh, sw] = g.stride;
     let (qh, qw, len) = (g.phase_rows(), g.phase_width(), g.phase_len());
     let [h, w] = g.in_hw;
     let [pt, pl] = g.pad_before;
-    if sw == 2 {
-        fill_scratch_sw2(g, input, scratch);
-        return;
-    }
     for pr in 0..sh {
         for pc in 0..sw {
             let phase = &mut scratch[(pr * sw + pc) * len..][..qh * qw];
@@ -350,7 +350,7 @@ fn fill_scratch(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
 fn fill_scratch_sw2(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
     let sh = g.stride[0];
     let (qh, qw, len) = (g.phase_rows(), g.phase_width(), g.phase_len());
-    let [h, w] = g.in_hw;
+    let w = g.in_hw[1];
     let [pt, pl] = g.pad_before;
     let (pe, je) = (pl % 2, pl / 2);
     let (po, jo) = ((pl + 1) % 2, pl.div_ceil(2));
@@ -359,7 +359,7 @@ fn fill_scratch_sw2(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
     debug_assert!(n_odd <= n_even && n_even <= n_odd + 1);
     // Input rows in order (padded row `iy + pt` is phase row `(iy + pt) % sh`, row `(iy + pt) / sh`),
     // so the plane is read front to back.
-    for (iy, src) in input.chunks_exact(w).enumerate().take(h) {
+    for (iy, src) in input.chunks_exact(w).enumerate() {
         let (pr, i) = ((iy + pt) % sh, (iy + pt) / sh);
         if i >= qh {
             break;
