@@ -10,10 +10,12 @@
 //! element-wise max/min with constants right after it (ReLU, ReLU6) is fused into the op. The op
 //! computes one channel plane at a time: the plane is copied once into a thread-local zero-padded
 //! scratch split into `stride[0] x stride[1]` phases, so that every tap of every output is one flat
-//! offset into the scratch; "virtual" output rows `phase_width` wide are accumulated in registers over
-//! all taps (chunks of 32) with fused multiply-adds where the CPU has them (AVX2+FMA or AVX-512 chosen at
-//! run time on x86_64; NEON on aarch64, where FMA is baseline), clamped, and their first `out_w` columns
-//! copied out. Channel planes are split across tract's intra-op thread pool.
+//! offset into the scratch; outputs are accumulated in registers over all taps (chunks of 32) with fused
+//! multiply-adds where the CPU has them (AVX2+FMA or AVX-512 chosen at run time on x86_64; NEON on
+//! aarch64, where FMA is baseline) and clamped. Where the output rows are whole chunks (every plane of 32
+//! columns or a multiple: the large planes), the chunks are stored straight into the output, row by
+//! row; elsewhere "virtual" output rows `phase_width` wide are computed as one flat run of chunks and
+//! their first `out_w` columns copied out. Channel planes are split across tract's intra-op thread pool.
 
 //! Numerics: every output is `bias + sum over taps of w * x`, taps in row-major kernel order, in f32,
 //! the same sum tract and onnxruntime compute in some order; tests/depthwise.rs checks it against both
@@ -258,8 +260,9 @@ impl DepthwiseConv {
             "WhaledDepthwiseConv: inputs do not match {g:?}"
         );
         // SAFETY: f32 has no invalid bit patterns, and every element is written below before the tensor
-        // is returned: each output plane is `out_hw[0]` rows of `out_hw[1]`, each row copied from the
-        // virtual plane (`virtual_len >= out_hw[0] * phase_width`), so no uninitialised value escapes.
+        // is returned: each output plane is `out_hw[0]` rows of `out_hw[1]`, each row either computed
+        // in place as whole chunks (`out_hw[1]` a multiple of CHUNK) or copied from the virtual plane
+        // (`virtual_len >= out_hw[0] * phase_width`), so no uninitialised value escapes.
         // Not zeroing saves a full write pass over the output (measured: docs/BENCHMARKS.md).
         let mut out = unsafe { Tensor::uninitialized::<f32>(&self.shape(g.out_hw))? };
         let plane_out = g.out_plane();
@@ -286,9 +289,17 @@ impl DepthwiseConv {
                             let c = plane % g.channels;
                             let input = &x[plane * g.in_plane()..][..g.in_plane()];
                             fill_scratch(g, input, scratch);
-                            kernel(scratch, &offsets, &k[c * g.taps()..][..g.taps()], b[c], &self.post, virt);
-                            // Keep the first out_hw[1] of every phase_width-long virtual row.
+                            let taps = &k[c * g.taps()..][..g.taps()];
                             let (ow, qw) = (g.out_hw[1], g.phase_width());
+                            if ow.is_multiple_of(CHUNK) {
+                                // Output row y is virtual row y's first `ow`: computed in place. Saves
+                                // the copy (B4 at 512: -4 % of the inference, docs/BENCHMARKS.md).
+                                kernel(scratch, &offsets, taps, b[c], &self.post, o, [ow, qw]);
+                                continue;
+                            }
+                            let flat = [virt.len(), 0];
+                            kernel(scratch, &offsets, taps, b[c], &self.post, virt, flat);
+                            // Keep the first out_hw[1] of every phase_width-long virtual row.
                             for (dst, src) in o.chunks_exact_mut(ow).zip(virt.chunks(qw)) {
                                 dst.copy_from_slice(&src[..ow]);
                             }
@@ -385,8 +396,10 @@ fn fill_scratch_sw2(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
     }
 }
 
-/// Computes one virtual output plane from the scratch of its input plane.
-type PlaneKernel = fn(&[f32], &[usize], &[f32], f32, &[Post], &mut [f32]);
+/// Computes output rows from the scratch of their input plane: `out` is rows of `rows[0]` outputs (a
+/// multiple of `CHUNK`), row `y` starting at virtual index `y * rows[1]`. The flat virtual plane is one
+/// row (`[virt.len(), 0]`); an output plane whose rows are whole chunks, its rows (`[out_w, phase_width]`).
+type PlaneKernel = fn(&[f32], &[usize], &[f32], f32, &[Post], &mut [f32], [usize; 2]);
 
 /// `acc + x * w`, fused where `FMA` (a plain function, not a closure: it must inline into the
 /// `target_feature` kernels to be compiled with their features).
@@ -399,9 +412,9 @@ fn madd<const FMA: bool>(acc: f32, x: f32, w: f32) -> f32 {
     }
 }
 
-/// The body of every plane kernel: for each chunk of `CHUNK` virtual outputs, the bias plus every tap
-/// accumulated in registers, then one store. `FMA` selects fused multiply-adds (only where the CPU
-/// has them: without hardware FMA `mul_add` is a library call).
+/// The body of every plane kernel: for each chunk of `CHUNK` outputs (see [`PlaneKernel`] for `rows`),
+/// the bias plus every tap accumulated in registers, then one store. `FMA` selects fused multiply-adds
+/// (only where the CPU has them: without hardware FMA `mul_add` is a library call).
 #[inline(always)]
 fn plane<const FMA: bool>(
     scratch: &[f32],
@@ -409,59 +422,116 @@ fn plane<const FMA: bool>(
     taps: &[f32],
     bias: f32,
     post: &[Post],
-    virt: &mut [f32],
+    out: &mut [f32],
+    rows: [usize; 2],
 ) {
-    for (t0, out) in virt.chunks_exact_mut(CHUNK).enumerate() {
-        let t0 = t0 * CHUNK;
-        let mut acc = [bias; CHUNK];
-        for (&off, &w) in offsets.iter().zip(taps) {
-            let src: &[f32; CHUNK] = match scratch.get(off + t0..off + t0 + CHUNK).and_then(|s| s.try_into().ok()) {
-                Some(s) => s,
-                // `phase_len` leaves room for the last chunk's furthest tap: a miss is a bug here, and
-                // returning would leave the previous plane's values in `virt`.
-                None => unreachable!("depthwise scratch too short for tap offset {off} at {t0}"),
-            };
-            for i in 0..CHUNK {
-                acc[i] = madd::<FMA>(acc[i], src[i], w);
-            }
+    let [row_len, row_at] = rows;
+    for (y, row) in out.chunks_exact_mut(row_len).enumerate() {
+        for (j, out) in row.chunks_exact_mut(CHUNK).enumerate() {
+            chunk::<FMA>(scratch, offsets, taps, bias, post, y * row_at + j * CHUNK, out);
         }
-        // Fused element-wise successors (ReLU, ReLU6), in graph order.
-        for p in post {
-            match *p {
-                Post::Max(v) => acc.iter_mut().for_each(|a| *a = a.max(f32::from_bits(v))),
-                Post::Min(v) => acc.iter_mut().for_each(|a| *a = a.min(f32::from_bits(v))),
-            }
-        }
-        out.copy_from_slice(&acc);
     }
 }
 
-fn plane_portable(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, post: &[Post], virt: &mut [f32]) {
-    plane::<{ cfg!(target_arch = "aarch64") }>(scratch, offsets, taps, bias, post, virt)
+/// One chunk of [`plane`]: the `CHUNK` outputs at virtual index `t0`.
+#[inline(always)]
+fn chunk<const FMA: bool>(
+    scratch: &[f32],
+    offsets: &[usize],
+    taps: &[f32],
+    bias: f32,
+    post: &[Post],
+    t0: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [bias; CHUNK];
+    for (&off, &w) in offsets.iter().zip(taps) {
+        let src: &[f32; CHUNK] = match scratch.get(off + t0..off + t0 + CHUNK).and_then(|s| s.try_into().ok()) {
+            Some(s) => s,
+            // `phase_len` leaves room for the last chunk's furthest tap: a miss is a bug here, and
+            // returning would leave stale values in `out`.
+            None => unreachable!("depthwise scratch too short for tap offset {off} at {t0}"),
+        };
+        for i in 0..CHUNK {
+            acc[i] = madd::<FMA>(acc[i], src[i], w);
+        }
+    }
+    // Fused element-wise successors (ReLU, ReLU6), in graph order.
+    for p in post {
+        match *p {
+            Post::Max(v) => acc.iter_mut().for_each(|a| *a = a.max(f32::from_bits(v))),
+            Post::Min(v) => acc.iter_mut().for_each(|a| *a = a.min(f32::from_bits(v))),
+        }
+    }
+    out.copy_from_slice(&acc);
+}
+
+fn plane_portable(
+    scratch: &[f32],
+    offsets: &[usize],
+    taps: &[f32],
+    bias: f32,
+    post: &[Post],
+    out: &mut [f32],
+    rows: [usize; 2],
+) {
+    plane::<{ cfg!(target_arch = "aarch64") }>(scratch, offsets, taps, bias, post, out, rows)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn plane_avx2(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, post: &[Post], virt: &mut [f32]) {
-    plane::<true>(scratch, offsets, taps, bias, post, virt)
+fn plane_avx2(
+    scratch: &[f32],
+    offsets: &[usize],
+    taps: &[f32],
+    bias: f32,
+    post: &[Post],
+    out: &mut [f32],
+    rows: [usize; 2],
+) {
+    plane::<true>(scratch, offsets, taps, bias, post, out, rows)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn plane_avx512(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, post: &[Post], virt: &mut [f32]) {
-    plane::<true>(scratch, offsets, taps, bias, post, virt)
+fn plane_avx512(
+    scratch: &[f32],
+    offsets: &[usize],
+    taps: &[f32],
+    bias: f32,
+    post: &[Post],
+    out: &mut [f32],
+    rows: [usize; 2],
+) {
+    plane::<true>(scratch, offsets, taps, bias, post, out, rows)
 }
 
 #[cfg(target_arch = "x86_64")]
-fn plane_avx2_checked(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, post: &[Post], virt: &mut [f32]) {
+fn plane_avx2_checked(
+    scratch: &[f32],
+    offsets: &[usize],
+    taps: &[f32],
+    bias: f32,
+    post: &[Post],
+    out: &mut [f32],
+    rows: [usize; 2],
+) {
     // SAFETY: only selected by `select_kernel` after `is_x86_feature_detected!` saw avx2 and fma.
-    unsafe { plane_avx2(scratch, offsets, taps, bias, post, virt) }
+    unsafe { plane_avx2(scratch, offsets, taps, bias, post, out, rows) }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn plane_avx512_checked(scratch: &[f32], offsets: &[usize], taps: &[f32], bias: f32, post: &[Post], virt: &mut [f32]) {
+fn plane_avx512_checked(
+    scratch: &[f32],
+    offsets: &[usize],
+    taps: &[f32],
+    bias: f32,
+    post: &[Post],
+    out: &mut [f32],
+    rows: [usize; 2],
+) {
     // SAFETY: only selected by `select_kernel` after `is_x86_feature_detected!` saw avx512f, avx2 and fma.
-    unsafe { plane_avx512(scratch, offsets, taps, bias, post, virt) }
+    unsafe { plane_avx512(scratch, offsets, taps, bias, post, out, rows) }
 }
 
 /// The widest plane kernel this CPU runs, with its name (for logs and `whaled bench --profile`).
@@ -669,6 +739,13 @@ mod tests {
             ([13, 12], [5, 5], [2, 2], [1, 1], [1, 3], [2, 2]),
             ([6, 5], [3, 5], [2, 2], [2, 2], [2, 4], [1, 3]),
             ([4, 2], [3, 3], [3, 2], [1, 1], [1, 1], [1, 1]),
+            // Output rows of whole chunks (computed in place, row by row): 32 and 64 columns, strides
+            // 1 and 2, 3x3 and 5x5, and 96 columns from a 5x3 with unequal pads.
+            ([5, 32], [3, 3], [1, 1], [1, 1], [1, 1], [1, 1]),
+            ([9, 64], [5, 5], [1, 1], [1, 1], [2, 2], [2, 2]),
+            ([9, 128], [3, 3], [2, 2], [1, 1], [0, 0], [1, 1]),
+            ([7, 63], [5, 5], [2, 2], [1, 1], [2, 2], [2, 2]),
+            ([6, 96], [5, 3], [1, 1], [1, 1], [3, 2], [1, 0]),
         ];
         for (in_hw, kernel, stride, dilation, pb, pa) in cases {
             let out_hw: [usize; 2] =
