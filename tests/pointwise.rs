@@ -4,7 +4,9 @@
 //! The cases: the 1x1 layers of the shipped and generated models (Lite0 expansions ending in ReLU6,
 //! which the op fuses, and projections; EfficientNet-B4 at 512 with SiLU, which it does not; the head;
 //! a ResNet bottleneck with ReLU), a batch of 2, random shapes at every tile width and tail, with and
-//! without bias, at 1 and 2 threads; and 1x1 convolutions the op must leave to tract (output channels
+//! without bias, at 1 and 2 threads; squeeze-excitation products feeding the conv (folded into its
+//! weights where the plane is at least as large as the output channels and the batch is 1, left to
+//! tract elsewhere); and 1x1 convolutions the op must leave to tract (output channels
 //! not a multiple of 8, padded, grouped), which must still be right; a strided 1x1 (tract makes it a
 //! subsampling and a 1x1) is substituted.
 //!
@@ -46,6 +48,7 @@ fn whaled_pointwise_matches_tract_and_onnxruntime() {
             let want = usize::from(want_substituted);
             assert_eq!((n, in_plan), (want, want), "{name}: substituted {n}, {in_plan} in the plan ({case})");
             assert_eq!(fused, case["fused"].as_bool().unwrap(), "{name}: activation fusion ({case})");
+            assert_eq!(ours.scaled, case["scaled"].as_bool().unwrap(), "{name}: input scale folded ({case})");
             let (out_shape, out) = run(&ours.plan, &shape, &x);
             assert_eq!(out_shape, ref_shape, "{name}: output shape");
             // Random N(0,1) data and weights: outputs are O(sqrt(cin)); f32 sums of up to 1632 terms.

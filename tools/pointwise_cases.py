@@ -23,13 +23,19 @@ import onnxruntime as ort
 from onnx_build import Graph
 
 
-def conv_model(cin, cout, h, w, batch, rng, with_bias=True, post=None, stride=1, pad=0, group=1):
+def conv_model(cin, cout, h, w, batch, rng, with_bias=True, post=None, stride=1, pad=0, group=1, se=False):
     """A 1x1 Conv `x` [batch, cin, h, w] -> `y`, then `post`: "relu", "relu6" (Clip 0..6) or "silu"
-    (x * sigmoid(x), which whaled does not fuse)."""
+    (x * sigmoid(x), which whaled does not fuse). With `se`, the conv's data is the input times a
+    squeeze-excitation-like gate computed from it, one factor per channel and image
+    (`x * sigmoid(GlobalAveragePool(x))`), as in every EfficientNet block: whaled folds the product
+    into the conv's weights where the plane is at least as large as `cout` and the batch is 1."""
     wgt = rng.standard_normal((cout, cin // group, 1, 1)).astype(np.float32)
     bias = rng.standard_normal(cout).astype(np.float32)
     g = Graph("pointwise", (h, w), in_name="x", in_channels=cin, batch=batch)
-    y = g.node("Conv", [g.in_name, g.const(wgt)] + ([g.const(bias, "b")] if with_bias else []),
+    data = g.in_name
+    if se:
+        data = g.node("Mul", [data, g.node("Sigmoid", [g.gap(data)])])
+    y = g.node("Conv", [data, g.const(wgt)] + ([g.const(bias, "b")] if with_bias else []),
                kernel_shape=[1, 1], strides=[stride, stride], pads=[pad] * 4, group=group)
     return g.finish(g.activation(y, post), "y", [batch, cout, None, None], "a 1x1 conv test case")
 
@@ -52,6 +58,14 @@ def fixed_cases():
         ("strided", 64, 128, 14, 14, 1, None, {"stride": 2}, True),
         ("tract-padded", 8, 16, 6, 6, 1, None, {"pad": 1}, False),
         ("tract-grouped", 16, 32, 6, 6, 1, None, {"group": 2}, False),
+        # Squeeze-excitation products folded into the weights: the B4's projections at 128x128 and
+        # 32x32, a plane just above the output channels, with a fused ReLU, without bias; and left as
+        # a product where the plane is smaller than cout (the B4's 16x16 projections) or the batch is 2.
+        ("se-b4-project-128", 192, 32, 128, 128, 1, None, {"se": True}, True),
+        ("se-b4-project-32", 672, 112, 32, 32, 1, None, {"se": True}, True),
+        ("se-plane-above-cout", 13, 40, 7, 6, 1, "relu", {"se": True, "with_bias": False}, True),
+        ("se-plane-below-cout", 96, 272, 16, 16, 1, None, {"se": True}, True),
+        ("se-batch-2", 24, 16, 9, 9, 2, None, {"se": True}, True),
     ]
 
 
@@ -84,8 +98,10 @@ def main():
         onnx.save(model, os.path.join(args.out, f"{name}.onnx"))
         np.save(os.path.join(args.out, f"{name}.input.npy"), x)
         np.save(os.path.join(args.out, f"{name}.ort.npy"), y)
+        scaled = extra.get("se", False) and batch == 1 and h * w >= cout
         listing.append(dict(name=name, cin=cin, cout=cout, input=[batch, cin, h, w], output=list(y.shape),
                             post=post, fused=post in ("relu", "relu6") and substituted, substituted=substituted,
+                            scaled=scaled,
                             **{k: v for k, v in extra.items()}))
     with open(os.path.join(args.out, "cases.json"), "w") as f:
         json.dump(listing, f, indent=1)

@@ -35,6 +35,9 @@ pub struct Loaded {
     pub in_plan: usize,
     /// Whether a ReLU / ReLU6 was fused into one of them (its info lists the steps).
     pub fused: bool,
+    /// Whether one of them takes its data times per-channel factors (a squeeze-excitation product
+    /// folded into a pointwise conv: its info says so).
+    pub scaled: bool,
 }
 
 /// Loads `onnx` for input `shape`, through whaled's substitution unless `stock`, at `threads`
@@ -48,6 +51,7 @@ pub fn load(onnx: &Path, shape: &[usize], stock: bool, threads: usize, op: &str)
     let ours: Vec<_> = typed.nodes().iter().filter(|n| n.op().name() == op).collect();
     let in_plan = ours.len();
     let fused = ours.iter().any(|n| n.op().info().unwrap().iter().any(|l| l.contains("then [Max")));
+    let scaled = ours.iter().any(|n| n.op().info().unwrap().iter().any(|l| l.contains("input scaled per channel")));
     let leftover = typed.nodes().iter().any(|n| n.op().name().contains("Max") || n.op().name().contains("Min"));
     assert!(stock || !fused || !leftover, "{onnx:?}: fused, yet a Max/Min op is left in the plan");
     let mut options = RunOptions::default();
@@ -55,7 +59,7 @@ pub fn load(onnx: &Path, shape: &[usize], stock: bool, threads: usize, op: &str)
         options.executor = Some(tract_linalg::multithread::Executor::multithread(threads));
     }
     let plan = typed.into_runnable_with_options(&options).unwrap();
-    Loaded { plan, substituted, in_plan, fused }
+    Loaded { plan, substituted, in_plan, fused, scaled }
 }
 
 /// The plan's first output on `x`: shape and values.

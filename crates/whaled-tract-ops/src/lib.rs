@@ -1,7 +1,8 @@
 //! whaled's own tract operators: kernels for the ops where `whaled bench --profile` showed tract 0.23
 //! furthest from onnxruntime, substituted into a model at load time through tract's public op API
 //! (nothing in tract is forked). Today: depthwise 2-D convolution ([`depthwise`]) and pointwise (1x1)
-//! convolution ([`pointwise`]), each with the ReLU / ReLU6 that follows it fused ([`fuse`]).
+//! convolution ([`pointwise`]), each with the ReLU / ReLU6 that follows it fused ([`fuse`]), the
+//! pointwise one also with the squeeze-excitation product before it.
 //!
 //! A separate crate so that these loops are compiled optimised in every profile: whaled's own crate is
 //! unoptimised in dev builds, and an unoptimised kernel would make the test suite's pipelines (with

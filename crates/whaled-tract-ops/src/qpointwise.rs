@@ -535,7 +535,7 @@ impl QPointwiseConv {
         let mut out = unsafe { Tensor::uninitialized_dt(self.output_type(), &self.shape(1))? };
         let blocks_per_image = cout / BLOCK;
         let pool = Pool::for_work(self.batch * cout * cin * plane / 4);
-        let split = Split::new(self.batch * blocks_per_image, plane.div_ceil(TILE), 4 * pool.threads());
+        let split = Split::new(self.batch * blocks_per_image, plane.div_ceil(TILE), pool.items());
         // The interleaving buffer is taken out of the thread-local for the call, not borrowed across
         // the pool's run: a pool thread waiting there may run another inference's op meanwhile
         // (`on_pool`), which then finds the slot empty and packs into a buffer of its own.
