@@ -866,8 +866,9 @@ fn row_payload(r: &Row) -> Vec<u8> {
     p
 }
 
-/// Dot product with eight independent sums (vectorises; ~4x a naive fold).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Dot product with eight independent sums (vectorises; ~4x a naive fold). The gallery's and the
+/// head's cosines both use it.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());

@@ -172,12 +172,12 @@ impl IdentificationHead {
         &self.species[slot]
     }
 
-    /// Cosine similarity of an (L2-normalised) embedding with every active class centre.
+    /// Cosine similarity of an (L2-normalised) embedding with every active class centre: the gallery's
+    /// vectorised dot product (a plain `sum` of products is one dependent chain of additions: 6-9 ms
+    /// for the upstream's 15,587 x 512 head, against about 2 ms, the time to read the head from memory).
     pub fn cosines(&self, embedding: &[f32], out: &mut Vec<f32>) {
         out.clear();
-        out.extend(
-            self.centres.chunks_exact(self.dim).map(|row| row.iter().zip(embedding).map(|(a, b)| a * b).sum::<f32>()),
-        );
+        out.extend(self.centres.chunks_exact(self.dim).map(|row| crate::gallery::dot(row, embedding)));
     }
 }
 

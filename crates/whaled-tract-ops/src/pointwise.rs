@@ -142,10 +142,12 @@ pub fn pack_weights(w: &[f32], cout: usize, cin: usize) -> TractResult<Tensor> {
 
 /// Packed weights ([`pack_weights`]) with input channel `ci`'s multiplied by `s[ci]`.
 fn scale_packed(w: &[f32], s: &[f32]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(w.len());
-    for block in w.chunks_exact(s.len() * BLOCK) {
-        for (ws, &f) in block.chunks_exact(BLOCK).zip(s) {
-            out.extend(ws.iter().map(|&w| w * f));
+    let mut out = vec![0f32; w.len()];
+    for (dst, src) in out.chunks_exact_mut(s.len() * BLOCK).zip(w.chunks_exact(s.len() * BLOCK)) {
+        for ((d, w), &f) in dst.chunks_exact_mut(BLOCK).zip(src.chunks_exact(BLOCK)).zip(s) {
+            for (d, &w) in d.iter_mut().zip(w) {
+                *d = w * f;
+            }
         }
     }
     out
