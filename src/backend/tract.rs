@@ -129,11 +129,12 @@ impl TractBackend {
         let f16 = req.inference.tract_precision == TractPrecision::F16;
         let (typed, substituted) = optimise(model, stock, f16).map_err(|e| te("tract cannot optimise", e))?;
         log::debug!(
-            "{}: {} depthwise convolutions on whaled's kernel ({}), {} pointwise ({}), {} int8 pointwise ({}), \
+            "{}: {} depthwise convolutions on whaled's kernel ({}), {} stem, {} pointwise ({}), {} int8 pointwise ({}), \
              {} quantizations vectorised, {} lookup tables, {} u8 element-wise{}",
             m.name,
             substituted.depthwise,
             whaled_tract_ops::depthwise::kernel_name(),
+            substituted.stem,
             substituted.pointwise,
             whaled_tract_ops::pointwise::kernel_name(),
             substituted.int8_pointwise,
@@ -216,6 +217,8 @@ pub fn int8_kernels() -> bool {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Substituted {
     pub depthwise: usize,
+    /// Dense convolutions over few input channels (a network's first layer).
+    pub stem: usize,
     pub pointwise: usize,
     /// Integer (u8 x i8) pointwise convolutions of a static-QDQ int8 model.
     pub int8_pointwise: usize,
@@ -229,8 +232,9 @@ pub struct Substituted {
 
 /// Types, declutters and optimises a parsed model; in between, with `f16`, translates it to half
 /// precision (tract's own `f32_to_f16` transform: input and output become f16 too), and unless `stock`
-/// substitutes whaled's kernels for the ops it has better ones for (today: f32 depthwise and pointwise
-/// convolutions, [`whaled_tract_ops::depthwise`], [`whaled_tract_ops::pointwise`]; in static-QDQ int8
+/// substitutes whaled's kernels for the ops it has better ones for (today: f32 depthwise, stem and
+/// pointwise convolutions, [`whaled_tract_ops::depthwise`], [`whaled_tract_ops::stem`],
+/// [`whaled_tract_ops::pointwise`]; in static-QDQ int8
 /// models, integer pointwise convolutions on CPUs with AVX-512 VNNI, [`whaled_tract_ops::qpointwise`],
 /// and a vectorised `QuantizeLinear`, [`whaled_tract_ops::quantize`]). Returns the
 /// optimised model and how many nodes were substituted.
@@ -245,6 +249,9 @@ pub fn optimise(model: InferenceModel, stock: bool, f16: bool) -> TractResult<(T
     let mut substituted = Substituted::default();
     if whaled_tract_ops::depthwise::ENABLED && !stock {
         substituted.depthwise = whaled_tract_ops::depthwise::substitute(&mut typed)?;
+    }
+    if whaled_tract_ops::stem::ENABLED && !stock {
+        substituted.stem = whaled_tract_ops::stem::substitute(&mut typed)?;
     }
     // The int8 ops where the float ones are used (x86_64, aarch64; armv7 keeps tract's own), the integer
     // 1x1 op only on CPUs with AVX-512 VNNI. Before the float pointwise op, which would take the same

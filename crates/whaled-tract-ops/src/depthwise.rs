@@ -75,15 +75,44 @@ impl Geometry {
         Ok(Geometry { batch, channels, in_hw, out_hw, kernel, stride, dilation, pad_before })
     }
 
-    fn out_plane(&self) -> usize {
+    pub(crate) fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub(crate) fn channels(&self) -> usize {
+        self.channels
+    }
+
+    pub(crate) fn in_hw(&self) -> [usize; 2] {
+        self.in_hw
+    }
+
+    pub(crate) fn out_hw(&self) -> [usize; 2] {
+        self.out_hw
+    }
+
+    pub(crate) fn kernel(&self) -> [usize; 2] {
+        self.kernel
+    }
+
+    pub(crate) fn stride(&self) -> [usize; 2] {
+        self.stride
+    }
+
+    /// The scratch one input plane needs: every phase ([`fill_scratch`]).
+    pub(crate) fn scratch_len(&self) -> usize {
+        self.stride[0] * self.stride[1] * self.phase_len()
+    }
+
+    pub(crate) fn out_plane(&self) -> usize {
         self.out_hw[0] * self.out_hw[1]
     }
 
-    fn in_plane(&self) -> usize {
+    pub(crate) fn in_plane(&self) -> usize {
         self.in_hw[0] * self.in_hw[1]
     }
 
-    fn taps(&self) -> usize {
+    pub(crate) fn taps(&self) -> usize {
         self.kernel[0] * self.kernel[1]
     }
 
@@ -93,7 +122,7 @@ impl Geometry {
     }
 
     /// Columns of one phase plane, likewise.
-    fn phase_width(&self) -> usize {
+    pub(crate) fn phase_width(&self) -> usize {
         self.out_hw[1] + (self.kernel[1] - 1) * self.dilation[1] / self.stride[1]
     }
 
@@ -110,7 +139,7 @@ impl Geometry {
 
     /// For each tap, in row-major kernel order, where its input starts in the scratch relative to the
     /// virtual output index.
-    fn tap_offsets(&self) -> Vec<usize> {
+    pub(crate) fn tap_offsets(&self) -> Vec<usize> {
         let [sh, sw] = self.stride;
         let mut offsets = Vec::with_capacity(self.taps());
         for ky in 0..self.kernel[0] {
@@ -279,7 +308,7 @@ impl DepthwiseConv {
                         let s = &mut *s.borrow_mut();
                         if s.zeroed_for.as_ref() != Some(g) {
                             s.input.clear();
-                            s.input.resize(g.stride[0] * g.stride[1] * g.phase_len(), 0.0);
+                            s.input.resize(g.scratch_len(), 0.0);
                             s.zeroed_for = Some(g.clone());
                         }
                         s.virt.resize(g.virtual_len(), 0.0);
@@ -317,7 +346,7 @@ impl DepthwiseConv {
 /// laid out `phase_rows x phase_width`: phase `(pr, pc)`, row `i`, column `j` holds padded input
 /// `(i * stride[0] + pr, j * stride[1] + pc)`. Writes only the positions inside the input: the caller
 /// zeroes the scratch once per geometry (every plane of a geometry writes the same positions).
-fn fill_scratch(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
+pub(crate) fn fill_scratch(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
     if g.stride[1] == 2 {
         fill_scratch_sw2(g, input, scratch);
         return;

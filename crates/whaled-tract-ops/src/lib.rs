@@ -14,6 +14,7 @@ pub mod pointwise;
 pub mod qelementwise;
 pub mod qpointwise;
 pub mod quantize;
+pub mod stem;
 #[cfg(test)]
 mod test_util;
 

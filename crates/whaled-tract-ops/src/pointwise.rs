@@ -338,7 +338,7 @@ struct Kernel {
 }
 
 impl PointwiseConv {
-    fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    pub(crate) fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         self.compute_with(inputs, select_kernel())
     }
 

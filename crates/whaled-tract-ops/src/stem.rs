@@ -1,0 +1,405 @@
+//! A dense 2-D convolution over few input channels (a network's stem: 3x3 over RGB, stride 2) for
+//! tract, substituted into a model at load time.
+//!
+//! Why: tract 0.23 runs an EfficientNet's stem as an im2col and a general matrix product at about 14
+//! GMAC/s, plus a separate pass for its activation: 1.2 of the marine gate's 13 ms on x86_64 (the
+//! product 0.75, its ReLU6 0.35). Its 27
+//! "input channels" (3 colours x 9 taps) and one output row per channel are exactly what whaled's 1x1
+//! op ([`crate::pointwise`]) computes at 40-55 GMAC/s.
+//!
+//! What: [`substitute`] replaces every float NCHW (or CHW) `Conv` with one group, at most
+//! [`MAX_ROWS`] input channels x taps, a multiple of [`BLOCK`] output channels, constant weights and
+//! bias, for one image, whose output rows are narrower than those tract runs as its own direct
+//! convolution ([`TRACT_DIRECT_MIN_WIDTH`]), by [`StemConv`], fusing a following ReLU / ReLU6. The op builds the im2col
+//! matrix `[cin x taps, out plane]` through the depthwise op's zero-padded, phase-split scratch
+//! (where every tap of every output row is one contiguous run, so each matrix row is a few copies),
+//! then runs the 1x1 op on it with the weights flattened `[cout, cin x taps]` and packed once.
+//!
+//! Numerics: every output is `bias + sum over (ci, ky, kx) of w * x`, in that order, in f32: the sum
+//! tract and onnxruntime compute in some order; tests/stem.rs checks it against both.
+//!
+//! Where it is not used: where the 1x1 op is not (armv7), batches of more than one image, NHWC graphs,
+//! grouped convolutions (the depthwise op takes those with one channel per group), wide inputs.
+
+use std::cell::RefCell;
+
+use tract_core::internal::*;
+use tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_core::ops::nn::DataFormat;
+
+use crate::depthwise::{fill_scratch, Geometry};
+use crate::fuse::{fusable_successors, Post};
+use crate::pointwise::{pack_weights, PointwiseConv, BLOCK};
+
+/// Whether this build substitutes stem convolutions (where the 1x1 op runs).
+pub const ENABLED: bool = crate::pointwise::ENABLED;
+
+/// The most input channels x taps the op takes: a 3 x 5 x 5 stem is 75. Beyond, the im2col matrix
+/// outgrows the activation it is made from, and tract's own convolution is the better tool.
+pub const MAX_ROWS: usize = 80;
+
+/// The output row width from which tract 0.23 runs such a convolution as its own direct spatial
+/// convolution (its `MIN_DIRECT_SPATIAL_W`, NCHW only), which is as fast as this op there: the B4's
+/// stem at 512 (256 wide) measured 213 / 224 ms (min / median of p50s, whole inference) with tract's,
+/// 215 / 227 with this op. Narrower rows (the gate's and B0's stems at 224: 112) tract runs as an im2col
+/// and a general matrix product, where this op saves 0.7 of the gate's 11.2 ms.
+pub const TRACT_DIRECT_MIN_WIDTH: usize = 128;
+
+/// Dense convolution, f32, one image. Inputs: data `[1, Cin, H, W]` (or `[Cin, H, W]`), the weights
+/// packed by [`pack_weights`] from `[cout, cin x taps]`, bias `[cout]`. Private fields: built only by
+/// [`StemConv::new`], which checks the sizes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StemConv {
+    /// One channel's geometry (batch 1, 1 channel): the scratch and tap offsets of each input channel.
+    plane: Geometry,
+    cin: usize,
+    cout: usize,
+    /// Whether the data and the output carry the batch axis.
+    batch_axis: bool,
+    /// The 1x1 op over the im2col matrix, with the fused steps.
+    product: PointwiseConv,
+}
+
+thread_local! {
+    /// Per thread: the im2col matrix and one channel's phase scratch (zeroed for `Geometry`).
+    static BUFFERS: RefCell<(Vec<f32>, Vec<f32>, Option<Geometry>)> = const { RefCell::new((Vec::new(), Vec::new(), None)) };
+}
+
+impl StemConv {
+    /// `plane` is one channel's geometry (batch 1, 1 channel); `cin x taps` at most [`MAX_ROWS`],
+    /// `cout` a multiple of [`BLOCK`].
+    pub fn new(plane: Geometry, cin: usize, cout: usize, batch_axis: bool, post: Vec<Post>) -> TractResult<StemConv> {
+        ensure!(
+            plane.batch() == 1 && plane.channels() == 1,
+            "a stem conv's plane geometry is one channel of one image"
+        );
+        ensure!(cin >= 1 && cin * plane.taps() <= MAX_ROWS, "stem conv with {cin} x {} rows", plane.taps());
+        let product =
+            PointwiseConv::new(1, cin * plane.taps(), cout, plane.out_hw(), [false, batch_axis])?.with_post(post)?;
+        Ok(StemConv { plane, cin, cout, batch_axis, product })
+    }
+
+    fn shape(&self, channels: usize, hw: [usize; 2]) -> TVec<usize> {
+        crate::pointwise::nchw(channels, 1, hw, self.batch_axis)
+    }
+
+    fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == 3, "WhaledStemConv takes data, packed weights and bias");
+        let g = &self.plane;
+        let x = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
+        let (in_plane, out_plane, taps) = (g.in_plane(), g.out_plane(), g.taps());
+        ensure!(x.len() == self.cin * in_plane, "WhaledStemConv: data does not match {self:?}");
+        let rows = self.cin * taps;
+        let matrix = BUFFERS.with(|b| -> TractResult<Tensor> {
+            let (matrix, scratch, zeroed_for) = &mut *b.borrow_mut();
+            if zeroed_for.as_ref() != Some(g) {
+                scratch.clear();
+                scratch.resize(g.scratch_len(), 0.0);
+                *zeroed_for = Some(g.clone());
+            }
+            matrix.clear();
+            matrix.resize(rows * out_plane, 0.0);
+            let offsets = g.tap_offsets();
+            let ([oh, ow], qw) = (g.out_hw(), g.phase_width());
+            for (c, input) in x.chunks_exact(in_plane).enumerate() {
+                // Every channel writes the same scratch positions: the zeros (padding) stay zeros.
+                fill_scratch(g, input, scratch);
+                for (t, &off) in offsets.iter().enumerate() {
+                    let row = &mut matrix[(c * taps + t) * out_plane..][..out_plane];
+                    for (y, dst) in row.chunks_exact_mut(ow).enumerate().take(oh) {
+                        dst.copy_from_slice(&scratch[off + y * qw..][..ow]);
+                    }
+                }
+            }
+            Tensor::from_shape(&[rows, oh, ow], matrix)
+        })?;
+        self.product.compute(tvec![matrix.into_tvalue(), inputs[1].clone(), inputs[2].clone()])
+    }
+}
+
+impl Op for StemConv {
+    fn name(&self) -> StaticName {
+        "WhaledStemConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let g = &self.plane;
+        Ok(vec![format!(
+            "{} -> {} channels, k {:?} stride {:?} in {:?} out {:?}, as {} rows of a 1x1: {}",
+            self.cin,
+            self.cout,
+            g.kernel(),
+            g.stride(),
+            g.in_hw(),
+            g.out_hw(),
+            self.cin * g.taps(),
+            self.product.info()?.join(", ")
+        )])
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    fn as_typed(&self) -> Option<&dyn TypedOp> {
+        Some(self)
+    }
+}
+
+impl EvalOp for StemConv {
+    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        Ok(Some(self.compute(inputs)?))
+    }
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        self.compute(inputs)
+    }
+}
+
+impl TypedOp for StemConv {
+    fn as_op(&self) -> &dyn Op {
+        self
+    }
+
+    fn as_op_mut(&mut self) -> &mut dyn Op {
+        self
+    }
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 3, "WhaledStemConv takes data, packed weights and bias");
+        let want = self.shape(self.cin, self.plane.in_hw());
+        ensure!(
+            inputs[0].datum_type == f32::datum_type() && inputs[0].shape.as_concrete() == Some(&want[..]),
+            "WhaledStemConv expects f32 {want:?}, got {:?}",
+            inputs[0]
+        );
+        Ok(tvec!(f32::fact(self.shape(self.cout, self.plane.out_hw()))))
+    }
+
+    fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let macs = self.cout * self.cin * self.plane.taps() * self.plane.out_plane();
+        Ok(tvec!((Cost::FMA(f32::datum_type()), macs.into())))
+    }
+}
+
+/// Replaces every eligible stem convolution of a decluttered model by [`StemConv`] and returns how
+/// many it replaced. Ineligible convolutions are left to tract, untouched.
+pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(conv) = node.op_as::<Conv>() else { continue };
+        let Some((plane, cin, cout, batch_axis, weights, bias)) = eligible(model, node, conv)? else { continue };
+        let (post, last) = fusable_successors(model, id)?;
+        let mut patch = TypedModelPatch::new(format!("whaled stem {}", node.name));
+        let x = patch.tap_model(model, node.inputs[0])?;
+        let w = patch.add_const(format!("{}.whaled_packed_weights", node.name), weights)?;
+        let b = patch.add_const(format!("{}.whaled_bias", node.name), bias)?;
+        let op = StemConv::new(plane, cin, cout, batch_axis, post)?;
+        let out = patch.wire_node(&node.name, op, &[x, w, b])?;
+        patch.shunt_outside(model, last.into(), out[0])?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
+
+/// One channel's geometry, `cin`, `cout`, whether the data has a batch axis, the packed weights and
+/// the `[cout]` bias of a conv this op can run, or `None`.
+#[allow(clippy::type_complexity)]
+fn eligible(
+    model: &TypedModel,
+    node: &TypedNode,
+    conv: &Conv,
+) -> TractResult<Option<(Geometry, usize, usize, bool, Tensor, Tensor)>> {
+    let spec = &conv.pool_spec;
+    let (cin, cout) = (spec.input_channels, spec.output_channels);
+    if conv.q_params.is_some()
+        || !matches!(spec.data_format, DataFormat::NCHW | DataFormat::CHW)
+        || spec.kernel_shape.len() != 2
+        || conv.group != 1
+        || node.inputs.len() != 3
+        || !cout.is_multiple_of(BLOCK)
+    {
+        return Ok(None);
+    }
+    let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
+    // A 1x1 is the pointwise op's; more rows than MAX_ROWS stay tract's.
+    if kh * kw == 1 || cin * kh * kw > MAX_ROWS {
+        return Ok(None);
+    }
+    let fact = model.outlet_fact(node.inputs[0])?;
+    let out_fact = model.outlet_fact(node.id.into())?;
+    let (Some(shape), Some(out_shape)) = (fact.shape.as_concrete(), out_fact.shape.as_concrete()) else {
+        return Ok(None);
+    };
+    let batch_axis = spec.data_format == DataFormat::NCHW;
+    let chw = |s: &[usize]| -> Option<[usize; 3]> {
+        match (batch_axis, s) {
+            (true, &[1, c, h, w]) | (false, &[c, h, w]) => Some([c, h, w]),
+            _ => None,
+        }
+    };
+    let (Some(shape), Some(out_shape)) = (chw(shape), chw(out_shape)) else { return Ok(None) };
+    if fact.datum_type != f32::datum_type() || shape[0] != cin {
+        return Ok(None);
+    }
+    let (Some(kernel), Some(bias)) =
+        (model.outlet_fact(node.inputs[1])?.konst.clone(), model.outlet_fact(node.inputs[2])?.konst.clone())
+    else {
+        return Ok(None);
+    };
+    if kernel.datum_type() != f32::datum_type() || bias.datum_type() != f32::datum_type() {
+        return Ok(None);
+    }
+    // The weights as [cout, cin * kh * kw] (row index ci, ky, kx), whatever the kernel's format.
+    let Ok(view) = kernel.to_plain_array_view::<f32>() else { return Ok(None) };
+    let dims = view.shape().to_vec();
+    let mut flat = Vec::with_capacity(cout * cin * kh * kw);
+    for o in 0..cout {
+        for i in 0..cin {
+            for y in 0..kh {
+                for x in 0..kw {
+                    let idx: [usize; 4] = match conv.kernel_fmt {
+                        KernelFormat::OIHW if dims == [cout, cin, kh, kw] => [o, i, y, x],
+                        KernelFormat::HWIO if dims == [kh, kw, cin, cout] => [y, x, i, o],
+                        KernelFormat::OHWI if dims == [cout, kh, kw, cin] => [o, y, x, i],
+                        _ => return Ok(None),
+                    };
+                    flat.push(view[idx.as_slice()]);
+                }
+            }
+        }
+    }
+    let Some(bias_values) = bias.try_as_plain_ram().ok().and_then(|b| b.as_slice::<f32>().ok().map(<[f32]>::to_vec))
+    else {
+        return Ok(None);
+    };
+    let bias: Vec<f32> = match bias_values.len() {
+        n if n == cout => bias_values,
+        1 => vec![bias_values[0]; cout],
+        _ => return Ok(None),
+    };
+    let pads = spec.computed_padding(&shape[1..]);
+    let out_hw = [pads[0].convoluted, pads[1].convoluted];
+    if out_shape != [cout, out_hw[0], out_hw[1]] || (batch_axis && out_hw[1] >= TRACT_DIRECT_MIN_WIDTH) {
+        return Ok(None);
+    }
+    let (stride, dilation) = (spec.strides(), spec.dilations());
+    let Ok(plane) = Geometry::new(
+        1,
+        1,
+        [shape[1], shape[2]],
+        out_hw,
+        [kh, kw],
+        [stride[0], stride[1]],
+        [dilation[0], dilation[1]],
+        [pads[0].pad_before, pads[1].pad_before],
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some((plane, cin, cout, batch_axis, pack_weights(&flat, cout, cin * kh * kw)?, tensor1(&bias))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuse::as_clamp;
+    use crate::test_util::{max_diff, uniform};
+
+    /// Direct loop, f64: the definition of a dense convolution (weights `[cout, cin, kh, kw]`).
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        cin: usize,
+        cout: usize,
+        in_hw: [usize; 2],
+        out_hw: [usize; 2],
+        k: [usize; 2],
+        s: [usize; 2],
+        d: [usize; 2],
+        p: [usize; 2],
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+    ) -> Vec<f32> {
+        let mut out = Vec::new();
+        for o in 0..cout {
+            for oy in 0..out_hw[0] {
+                for ox in 0..out_hw[1] {
+                    let mut acc = b[o] as f64;
+                    for i in 0..cin {
+                        for ky in 0..k[0] {
+                            for kx in 0..k[1] {
+                                let iy = (oy * s[0] + ky * d[0]) as isize - p[0] as isize;
+                                let ix = (ox * s[1] + kx * d[1]) as isize - p[1] as isize;
+                                if iy < 0 || ix < 0 || iy >= in_hw[0] as isize || ix >= in_hw[1] as isize {
+                                    continue;
+                                }
+                                let xi = (i * in_hw[0] + iy as usize) * in_hw[1] + ix as usize;
+                                acc += w[((o * cin + i) * k[0] + ky) * k[1] + kx] as f64 * x[xi] as f64;
+                            }
+                        }
+                    }
+                    out.push(acc as f32);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_the_definition_on_odd_shapes() {
+        tract_linalg::multithread::set_threading_element_threshold(0);
+        let mut rnd = uniform(5);
+        // (cin, cout, in, kernel, stride, dilation, pad_before, pad_after): stems (3x3 stride 2 with
+        // torch and TF pads), a 5x5 and a 7x7-like one, one channel in, dilation, odd sizes.
+        let cases = [
+            (3, 32, [17, 19], [3, 3], [2, 2], [1, 1], [1, 1], [1, 1]),
+            (3, 48, [16, 16], [3, 3], [2, 2], [1, 1], [0, 0], [1, 1]),
+            (3, 8, [9, 40], [5, 5], [2, 2], [1, 1], [2, 2], [2, 2]),
+            (1, 16, [7, 9], [3, 3], [1, 1], [1, 1], [1, 1], [1, 1]),
+            (2, 24, [12, 11], [3, 5], [1, 2], [2, 1], [2, 2], [1, 2]),
+            (4, 8, [5, 5], [3, 3], [3, 3], [1, 1], [1, 1], [1, 1]),
+            (3, 16, [64, 64], [3, 3], [2, 2], [1, 1], [1, 1], [1, 1]),
+        ];
+        for (cin, cout, in_hw, kernel, stride, dilation, pb, pa) in cases {
+            let out_hw: [usize; 2] =
+                std::array::from_fn(|a| (in_hw[a] + pb[a] + pa[a] - (kernel[a] - 1) * dilation[a] - 1) / stride[a] + 1);
+            let taps = kernel[0] * kernel[1];
+            let x: Vec<f32> = (0..cin * in_hw[0] * in_hw[1]).map(|_| rnd()).collect();
+            let w: Vec<f32> = (0..cout * cin * taps).map(|_| rnd()).collect();
+            let b: Vec<f32> = (0..cout).map(|_| rnd()).collect();
+            let want = reference(cin, cout, in_hw, out_hw, kernel, stride, dilation, pb, &x, &w, &b);
+            for post in [vec![], vec![Post::Max(0f32.to_bits()), Post::Min(6f32.to_bits())]] {
+                let clamp = as_clamp(&post);
+                let want: Vec<f32> = want.iter().map(|&v| clamp.map_or(v, |(lo, hi)| v.max(lo).min(hi))).collect();
+                let plane = Geometry::new(1, 1, in_hw, out_hw, kernel, stride, dilation, pb).unwrap();
+                let op = StemConv::new(plane, cin, cout, true, post.clone()).unwrap();
+                let inputs = tvec![
+                    Tensor::from_shape(&[1, cin, in_hw[0], in_hw[1]], &x).unwrap().into_tvalue(),
+                    pack_weights(&w, cout, cin * taps).unwrap().into_tvalue(),
+                    tensor1(&b).into_tvalue(),
+                ];
+                for threads in [1, 3] {
+                    let pool = tract_linalg::multithread::Executor::multithread(threads);
+                    let got = tract_linalg::multithread::multithread_tract_scope(pool, || op.compute(inputs.clone()))
+                        .unwrap();
+                    assert_eq!(got[0].shape(), &[1, cout, out_hw[0], out_hw[1]]);
+                    let got = got[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+                    let diff = max_diff(&got, &want);
+                    assert!(diff < 1e-5, "{cin}->{cout} {in_hw:?} k{kernel:?} s{stride:?} {post:?} x{threads}: {diff}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_sizes_it_cannot_run() {
+        let g = Geometry::new(1, 1, [8, 8], [4, 4], [3, 3], [2, 2], [1, 1], [1, 1]).unwrap();
+        assert!(StemConv::new(g.clone(), 3, 12, true, vec![]).is_err());
+        assert!(StemConv::new(g.clone(), 9, 16, true, vec![]).is_err());
+        assert!(StemConv::new(g, 0, 16, true, vec![]).is_err());
+        let two = Geometry::new(1, 2, [8, 8], [4, 4], [3, 3], [2, 2], [1, 1], [1, 1]).unwrap();
+        assert!(StemConv::new(two, 3, 16, true, vec![]).is_err());
+    }
+}
