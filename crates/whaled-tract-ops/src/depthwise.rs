@@ -609,6 +609,17 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
     Ok(replaced)
 }
 
+/// A conv's constant bias as `n` values: its own when it has `n`, a scalar (tract's zero bias for a
+/// conv without one) repeated; `None` for any other size or a tensor that is not plain f32.
+pub(crate) fn per_channel(bias: &Tensor, n: usize) -> Option<Vec<f32>> {
+    let values = bias.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec();
+    match values.len() {
+        len if len == n => Some(values),
+        1 => Some(vec![values[0]; n]),
+        _ => None,
+    }
+}
+
 /// The geometry, whether the data has a batch axis, and the `[C, KH*KW]` kernel and `[C]` bias of a
 /// conv this op can run, or `None`.
 fn eligible(
@@ -671,15 +682,7 @@ fn eligible(
             }
         }
     }
-    let Some(bias_values) = bias.try_as_plain_ram().ok().and_then(|b| b.as_slice::<f32>().ok().map(<[f32]>::to_vec))
-    else {
-        return Ok(None);
-    };
-    let bias: Vec<f32> = match bias_values.len() {
-        n if n == c => bias_values,
-        1 => vec![bias_values[0]; c],
-        _ => return Ok(None),
-    };
+    let Some(bias) = per_channel(&bias, c) else { return Ok(None) };
     let pads = spec.computed_padding(&shape[2..]);
     let out_hw = [pads[0].convoluted, pads[1].convoluted];
     if out_shape != [shape[0], c, out_hw[0], out_hw[1]] {

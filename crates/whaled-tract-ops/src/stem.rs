@@ -27,7 +27,7 @@ use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_core::ops::nn::DataFormat;
 
-use crate::depthwise::{fill_scratch, Geometry};
+use crate::depthwise::{fill_scratch, per_channel, Geometry};
 use crate::fuse::{fusable_successors, Post};
 use crate::pointwise::{pack_weights, PointwiseConv, BLOCK};
 
@@ -61,8 +61,8 @@ pub struct StemConv {
 }
 
 thread_local! {
-    /// Per thread: the im2col matrix and one channel's phase scratch (zeroed for `Geometry`).
-    static BUFFERS: RefCell<(Vec<f32>, Vec<f32>, Option<Geometry>)> = const { RefCell::new((Vec::new(), Vec::new(), None)) };
+    /// Per thread: one channel's phase scratch and the geometry its zeros were laid out for.
+    static SCRATCH: RefCell<(Vec<f32>, Option<Geometry>)> = const { RefCell::new((Vec::new(), None)) };
 }
 
 impl StemConv {
@@ -90,28 +90,31 @@ impl StemConv {
         let (in_plane, out_plane, taps) = (g.in_plane(), g.out_plane(), g.taps());
         ensure!(x.len() == self.cin * in_plane, "WhaledStemConv: data does not match {self:?}");
         let rows = self.cin * taps;
-        let matrix = BUFFERS.with(|b| -> TractResult<Tensor> {
-            let (matrix, scratch, zeroed_for) = &mut *b.borrow_mut();
+        let ([oh, ow], qw) = (g.out_hw(), g.phase_width());
+        // SAFETY: f32 has no invalid bit patterns, and every element is written below before the tensor
+        // is used: each of the `rows` rows is `oh` output rows of `ow`, each copied from the scratch.
+        let mut matrix = unsafe { Tensor::uninitialized::<f32>(&[rows, oh, ow])? };
+        SCRATCH.with(|s| -> TractResult<()> {
+            let (scratch, zeroed_for) = &mut *s.borrow_mut();
             if zeroed_for.as_ref() != Some(g) {
                 scratch.clear();
                 scratch.resize(g.scratch_len(), 0.0);
                 *zeroed_for = Some(g.clone());
             }
-            matrix.clear();
-            matrix.resize(rows * out_plane, 0.0);
+            let mut view = matrix.try_as_plain_ram_mut()?;
+            let matrix = view.as_slice_mut::<f32>()?;
             let offsets = g.tap_offsets();
-            let ([oh, ow], qw) = (g.out_hw(), g.phase_width());
             for (c, input) in x.chunks_exact(in_plane).enumerate() {
                 // Every channel writes the same scratch positions: the zeros (padding) stay zeros.
                 fill_scratch(g, input, scratch);
                 for (t, &off) in offsets.iter().enumerate() {
                     let row = &mut matrix[(c * taps + t) * out_plane..][..out_plane];
-                    for (y, dst) in row.chunks_exact_mut(ow).enumerate().take(oh) {
+                    for (y, dst) in row.chunks_exact_mut(ow).enumerate() {
                         dst.copy_from_slice(&scratch[off + y * qw..][..ow]);
                     }
                 }
             }
-            Tensor::from_shape(&[rows, oh, ow], matrix)
+            Ok(())
         })?;
         self.product.compute(tvec![matrix.into_tvalue(), inputs[1].clone(), inputs[2].clone()])
     }
@@ -271,15 +274,7 @@ fn eligible(
             }
         }
     }
-    let Some(bias_values) = bias.try_as_plain_ram().ok().and_then(|b| b.as_slice::<f32>().ok().map(<[f32]>::to_vec))
-    else {
-        return Ok(None);
-    };
-    let bias: Vec<f32> = match bias_values.len() {
-        n if n == cout => bias_values,
-        1 => vec![bias_values[0]; cout],
-        _ => return Ok(None),
-    };
+    let Some(bias) = per_channel(&bias, cout) else { return Ok(None) };
     let pads = spec.computed_padding(&shape[1..]);
     let out_hw = [pads[0].convoluted, pads[1].convoluted];
     if out_shape != [cout, out_hw[0], out_hw[1]] || (batch_axis && out_hw[1] >= TRACT_DIRECT_MIN_WIDTH) {
