@@ -100,7 +100,7 @@ impl Geometry {
     }
 
     /// The scratch one input plane needs: every phase ([`fill_scratch`]).
-    pub(crate) fn scratch_len(&self) -> usize {
+    fn scratch_len(&self) -> usize {
         self.stride[0] * self.stride[1] * self.phase_len()
     }
 
@@ -271,6 +271,21 @@ struct Scratch {
     zeroed_for: Option<Geometry>,
 }
 
+/// Runs `f` with this thread's input scratch laid out for `g` (zeroed when it was last laid out for
+/// another geometry: see [`Scratch`]) and its virtual-plane buffer (any length: the caller sizes it).
+/// The depthwise op and the stem op ([`crate::stem`]) share it; `f` must not call back into either.
+pub(crate) fn with_scratch<R>(g: &Geometry, f: impl FnOnce(&mut [f32], &mut Vec<f32>) -> R) -> R {
+    SCRATCH.with(|s| {
+        let s = &mut *s.borrow_mut();
+        if s.zeroed_for.as_ref() != Some(g) {
+            s.input.clear();
+            s.input.resize(g.scratch_len(), 0.0);
+            s.zeroed_for = Some(g.clone());
+        }
+        f(&mut s.input, &mut s.virt)
+    })
+}
+
 impl DepthwiseConv {
     fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         self.compute_with(inputs, select_kernel().1)
@@ -304,15 +319,8 @@ impl DepthwiseConv {
                 plane_out,
                 total,
                 |first, chunk| {
-                    SCRATCH.with(|s| {
-                        let s = &mut *s.borrow_mut();
-                        if s.zeroed_for.as_ref() != Some(g) {
-                            s.input.clear();
-                            s.input.resize(g.scratch_len(), 0.0);
-                            s.zeroed_for = Some(g.clone());
-                        }
-                        s.virt.resize(g.virtual_len(), 0.0);
-                        let (scratch, virt) = (&mut s.input, &mut s.virt);
+                    with_scratch(g, |scratch, virt| {
+                        virt.resize(g.virtual_len(), 0.0);
                         for (i, o) in chunk.chunks_mut(plane_out).enumerate() {
                             let plane = first + i;
                             let c = plane % g.channels;

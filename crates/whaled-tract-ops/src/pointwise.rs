@@ -461,7 +461,6 @@ impl PointwiseConv {
                     dst[..n_last].copy_from_slice(&row[last..last + n_last]);
                 }
             }
-
             for (j, block) in blocks.clone().enumerate() {
                 let mut p0 = c0;
                 while p0 < c1 {

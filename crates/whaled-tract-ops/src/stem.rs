@@ -3,17 +3,17 @@
 //!
 //! Why: tract 0.23 runs an EfficientNet's stem as an im2col and a general matrix product at about 14
 //! GMAC/s, plus a separate pass for its activation: 1.2 of the marine gate's 13 ms on x86_64 (the
-//! product 0.75, its ReLU6 0.35). Its 27
-//! "input channels" (3 colours x 9 taps) and one output row per channel are exactly what whaled's 1x1
-//! op ([`crate::pointwise`]) computes at 40-55 GMAC/s.
+//! product 0.75, its ReLU6 0.35). Its 27 "input channels" (3 colours x 9 taps) and one output row per
+//! channel are exactly what whaled's 1x1 op ([`crate::pointwise`]) computes at 40-55 GMAC/s.
 //!
 //! What: [`substitute`] replaces every float NCHW (or CHW) `Conv` with one group, at most
 //! [`MAX_ROWS`] input channels x taps, a multiple of [`BLOCK`] output channels, constant weights and
 //! bias, for one image, whose output rows are narrower than those tract runs as its own direct
-//! convolution ([`TRACT_DIRECT_MIN_WIDTH`]), by [`StemConv`], fusing a following ReLU / ReLU6. The op builds the im2col
-//! matrix `[cin x taps, out plane]` through the depthwise op's zero-padded, phase-split scratch
-//! (where every tap of every output row is one contiguous run, so each matrix row is a few copies),
-//! then runs the 1x1 op on it with the weights flattened `[cout, cin x taps]` and packed once.
+//! convolution ([`TRACT_DIRECT_MIN_WIDTH`]), by [`StemConv`], fusing a following ReLU / ReLU6. The op
+//! builds the im2col matrix `[cin x taps, out plane]` through the depthwise op's zero-padded,
+//! phase-split scratch (where every tap of every output row is one contiguous run, so each matrix row is
+//! a few copies), then runs the 1x1 op on it with the weights flattened `[cout, cin x taps]` and packed
+//! once.
 //!
 //! Numerics: every output is `bias + sum over (ci, ky, kx) of w * x`, in that order, in f32: the sum
 //! tract and onnxruntime compute in some order; tests/stem.rs checks it against both.
@@ -21,13 +21,11 @@
 //! Where it is not used: where the 1x1 op is not (armv7), batches of more than one image, NHWC graphs,
 //! grouped convolutions (the depthwise op takes those with one channel per group), wide inputs.
 
-use std::cell::RefCell;
-
 use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_core::ops::nn::DataFormat;
 
-use crate::depthwise::{fill_scratch, per_channel, Geometry};
+use crate::depthwise::{fill_scratch, per_channel, with_scratch, Geometry};
 use crate::fuse::{fusable_successors, Post};
 use crate::pointwise::{pack_weights, PointwiseConv, BLOCK};
 
@@ -60,11 +58,6 @@ pub struct StemConv {
     product: PointwiseConv,
 }
 
-thread_local! {
-    /// Per thread: one channel's phase scratch and the geometry its zeros were laid out for.
-    static SCRATCH: RefCell<(Vec<f32>, Option<Geometry>)> = const { RefCell::new((Vec::new(), None)) };
-}
-
 impl StemConv {
     /// `plane` is one channel's geometry (batch 1, 1 channel); `cin x taps` at most [`MAX_ROWS`],
     /// `cout` a multiple of [`BLOCK`].
@@ -94,13 +87,7 @@ impl StemConv {
         // SAFETY: f32 has no invalid bit patterns, and every element is written below before the tensor
         // is used: each of the `rows` rows is `oh` output rows of `ow`, each copied from the scratch.
         let mut matrix = unsafe { Tensor::uninitialized::<f32>(&[rows, oh, ow])? };
-        SCRATCH.with(|s| -> TractResult<()> {
-            let (scratch, zeroed_for) = &mut *s.borrow_mut();
-            if zeroed_for.as_ref() != Some(g) {
-                scratch.clear();
-                scratch.resize(g.scratch_len(), 0.0);
-                *zeroed_for = Some(g.clone());
-            }
+        with_scratch(g, |scratch, _| -> TractResult<()> {
             let mut view = matrix.try_as_plain_ram_mut()?;
             let matrix = view.as_slice_mut::<f32>()?;
             let offsets = g.tap_offsets();
