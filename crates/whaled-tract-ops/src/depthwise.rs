@@ -40,6 +40,10 @@ pub const ENABLED: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch6
 /// Output columns accumulated in registers at once: 32 f32 = 4 AVX2 / 2 AVX-512 / 8 NEON registers.
 const CHUNK: usize = 32;
 
+/// The flat virtual plane is whole runs of this many outputs: the widest kernel's run (4 chunks), so
+/// that no kernel has a latency-bound single chunk left at its end (see [`plane`]).
+const RUN: usize = 4 * CHUNK;
+
 /// The shape of one depthwise convolution, all in elements. Private fields: built only by
 /// [`Geometry::new`], which checks that no size is zero.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -127,9 +131,9 @@ impl Geometry {
     }
 
     /// Outputs computed per plane: every row `phase_width` long (the columns past `out_hw[1]` are
-    /// computed and dropped), rounded up to whole chunks.
+    /// computed and dropped), rounded up to whole runs.
     fn virtual_len(&self) -> usize {
-        (self.out_hw[0] * self.phase_width()).div_ceil(CHUNK) * CHUNK
+        (self.out_hw[0] * self.phase_width()).div_ceil(RUN) * RUN
     }
 
     /// One phase plane's length in the scratch, with room for the last chunk's furthest tap.
@@ -449,11 +453,14 @@ fn madd<const FMA: bool>(acc: f32, x: f32, w: f32) -> f32 {
     }
 }
 
-/// The body of every plane kernel: for each chunk of `CHUNK` outputs (see [`PlaneKernel`] for `rows`),
-/// the bias plus every tap accumulated in registers, then one store. `FMA` selects fused multiply-adds
-/// (only where the CPU has them: without hardware FMA `mul_add` is a library call).
+/// The body of every plane kernel: the outputs (see [`PlaneKernel`] for `rows`) in runs of `K`
+/// consecutive chunks of `CHUNK`, each run the bias plus every tap accumulated in registers, then one
+/// store. `K` chunks in flight hide the fused multiply-add's latency: with one chunk (2 AVX-512
+/// accumulators) every tap waited on the previous one's result (measured: docs/BENCHMARKS.md). `FMA`
+/// selects fused multiply-adds (only where the CPU has them: without hardware FMA `mul_add` is a
+/// library call).
 #[inline(always)]
-fn plane<const FMA: bool>(
+fn plane<const FMA: bool, const K: usize>(
     scratch: &[f32],
     offsets: &[usize],
     taps: &[f32],
@@ -464,15 +471,29 @@ fn plane<const FMA: bool>(
 ) {
     let [row_len, row_at] = rows;
     for (y, row) in out.chunks_exact_mut(row_len).enumerate() {
-        for (j, out) in row.chunks_exact_mut(CHUNK).enumerate() {
-            chunk::<FMA>(scratch, offsets, taps, bias, post, y * row_at + j * CHUNK, out);
+        let mut t0 = y * row_at;
+        let mut runs = row.chunks_exact_mut(K * CHUNK);
+        for out in &mut runs {
+            run::<FMA, K>(scratch, offsets, taps, bias, post, t0, out);
+            t0 += K * CHUNK;
+        }
+        // The rest (fewer than K chunks: only rows of 32, 64 or 96 outputs, since the flat plane is
+        // whole runs) in pairs, then one.
+        let mut pairs = runs.into_remainder().chunks_exact_mut(2 * CHUNK);
+        for out in &mut pairs {
+            run::<FMA, 2>(scratch, offsets, taps, bias, post, t0, out);
+            t0 += 2 * CHUNK;
+        }
+        for out in pairs.into_remainder().chunks_exact_mut(CHUNK) {
+            run::<FMA, 1>(scratch, offsets, taps, bias, post, t0, out);
+            t0 += CHUNK;
         }
     }
 }
 
-/// One chunk of [`plane`]: the `CHUNK` outputs at virtual index `t0`.
+/// One run of [`plane`]: the `K * CHUNK` outputs at virtual index `t0`, stored into `out` (that long).
 #[inline(always)]
-fn chunk<const FMA: bool>(
+fn run<const FMA: bool, const K: usize>(
     scratch: &[f32],
     offsets: &[usize],
     taps: &[f32],
@@ -481,26 +502,28 @@ fn chunk<const FMA: bool>(
     t0: usize,
     out: &mut [f32],
 ) {
-    let mut acc = [bias; CHUNK];
+    let mut acc = [[bias; CHUNK]; K];
     for (&off, &w) in offsets.iter().zip(taps) {
-        let src: &[f32; CHUNK] = match scratch.get(off + t0..off + t0 + CHUNK).and_then(|s| s.try_into().ok()) {
-            Some(s) => s,
+        let Some(src) = scratch.get(off + t0..off + t0 + K * CHUNK) else {
             // `phase_len` leaves room for the last chunk's furthest tap: a miss is a bug here, and
             // returning would leave stale values in `out`.
-            None => unreachable!("depthwise scratch too short for tap offset {off} at {t0}"),
+            unreachable!("depthwise scratch too short for tap offset {off} at {t0}")
         };
-        for i in 0..CHUNK {
-            acc[i] = madd::<FMA>(acc[i], src[i], w);
+        let (src, _) = src.as_chunks::<CHUNK>();
+        for (acc, src) in acc.iter_mut().zip(src) {
+            for i in 0..CHUNK {
+                acc[i] = madd::<FMA>(acc[i], src[i], w);
+            }
         }
     }
     // Fused element-wise successors (ReLU, ReLU6), in graph order.
     for p in post {
         match *p {
-            Post::Max(v) => acc.iter_mut().for_each(|a| *a = a.max(f32::from_bits(v))),
-            Post::Min(v) => acc.iter_mut().for_each(|a| *a = a.min(f32::from_bits(v))),
+            Post::Max(v) => acc.as_flattened_mut().iter_mut().for_each(|a| *a = a.max(f32::from_bits(v))),
+            Post::Min(v) => acc.as_flattened_mut().iter_mut().for_each(|a| *a = a.min(f32::from_bits(v))),
         }
     }
-    out.copy_from_slice(&acc);
+    out.copy_from_slice(acc.as_flattened());
 }
 
 fn plane_portable(
@@ -512,7 +535,16 @@ fn plane_portable(
     out: &mut [f32],
     rows: [usize; 2],
 ) {
-    plane::<{ cfg!(target_arch = "aarch64") }>(scratch, offsets, taps, bias, post, out, rows)
+    plane::<
+        { cfg!(target_arch = "aarch64") },
+        {
+            if cfg!(target_arch = "aarch64") {
+                2
+            } else {
+                1
+            }
+        },
+    >(scratch, offsets, taps, bias, post, out, rows)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -526,7 +558,7 @@ fn plane_avx2(
     out: &mut [f32],
     rows: [usize; 2],
 ) {
-    plane::<true>(scratch, offsets, taps, bias, post, out, rows)
+    plane::<true, 2>(scratch, offsets, taps, bias, post, out, rows)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -540,7 +572,7 @@ fn plane_avx512(
     out: &mut [f32],
     rows: [usize; 2],
 ) {
-    plane::<true>(scratch, offsets, taps, bias, post, out, rows)
+    plane::<true, 4>(scratch, offsets, taps, bias, post, out, rows)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -786,6 +818,9 @@ mod tests {
             ([9, 128], [3, 3], [2, 2], [1, 1], [0, 0], [1, 1]),
             ([7, 63], [5, 5], [2, 2], [1, 1], [2, 2], [2, 2]),
             ([6, 96], [5, 3], [1, 1], [1, 1], [3, 2], [1, 0]),
+            // Rows of 5 and 7 chunks: a run of 4 (AVX-512) or pairs (AVX2, NEON), then a pair and one.
+            ([4, 160], [3, 3], [1, 1], [1, 1], [1, 1], [1, 1]),
+            ([3, 224], [3, 5], [1, 1], [1, 1], [1, 2], [1, 2]),
         ];
         for (in_hw, kernel, stride, dilation, pb, pa) in cases {
             let out_hw: [usize; 2] =
