@@ -2,10 +2,12 @@
 //! computations of the same convolution: tract's own op (the same ONNX file optimised with
 //! `stock = true`) and onnxruntime (outputs written by tools/depthwise_cases.py through its Python API).
 //! The cases: every depthwise geometry of the shipped and generated EfficientNets (3x3/5x5, strides
-//! 1/2, PyTorch and TF-style padding, SAME_UPPER, 1632 channels at 7x7, batch 2) and 40 random ones
+//! 1/2, PyTorch and TF-style padding, SAME_UPPER, 1632 and 1152 channels at 7x7, batch 2) and 40 random ones
 //! (kernels 1-7, strides 1-3, dilations 1-3, asymmetric padding up to beyond the kernel's reach, some
 //! convolutions without a bias), at 1 and 2 threads; the Lite0 geometries end in ReLU6 and some random
-//! ones in ReLU, as in the models, which the op fuses.
+//! ones in ReLU, as in the models, which the op fuses. Outputs under 12 columns wide (the 7x7 layers, most
+//! random cases, a batch-2 case of 37 channels: whole and partial blocks) take the op's channel-blocked
+//! path, the rest its plane path.
 //!
 //! Compiled only where whaled substitutes the op (x86_64, aarch64): on armv7 tract's own op runs and
 //! there is nothing of whaled's to compare, so the file is no test at all there rather than one that

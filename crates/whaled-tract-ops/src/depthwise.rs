@@ -15,7 +15,9 @@
 //! aarch64, where FMA is baseline) and clamped. Where the output rows are whole chunks (every plane of 32
 //! columns or a multiple: the large planes), the chunks are stored straight into the output, row by
 //! row; elsewhere "virtual" output rows `phase_width` wide are computed as one flat run of chunks and
-//! their first `out_w` columns copied out. Channel planes are split across tract's intra-op thread pool.
+//! their first `out_w` columns copied out. Output rows under `BLOCKED_BELOW` columns (7x7 planes) go
+//! through the `blocked` module instead: 16 channels at a time, interleaved, one vector per output pixel.
+//! Channel planes are split across tract's intra-op thread pool.
 
 //! Numerics: every output is `bias + sum over taps of w * x`, taps in row-major kernel order, in f32,
 //! the same sum tract and onnxruntime compute in some order; tests/depthwise.rs checks it against both
@@ -31,6 +33,7 @@ use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_core::ops::nn::DataFormat;
 
+use crate::blocked::{self, BlockKernel};
 use crate::fuse::fusable_successors;
 pub use crate::fuse::Post;
 
@@ -39,6 +42,11 @@ pub const ENABLED: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch6
 
 /// Output columns accumulated in registers at once: 32 f32 = 4 AVX2 / 2 AVX-512 / 8 NEON registers.
 const CHUNK: usize = 32;
+
+/// Output rows narrower than this are computed channel-blocked ([`crate::blocked`]). Measured on AVX-512
+/// (1 thread, docs/BENCHMARKS.md): at 7 columns the blocked path takes 0.56-0.71 of the plane path's
+/// time; at 14 columns 1.02-1.15 of it.
+const BLOCKED_BELOW: usize = 12;
 
 /// The flat virtual plane is whole runs of this many outputs: the widest kernel's run (4 chunks), so
 /// that no kernel has a latency-bound single chunk left at its end (see [`plane`]).
@@ -101,6 +109,20 @@ impl Geometry {
 
     pub(crate) fn stride(&self) -> [usize; 2] {
         self.stride
+    }
+
+    pub(crate) fn dilation(&self) -> [usize; 2] {
+        self.dilation
+    }
+
+    pub(crate) fn pad_before(&self) -> [usize; 2] {
+        self.pad_before
+    }
+
+    /// Whether the op computes this geometry channel-blocked ([`crate::blocked`]): output rows narrower
+    /// than [`BLOCKED_BELOW`].
+    fn blocked(&self) -> bool {
+        self.out_hw[1] < BLOCKED_BELOW
     }
 
     /// The scratch one input plane needs: every phase ([`fill_scratch`]).
@@ -292,10 +314,11 @@ pub(crate) fn with_scratch<R>(g: &Geometry, f: impl FnOnce(&mut [f32], &mut Vec<
 
 impl DepthwiseConv {
     fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        self.compute_with(inputs, select_kernel().1)
+        let (_, plane, block) = select_kernel();
+        self.compute_with(inputs, plane, block)
     }
 
-    fn compute_with(&self, inputs: TVec<TValue>, kernel: PlaneKernel) -> TractResult<TVec<TValue>> {
+    fn compute_with(&self, inputs: TVec<TValue>, kernel: PlaneKernel, block: BlockKernel) -> TractResult<TVec<TValue>> {
         let g = &self.geometry;
         ensure!(inputs.len() == 3, "WhaledDepthwiseConv takes data, kernel and bias");
         let (x, k, b) = (&inputs[0], &inputs[1], &inputs[2]);
@@ -315,6 +338,10 @@ impl DepthwiseConv {
         let mut out = unsafe { Tensor::uninitialized::<f32>(&self.shape(g.out_hw))? };
         let plane_out = g.out_plane();
         let total = planes * plane_out;
+        if g.blocked() {
+            self.compute_blocked(x, k, b, &mut out, block)?;
+            return Ok(tvec!(out.into_tvalue()));
+        }
         let offsets = g.tap_offsets();
         {
             let mut view = out.try_as_plain_ram_mut()?;
@@ -351,6 +378,54 @@ impl DepthwiseConv {
             )?;
         }
         Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl DepthwiseConv {
+    /// [`DepthwiseConv::compute_with`] for a [`Geometry::blocked`] geometry: runs of up to
+    /// [`blocked::LANES`] consecutive channels of one image at a time ([`crate::blocked`]). Writes every
+    /// element of `out`.
+    fn compute_blocked(
+        &self,
+        x: &[f32],
+        k: &[f32],
+        b: &[f32],
+        out: &mut Tensor,
+        kernel: BlockKernel,
+    ) -> TractResult<()> {
+        let g = &self.geometry;
+        let layout = blocked::Layout::new(g);
+        let (plane_in, plane_out, taps) = (g.in_plane(), g.out_plane(), g.taps());
+        let total = g.batch * g.channels * plane_out;
+        let mut view = out.try_as_plain_ram_mut()?;
+        tract_linalg::multithread::par_chunks_mut(view.as_slice_mut::<f32>()?, plane_out, total, |first, chunk| {
+            blocked::with_scratch(g, &layout, |scratch, weights, result| {
+                let planes = chunk.len() / plane_out;
+                let mut i = 0;
+                while i < planes {
+                    let plane = first + i;
+                    let c = plane % g.channels;
+                    let n = blocked::LANES.min(g.channels - c).min(planes - i);
+                    blocked::fill(g, &layout, &x[plane * plane_in..][..n * plane_in], scratch);
+                    let mut bias = [0.0; blocked::LANES];
+                    for l in 0..n {
+                        bias[l] = b[c + l];
+                        for (t, w) in k[(c + l) * taps..][..taps].iter().enumerate() {
+                            weights[t * blocked::LANES + l] = *w;
+                        }
+                    }
+                    kernel(&layout, scratch, weights, &bias, &self.post, result);
+                    // Back to planes: lane l of every pixel is plane i + l.
+                    for (l, o) in chunk[i * plane_out..][..n * plane_out].chunks_exact_mut(plane_out).enumerate() {
+                        for (o, px) in o.iter_mut().zip(result.chunks_exact(blocked::LANES)) {
+                            *o = px[l];
+                        }
+                    }
+                    i += n;
+                }
+            });
+            Ok(())
+        })
     }
 }
 
@@ -603,21 +678,22 @@ fn plane_avx512_checked(
     unsafe { plane_avx512(scratch, offsets, taps, bias, post, out, rows) }
 }
 
-/// The widest plane kernel this CPU runs, with its name (for logs and `whaled bench --profile`).
-fn select_kernel() -> (&'static str, PlaneKernel) {
+/// The widest plane and block kernels this CPU runs, with their name (for logs and `whaled bench
+/// --profile`).
+fn select_kernel() -> (&'static str, PlaneKernel, BlockKernel) {
     #[cfg(target_arch = "x86_64")]
     {
         let fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
         if fma && is_x86_feature_detected!("avx512f") {
-            return ("avx512f+fma", plane_avx512_checked);
+            return ("avx512f+fma", plane_avx512_checked, blocked::block_avx512_checked);
         }
         if fma {
-            return ("avx2+fma", plane_avx2_checked);
+            return ("avx2+fma", plane_avx2_checked, blocked::block_avx2_checked);
         }
-        return ("sse2", plane_portable);
+        return ("sse2", plane_portable, blocked::block_portable);
     }
     #[allow(unreachable_code)]
-    (if cfg!(target_arch = "aarch64") { "neon+fma" } else { "portable" }, plane_portable)
+    (if cfg!(target_arch = "aarch64") { "neon+fma" } else { "portable" }, plane_portable, blocked::block_portable)
 }
 
 /// Which plane kernel this CPU runs.
@@ -777,16 +853,17 @@ mod tests {
         out
     }
 
-    /// Every plane kernel this CPU can run, not only the one `select_kernel` picks.
-    fn available_kernels() -> Vec<(&'static str, PlaneKernel)> {
+    /// Every plane and block kernel this CPU can run, not only the ones `select_kernel` picks.
+    fn available_kernels() -> Vec<(&'static str, PlaneKernel, BlockKernel)> {
         #[allow(unused_mut)]
-        let mut kernels: Vec<(&'static str, PlaneKernel)> = vec![("portable", plane_portable)];
+        let mut kernels: Vec<(&'static str, PlaneKernel, BlockKernel)> =
+            vec![("portable", plane_portable, blocked::block_portable)];
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                kernels.push(("avx2", plane_avx2_checked));
+                kernels.push(("avx2", plane_avx2_checked, blocked::block_avx2_checked));
                 if is_x86_feature_detected!("avx512f") {
-                    kernels.push(("avx512", plane_avx512_checked));
+                    kernels.push(("avx512", plane_avx512_checked, blocked::block_avx512_checked));
                 }
             }
         }
@@ -825,19 +902,22 @@ mod tests {
         for (in_hw, kernel, stride, dilation, pb, pa) in cases {
             let out_hw: [usize; 2] =
                 std::array::from_fn(|a| (in_hw[a] + pb[a] + pa[a] - (kernel[a] - 1) * dilation[a] - 1) / stride[a] + 1);
-            let g = Geometry::new(2, 3, in_hw, out_hw, kernel, stride, dilation, pb).unwrap();
-            let x: Vec<f32> = (0..2 * 3 * g.in_plane()).map(|_| rnd()).collect();
-            let k: Vec<f32> = (0..3 * g.taps()).map(|_| rnd()).collect();
-            let b: Vec<f32> = (0..3).map(|_| rnd()).collect();
+            // 19 channels: on the blocked path (rows under 12 wide) a whole block and a partial one per
+            // image.
+            let c = 19;
+            let g = Geometry::new(2, c, in_hw, out_hw, kernel, stride, dilation, pb).unwrap();
+            let x: Vec<f32> = (0..2 * c * g.in_plane()).map(|_| rnd()).collect();
+            let k: Vec<f32> = (0..c * g.taps()).map(|_| rnd()).collect();
+            let b: Vec<f32> = (0..c).map(|_| rnd()).collect();
             let op = DepthwiseConv::new(g.clone(), true).unwrap();
             let inputs = tvec![
-                Tensor::from_shape(&[2, 3, in_hw[0], in_hw[1]], &x).unwrap().into_tvalue(),
-                Tensor::from_shape(&[3, g.taps()], &k).unwrap().into_tvalue(),
+                Tensor::from_shape(&[2, c, in_hw[0], in_hw[1]], &x).unwrap().into_tvalue(),
+                Tensor::from_shape(&[c, g.taps()], &k).unwrap().into_tvalue(),
                 tensor1(&b).into_tvalue(),
             ];
             let want = reference(&g, &x, &k, &b);
-            for (name, kernel) in available_kernels() {
-                let got = op.compute_with(inputs.clone(), kernel).unwrap();
+            for (name, kernel, block) in available_kernels() {
+                let got = op.compute_with(inputs.clone(), kernel, block).unwrap();
                 let got = got[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
                 assert_eq!(got.len(), want.len());
                 let diff = max_diff(&got, &want);

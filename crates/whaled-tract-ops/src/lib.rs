@@ -8,6 +8,7 @@
 //! unoptimised in dev builds, and an unoptimised kernel would make the test suite's pipelines (with
 //! their latency budgets) run a different speed class than the shipped binary.
 
+mod blocked;
 pub mod depthwise;
 mod fuse;
 pub mod pointwise;
