@@ -7,8 +7,10 @@ it (the independent reference), and `cases.json` describing them, with whether w
 substitute the conv. The cases: the stems of the shipped and generated models (Lite0's 3x3 stride 2
 with TF-style asymmetric padding and ReLU6, B0's and B4's with PyTorch's symmetric padding), auto_pad
 SAME_UPPER, a 5x5, dilation, unequal strides, one and four input channels, without bias; and
-convolutions whaled leaves to tract (a batch of 2, output channels not a multiple of 8, more than 80
-input channels x taps, output rows of 128 or more), which must still be right; then random small geometries.
+ResNet-class 3x3 convolutions (64-512 input channels, stride 1 and 2), a ResNet 7x7 stem, a ViT patch
+embedding; convolutions whaled leaves to tract (a batch of 2, output channels not a multiple of 8, more
+than 16384 input channels x taps, output rows of 128 or more), which must still be right; then random
+small geometries.
 
 Usage: python3 tools/stem_cases.py --out DIR [--random N] [--seed S]
 """
@@ -50,7 +52,14 @@ def fixed_cases():
         ("four-channels", 4, 8, 10, 17, (3, 3), (3, 3), (1, 1), [1, 1, 1, 1], None, 1, None, True, True),
         ("tract-batch-2", 3, 16, 11, 9, (3, 3), (2, 2), (1, 1), same(3), None, 2, None, True, False),
         ("tract-cout-12", 3, 12, 11, 9, (3, 3), (2, 2), (1, 1), same(3), None, 1, None, True, False),
-        ("tract-wide", 16, 16, 9, 9, (3, 3), (1, 1), (1, 1), same(3), None, 1, None, True, False),
+        # ResNet-class convolutions (many input channels), a ResNet stem and a ViT patch embedding.
+        ("resnet-3x3", 64, 64, 14, 14, (3, 3), (1, 1), (1, 1), same(3), None, 1, "relu", True, True),
+        ("resnet-3x3-s2", 128, 256, 9, 9, (3, 3), (2, 2), (1, 1), same(3), None, 1, None, True, True),
+        ("resnet-3x3-7x7", 512, 64, 7, 7, (3, 3), (1, 1), (1, 1), same(3), None, 1, "relu", True, True),
+        ("resnet-stem-7x7", 3, 64, 48, 48, (7, 7), (2, 2), (1, 1), same(7), None, 1, "relu", True, True),
+        ("vit-patch-16", 3, 64, 64, 48, (16, 16), (16, 16), (1, 1), [0, 0, 0, 0], None, 1, None, True, True),
+        # More than 16384 input channels x taps (MAX_ROWS): tract's.
+        ("tract-rows", 1821, 8, 4, 4, (3, 3), (1, 1), (1, 1), same(3), None, 1, None, True, False),
         # Output rows of 128 or more: tract's own direct convolution, as fast there (the B4's stem at 512).
         ("tract-direct-130", 3, 16, 33, 260, (3, 3), (2, 2), (1, 1), same(3), None, 1, "relu6", True, False),
     ]

@@ -1,10 +1,12 @@
-//! A dense 2-D convolution over few input channels (a network's stem: 3x3 over RGB, stride 2) for
-//! tract, substituted into a model at load time.
+//! A dense 2-D convolution (a network's stem: 3x3 over RGB, stride 2; a ResNet's 3x3 convolutions; a
+//! vision transformer's patch embedding) for tract, substituted into a model at load time.
 //!
 //! Why: tract 0.23 runs an EfficientNet's stem as an im2col and a general matrix product at about 14
 //! GMAC/s, plus a separate pass for its activation: 1.2 of the marine gate's 13 ms on x86_64 (the
 //! product 0.75, its ReLU6 0.35). Its 27 "input channels" (3 colours x 9 taps) and one output row per
-//! channel are exactly what whaled's 1x1 op ([`crate::pointwise`]) computes at 40-55 GMAC/s.
+//! channel are exactly what whaled's 1x1 op ([`crate::pointwise`]) computes at 40-55 GMAC/s. The same
+//! holds for ResNet-18's 3x3 convolutions (tract: im2col and its general product, 48 ms for the whole
+//! network; with this op 40 ms, its convolutions at 41-47 GMAC/s).
 //!
 //! What: [`substitute`] replaces every float NCHW (or CHW) `Conv` with one group, at most
 //! [`MAX_ROWS`] input channels x taps, a multiple of [`BLOCK`] output channels, constant weights and
@@ -32,9 +34,13 @@ use crate::pointwise::{pack_weights, PointwiseConv, BLOCK};
 /// Whether this build substitutes stem convolutions (where the 1x1 op runs).
 pub const ENABLED: bool = crate::pointwise::ENABLED;
 
-/// The most input channels x taps the op takes: a 3 x 5 x 5 stem is 75. Beyond, the im2col matrix
-/// outgrows the activation it is made from, and tract's own convolution is the better tool.
-pub const MAX_ROWS: usize = 80;
+/// The most input channels x taps the op takes. First set to 80 (a 3 x 5 x 5 stem is 75) on the guess
+/// that a larger im2col matrix made tract's own convolution the better tool; measured, it is not: with
+/// every ResNet conv taken (up to 512 x 3 x 3 = 4608 rows, and the 3 x 7 x 7 stem) ResNet-18 went from
+/// 48.1 to 39.8 ms, ResNet-54 136.5 -> 121.2, ResNet-101 166.5 -> 156.8, and a ViT-B/16's patch
+/// embedding (768 rows, stride 16) 2.8 -> 2.4 ms (docs/BENCHMARKS.md). The bound keeps the packed
+/// weights and the im2col matrix of one conv within what a model of that size holds anyway.
+pub const MAX_ROWS: usize = 16_384;
 
 /// The output row width from which tract 0.23 runs such a convolution as its own direct spatial
 /// convolution (its `MIN_DIRECT_SPATIAL_W`, NCHW only), which is as fast as this op there: the B4's
