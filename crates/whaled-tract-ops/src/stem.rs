@@ -385,7 +385,8 @@ mod tests {
     fn refuses_sizes_it_cannot_run() {
         let g = Geometry::new(1, 1, [8, 8], [4, 4], [3, 3], [2, 2], [1, 1], [1, 1]).unwrap();
         assert!(StemConv::new(g.clone(), 3, 12, true, vec![]).is_err());
-        assert!(StemConv::new(g.clone(), 9, 16, true, vec![]).is_err());
+        assert!(StemConv::new(g.clone(), MAX_ROWS / 9 + 1, 16, true, vec![]).is_err());
+        assert!(StemConv::new(g.clone(), MAX_ROWS / 9, 16, true, vec![]).is_ok());
         assert!(StemConv::new(g, 0, 16, true, vec![]).is_err());
         let two = Geometry::new(1, 2, [8, 8], [4, 4], [3, 3], [2, 2], [1, 1], [1, 1]).unwrap();
         assert!(StemConv::new(two, 3, 16, true, vec![]).is_err());
