@@ -434,6 +434,37 @@ impl DepthwiseConv {
 /// `(i * stride[0] + pr, j * stride[1] + pc)`. Writes only the positions inside the input: the caller
 /// zeroes the scratch once per geometry (every plane of a geometry writes the same positions).
 pub(crate) fn fill_scratch(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has the features just checked.
+            return unsafe { fill_scratch_avx512(g, input, scratch) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: likewise.
+            return unsafe { fill_scratch_avx2(g, input, scratch) };
+        }
+    }
+    fill_scratch_any(g, input, scratch)
+}
+
+/// [`fill_scratch`] compiled for AVX-512: the stride-2 deinterleave then takes 512-bit permutes (with
+/// the baseline's SSE shuffles it was half of a stride-2 layer's time; docs/BENCHMARKS.md).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+fn fill_scratch_avx512(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
+    fill_scratch_any(g, input, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn fill_scratch_avx2(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
+    fill_scratch_any(g, input, scratch)
+}
+
+/// The body of [`fill_scratch`], inlined into each CPU variant.
+#[inline(always)]
+fn fill_scratch_any(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
     if g.stride[1] == 2 {
         fill_scratch_sw2(g, input, scratch);
         return;
@@ -474,6 +505,7 @@ pub(crate) fn fill_scratch(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
 /// stride-2 layer, 144 planes of 256x256.) Input column `ix` is padded column `ix + pl`, so phase
 /// `(ix + pl) % 2`, column `(ix + pl) / 2`: the even columns go to phase `pl % 2` from column `pl / 2`,
 /// the odd ones to phase `(pl + 1) % 2` from column `(pl + 1) / 2`, both cut at `phase_width`.
+#[inline(always)]
 fn fill_scratch_sw2(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
     let sh = g.stride[0];
     let (qh, qw, len) = (g.phase_rows(), g.phase_width(), g.phase_len());
