@@ -2,7 +2,9 @@
 //! furthest from onnxruntime, substituted into a model at load time through tract's public op API
 //! (nothing in tract is forked). Today: depthwise 2-D convolution ([`depthwise`]) and pointwise (1x1)
 //! convolution ([`pointwise`]), each with the ReLU / ReLU6 that follows it fused ([`fuse`]), the
-//! pointwise one also with the squeeze-excitation product before it.
+//! pointwise one also with the squeeze-excitation product before it; dense convolutions as an im2col
+//! and the pointwise kernel ([`stem`]); sums over trailing axes ([`reduce`]); and for int8 graphs
+//! [`qpointwise`], [`quantize`] and [`qelementwise`].
 //!
 //! A separate crate so that these loops are compiled optimised in every profile: whaled's own crate is
 //! unoptimised in dev builds, and an unoptimised kernel would make the test suite's pipelines (with
@@ -15,6 +17,7 @@ pub mod pointwise;
 pub mod qelementwise;
 pub mod qpointwise;
 pub mod quantize;
+pub mod reduce;
 pub mod stem;
 #[cfg(test)]
 mod test_util;
