@@ -1,11 +1,12 @@
-//! whaled's stem convolution op for tract (crates/whaled-tract-ops/src/stem.rs: a dense convolution over
-//! a few input channels as an im2col and whaled's 1x1 op) against two independent computations of the
-//! same convolution: tract's own op (the same ONNX file optimised with `stock = true`) and onnxruntime
-//! (outputs written by tools/stem_cases.py through its Python API). The cases: the stems of the shipped
-//! and generated models (Lite0's TF-padded 3x3 stride 2 with ReLU6, B0's and B4's), SAME_UPPER, 5x5,
-//! dilation, unequal strides, one and four input channels, no bias, random small geometries, at 1 and
-//! 2 threads; and convolutions the op must leave to tract (a batch of 2, 12 output channels, 144 rows,
-//! output rows 130 wide: tract's direct convolution),
+//! whaled's stem convolution op for tract (crates/whaled-tract-ops/src/stem.rs: a dense convolution as an
+//! im2col and whaled's 1x1 op) against two independent computations of the same convolution: tract's
+//! own op (the same ONNX file optimised with `stock = true`) and onnxruntime (outputs written by
+//! tools/stem_cases.py through its Python API). The cases: the stems of the shipped and generated models
+//! (Lite0's TF-padded 3x3 stride 2 with ReLU6, B0's and B4's), SAME_UPPER, 5x5, dilation, unequal
+//! strides, one and four input channels, no bias, ResNet 3x3s of 64-512 input channels (stride 1 and 2),
+//! a ResNet 7x7 stem, a ViT patch embedding, random small geometries, at 1 and 2 threads (the im2col's
+//! input channels and the product split across the pool); and convolutions the op must leave to tract
+//! (a batch of 2, 12 output channels, 16389 rows, output rows 130 wide: tract's direct convolution),
 //! which must still be right.
 //!
 //! Compiled only where whaled substitutes the op (x86_64, aarch64), like tests/pointwise.rs.
