@@ -130,7 +130,7 @@ impl TractBackend {
         let (typed, substituted) = optimise(model, stock, f16).map_err(|e| te("tract cannot optimise", e))?;
         log::debug!(
             "{}: {} depthwise convolutions on whaled's kernel ({}), {} stem, {} pointwise ({}), {} int8 pointwise ({}), \
-             {} quantizations vectorised, {} lookup tables, {} u8 element-wise, {} trailing sums{}",
+             {} quantizations vectorised, {} lookup tables, {} u8 element-wise, {} trailing sums, {} max pools{}",
             m.name,
             substituted.depthwise,
             whaled_tract_ops::depthwise::kernel_name(),
@@ -143,6 +143,7 @@ impl TractBackend {
             substituted.int8_tables,
             substituted.int8_binary,
             substituted.sums,
+            substituted.pools,
             if stock { ", the rest stock tract ({STOCK_ENV} set)" } else { "" }
         );
         let out_dims: Vec<usize> = typed
@@ -231,13 +232,16 @@ pub struct Substituted {
     pub int8_binary: usize,
     /// Sums over trailing axes (squeeze-excitation squeezes), [`whaled_tract_ops::reduce`].
     pub sums: usize,
+    /// 2-D max pools, [`whaled_tract_ops::maxpool`].
+    pub pools: usize,
 }
 
 /// Types, declutters and optimises a parsed model; in between, with `f16`, translates it to half
 /// precision (tract's own `f32_to_f16` transform: input and output become f16 too), and unless `stock`
 /// substitutes whaled's kernels for the ops it has better ones for (today: f32 depthwise, stem and
 /// pointwise convolutions, [`whaled_tract_ops::depthwise`], [`whaled_tract_ops::stem`],
-/// [`whaled_tract_ops::pointwise`], and sums over trailing axes, [`whaled_tract_ops::reduce`]; in
+/// [`whaled_tract_ops::pointwise`], sums over trailing axes, [`whaled_tract_ops::reduce`], and max
+/// pools, [`whaled_tract_ops::maxpool`]; in
 /// static-QDQ int8 models, integer pointwise convolutions on CPUs with AVX-512 VNNI, [`whaled_tract_ops::qpointwise`],
 /// and a vectorised `QuantizeLinear`, [`whaled_tract_ops::quantize`]). Returns the
 /// optimised model and how many nodes were substituted.
@@ -258,6 +262,9 @@ pub fn optimise(model: InferenceModel, stock: bool, f16: bool) -> TractResult<(T
     }
     if whaled_tract_ops::reduce::ENABLED && !stock {
         substituted.sums = whaled_tract_ops::reduce::substitute(&mut typed)?;
+    }
+    if whaled_tract_ops::maxpool::ENABLED && !stock {
+        substituted.pools = whaled_tract_ops::maxpool::substitute(&mut typed)?;
     }
     // The int8 ops where the float ones are used (x86_64, aarch64; armv7 keeps tract's own), the integer
     // 1x1 op only on CPUs with AVX-512 VNNI. Before the float pointwise op, which would take the same

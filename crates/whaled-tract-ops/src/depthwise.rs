@@ -126,7 +126,7 @@ impl Geometry {
     }
 
     /// The scratch one input plane needs: every phase ([`fill_scratch`]).
-    fn scratch_len(&self) -> usize {
+    pub(crate) fn scratch_len(&self) -> usize {
         self.stride[0] * self.stride[1] * self.phase_len()
     }
 
@@ -154,7 +154,7 @@ impl Geometry {
 
     /// Outputs computed per plane: every row `phase_width` long (the columns past `out_hw[1]` are
     /// computed and dropped), rounded up to whole runs.
-    fn virtual_len(&self) -> usize {
+    pub(crate) fn virtual_len(&self) -> usize {
         (self.out_hw[0] * self.phase_width()).div_ceil(RUN) * RUN
     }
 
