@@ -19,8 +19,8 @@
 
 use std::cell::RefCell;
 
-use crate::depthwise::Geometry;
-use crate::fuse::Post;
+use crate::depthwise::{madd, Geometry};
+use crate::fuse::{self, Post};
 
 /// Channels per block: 16 f32 = one AVX-512 register, two AVX2, four NEON.
 pub(crate) const LANES: usize = 16;
@@ -112,15 +112,6 @@ pub(crate) fn fill(g: &Geometry, layout: &Layout, planes: &[f32], scratch: &mut 
 /// Computes one block: `out` is `out_plane` pixels of [`LANES`] lanes; `weights` is `[tap][lane]`.
 pub(crate) type BlockKernel = fn(&Layout, &[f32], &[f32], &[f32; LANES], &[Post], &mut [f32]);
 
-#[inline(always)]
-fn madd<const FMA: bool>(acc: f32, x: f32, w: f32) -> f32 {
-    if FMA {
-        x.mul_add(w, acc)
-    } else {
-        acc + x * w
-    }
-}
-
 /// The body of every block kernel: output pixels in runs of [`PIXELS`], then one at a time.
 #[inline(always)]
 fn block<const FMA: bool>(
@@ -178,12 +169,7 @@ fn pixels<const FMA: bool, const N: usize>(
         }
     }
     // Fused element-wise successors (ReLU, ReLU6), in graph order.
-    for p in post {
-        match *p {
-            Post::Max(v) => acc.as_flattened_mut().iter_mut().for_each(|a| *a = a.max(f32::from_bits(v))),
-            Post::Min(v) => acc.as_flattened_mut().iter_mut().for_each(|a| *a = a.min(f32::from_bits(v))),
-        }
-    }
+    fuse::apply(post, acc.as_flattened_mut());
     for (o, a) in out.iter_mut().zip(&acc) {
         *o = *a;
     }

@@ -30,18 +30,18 @@
 use std::cell::RefCell;
 
 use tract_core::internal::*;
-use tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_core::ops::cnn::{Conv, KernelFormat, PoolSpec};
 use tract_core::ops::nn::DataFormat;
 
 use crate::blocked::{self, BlockKernel};
-use crate::fuse::fusable_successors;
 pub use crate::fuse::Post;
+use crate::fuse::{self, fusable_successors};
 
 /// Whether this build substitutes depthwise convolutions (see the module docs for where it does not).
 pub const ENABLED: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
 
 /// Output columns accumulated in registers at once: 32 f32 = 4 AVX2 / 2 AVX-512 / 8 NEON registers.
-const CHUNK: usize = 32;
+pub(crate) const CHUNK: usize = 32;
 
 /// Output rows narrower than this are computed channel-blocked ([`crate::blocked`]). Measured on AVX-512
 /// (1 thread, docs/BENCHMARKS.md): at 7 columns the blocked path takes 0.56-0.71 of the plane path's
@@ -285,28 +285,30 @@ impl TypedOp for DepthwiseConv {
 
 thread_local! {
     /// Per thread, reused across planes, ops and inferences: the padded, phase-split input plane, the
-    /// virtual output plane, and the geometry the scratch's zeros were laid out for.
-    static SCRATCH: RefCell<Scratch> = const { RefCell::new(Scratch { input: Vec::new(), virt: Vec::new(), zeroed_for: None }) };
+    /// virtual output plane, and the geometry and padding value the scratch was laid out for.
+    static SCRATCH: RefCell<Scratch> = const { RefCell::new(Scratch { input: Vec::new(), virt: Vec::new(), laid_for: None }) };
 }
 
-/// A thread's working memory. Invariant: when `zeroed_for` is `Some(g)`, `input` holds `g`'s layout
-/// with zeros at every padding position, so planes of that geometry only overwrite the interior.
+/// A thread's working memory. Invariant: when `laid_for` is `Some((g, pad))`, `input` holds `g`'s
+/// layout with `pad` (as f32 bits) at every padding position, so planes of that geometry only
+/// overwrite the interior.
 struct Scratch {
     input: Vec<f32>,
     virt: Vec<f32>,
-    zeroed_for: Option<Geometry>,
+    laid_for: Option<(Geometry, u32)>,
 }
 
-/// Runs `f` with this thread's input scratch laid out for `g` (zeroed when it was last laid out for
-/// another geometry: see [`Scratch`]) and its virtual-plane buffer (any length: the caller sizes it).
-/// The depthwise op and the stem op ([`crate::stem`]) share it; `f` must not call back into either.
-pub(crate) fn with_scratch<R>(g: &Geometry, f: impl FnOnce(&mut [f32], &mut Vec<f32>) -> R) -> R {
+/// Runs `f` with this thread's input scratch laid out for `g` with `pad` at every padding position
+/// (filled anew when it was last laid out for another geometry or padding: see [`Scratch`]) and its
+/// virtual-plane buffer (any length: the caller sizes it). The depthwise and stem ops pad with 0, the
+/// max-pool op ([`crate::maxpool`]) with -inf; `f` must not call back into any of them.
+pub(crate) fn with_scratch<R>(g: &Geometry, pad: f32, f: impl FnOnce(&mut [f32], &mut Vec<f32>) -> R) -> R {
     SCRATCH.with(|s| {
         let s = &mut *s.borrow_mut();
-        if s.zeroed_for.as_ref() != Some(g) {
+        if s.laid_for.as_ref().is_none_or(|(laid, bits)| laid != g || *bits != pad.to_bits()) {
             s.input.clear();
-            s.input.resize(g.scratch_len(), 0.0);
-            s.zeroed_for = Some(g.clone());
+            s.input.resize(g.scratch_len(), pad);
+            s.laid_for = Some((g.clone(), pad.to_bits()));
         }
         f(&mut s.input, &mut s.virt)
     })
@@ -350,7 +352,7 @@ impl DepthwiseConv {
                 plane_out,
                 total,
                 |first, chunk| {
-                    with_scratch(g, |scratch, virt| {
+                    with_scratch(g, 0.0, |scratch, virt| {
                         virt.resize(g.virtual_len(), 0.0);
                         for (i, o) in chunk.chunks_mut(plane_out).enumerate() {
                             let plane = first + i;
@@ -552,7 +554,7 @@ type PlaneKernel = fn(&[f32], &[usize], &[f32], f32, &[Post], &mut [f32], [usize
 /// `acc + x * w`, fused where `FMA` (a plain function, not a closure: it must inline into the
 /// `target_feature` kernels to be compiled with their features).
 #[inline(always)]
-fn madd<const FMA: bool>(acc: f32, x: f32, w: f32) -> f32 {
+pub(crate) fn madd<const FMA: bool>(acc: f32, x: f32, w: f32) -> f32 {
     if FMA {
         x.mul_add(w, acc)
     } else {
@@ -624,12 +626,7 @@ fn run<const FMA: bool, const K: usize>(
         }
     }
     // Fused element-wise successors (ReLU, ReLU6), in graph order.
-    for p in post {
-        match *p {
-            Post::Max(v) => acc.as_flattened_mut().iter_mut().for_each(|a| *a = a.max(f32::from_bits(v))),
-            Post::Min(v) => acc.as_flattened_mut().iter_mut().for_each(|a| *a = a.min(f32::from_bits(v))),
-        }
-    }
+    fuse::apply(post, acc.as_flattened_mut());
     out.copy_from_slice(acc.as_flattened());
 }
 
@@ -777,31 +774,11 @@ fn eligible(
 ) -> TractResult<Option<(Geometry, bool, Tensor, Tensor)>> {
     let spec = &conv.pool_spec;
     let c = spec.input_channels;
-    if conv.q_params.is_some()
-        || !matches!(spec.data_format, DataFormat::NCHW | DataFormat::CHW)
-        || spec.kernel_shape.len() != 2
-        || conv.group != c
-        || spec.output_channels != c
-        || node.inputs.len() != 3
-    {
+    if conv.q_params.is_some() || conv.group != c || spec.output_channels != c || node.inputs.len() != 3 {
         return Ok(None);
     }
-    let fact = model.outlet_fact(node.inputs[0])?;
-    let out_fact = model.outlet_fact(node.id.into())?;
-    let (Some(shape), Some(out_shape)) = (fact.shape.as_concrete(), out_fact.shape.as_concrete()) else {
-        return Ok(None);
-    };
-    let batch_axis = spec.data_format == DataFormat::NCHW;
-    // [N, C, H, W] as four numbers, whichever form the graph uses.
-    let nchw = |s: &[usize]| -> Option<[usize; 4]> {
-        match (batch_axis, s) {
-            (true, &[n, c, h, w]) => Some([n, c, h, w]),
-            (false, &[c, h, w]) => Some([1, c, h, w]),
-            _ => None,
-        }
-    };
-    let (Some(shape), Some(out_shape)) = (nchw(shape), nchw(out_shape)) else { return Ok(None) };
-    if fact.datum_type != f32::datum_type() || shape[1] != c {
+    let Some((geometry, batch_axis)) = spec_geometry(model, node, spec)? else { return Ok(None) };
+    if geometry.channels != c {
         return Ok(None);
     }
     let (Some(kernel), Some(bias)) =
@@ -812,7 +789,7 @@ fn eligible(
     if kernel.datum_type() != f32::datum_type() || bias.datum_type() != f32::datum_type() {
         return Ok(None);
     }
-    let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
+    let [kh, kw] = geometry.kernel;
     // The kernel as [C, KH*KW], whatever its format.
     let Ok(view) = kernel.to_plain_array_view::<f32>() else { return Ok(None) };
     let mut flat = Vec::with_capacity(c * kh * kw);
@@ -831,26 +808,58 @@ fn eligible(
         }
     }
     let Some(bias) = per_channel(&bias, c) else { return Ok(None) };
-    let pads = spec.computed_padding(&shape[2..]);
-    let out_hw = [pads[0].convoluted, pads[1].convoluted];
-    if out_shape != [shape[0], c, out_hw[0], out_hw[1]] {
+    Ok(Some((geometry, batch_axis, tensor1(&flat).into_shape(&[c, kh * kw])?, tensor1(&bias))))
+}
+
+/// The geometry of a node that slides a 2-D window per channel (a depthwise conv's or a pool's
+/// `spec`), and whether its data carries the batch axis: f32 NCHW (or CHW) data of a concrete shape,
+/// whose output is the same channels over the window's output size. `None` for anything else (the
+/// node stays tract's). Shared by the depthwise and max-pool ops ([`crate::maxpool`]).
+pub(crate) fn spec_geometry(
+    model: &TypedModel,
+    node: &TypedNode,
+    spec: &PoolSpec,
+) -> TractResult<Option<(Geometry, bool)>> {
+    if !matches!(spec.data_format, DataFormat::NCHW | DataFormat::CHW) || spec.kernel_shape.len() != 2 {
         return Ok(None);
     }
-    let stride = spec.strides();
-    let dilation = spec.dilations();
+    let fact = model.outlet_fact(node.inputs[0])?;
+    let out_fact = model.outlet_fact(node.id.into())?;
+    let (Some(shape), Some(out_shape)) = (fact.shape.as_concrete(), out_fact.shape.as_concrete()) else {
+        return Ok(None);
+    };
+    let batch_axis = spec.data_format == DataFormat::NCHW;
+    // [N, C, H, W] as four numbers, whichever form the graph uses.
+    let nchw = |s: &[usize]| -> Option<[usize; 4]> {
+        match (batch_axis, s) {
+            (true, &[n, c, h, w]) => Some([n, c, h, w]),
+            (false, &[c, h, w]) => Some([1, c, h, w]),
+            _ => None,
+        }
+    };
+    let (Some(shape), Some(out_shape)) = (nchw(shape), nchw(out_shape)) else { return Ok(None) };
+    if fact.datum_type != f32::datum_type() {
+        return Ok(None);
+    }
+    let pads = spec.computed_padding(&shape[2..]);
+    let out_hw = [pads[0].convoluted, pads[1].convoluted];
+    if out_shape != [shape[0], shape[1], out_hw[0], out_hw[1]] {
+        return Ok(None);
+    }
+    let (stride, dilation) = (spec.strides(), spec.dilations());
     let Ok(geometry) = Geometry::new(
         shape[0],
-        c,
+        shape[1],
         [shape[2], shape[3]],
         out_hw,
-        [kh, kw],
+        [spec.kernel_shape[0], spec.kernel_shape[1]],
         [stride[0], stride[1]],
         [dilation[0], dilation[1]],
         [pads[0].pad_before, pads[1].pad_before],
     ) else {
         return Ok(None);
     };
-    Ok(Some((geometry, batch_axis, tensor1(&flat).into_shape(&[c, kh * kw])?, tensor1(&bias))))
+    Ok(Some((geometry, batch_axis)))
 }
 
 #[cfg(test)]

@@ -52,6 +52,17 @@ pub(crate) fn fusable_successors(model: &TypedModel, id: usize) -> TractResult<(
     Ok((post, last))
 }
 
+/// Applies the steps to `values`, in graph order (inlined into each kernel's register loop).
+#[inline(always)]
+pub(crate) fn apply(post: &[Post], values: &mut [f32]) {
+    for p in post {
+        match *p {
+            Post::Max(v) => values.iter_mut().for_each(|a| *a = a.max(f32::from_bits(v))),
+            Post::Min(v) => values.iter_mut().for_each(|a| *a = a.min(f32::from_bits(v))),
+        }
+    }
+}
+
 /// The steps as one clamp `(lo, hi)` with `lo <= hi`, or `None` when there are none: any chain of
 /// max/min with constants is a clamp (`max(clamp(x, l, h), a) = clamp(x, max(l, a), max(h, a))`, and
 /// likewise for min), so a kernel applies two vector instructions however long the chain.

@@ -5,43 +5,23 @@
 //! onnxruntime's own per-node profile, docs/BENCHMARKS.md). Every ResNet has this layer.
 //!
 //! What: [`substitute`] replaces every float NCHW (or CHW) 2-D `MaxPool` without an indices output by
-//! [`MaxPool2d`], which works like the depthwise op's plane path ([`crate::depthwise`]): each channel
-//! plane is copied into a phase-split scratch whose padding holds -inf (so it never wins), every tap of
-//! every output is one flat offset into it, and runs of 32 outputs take the maximum over the taps in
-//! registers (AVX-512 or AVX2 where the CPU has them), rows copied out; planes split across tract's
-//! intra-op pool.
+//! [`MaxPool2d`], which works like the depthwise op's plane path ([`crate::depthwise`]) and shares its
+//! thread-local scratch: each channel plane is copied into the phase-split scratch laid out with -inf
+//! padding (so the padding never wins), every tap of every output is one flat offset into it, and runs of
+//! 32 outputs take the maximum over the taps in registers (AVX-512 or AVX2 where the CPU has them), rows
+//! copied out; planes split across tract's intra-op pool.
 //!
 //! Numerics: a maximum is exact; a NaN input is skipped in favour of the other values (`f32::max`),
 //! tract's and onnxruntime's handling of NaN is not matched. tests/maxpool.rs checks the op against
 //! tract's own op and onnxruntime.
 
-use std::cell::RefCell;
-
 use tract_core::internal::*;
 use tract_core::ops::cnn::MaxPool;
-use tract_core::ops::nn::DataFormat;
 
-use crate::depthwise::{fill_scratch, Geometry};
+use crate::depthwise::{fill_scratch, spec_geometry, with_scratch, Geometry, CHUNK};
 
 /// Whether this build substitutes max pooling: where the depthwise op runs (x86_64, aarch64).
 pub const ENABLED: bool = crate::depthwise::ENABLED;
-
-/// Outputs whose maximum is kept in registers at once.
-const CHUNK: usize = 32;
-
-thread_local! {
-    /// Per thread, reused across planes, ops and inferences: the padded, phase-split input plane, the
-    /// virtual output plane, and the geometry the scratch's -inf padding was laid out for.
-    static SCRATCH: RefCell<Scratch> = const { RefCell::new(Scratch { input: Vec::new(), virt: Vec::new(), laid_for: None }) };
-}
-
-/// Invariant: when `laid_for` is `Some(g)`, `input` holds `g`'s layout with -inf at every padding
-/// position, so planes of that geometry only overwrite the interior.
-struct Scratch {
-    input: Vec<f32>,
-    virt: Vec<f32>,
-    laid_for: Option<Geometry>,
-}
 
 /// 2-D max pooling, f32. Input `[N, C, H, W]` (or `[C, H, W]`, batch 1).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -86,19 +66,13 @@ impl MaxPool2d {
                 plane_out,
                 total,
                 |first, chunk| {
-                    SCRATCH.with(|s| {
-                        let s = &mut *s.borrow_mut();
-                        if s.laid_for.as_ref() != Some(g) {
-                            s.input.clear();
-                            s.input.resize(g.scratch_len(), f32::NEG_INFINITY);
-                            s.virt.resize(g.virtual_len(), 0.0);
-                            s.laid_for = Some(g.clone());
-                        }
+                    with_scratch(g, f32::NEG_INFINITY, |scratch, virt| {
+                        virt.resize(g.virtual_len(), 0.0);
                         for (i, o) in chunk.chunks_exact_mut(plane_out).enumerate() {
-                            fill_scratch(g, &x[(first + i) * g.in_plane()..][..g.in_plane()], &mut s.input);
-                            kernel(&s.input, &offsets, &mut s.virt);
+                            fill_scratch(g, &x[(first + i) * g.in_plane()..][..g.in_plane()], scratch);
+                            kernel(scratch, &offsets, virt);
                             // Keep the first out_hw[1] of every phase_width-long virtual row.
-                            for (dst, src) in o.chunks_exact_mut(ow).zip(s.virt.chunks(qw)) {
+                            for (dst, src) in o.chunks_exact_mut(ow).zip(virt.chunks(qw)) {
                                 dst.copy_from_slice(&src[..ow]);
                             }
                         }
@@ -241,50 +215,10 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
     for id in model.eval_order()? {
         let node = model.node(id);
         let Some(pool) = node.op_as::<MaxPool>() else { continue };
-        let spec = &pool.pool_spec;
-        if pool.with_index_outputs.is_some()
-            || !matches!(spec.data_format, DataFormat::NCHW | DataFormat::CHW)
-            || spec.kernel_shape.len() != 2
-            || node.inputs.len() != 1
-            || node.outputs.len() != 1
-        {
+        if pool.with_index_outputs.is_some() || node.inputs.len() != 1 || node.outputs.len() != 1 {
             continue;
         }
-        let fact = model.outlet_fact(node.inputs[0])?;
-        let out_fact = model.outlet_fact(id.into())?;
-        let (Some(shape), Some(out_shape)) = (fact.shape.as_concrete(), out_fact.shape.as_concrete()) else {
-            continue;
-        };
-        let batch_axis = spec.data_format == DataFormat::NCHW;
-        let nchw = |s: &[usize]| -> Option<[usize; 4]> {
-            match (batch_axis, s) {
-                (true, &[n, c, h, w]) => Some([n, c, h, w]),
-                (false, &[c, h, w]) => Some([1, c, h, w]),
-                _ => None,
-            }
-        };
-        let (Some(shape), Some(out_shape)) = (nchw(shape), nchw(out_shape)) else { continue };
-        if fact.datum_type != f32::datum_type() {
-            continue;
-        }
-        let pads = spec.computed_padding(&shape[2..]);
-        let out_hw = [pads[0].convoluted, pads[1].convoluted];
-        if out_shape != [shape[0], shape[1], out_hw[0], out_hw[1]] {
-            continue;
-        }
-        let (stride, dilation) = (spec.strides(), spec.dilations());
-        let Ok(geometry) = Geometry::new(
-            shape[0],
-            shape[1],
-            [shape[2], shape[3]],
-            out_hw,
-            [spec.kernel_shape[0], spec.kernel_shape[1]],
-            [stride[0], stride[1]],
-            [dilation[0], dilation[1]],
-            [pads[0].pad_before, pads[1].pad_before],
-        ) else {
-            continue;
-        };
+        let Some((geometry, batch_axis)) = spec_geometry(model, node, &pool.pool_spec)? else { continue };
         let mut patch = TypedModelPatch::new(format!("whaled max pool {}", node.name));
         let x = patch.tap_model(model, node.inputs[0])?;
         let out = patch.wire_node(&node.name, MaxPool2d::new(geometry, batch_axis)?, &[x])?;

@@ -105,7 +105,7 @@ impl StemConv {
                 per_channel,
                 total,
                 |first, chunk| {
-                    with_scratch(g, |scratch, _| {
+                    with_scratch(g, 0.0, |scratch, _| {
                         for (i, block) in chunk.chunks_exact_mut(per_channel).enumerate() {
                             // Every channel writes the same scratch positions: the zeros (padding) stay zeros.
                             fill_scratch(g, &x[(first + i) * in_plane..][..in_plane], scratch);
