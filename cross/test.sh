@@ -128,7 +128,7 @@ echo "== build and test $target (release, under qemu-$qemu -cpu $cpu)"
 if [ "$full" = --full ]; then
     selection=()
 else
-    selection=(--lib --test model_errors --test mqtt --test service --test parity --test depthwise --test pointwise --test stem --test reduce --test maxpool --test cli)
+    selection=(--lib --test model_errors --test mqtt --test service --test parity --test depthwise --test pointwise --test stem --test reduce --test maxpool --test expand --test cli)
 fi
 # CROSS_SELECTION replaces the selection (e.g. "--test gps --test sinks", to time tests before adding them).
 if [ -n "${CROSS_SELECTION:-}" ]; then

@@ -130,7 +130,7 @@ impl TractBackend {
         let (typed, substituted) = optimise(model, stock, f16).map_err(|e| te("tract cannot optimise", e))?;
         log::debug!(
             "{}: {} depthwise convolutions on whaled's kernel ({}), {} stem, {} pointwise ({}), {} int8 pointwise ({}), \
-             {} quantizations vectorised, {} lookup tables, {} u8 element-wise, {} trailing sums, {} max pools{}",
+             {} quantizations vectorised, {} lookup tables, {} u8 element-wise, {} trailing sums, {} max pools, {} expand-depthwise pairs{}",
             m.name,
             substituted.depthwise,
             whaled_tract_ops::depthwise::kernel_name(),
@@ -144,6 +144,7 @@ impl TractBackend {
             substituted.int8_binary,
             substituted.sums,
             substituted.pools,
+            substituted.expand_depthwise,
             if stock { ", the rest stock tract ({STOCK_ENV} set)" } else { "" }
         );
         let out_dims: Vec<usize> = typed
@@ -234,6 +235,9 @@ pub struct Substituted {
     pub sums: usize,
     /// 2-D max pools, [`whaled_tract_ops::maxpool`].
     pub pools: usize,
+    /// Expand 1x1 -> depthwise pairs run as one op, [`whaled_tract_ops::expand`] (each also counted
+    /// in `pointwise` and `depthwise`).
+    pub expand_depthwise: usize,
 }
 
 /// Types, declutters and optimises a parsed model; in between, with `f16`, translates it to half
@@ -276,6 +280,10 @@ pub fn optimise(model: InferenceModel, stock: bool, f16: bool) -> TractResult<(T
     }
     if whaled_tract_ops::pointwise::ENABLED && !stock {
         substituted.pointwise = whaled_tract_ops::pointwise::substitute(&mut typed)?;
+    }
+    // After both ops' own substitutions: it fuses their nodes.
+    if whaled_tract_ops::expand::ENABLED && !stock {
+        substituted.expand_depthwise = whaled_tract_ops::expand::substitute(&mut typed)?;
     }
     Ok((typed.into_optimized()?, substituted))
 }

@@ -121,7 +121,7 @@ impl Geometry {
 
     /// Whether the op computes this geometry channel-blocked ([`crate::blocked`]): output rows narrower
     /// than [`BLOCKED_BELOW`].
-    fn blocked(&self) -> bool {
+    pub(crate) fn blocked(&self) -> bool {
         self.out_hw[1] < BLOCKED_BELOW
     }
 
@@ -353,26 +353,10 @@ impl DepthwiseConv {
                 total,
                 |first, chunk| {
                     with_scratch(g, 0.0, |scratch, virt| {
-                        virt.resize(g.virtual_len(), 0.0);
                         for (i, o) in chunk.chunks_mut(plane_out).enumerate() {
                             let plane = first + i;
-                            let c = plane % g.channels;
                             let input = &x[plane * g.in_plane()..][..g.in_plane()];
-                            fill_scratch(g, input, scratch);
-                            let taps = &k[c * g.taps()..][..g.taps()];
-                            let (ow, qw) = (g.out_hw[1], g.phase_width());
-                            if ow.is_multiple_of(CHUNK) {
-                                // Output row y is virtual row y's first `ow`: computed in place. Saves
-                                // the copy (B4 at 512: -4 % of the inference, docs/BENCHMARKS.md).
-                                kernel(scratch, &offsets, taps, b[c], &self.post, o, [ow, qw]);
-                                continue;
-                            }
-                            let flat = [virt.len(), 0];
-                            kernel(scratch, &offsets, taps, b[c], &self.post, virt, flat);
-                            // Keep the first out_hw[1] of every phase_width-long virtual row.
-                            for (dst, src) in o.chunks_exact_mut(ow).zip(virt.chunks(qw)) {
-                                dst.copy_from_slice(&src[..ow]);
-                            }
+                            self.plane(plane % g.channels, input, k, b, o, kernel, &offsets, scratch, virt);
                         }
                     });
                     Ok(())
@@ -380,6 +364,68 @@ impl DepthwiseConv {
             )?;
         }
         Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl DepthwiseConv {
+    /// Output plane `out` of channel `c` from its `input` plane (the plane path, not for a
+    /// [`Geometry::blocked`] geometry), in this thread's `scratch` and `virt` ([`with_scratch`] with
+    /// padding 0); `offsets` are the geometry's [`Geometry::tap_offsets`], `k` and `b` every channel's
+    /// taps and bias.
+    #[allow(clippy::too_many_arguments)]
+    fn plane(
+        &self,
+        c: usize,
+        input: &[f32],
+        k: &[f32],
+        b: &[f32],
+        out: &mut [f32],
+        kernel: PlaneKernel,
+        offsets: &[usize],
+        scratch: &mut [f32],
+        virt: &mut Vec<f32>,
+    ) {
+        let g = &self.geometry;
+        fill_scratch(g, input, scratch);
+        let taps = &k[c * g.taps()..][..g.taps()];
+        let (ow, qw) = (g.out_hw[1], g.phase_width());
+        if ow.is_multiple_of(CHUNK) {
+            // Output row y is virtual row y's first `ow`: computed in place. Saves the copy (B4 at
+            // 512: -4 % of the inference, docs/BENCHMARKS.md).
+            kernel(scratch, offsets, taps, b[c], &self.post, out, [ow, qw]);
+            return;
+        }
+        virt.resize(g.virtual_len(), 0.0);
+        let flat = [g.virtual_len(), 0];
+        kernel(scratch, offsets, taps, b[c], &self.post, &mut virt[..g.virtual_len()], flat);
+        // Keep the first out_hw[1] of every phase_width-long virtual row.
+        for (dst, src) in out.chunks_exact_mut(ow).zip(virt.chunks(qw)) {
+            dst.copy_from_slice(&src[..ow]);
+        }
+    }
+
+    /// Output planes `c0..` (as many as `out` holds, of image 0) from their input planes `x`, on this
+    /// thread: the depthwise step of [`crate::expand`]. The plane path only: that op does not take a
+    /// [`Geometry::blocked`] geometry.
+    pub(crate) fn run_planes(&self, c0: usize, x: &[f32], k: &[f32], b: &[f32], out: &mut [f32]) {
+        let g = &self.geometry;
+        let (_, kernel, _) = select_kernel();
+        let offsets = g.tap_offsets();
+        assert!(!g.blocked() && x.len() / g.in_plane() == out.len() / g.out_plane(), "depthwise planes do not match");
+        with_scratch(g, 0.0, |scratch, virt| {
+            for (i, (o, input)) in out.chunks_exact_mut(g.out_plane()).zip(x.chunks_exact(g.in_plane())).enumerate() {
+                self.plane(c0 + i, input, k, b, o, kernel, &offsets, scratch, virt);
+            }
+        });
+    }
+
+    pub(crate) fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// The output's shape.
+    pub(crate) fn output_shape(&self) -> TVec<usize> {
+        self.shape(self.geometry.out_hw)
     }
 }
 

@@ -3,7 +3,7 @@
 //! (nothing in tract is forked). Today: depthwise 2-D convolution ([`depthwise`]) and pointwise (1x1)
 //! convolution ([`pointwise`]), each with the ReLU / ReLU6 that follows it fused ([`fuse`]), the
 //! pointwise one also with the squeeze-excitation product before it; dense convolutions as an im2col
-//! and the pointwise kernel ([`stem`]); sums over trailing axes ([`reduce`]); max pooling ([`maxpool`]); and for int8 graphs
+//! and the pointwise kernel ([`stem`]); an expand 1x1 conv and the depthwise conv after it as one op ([`expand`]); sums over trailing axes ([`reduce`]); max pooling ([`maxpool`]); and for int8 graphs
 //! [`qpointwise`], [`quantize`] and [`qelementwise`].
 //!
 //! A separate crate so that these loops are compiled optimised in every profile: whaled's own crate is
@@ -12,6 +12,7 @@
 
 mod blocked;
 pub mod depthwise;
+pub mod expand;
 mod fuse;
 pub mod maxpool;
 pub mod pointwise;

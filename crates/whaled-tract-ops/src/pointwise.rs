@@ -239,6 +239,19 @@ pub(crate) struct Out<T> {
     pub(crate) len: usize,
 }
 
+impl<T> Out<T> {
+    /// Elements `at..at + len` as a slice (bounds-checked: a failure is a bug in the caller).
+    ///
+    /// # Safety
+    /// No other live reference covers these elements while the slice is used: the caller's work
+    /// items write disjoint parts of the output.
+    pub(crate) unsafe fn part<'a>(self, at: usize, len: usize) -> &'a mut [T] {
+        assert!(at.checked_add(len).is_some_and(|end| end <= self.len), "output part out of bounds");
+        // SAFETY: in bounds of the allocation (checked above); exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), len) }
+    }
+}
+
 // SAFETY: `Out` is only used inside a conv op's `compute_with` (here and in `qpointwise`), while the
 // tensor it points into is alive and not otherwise borrowed, by items that write disjoint elements (see
 // `Split`); nothing reads the output until every item has returned.
@@ -489,6 +502,48 @@ impl PointwiseConv {
             }
             c0 = c1;
         }
+    }
+}
+
+impl PointwiseConv {
+    /// Output blocks `blocks` of a one-image, unscaled conv over the whole plane, into `out`
+    /// (`blocks.len() * BLOCK` rows of the plane), on this thread: the expand step of [`crate::expand`].
+    /// `x`, `w` and `b` are the op's three inputs.
+    pub(crate) fn run_rows(&self, x: &[f32], w: &[f32], b: &[f32], blocks: std::ops::Range<usize>, out: &mut [f32]) {
+        let plane = self.plane();
+        assert!(
+            self.single_image()
+                && x.len() == self.cin * plane
+                && w.len() == self.cout * self.cin
+                && b.len() == self.cout
+                && blocks.end <= self.cout / BLOCK
+                && out.len() == blocks.len() * BLOCK * plane,
+            "pointwise rows do not match {self:?}"
+        );
+        let out = Out { ptr: out.as_mut_ptr(), len: out.len() };
+        let clamp = as_clamp(&self.post);
+        // Taken out of the thread's slot, not borrowed (put back at the end).
+        let mut tail = TAIL.with(|t| std::mem::take(&mut *t.borrow_mut()));
+        self.run_blocks(select_kernel(), x, w, b, blocks, 0..plane, clamp, out, 0, &mut tail);
+        TAIL.with(|t| *t.borrow_mut() = tail);
+    }
+
+    /// Whether the op convolves one image without a per-channel input scale.
+    pub(crate) fn single_image(&self) -> bool {
+        self.batch == 1 && !self.scaled
+    }
+
+    pub(crate) fn cin(&self) -> usize {
+        self.cin
+    }
+
+    pub(crate) fn cout(&self) -> usize {
+        self.cout
+    }
+
+    /// The data's shape.
+    pub(crate) fn input_shape(&self) -> TVec<usize> {
+        self.shape(0)
     }
 }
 

@@ -1,0 +1,202 @@
+//! An inverted-residual block's expand 1x1 convolution and the depthwise convolution after it, run as
+//! one op, a group of expanded channels at a time, so that the expanded activation never goes to
+//! memory.
+//!
+//! Why: in an EfficientNet-Lite0 the 1x1 op ([`crate::pointwise`]) writes each expanded activation
+//! (96 x 112 x 112 floats: 4.8 MB) to memory and the depthwise op ([`crate::depthwise`]) reads it back.
+//! With its input hot the 96-channel 112 -> 56 depthwise layer takes 0.24 ms; inside the model, where
+//! the input comes from memory, 0.37-0.51 ms (docs/BENCHMARKS.md). onnxruntime's graph stays
+//! channel-blocked and its layer takes 0.22 ms.
+//!
+//! What: [`substitute`] replaces every [`PointwiseConv`] whose only consumer is a [`DepthwiseConv`]
+//! on the plane path (output rows at least 12 wide), both for one image, by [`ExpandDepthwise`]. For
+//! each group of expanded channels (whole 8-channel blocks, about [`GROUP_BYTES`] of expanded planes)
+//! the op runs the 1x1 op's blocks into a thread-local buffer and the depthwise op's planes from it
+//! into the output; groups are split across tract's pool. Both steps are the two ops' own code, with
+//! their fused ReLU / ReLU6, so the numbers are theirs.
+//!
+//! Where it is not used: wherever either op is not (armv7), batches of more than one image, a 1x1
+//! conv whose output is used elsewhere too (a model output, a residual), the depthwise op's blocked
+//! path (small planes: their expanded activation fits in cache anyway).
+
+use tract_core::internal::*;
+
+use crate::depthwise::DepthwiseConv;
+use crate::pointwise::{Out, PointwiseConv, Pool, BLOCK};
+
+/// Whether this build fuses the two ops (where both run).
+pub const ENABLED: bool = crate::pointwise::ENABLED && crate::depthwise::ENABLED;
+
+/// About how many bytes of expanded planes one group holds: with the depthwise op's scratch and the
+/// 1x1 op's input it stays within a 512 KB - 1 MB L2. At least one block (8 planes) whatever the plane.
+const GROUP_BYTES: usize = 256 * 1024;
+
+/// The expand 1x1 convolution and the depthwise convolution that consumes it. Inputs: the 1x1 op's
+/// data, packed weights and bias, then the depthwise op's kernel and bias. Private fields: built only
+/// by [`ExpandDepthwise::new`], which checks that the two fit together.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ExpandDepthwise {
+    expand: PointwiseConv,
+    depthwise: DepthwiseConv,
+    /// Blocks (of [`BLOCK`] expanded channels) per group.
+    group: usize,
+}
+
+impl ExpandDepthwise {
+    pub fn new(expand: PointwiseConv, depthwise: DepthwiseConv) -> TractResult<ExpandDepthwise> {
+        let g = depthwise.geometry();
+        ensure!(expand.single_image() && g.batch() == 1, "an expand-depthwise block is for one image");
+        ensure!(!g.blocked(), "an expand-depthwise block takes the depthwise op's plane path");
+        ensure!(expand.cout() == g.channels(), "the expand conv's outputs are the depthwise conv's channels");
+        let hw = expand.input_shape();
+        ensure!(hw[hw.len() - 2..] == g.in_hw(), "the expand conv's plane is the depthwise conv's input");
+        let group = (GROUP_BYTES / (BLOCK * g.in_plane() * 4)).clamp(1, expand.cout() / BLOCK);
+        Ok(ExpandDepthwise { expand, depthwise, group })
+    }
+
+    fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == 5, "WhaledExpandDepthwise takes data, weights, bias, kernel and bias");
+        let slice = |i: usize| inputs[i].try_as_plain_ram().and_then(|t| t.as_slice::<f32>());
+        let (x, w, b, k, kb) = (slice(0)?, slice(1)?, slice(2)?, slice(3)?, slice(4)?);
+        let g = self.depthwise.geometry();
+        let (cin, channels) = (self.expand.cin(), self.expand.cout());
+        let (plane_in, plane_out) = (g.in_plane(), g.out_plane());
+        ensure!(
+            x.len() == cin * plane_in
+                && w.len() == channels * cin
+                && b.len() == channels
+                && k.len() == channels * g.taps()
+                && kb.len() == channels,
+            "WhaledExpandDepthwise: inputs do not match {self:?}"
+        );
+        // SAFETY: f32 has no invalid bit patterns, and every element is written before the tensor is
+        // returned: the groups partition the channels, and each writes all of its output planes.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&self.depthwise.output_shape())? };
+        let blocks = channels / BLOCK;
+        let macs = channels * (cin * plane_in + g.taps() * plane_out);
+        let pool = Pool::for_work(macs);
+        // Groups of at most `self.group` blocks, and at least as many groups as the pool's work items
+        // where there are enough blocks (else two threads could get one and two groups).
+        let per_group = self.group.min(blocks.div_ceil(pool.items()));
+        let groups = blocks.div_ceil(per_group);
+        {
+            let mut view = out.try_as_plain_ram_mut()?;
+            let out = view.as_slice_mut::<f32>()?;
+            let out = Out { ptr: out.as_mut_ptr(), len: out.len() };
+            let group = |i: usize| {
+                let blocks = i * per_group..((i + 1) * per_group).min(blocks);
+                let (c0, n) = (blocks.start * BLOCK, blocks.len() * BLOCK);
+                // Taken out of the thread's slot, not borrowed (put back at the end).
+                let mut expanded = EXPANDED.with(|e| std::mem::take(&mut *e.borrow_mut()));
+                if expanded.len() < n * plane_in {
+                    expanded.resize(n * plane_in, 0.0);
+                }
+                let expanded_planes = &mut expanded[..n * plane_in];
+                self.expand.run_rows(x, w, b, blocks, expanded_planes);
+                // SAFETY: the groups' channel ranges are disjoint, so no other group writes these
+                // planes, and nothing reads the output until all are done.
+                let planes = unsafe { out.part(c0 * plane_out, n * plane_out) };
+                self.depthwise.run_planes(c0, expanded_planes, k, kb, planes);
+                EXPANDED.with(|e| *e.borrow_mut() = expanded);
+            };
+            pool.run(groups, group);
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+thread_local! {
+    /// Per thread: one group's expanded planes.
+    static EXPANDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Op for ExpandDepthwise {
+    fn name(&self) -> StaticName {
+        "WhaledExpandDepthwise".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let mut info = self.expand.info()?;
+        info.extend(self.depthwise.info()?);
+        info.push(format!("{} channels per group", self.group * BLOCK));
+        Ok(info)
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    fn as_typed(&self) -> Option<&dyn TypedOp> {
+        Some(self)
+    }
+}
+
+impl EvalOp for ExpandDepthwise {
+    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        Ok(Some(self.compute(inputs)?))
+    }
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        self.compute(inputs)
+    }
+}
+
+impl TypedOp for ExpandDepthwise {
+    fn as_op(&self) -> &dyn Op {
+        self
+    }
+
+    fn as_op_mut(&mut self) -> &mut dyn Op {
+        self
+    }
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 5, "WhaledExpandDepthwise takes data, weights, bias, kernel and bias");
+        let want = self.expand.input_shape();
+        ensure!(
+            inputs[0].datum_type == f32::datum_type() && inputs[0].shape.as_concrete() == Some(&want[..]),
+            "WhaledExpandDepthwise expects f32 {want:?}, got {:?}",
+            inputs[0]
+        );
+        Ok(tvec!(f32::fact(self.depthwise.output_shape())))
+    }
+
+    fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let g = self.depthwise.geometry();
+        let macs = self.expand.cout() * (self.expand.cin() * g.in_plane() + g.taps() * g.out_plane());
+        Ok(tvec!((Cost::FMA(f32::datum_type()), macs.into())))
+    }
+}
+
+/// Replaces every [`PointwiseConv`] whose output only a plane-path [`DepthwiseConv`] reads, both for
+/// one image, and that depthwise op, by one [`ExpandDepthwise`]; returns how many pairs it fused. Runs
+/// after the two ops' own substitutions.
+pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
+    let mut fused = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(expand) = node.op_as::<PointwiseConv>() else { continue };
+        // The 1x1 op's output feeds exactly one node, and is not a model output.
+        let outlet = OutletId::new(id, 0);
+        let succ = &node.outputs[0].successors;
+        if node.outputs.len() != 1 || succ.len() != 1 || model.output_outlets()?.contains(&outlet) {
+            continue;
+        }
+        let next = model.node(succ[0].node);
+        let Some(depthwise) = next.op_as::<DepthwiseConv>() else { continue };
+        if succ[0].slot != 0 || node.inputs.len() != 3 || next.inputs.len() != 3 {
+            continue;
+        }
+        let Ok(op) = ExpandDepthwise::new(expand.clone(), depthwise.clone()) else { continue };
+        let mut patch = TypedModelPatch::new(format!("whaled expand-depthwise {}", next.name));
+        let mut taps = tvec![];
+        for input in node.inputs.iter().chain(&next.inputs[1..]) {
+            taps.push(patch.tap_model(model, *input)?);
+        }
+        let out = patch.wire_node(&next.name, op, &taps)?;
+        patch.shunt_outside(model, next.id.into(), out[0])?;
+        patch.apply(model)?;
+        fused += 1;
+    }
+    Ok(fused)
+}

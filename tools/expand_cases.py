@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Expand -> depthwise test cases for whaled's fused tract op (crates/whaled-tract-ops/src/expand.rs).
+
+Writes, under --out, one small ONNX model per case (a 1x1 "expand" convolution, its activation, a
+depthwise convolution and its activation, on a random input), its input and onnxruntime's output on it
+(the independent reference), and `cases.json` describing them, with how many fused ops whaled is
+expected to put in the plan. The cases: the EfficientNet-Lite0 blocks whose expanded activation is
+large (16 -> 96 at 112x112 into a stride-2 3x3, 24 -> 144 at 56x56 into a 3x3 and a TF-padded stride-2
+5x5, 40 -> 240 at 28x28 into a 5x5), a 14x14 block with 60 channel blocks, odd sizes without
+activations, ReLU, and two blocks in a row; and pairs whaled must leave apart (an expanded activation
+also used by a residual add, a 7x7 depthwise plane, which takes the depthwise op's blocked path, and a
+batch of 2).
+
+Usage: python3 tools/expand_cases.py --out DIR
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from onnx_build import Graph
+
+
+def block(g, x, cin, cexp, hw, k, stride, act, rng, same="torch", residual=False):
+    """expand 1x1 (cin -> cexp) + act, depthwise k x k + act; returns (y, out_hw)."""
+    w = (rng.standard_normal((cexp, cin, 1, 1)) / np.sqrt(cin)).astype(np.float32)
+    b = (rng.standard_normal(cexp) * 0.1).astype(np.float32)
+    e, _ = g.conv(x, w, b, hw)
+    e = g.activation(e, act)
+    dw = (rng.standard_normal((cexp, 1, k, k)) / k).astype(np.float32)
+    db = (rng.standard_normal(cexp) * 0.1).astype(np.float32)
+    y, out_hw = g.conv(e, dw, db, hw, stride=stride, groups=cexp, same=same)
+    y = g.activation(y, act)
+    if residual:
+        # The expanded activation is also read by an add: the pair must stay apart.
+        y = g.add(y, e)
+    return y, out_hw
+
+
+def cases():
+    """(name, batch, cin, hw, [(cexp, k, stride, act, same, residual), ...], fused ops expected)."""
+    return [
+        ("lite0-112-s2", 1, 16, (112, 112), [(96, 3, 2, "relu6", "torch", False)], 1),
+        ("lite0-56-s1", 1, 24, (56, 56), [(144, 3, 1, "relu6", "torch", False)], 1),
+        ("lite0-56-k5-s2-tf", 1, 24, (56, 56), [(144, 5, 2, "relu6", "tf", False)], 1),
+        ("lite0-28-k5", 1, 40, (28, 28), [(240, 5, 1, "relu6", "torch", False)], 1),
+        ("14-k3-60-blocks", 1, 80, (14, 14), [(480, 3, 1, "relu6", "torch", False)], 1),
+        ("odd-no-activation", 1, 5, (23, 37), [(24, 3, 1, None, "torch", False)], 1),
+        ("odd-relu-s2", 1, 7, (31, 29), [(40, 3, 2, "relu", "tf", False)], 1),
+        ("two-blocks", 1, 8, (40, 40), [(48, 3, 1, "relu6", "torch", False), (16, 5, 2, "relu6", "torch", False)], 2),
+        ("apart-residual", 1, 8, (20, 20), [(16, 3, 1, "relu6", "torch", True)], 0),
+        ("apart-blocked-7x7", 1, 16, (7, 7), [(96, 3, 1, "relu6", "torch", False)], 0),
+        ("apart-batch-2", 2, 8, (24, 24), [(32, 3, 1, "relu6", "torch", False)], 0),
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=23)
+    args = ap.parse_args()
+    rng = np.random.default_rng(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    listing = []
+    for name, batch, cin, hw, blocks, fused in cases():
+        g = Graph("expand", hw, in_name="x", in_channels=cin, batch=batch)
+        y, c, out_hw = g.in_name, cin, hw
+        for cexp, k, stride, act, same, residual in blocks:
+            y, out_hw = block(g, y, c, cexp, out_hw, k, stride, act, rng, same, residual)
+            c = cexp
+        shape = [batch, cin, hw[0], hw[1]]
+        out = [batch, c, out_hw[0], out_hw[1]]
+        model = g.finish(y, "y", out, "an expand -> depthwise test case")
+        x = rng.standard_normal(shape).astype(np.float32)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        ref = sess.run(None, {"x": x})[0]
+        assert list(ref.shape) == out, (name, ref.shape, out)
+        with open(os.path.join(args.out, f"{name}.onnx"), "wb") as f:
+            f.write(model.SerializeToString())
+        np.save(os.path.join(args.out, f"{name}.input.npy"), x)
+        np.save(os.path.join(args.out, f"{name}.ort.npy"), ref)
+        listing.append(dict(name=name, input=shape, output=out, fused=fused))
+    with open(os.path.join(args.out, "cases.json"), "w") as f:
+        json.dump(listing, f, indent=1)
+    print(f"wrote {len(listing)} cases under {args.out}")
+
+
+if __name__ == "__main__":
+    main()
