@@ -7,8 +7,8 @@ depthwise convolution and its activation, on a random input), its input and onnx
 expected to put in the plan. The cases: the EfficientNet-Lite0 blocks whose expanded activation is
 large (16 -> 96 at 112x112 into a stride-2 3x3, 24 -> 144 at 56x56 into a 3x3 and a TF-padded stride-2
 5x5, 40 -> 240 at 28x28 into a 5x5), a 14x14 block with 60 channel blocks, odd sizes without
-activations, ReLU, and two blocks in a row; and pairs whaled must leave apart (an expanded activation
-also used by a residual add, a 7x7 depthwise plane, which takes the depthwise op's blocked path, and a
+activations, ReLU, SiLU (the EfficientNet-B0's 112x112 and 28x28 blocks), and two blocks in a row; and pairs whaled must leave apart (an expanded activation
+also used by a residual add, after ReLU6 and after SiLU, a 7x7 depthwise plane, which takes the depthwise op's blocked path, and a
 batch of 2).
 
 Usage: python3 tools/expand_cases.py --out DIR
@@ -50,7 +50,10 @@ def cases():
         ("odd-no-activation", 1, 5, (23, 37), [(24, 3, 1, None, "torch", False)], 1),
         ("odd-relu-s2", 1, 7, (31, 29), [(40, 3, 2, "relu", "tf", False)], 1),
         ("two-blocks", 1, 8, (40, 40), [(48, 3, 1, "relu6", "torch", False), (16, 5, 2, "relu6", "torch", False)], 2),
+        ("b0-112-silu-s2", 1, 16, (112, 112), [(96, 3, 2, "silu", "torch", False)], 1),
+        ("b0-28-silu-k5", 1, 40, (28, 28), [(240, 5, 1, "silu", "tf", False)], 1),
         ("apart-residual", 1, 8, (20, 20), [(16, 3, 1, "relu6", "torch", True)], 0),
+        ("apart-silu-residual", 1, 8, (20, 20), [(16, 3, 1, "silu", "torch", True)], 0),
         ("apart-blocked-7x7", 1, 16, (7, 7), [(96, 3, 1, "relu6", "torch", False)], 0),
         ("apart-batch-2", 2, 8, (24, 24), [(32, 3, 1, "relu6", "torch", False)], 0),
     ]

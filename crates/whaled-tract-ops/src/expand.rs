@@ -9,17 +9,23 @@
 //! channel-blocked and its layer takes 0.22 ms.
 //!
 //! What: [`substitute`] replaces every [`PointwiseConv`] whose only consumer is a [`DepthwiseConv`]
-//! on the plane path (output rows at least 12 wide), both for one image, by [`ExpandDepthwise`]. For
+//! on the plane path (output rows at least 12 wide), directly (the Lite family: the ReLU6 is fused into
+//! the 1x1 op) or through a SiLU that nothing else reads (EfficientNet-B0..B7), both for one image, by
+//! [`ExpandDepthwise`]. For
 //! each group of expanded channels (whole 8-channel blocks, about [`GROUP_BYTES`] of expanded planes)
-//! the op runs the 1x1 op's blocks into a thread-local buffer and the depthwise op's planes from it
-//! into the output; groups are split across tract's pool. Both steps are the two ops' own code, with
-//! their fused ReLU / ReLU6, so the numbers are theirs.
+//! the op runs the 1x1 op's blocks into a thread-local buffer, tract's own SiLU kernel over it where
+//! the graph had one, and the depthwise op's planes from it into the output; groups are split across
+//! tract's pool. Every step is the same code as the separate ops', with their fused ReLU / ReLU6, so
+//! the numbers are theirs. Measured (docs/BENCHMARKS.md): the B4's 24 -> 144 block at 256x256
+//! 13.3 -> 9.8 ms, the gate's 16 -> 96 block at 112x112 1.01 -> 0.70 ms.
 //!
 //! Where it is not used: wherever either op is not (armv7), batches of more than one image, a 1x1
 //! conv whose output is used elsewhere too (a model output, a residual), the depthwise op's blocked
 //! path (small planes: their expanded activation fits in cache anyway).
 
 use tract_core::internal::*;
+use tract_core::ops::element_wise::ElementWiseOp;
+use tract_core::ops::nn::Silu;
 
 use crate::depthwise::DepthwiseConv;
 use crate::pointwise::{Out, PointwiseConv, Pool, BLOCK};
@@ -37,13 +43,17 @@ const GROUP_BYTES: usize = 256 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ExpandDepthwise {
     expand: PointwiseConv,
+    /// Whether the expanded activation goes through a SiLU (`x * sigmoid(x)`, tract's own kernel)
+    /// before the depthwise conv: the EfficientNet-B0..B7 blocks. The 1x1 op's fused ReLU / ReLU6 (the
+    /// Lite family) needs no step of its own.
+    silu: bool,
     depthwise: DepthwiseConv,
     /// Blocks (of [`BLOCK`] expanded channels) per group.
     group: usize,
 }
 
 impl ExpandDepthwise {
-    pub fn new(expand: PointwiseConv, depthwise: DepthwiseConv) -> TractResult<ExpandDepthwise> {
+    pub fn new(expand: PointwiseConv, silu: bool, depthwise: DepthwiseConv) -> TractResult<ExpandDepthwise> {
         let g = depthwise.geometry();
         ensure!(expand.single_image() && g.batch() == 1, "an expand-depthwise block is for one image");
         ensure!(!g.blocked(), "an expand-depthwise block takes the depthwise op's plane path");
@@ -51,7 +61,7 @@ impl ExpandDepthwise {
         let hw = expand.input_shape();
         ensure!(hw[hw.len() - 2..] == g.in_hw(), "the expand conv's plane is the depthwise conv's input");
         let group = (GROUP_BYTES / (BLOCK * g.in_plane() * 4)).clamp(1, expand.cout() / BLOCK);
-        Ok(ExpandDepthwise { expand, depthwise, group })
+        Ok(ExpandDepthwise { expand, silu, depthwise, group })
     }
 
     fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
@@ -75,6 +85,9 @@ impl ExpandDepthwise {
         let blocks = channels / BLOCK;
         let macs = channels * (cin * plane_in + g.taps() * plane_out);
         let pool = Pool::for_work(macs);
+        let silu = if self.silu { Some(tract_linalg::routines::Func::Silu.ew_f32()?) } else { None };
+        // The first error of a group's SiLU (none is known to fail: tract's kernels return Ok).
+        let failed = std::sync::Mutex::new(None);
         // Groups of at most `self.group` blocks, and at least as many groups as the pool's work items
         // where there are enough blocks (else two threads could get one and two groups).
         let per_group = self.group.min(blocks.div_ceil(pool.items()));
@@ -93,6 +106,12 @@ impl ExpandDepthwise {
                 }
                 let expanded_planes = &mut expanded[..n * plane_in];
                 self.expand.run_rows(x, w, b, blocks, expanded_planes);
+                if let Some(silu) = &silu {
+                    // Element-wise: the same values as tract's op on the whole tensor.
+                    if let Err(e) = silu.run(expanded_planes) {
+                        failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    }
+                }
                 // SAFETY: the groups' channel ranges are disjoint, so no other group writes these
                 // planes, and nothing reads the output until all are done.
                 let planes = unsafe { out.part(c0 * plane_out, n * plane_out) };
@@ -100,6 +119,9 @@ impl ExpandDepthwise {
                 EXPANDED.with(|e| *e.borrow_mut() = expanded);
             };
             pool.run(groups, group);
+        }
+        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e.context("WhaledExpandDepthwise: SiLU"));
         }
         Ok(tvec!(out.into_tvalue()))
     }
@@ -117,6 +139,9 @@ impl Op for ExpandDepthwise {
 
     fn info(&self) -> TractResult<Vec<String>> {
         let mut info = self.expand.info()?;
+        if self.silu {
+            info.push("then SiLU".to_string());
+        }
         info.extend(self.depthwise.info()?);
         info.push(format!("{} channels per group", self.group * BLOCK));
         Ok(info)
@@ -173,21 +198,32 @@ impl TypedOp for ExpandDepthwise {
 /// after the two ops' own substitutions.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
     let mut fused = 0;
+    let outputs = model.output_outlets()?.to_vec();
+    // The one node that reads `id`'s only output, unless that output is also a model output.
+    let only_consumer = |model: &TypedModel, id: usize| -> Option<(usize, usize)> {
+        let node = model.node(id);
+        let succ = &node.outputs.first()?.successors;
+        (node.outputs.len() == 1 && succ.len() == 1 && !outputs.contains(&OutletId::new(id, 0)))
+            .then(|| (succ[0].node, succ[0].slot))
+    };
     for id in model.eval_order()? {
         let node = model.node(id);
         let Some(expand) = node.op_as::<PointwiseConv>() else { continue };
-        // The 1x1 op's output feeds exactly one node, and is not a model output.
-        let outlet = OutletId::new(id, 0);
-        let succ = &node.outputs[0].successors;
-        if node.outputs.len() != 1 || succ.len() != 1 || model.output_outlets()?.contains(&outlet) {
+        let Some((mut next, slot)) = only_consumer(model, id) else { continue };
+        // A SiLU between them (tract's declutter has made `x * sigmoid(x)` one op).
+        let silu = model.node(next).op_as::<ElementWiseOp>().is_some_and(|op| op.0.is::<Silu>());
+        if silu {
+            let Some((after, 0)) = only_consumer(model, next) else { continue };
+            next = after;
+        } else if slot != 0 {
             continue;
         }
-        let next = model.node(succ[0].node);
+        let next = model.node(next);
         let Some(depthwise) = next.op_as::<DepthwiseConv>() else { continue };
-        if succ[0].slot != 0 || node.inputs.len() != 3 || next.inputs.len() != 3 {
+        if node.inputs.len() != 3 || next.inputs.len() != 3 {
             continue;
         }
-        let Ok(op) = ExpandDepthwise::new(expand.clone(), depthwise.clone()) else { continue };
+        let Ok(op) = ExpandDepthwise::new(expand.clone(), silu, depthwise.clone()) else { continue };
         let mut patch = TypedModelPatch::new(format!("whaled expand-depthwise {}", next.name));
         let mut taps = tvec![];
         for input in node.inputs.iter().chain(&next.inputs[1..]) {
