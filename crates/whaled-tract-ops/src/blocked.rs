@@ -92,8 +92,21 @@ pub(crate) fn with_scratch<R>(
 
 /// Writes `planes` (consecutive input planes of one image, at most [`LANES`]) interleaved into
 /// `scratch`, lane `l` of padded pixel `(y, x)` at `(y * padded[1] + x) * LANES + l`. Writes only the
-/// positions inside the input: the caller zeroes the scratch once per geometry.
+/// positions inside the input: the caller zeroes the scratch once per geometry. With AVX-512 by 16 x 16
+/// transposes (lanes past the last plane get zeros); else one value at a time.
 pub(crate) fn fill(g: &Geometry, layout: &Layout, planes: &[f32], scratch: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has avx512f (checked above).
+            return unsafe { x86::fill(g, layout, planes, scratch) };
+        }
+    }
+    fill_scalar(g, layout, planes, scratch)
+}
+
+/// [`fill`], one value at a time.
+fn fill_scalar(g: &Geometry, layout: &Layout, planes: &[f32], scratch: &mut [f32]) {
     let [h, w] = g.in_hw();
     let [pt, pl] = g.pad_before();
     let [ph, pw] = layout.padded;
@@ -105,6 +118,56 @@ pub(crate) fn fill(g: &Geometry, layout: &Layout, planes: &[f32], scratch: &mut 
             for (ix, &v) in src[..cols].iter().enumerate() {
                 row[ix * LANES + l] = v;
             }
+        }
+    }
+}
+
+/// Writes the block's interleaved `result` (`[pixel][lane]`) back as planes: lane `l` of every pixel
+/// is plane `l` of `planes` (whole planes, at most [`LANES`] of them). With AVX-512 by 16 x 16
+/// transposes; else one value at a time.
+pub(crate) fn unfill(result: &[f32], planes: &mut [f32], plane: usize) {
+    assert!(planes.len() <= LANES * plane && result.len() >= plane * LANES, "blocked result does not match");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has avx512f (checked above); the sizes were checked above.
+            return unsafe { x86::unfill(result, planes, plane) };
+        }
+    }
+    unfill_scalar(result, planes, plane)
+}
+
+/// [`unfill`], one value at a time.
+fn unfill_scalar(result: &[f32], planes: &mut [f32], plane: usize) {
+    for (l, o) in planes.chunks_exact_mut(plane).enumerate() {
+        for (o, px) in o.iter_mut().zip(result.chunks_exact(LANES)) {
+            *o = px[l];
+        }
+    }
+}
+
+/// Writes `rows` (at most [`LANES`] rows of `len` values) interleaved into `out`: value `p` of row `l`
+/// at `p * LANES + l`; lanes past the last row get zeros. The kernel taps of a block's channels
+/// (`[tap][lane]`). With AVX-512 by 16 x 16 transposes; else one value at a time.
+pub(crate) fn interleave(rows: &[f32], len: usize, out: &mut [f32]) {
+    let n = rows.len() / len;
+    assert!(n <= LANES && n * len == rows.len() && out.len() >= len * LANES, "blocked interleave does not match");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has avx512f (checked above); the sizes were checked above.
+            return unsafe { x86::interleave(rows, len, out) };
+        }
+    }
+    interleave_scalar(rows, len, out)
+}
+
+/// [`interleave`], one value at a time.
+fn interleave_scalar(rows: &[f32], len: usize, out: &mut [f32]) {
+    out[..len * LANES].fill(0.0);
+    for (l, row) in rows.chunks_exact(len).enumerate() {
+        for (p, &v) in row.iter().enumerate() {
+            out[p * LANES + l] = v;
         }
     }
 }
@@ -206,6 +269,19 @@ fn block_avx512(
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) fn block_avx512_checked(
+    layout: &Layout,
+    scratch: &[f32],
+    weights: &[f32],
+    bias: &[f32; LANES],
+    post: &[Post],
+    out: &mut [f32],
+) {
+    // SAFETY: only selected after `is_x86_feature_detected!` saw avx512f, avx2 and fma.
+    unsafe { block_avx512(layout, scratch, weights, bias, post, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn block_avx2_checked(
     layout: &Layout,
     scratch: &[f32],
@@ -219,14 +295,192 @@ pub(crate) fn block_avx2_checked(
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn block_avx512_checked(
-    layout: &Layout,
-    scratch: &[f32],
-    weights: &[f32],
-    bias: &[f32; LANES],
-    post: &[Post],
-    out: &mut [f32],
-) {
-    // SAFETY: only selected after `is_x86_feature_detected!` saw avx512f, avx2 and fma.
-    unsafe { block_avx512(layout, scratch, weights, bias, post, out) }
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Layout, LANES};
+    use crate::depthwise::Geometry;
+
+    /// The permutes of [`transpose16`]'s four stages (b = 8, 4, 2, 1): `idx_lo[k]` is `k` where bit
+    /// `b` of `k` is clear, else `16 + k - b`; `idx_hi[k]` is `k + b`, else `16 + k`.
+    #[target_feature(enable = "avx512f,avx2")]
+    fn transpose_indices() -> [(__m512i, __m512i); 4] {
+        let mut out = [(_mm512_setzero_si512(), _mm512_setzero_si512()); 4];
+        for (s, b) in [8usize, 4, 2, 1].into_iter().enumerate() {
+            let mut lo = [0i32; 16];
+            let mut hi = [0i32; 16];
+            for k in 0..16 {
+                (lo[k], hi[k]) =
+                    if k & b == 0 { (k as i32, (k + b) as i32) } else { ((16 + k - b) as i32, (16 + k) as i32) };
+            }
+            // SAFETY: 16 i32s are one 512-bit load.
+            out[s] = unsafe { (_mm512_loadu_si512(lo.as_ptr().cast()), _mm512_loadu_si512(hi.as_ptr().cast())) };
+        }
+        out
+    }
+
+    /// Transposes the 16 x 16 matrix in `r` (row i = `r[i]`): four stages, each swapping the
+    /// off-diagonal `b x b` blocks (b = 8, 4, 2, 1) of every `2b x 2b` block, two permutes per pair of
+    /// rows ([`transpose_indices`]).
+    #[target_feature(enable = "avx512f,avx2")]
+    #[inline]
+    fn transpose16(r: &mut [__m512; 16], idx: &[(__m512i, __m512i); 4]) {
+        macro_rules! stage {
+            ($s:expr, $b:expr) => {
+                for i in 0..16 {
+                    if i & $b == 0 {
+                        let (a, c) = (r[i], r[i + $b]);
+                        r[i] = _mm512_permutex2var_ps(a, idx[$s].0, c);
+                        r[i + $b] = _mm512_permutex2var_ps(a, idx[$s].1, c);
+                    }
+                }
+            };
+        }
+        stage!(0, 8);
+        stage!(1, 4);
+        stage!(2, 2);
+        stage!(3, 1);
+    }
+
+    /// [`super::fill`] by 16 x 16 transposes: 16 pixels of every plane (rows past the last plane and
+    /// pixels past the plane's end read as zeros), transposed, then each pixel's vector stored at its
+    /// padded position.
+    ///
+    /// # Safety
+    /// The CPU has avx512f.
+    #[target_feature(enable = "avx512f,avx2")]
+    pub(super) unsafe fn fill(g: &Geometry, layout: &Layout, planes: &[f32], scratch: &mut [f32]) {
+        let [h, w] = g.in_hw();
+        let [pt, pl] = g.pad_before();
+        let [ph, pw] = layout.padded;
+        let (rows, cols) = (h.min(ph.saturating_sub(pt)), w.min(pw.saturating_sub(pl)));
+        let plane = h * w;
+        let n = planes.len() / plane;
+        assert!(n <= LANES && n * plane == planes.len(), "blocked fill: {n} planes");
+        assert!(scratch.len() >= layout.scratch_len(), "blocked fill: scratch");
+        let idx = transpose_indices();
+        let mut p0 = 0;
+        while p0 < plane {
+            let k = (plane - p0).min(16);
+            let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (l, r) in r.iter_mut().enumerate().take(n) {
+                // SAFETY: pixels p0..p0 + k of plane l < n, inside `planes`; the rest masked.
+                *r = unsafe { _mm512_maskz_loadu_ps(mask, planes.as_ptr().add(l * plane + p0)) };
+            }
+            transpose16(&mut r, &idx);
+            for (j, v) in r.iter().enumerate().take(k) {
+                let (iy, ix) = ((p0 + j) / w, (p0 + j) % w);
+                if iy < rows && ix < cols {
+                    let at = ((iy + pt) * pw + ix + pl) * LANES;
+                    // SAFETY: inside the padded area (iy < rows, ix < cols), so inside the scratch
+                    // (`scratch_len`, checked above).
+                    unsafe { _mm512_storeu_ps(scratch.as_mut_ptr().add(at), *v) };
+                }
+            }
+            p0 += k;
+        }
+    }
+
+    /// [`super::interleave`] by 16 x 16 transposes.
+    ///
+    /// # Safety
+    /// The CPU has avx512f; the sizes were checked by the caller.
+    #[target_feature(enable = "avx512f,avx2")]
+    pub(super) unsafe fn interleave(rows: &[f32], len: usize, out: &mut [f32]) {
+        let n = rows.len() / len;
+        let idx = transpose_indices();
+        let mut p0 = 0;
+        while p0 < len {
+            let k = (len - p0).min(16);
+            let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (l, r) in r.iter_mut().enumerate().take(n) {
+                // SAFETY: values p0..p0 + k of row l < n, inside `rows`; the rest masked.
+                *r = unsafe { _mm512_maskz_loadu_ps(mask, rows.as_ptr().add(l * len + p0)) };
+            }
+            transpose16(&mut r, &idx);
+            for (j, v) in r.iter().enumerate().take(k) {
+                // SAFETY: value p0 + j < len of `out`'s `len x LANES` (checked by the caller).
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((p0 + j) * LANES), *v) };
+            }
+            p0 += k;
+        }
+    }
+
+    /// [`super::unfill`] by 16 x 16 transposes: 16 pixels' vectors, transposed, each plane's 16
+    /// values stored at once.
+    ///
+    /// # Safety
+    /// The CPU has avx512f; the sizes were checked by the caller.
+    #[target_feature(enable = "avx512f,avx2")]
+    pub(super) unsafe fn unfill(result: &[f32], planes: &mut [f32], plane: usize) {
+        let n = planes.len() / plane;
+        let idx = transpose_indices();
+        let mut p0 = 0;
+        while p0 < plane {
+            let k = (plane - p0).min(16);
+            let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (j, r) in r.iter_mut().enumerate().take(k) {
+                // SAFETY: pixel p0 + j < plane of the result (checked by the caller).
+                *r = unsafe { _mm512_loadu_ps(result.as_ptr().add((p0 + j) * LANES)) };
+            }
+            transpose16(&mut r, &idx);
+            for (l, v) in r.iter().enumerate().take(n) {
+                // SAFETY: pixels p0..p0 + k of plane l < n; lanes past k masked.
+                unsafe { _mm512_mask_storeu_ps(planes.as_mut_ptr().add(l * plane + p0), mask, *v) };
+            }
+            p0 += k;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::uniform;
+
+    /// The AVX-512 transposes against the one-value-at-a-time loops they replace (a second code path),
+    /// on every block width and on lengths around the 16-value steps (where the CPU has AVX-512; the
+    /// scalar loops are what other CPUs run, and what the depthwise tests check there).
+    #[test]
+    fn transposes_match_the_scalar_loops() {
+        let mut rnd = uniform(11);
+        for n in 1..=LANES {
+            for len in [1, 7, 15, 16, 17, 25, 49, 50, 196] {
+                let rows: Vec<f32> = (0..n * len).map(|_| rnd()).collect();
+                let (mut a, mut b) = (vec![f32::NAN; len * LANES], vec![f32::NAN; len * LANES]);
+                interleave(&rows, len, &mut a);
+                interleave_scalar(&rows, len, &mut b);
+                assert_eq!(a, b, "interleave {n} x {len}");
+                let result: Vec<f32> = (0..len * LANES).map(|_| rnd()).collect();
+                let (mut a, mut b) = (vec![0.0; n * len], vec![1.0; n * len]);
+                unfill(&result, &mut a, len);
+                unfill_scalar(&result, &mut b, len);
+                assert_eq!(a, b, "unfill {n} x {len}");
+            }
+        }
+        // (in, out, kernel, stride, pad_before): the blocked geometries of the Lite0 and B0, odd ones,
+        // padding wider than the input.
+        let cases = [
+            ([7, 7], [7, 7], [5, 5], [1, 1], [2, 2]),
+            ([14, 14], [7, 7], [5, 5], [2, 2], [1, 1]),
+            ([7, 9], [4, 5], [3, 3], [2, 2], [1, 1]),
+            ([3, 11], [5, 11], [3, 3], [1, 1], [2, 1]),
+            ([20, 6], [20, 6], [3, 3], [1, 1], [1, 1]),
+        ];
+        for (in_hw, out_hw, kernel, stride, pad) in cases {
+            let g = Geometry::new(1, LANES, in_hw, out_hw, kernel, stride, [1, 1], pad).unwrap();
+            let layout = Layout::new(&g);
+            for n in [1, 5, LANES] {
+                let planes: Vec<f32> = (0..n * in_hw[0] * in_hw[1]).map(|_| rnd()).collect();
+                let (mut a, mut b) = (vec![0.0; layout.scratch_len()], vec![0.0; layout.scratch_len()]);
+                fill(&g, &layout, &planes, &mut a);
+                fill_scalar(&g, &layout, &planes, &mut b);
+                // Lanes past the last plane: zeros from the transposes, untouched (zero) here.
+                assert_eq!(a, b, "fill {in_hw:?} -> {out_hw:?} x {n}");
+            }
+        }
+    }
 }

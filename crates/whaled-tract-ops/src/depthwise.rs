@@ -456,19 +456,11 @@ impl DepthwiseConv {
                     let n = blocked::LANES.min(g.channels - c).min(planes - i);
                     blocked::fill(g, &layout, &x[plane * plane_in..][..n * plane_in], scratch);
                     let mut bias = [0.0; blocked::LANES];
-                    for l in 0..n {
-                        bias[l] = b[c + l];
-                        for (t, w) in k[(c + l) * taps..][..taps].iter().enumerate() {
-                            weights[t * blocked::LANES + l] = *w;
-                        }
-                    }
+                    bias[..n].copy_from_slice(&b[c..c + n]);
+                    blocked::interleave(&k[c * taps..][..n * taps], taps, weights);
                     kernel(&layout, scratch, weights, &bias, &self.post, result);
                     // Back to planes: lane l of every pixel is plane i + l.
-                    for (l, o) in chunk[i * plane_out..][..n * plane_out].chunks_exact_mut(plane_out).enumerate() {
-                        for (o, px) in o.iter_mut().zip(result.chunks_exact(blocked::LANES)) {
-                            *o = px[l];
-                        }
-                    }
+                    blocked::unfill(result, &mut chunk[i * plane_out..][..n * plane_out], plane_out);
                     i += n;
                 }
             });
