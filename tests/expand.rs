@@ -25,7 +25,9 @@ fn whaled_expand_depthwise_matches_tract_and_onnxruntime() {
     let mut worst = (0f32, String::new());
     for case in &cases {
         let name = case["name"].as_str().unwrap();
-        let want = case["fused"].as_u64().unwrap() as usize;
+        // On aarch64 tract's declutter takes some chains channel-last, where whaled's ops do not run.
+        let key = if cfg!(target_arch = "aarch64") { "fused_aarch64" } else { "fused" };
+        let want = case[key].as_u64().unwrap() as usize;
         let onnx = dir.path().join(format!("{name}.onnx"));
         let (shape, x) = read_npy(&dir.path().join(format!("{name}.input.npy")));
         let (ref_shape, reference) = read_npy(&dir.path().join(format!("{name}.ort.npy")));
