@@ -7,7 +7,8 @@ depthwise convolution and its activation, on a random input), its input and onnx
 expected to put in the plan. The cases: the EfficientNet-Lite0 blocks whose expanded activation is
 large (16 -> 96 at 112x112 into a stride-2 3x3, 24 -> 144 at 56x56 into a 3x3 and a TF-padded stride-2
 5x5, 40 -> 240 at 28x28 into a 5x5), a 14x14 block with 60 channel blocks, odd sizes without
-activations, ReLU, SiLU (the EfficientNet-B0's 112x112 and 28x28 blocks), and two blocks in a row; and pairs whaled must leave apart (an expanded activation
+activations, ReLU, SiLU (the EfficientNet-B0's 112x112 and 28x28 blocks), two blocks in a row, and a network's
+first block (the 3x3 stride-2 stem conv into the depthwise conv, ReLU6 and SiLU); and pairs whaled must leave apart (an expanded activation
 also used by a residual add, after ReLU6 and after SiLU, a 7x7 depthwise plane, which takes the depthwise op's blocked path, and a
 batch of 2).
 
@@ -23,11 +24,13 @@ import onnxruntime as ort
 from onnx_build import Graph
 
 
-def block(g, x, cin, cexp, hw, k, stride, act, rng, same="torch", residual=False):
-    """expand 1x1 (cin -> cexp) + act, depthwise k x k + act; returns (y, out_hw)."""
-    w = (rng.standard_normal((cexp, cin, 1, 1)) / np.sqrt(cin)).astype(np.float32)
+def block(g, x, cin, cexp, hw, k, stride, act, rng, same="torch", residual=False, stem=False):
+    """expand 1x1 (cin -> cexp) + act, depthwise k x k + act; returns (y, out_hw). With `stem`, the
+    expand is a network's first conv instead (3x3, stride 2, TF padding)."""
+    ek = 3 if stem else 1
+    w = (rng.standard_normal((cexp, cin, ek, ek)) / np.sqrt(cin * ek * ek)).astype(np.float32)
     b = (rng.standard_normal(cexp) * 0.1).astype(np.float32)
-    e, _ = g.conv(x, w, b, hw)
+    e, hw = g.conv(x, w, b, hw, stride=2, same="tf") if stem else g.conv(x, w, b, hw)
     e = g.activation(e, act)
     dw = (rng.standard_normal((cexp, 1, k, k)) / k).astype(np.float32)
     db = (rng.standard_normal(cexp) * 0.1).astype(np.float32)
@@ -40,8 +43,8 @@ def block(g, x, cin, cexp, hw, k, stride, act, rng, same="torch", residual=False
 
 
 def cases():
-    """(name, batch, cin, hw, [(cexp, k, stride, act, same, residual), ...], fused ops expected: one
-    count, or (x86_64, aarch64))."""
+    """(name, batch, cin, hw, [(cexp, k, stride, act, same, residual[, stem]), ...], fused ops expected:
+    one count, or (x86_64, aarch64))."""
     return [
         ("lite0-112-s2", 1, 16, (112, 112), [(96, 3, 2, "relu6", "torch", False)], 1),
         ("lite0-56-s1", 1, 24, (56, 56), [(144, 3, 1, "relu6", "torch", False)], 1),
@@ -55,6 +58,8 @@ def cases():
         ("two-blocks", 1, 8, (40, 40), [(48, 3, 1, "relu6", "torch", False), (16, 5, 2, "relu6", "torch", False)], (2, 0)),
         ("b0-112-silu-s2", 1, 16, (112, 112), [(96, 3, 2, "silu", "torch", False)], 1),
         ("b0-28-silu-k5", 1, 40, (28, 28), [(240, 5, 1, "silu", "tf", False)], 1),
+        ("stem-relu6", 1, 3, (224, 224), [(32, 3, 1, "relu6", "torch", False, True)], 1),
+        ("stem-silu-odd", 1, 3, (61, 77), [(16, 3, 1, "silu", "tf", False, True)], 1),
         ("apart-residual", 1, 8, (20, 20), [(16, 3, 1, "relu6", "torch", True)], 0),
         ("apart-silu-residual", 1, 8, (20, 20), [(16, 3, 1, "silu", "torch", True)], 0),
         ("apart-blocked-7x7", 1, 16, (7, 7), [(96, 3, 1, "relu6", "torch", False)], 0),
@@ -73,8 +78,8 @@ def main():
     for name, batch, cin, hw, blocks, fused in cases():
         g = Graph("expand", hw, in_name="x", in_channels=cin, batch=batch)
         y, c, out_hw = g.in_name, cin, hw
-        for cexp, k, stride, act, same, residual in blocks:
-            y, out_hw = block(g, y, c, cexp, out_hw, k, stride, act, rng, same, residual)
+        for cexp, k, stride, act, same, residual, *stem in blocks:
+            y, out_hw = block(g, y, c, cexp, out_hw, k, stride, act, rng, same, residual, bool(stem and stem[0]))
             c = cexp
         shape = [batch, cin, hw[0], hw[1]]
         out = [batch, c, out_hw[0], out_hw[1]]

@@ -11,7 +11,8 @@
 //! What: [`substitute`] replaces every [`PointwiseConv`] whose only consumer is a [`DepthwiseConv`]
 //! on the plane path (output rows at least 12 wide), directly (the Lite family: the ReLU6 is fused into
 //! the 1x1 op) or through a SiLU that nothing else reads (EfficientNet-B0..B7), both for one image, by
-//! [`ExpandDepthwise`]. For
+//! [`ExpandDepthwise`]; likewise a network's stem conv ([`StemConv`]: its im2col matrix is built first,
+//! then its 1x1 op runs group by group like an expand conv) and the first depthwise conv. For
 //! each group of expanded channels (whole 8-channel blocks, about [`GROUP_BYTES`] of expanded planes)
 //! the op runs the 1x1 op's blocks into a thread-local buffer, tract's own SiLU kernel over it where
 //! the graph had one, and the depthwise op's planes from it into the output; groups are split across
@@ -29,6 +30,7 @@ use tract_core::ops::nn::Silu;
 
 use crate::depthwise::DepthwiseConv;
 use crate::pointwise::{Out, PointwiseConv, Pool, BLOCK};
+use crate::stem::StemConv;
 
 /// Whether this build fuses the two ops (where both run).
 pub const ENABLED: bool = crate::pointwise::ENABLED && crate::depthwise::ENABLED;
@@ -42,6 +44,9 @@ const GROUP_BYTES: usize = 256 * 1024;
 /// by [`ExpandDepthwise::new`], which checks that the two fit together.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ExpandDepthwise {
+    /// Where the "expand" step is a network's stem conv ([`StemConv`]): its im2col matrix is built
+    /// first, and `expand` is the stem's 1x1 op over it.
+    stem: Option<StemConv>,
     expand: PointwiseConv,
     /// Whether the expanded activation goes through a SiLU (`x * sigmoid(x)`, tract's own kernel)
     /// before the depthwise conv: the EfficientNet-B0..B7 blocks. The 1x1 op's fused ReLU / ReLU6 (the
@@ -61,13 +66,30 @@ impl ExpandDepthwise {
         let hw = expand.input_shape();
         ensure!(hw[hw.len() - 2..] == g.in_hw(), "the expand conv's plane is the depthwise conv's input");
         let group = (GROUP_BYTES / (BLOCK * g.in_plane() * 4)).clamp(1, expand.cout() / BLOCK);
-        Ok(ExpandDepthwise { expand, silu, depthwise, group })
+        Ok(ExpandDepthwise { stem: None, expand, silu, depthwise, group })
+    }
+
+    /// A network's stem conv and the depthwise conv that consumes it (the EfficientNets' first block).
+    pub fn after_stem(stem: StemConv, silu: bool, depthwise: DepthwiseConv) -> TractResult<ExpandDepthwise> {
+        let op = ExpandDepthwise::new(stem.product().clone(), silu, depthwise)?;
+        Ok(ExpandDepthwise { stem: Some(stem), ..op })
+    }
+
+    /// The data's shape.
+    fn input_shape(&self) -> TVec<usize> {
+        self.stem.as_ref().map_or_else(|| self.expand.input_shape(), |s| s.input_shape())
     }
 
     fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         ensure!(inputs.len() == 5, "WhaledExpandDepthwise takes data, weights, bias, kernel and bias");
         let slice = |i: usize| inputs[i].try_as_plain_ram().and_then(|t| t.as_slice::<f32>());
         let (x, w, b, k, kb) = (slice(0)?, slice(1)?, slice(2)?, slice(3)?, slice(4)?);
+        // A stem's data becomes its im2col matrix, the 1x1 op's input.
+        let matrix = self.stem.as_ref().map(|s| s.im2col(x)).transpose()?;
+        let x = match &matrix {
+            Some(m) => m.try_as_plain_ram()?.as_slice::<f32>()?,
+            None => x,
+        };
         let g = self.depthwise.geometry();
         let (cin, channels) = (self.expand.cin(), self.expand.cout());
         let (plane_in, plane_out) = (g.in_plane(), g.out_plane());
@@ -138,7 +160,10 @@ impl Op for ExpandDepthwise {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let mut info = self.expand.info()?;
+        let mut info = match &self.stem {
+            Some(stem) => stem.info()?,
+            None => self.expand.info()?,
+        };
         if self.silu {
             info.push("then SiLU".to_string());
         }
@@ -177,7 +202,7 @@ impl TypedOp for ExpandDepthwise {
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs.len() == 5, "WhaledExpandDepthwise takes data, weights, bias, kernel and bias");
-        let want = self.expand.input_shape();
+        let want = self.input_shape();
         ensure!(
             inputs[0].datum_type == f32::datum_type() && inputs[0].shape.as_concrete() == Some(&want[..]),
             "WhaledExpandDepthwise expects f32 {want:?}, got {:?}",
@@ -208,7 +233,10 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
     };
     for id in model.eval_order()? {
         let node = model.node(id);
-        let Some(expand) = node.op_as::<PointwiseConv>() else { continue };
+        let stem = node.op_as::<StemConv>();
+        if node.op_as::<PointwiseConv>().is_none() && stem.is_none() {
+            continue;
+        }
         let Some((mut next, slot)) = only_consumer(model, id) else { continue };
         // A SiLU between them (tract's declutter has made `x * sigmoid(x)` one op).
         let silu = model.node(next).op_as::<ElementWiseOp>().is_some_and(|op| op.0.is::<Silu>());
@@ -223,7 +251,12 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
         if node.inputs.len() != 3 || next.inputs.len() != 3 {
             continue;
         }
-        let Ok(op) = ExpandDepthwise::new(expand.clone(), silu, depthwise.clone()) else { continue };
+        let op = match (stem, node.op_as::<PointwiseConv>()) {
+            (Some(stem), _) => ExpandDepthwise::after_stem(stem.clone(), silu, depthwise.clone()),
+            (None, Some(expand)) => ExpandDepthwise::new(expand.clone(), silu, depthwise.clone()),
+            (None, None) => continue,
+        };
+        let Ok(op) = op else { continue };
         let mut patch = TypedModelPatch::new(format!("whaled expand-depthwise {}", next.name));
         let mut taps = tvec![];
         for input in node.inputs.iter().chain(&next.inputs[1..]) {

@@ -84,8 +84,23 @@ impl StemConv {
 
     fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         ensure!(inputs.len() == 3, "WhaledStemConv takes data, packed weights and bias");
+        let matrix = self.im2col(inputs[0].try_as_plain_ram()?.as_slice::<f32>()?)?;
+        self.product.compute(tvec![matrix.into_tvalue(), inputs[1].clone(), inputs[2].clone()])
+    }
+
+    /// The 1x1 op that runs over the im2col matrix (with the fused steps).
+    pub(crate) fn product(&self) -> &PointwiseConv {
+        &self.product
+    }
+
+    /// The data's shape.
+    pub(crate) fn input_shape(&self) -> TVec<usize> {
+        self.shape(self.cin, self.plane.in_hw())
+    }
+
+    /// The im2col matrix `[cin x taps, out rows, out columns]` of one image's data `x`.
+    pub(crate) fn im2col(&self, x: &[f32]) -> TractResult<Tensor> {
         let g = &self.plane;
-        let x = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
         let (in_plane, out_plane, taps) = (g.in_plane(), g.out_plane(), g.taps());
         ensure!(x.len() == self.cin * in_plane, "WhaledStemConv: data does not match {self:?}");
         let rows = self.cin * taps;
@@ -120,7 +135,7 @@ impl StemConv {
                 },
             )?;
         }
-        self.product.compute(tvec![matrix.into_tvalue(), inputs[1].clone(), inputs[2].clone()])
+        Ok(matrix)
     }
 }
 
