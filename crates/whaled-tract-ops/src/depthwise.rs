@@ -315,7 +315,7 @@ pub(crate) fn with_scratch<R>(g: &Geometry, pad: f32, f: impl FnOnce(&mut [f32],
 }
 
 impl DepthwiseConv {
-    fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    pub(crate) fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (_, plane, block) = select_kernel();
         self.compute_with(inputs, plane, block)
     }

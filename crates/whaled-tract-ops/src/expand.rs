@@ -15,9 +15,9 @@
 //! then its 1x1 op runs group by group like an expand conv) and the first depthwise conv. For
 //! each group of expanded channels (whole 8-channel blocks, about [`GROUP_BYTES`] of expanded planes)
 //! the op runs the 1x1 op's blocks into a thread-local buffer, tract's own SiLU kernel over it where
-//! the graph had one, and the depthwise op's planes from it into the output; groups are split across
-//! tract's pool. Every step is the same code as the separate ops', with their fused ReLU / ReLU6, so
-//! the numbers are theirs. Measured (docs/BENCHMARKS.md): the B4's 24 -> 144 block at 256x256
+//! the graph had one, and the depthwise op's planes from it into the output. Every step is the same code as the separate ops', with their fused ReLU / ReLU6, so
+//! the numbers are theirs. On more than one thread the op runs the two steps apart, as the separate ops
+//! would (see [`ExpandDepthwise::compute_apart`]: there the groups were the slower). Measured (docs/BENCHMARKS.md): the B4's 24 -> 144 block at 256x256
 //! 13.3 -> 9.8 ms, the gate's 16 -> 96 block at 112x112 1.01 -> 0.70 ms.
 //!
 //! Where it is not used: wherever either op is not (armv7), batches of more than one image, a 1x1
@@ -29,14 +29,15 @@ use tract_core::ops::element_wise::ElementWiseOp;
 use tract_core::ops::nn::Silu;
 
 use crate::depthwise::DepthwiseConv;
-use crate::pointwise::{Out, PointwiseConv, Pool, BLOCK};
+use crate::pointwise::{PointwiseConv, Pool, BLOCK};
 use crate::stem::StemConv;
 
 /// Whether this build fuses the two ops (where both run).
 pub const ENABLED: bool = crate::pointwise::ENABLED && crate::depthwise::ENABLED;
 
 /// About how many bytes of expanded planes one group holds: with the depthwise op's scratch and the
-/// 1x1 op's input it stays within a 512 KB - 1 MB L2. At least one block (8 planes) whatever the plane.
+/// 1x1 op's input it stays within a 512 KB - 1 MB L2. At least one block (8 planes) whatever the plane
+/// (the B4's 256x256 planes: 2 MB, which still halved that block's time against the separate ops).
 const GROUP_BYTES: usize = 256 * 1024;
 
 /// The expand 1x1 convolution and the depthwise convolution that consumes it. Inputs: the 1x1 op's
@@ -80,8 +81,17 @@ impl ExpandDepthwise {
         self.stem.as_ref().map_or_else(|| self.expand.input_shape(), |s| s.input_shape())
     }
 
+    /// Multiply-adds per call (the 1x1 op's and the depthwise op's).
+    fn macs(&self) -> usize {
+        let g = self.depthwise.geometry();
+        self.expand.cout() * (self.expand.cin() * g.in_plane() + g.taps() * g.out_plane())
+    }
+
     fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         ensure!(inputs.len() == 5, "WhaledExpandDepthwise takes data, weights, bias, kernel and bias");
+        if Pool::for_work(self.macs()).threads() > 1 {
+            return self.compute_apart(inputs);
+        }
         let slice = |i: usize| inputs[i].try_as_plain_ram().and_then(|t| t.as_slice::<f32>());
         let (x, w, b, k, kb) = (slice(0)?, slice(1)?, slice(2)?, slice(3)?, slice(4)?);
         // A stem's data becomes its im2col matrix, the 1x1 op's input.
@@ -104,48 +114,57 @@ impl ExpandDepthwise {
         // SAFETY: f32 has no invalid bit patterns, and every element is written before the tensor is
         // returned: the groups partition the channels, and each writes all of its output planes.
         let mut out = unsafe { Tensor::uninitialized::<f32>(&self.depthwise.output_shape())? };
-        let blocks = channels / BLOCK;
-        let macs = channels * (cin * plane_in + g.taps() * plane_out);
-        let pool = Pool::for_work(macs);
         let silu = if self.silu { Some(tract_linalg::routines::Func::Silu.ew_f32()?) } else { None };
-        // The first error of a group's SiLU (none is known to fail: tract's kernels return Ok).
-        let failed = std::sync::Mutex::new(None);
-        // Groups of at most `self.group` blocks, and at least as many groups as the pool's work items
-        // where there are enough blocks (else two threads could get one and two groups).
-        let per_group = self.group.min(blocks.div_ceil(pool.items()));
-        let groups = blocks.div_ceil(per_group);
-        {
+        // Taken out of the thread's slot, not borrowed (put back at the end).
+        let mut expanded = EXPANDED.with(|e| std::mem::take(&mut *e.borrow_mut()));
+        let result = (|| {
             let mut view = out.try_as_plain_ram_mut()?;
-            let out = view.as_slice_mut::<f32>()?;
-            let out = Out { ptr: out.as_mut_ptr(), len: out.len() };
-            let group = |i: usize| {
-                let blocks = i * per_group..((i + 1) * per_group).min(blocks);
-                let (c0, n) = (blocks.start * BLOCK, blocks.len() * BLOCK);
-                // Taken out of the thread's slot, not borrowed (put back at the end).
-                let mut expanded = EXPANDED.with(|e| std::mem::take(&mut *e.borrow_mut()));
+            let groups = view.as_slice_mut::<f32>()?.chunks_mut(self.group * BLOCK * plane_out);
+            for (i, planes) in groups.enumerate() {
+                let n = planes.len() / plane_out;
+                let c0 = i * self.group * BLOCK;
                 if expanded.len() < n * plane_in {
                     expanded.resize(n * plane_in, 0.0);
                 }
-                let expanded_planes = &mut expanded[..n * plane_in];
-                self.expand.run_rows(x, w, b, blocks, expanded_planes);
+                let expanded = &mut expanded[..n * plane_in];
+                self.expand.run_rows(x, w, b, c0 / BLOCK..(c0 + n) / BLOCK, expanded);
                 if let Some(silu) = &silu {
                     // Element-wise: the same values as tract's op on the whole tensor.
-                    if let Err(e) = silu.run(expanded_planes) {
-                        failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-                    }
+                    silu.run(expanded)?;
                 }
-                // SAFETY: the groups' channel ranges are disjoint, so no other group writes these
-                // planes, and nothing reads the output until all are done.
-                let planes = unsafe { out.part(c0 * plane_out, n * plane_out) };
-                self.depthwise.run_planes(c0, expanded_planes, k, kb, planes);
-                EXPANDED.with(|e| *e.borrow_mut() = expanded);
-            };
-            pool.run(groups, group);
-        }
-        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(e.context("WhaledExpandDepthwise: SiLU"));
-        }
+                self.depthwise.run_planes(c0, expanded, k, kb, planes);
+            }
+            TractResult::Ok(())
+        })();
+        EXPANDED.with(|e| *e.borrow_mut() = expanded);
+        result?;
         Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl ExpandDepthwise {
+    /// On more than one thread: the two steps one after the other, as the separate ops run them (each
+    /// split across the pool its own way: the 1x1 op by columns, the depthwise op by planes), the SiLU
+    /// between them on the pool too. Measured on the 2-vCPU AMD EPYC, alternated rounds of the gate v2 at
+    /// 2 threads: the groups 5.27-5.35 ms (min), the separate ops 5.06-5.13 (docs/BENCHMARKS.md).
+    fn compute_apart(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let mut inputs = inputs;
+        let (k, kb) = (inputs[3].clone(), inputs[4].clone());
+        inputs.truncate(3);
+        let expanded = match &self.stem {
+            Some(stem) => stem.compute(inputs)?,
+            None => self.expand.compute(inputs)?,
+        };
+        let mut expanded = expanded.into_iter().next().context("the 1x1 op gave no output")?.into_tensor();
+        if self.silu {
+            let silu = tract_linalg::routines::Func::Silu.ew_f32()?;
+            let mut view = expanded.try_as_plain_ram_mut()?;
+            let values = view.as_slice_mut::<f32>()?;
+            let len = values.len();
+            let plane = self.depthwise.geometry().in_plane();
+            tract_linalg::multithread::par_chunks_mut(values, plane, len, |_, planes| silu.run(planes))?;
+        }
+        self.depthwise.compute(tvec![expanded.into_tvalue(), k, kb])
     }
 }
 

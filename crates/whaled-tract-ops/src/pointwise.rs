@@ -239,19 +239,6 @@ pub(crate) struct Out<T> {
     pub(crate) len: usize,
 }
 
-impl<T> Out<T> {
-    /// Elements `at..at + len` as a slice (bounds-checked: a failure is a bug in the caller).
-    ///
-    /// # Safety
-    /// No other live reference covers these elements while the slice is used: the caller's work
-    /// items write disjoint parts of the output.
-    pub(crate) unsafe fn part<'a>(self, at: usize, len: usize) -> &'a mut [T] {
-        assert!(at.checked_add(len).is_some_and(|end| end <= self.len), "output part out of bounds");
-        // SAFETY: in bounds of the allocation (checked above); exclusive by the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), len) }
-    }
-}
-
 // SAFETY: `Out` is only used inside a conv op's `compute_with` (here and in `qpointwise`), while the
 // tensor it points into is alive and not otherwise borrowed, by items that write disjoint elements (see
 // `Split`); nothing reads the output until every item has returned.

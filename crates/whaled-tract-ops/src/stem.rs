@@ -82,7 +82,7 @@ impl StemConv {
         crate::pointwise::nchw(channels, 1, hw, self.batch_axis)
     }
 
-    fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    pub(crate) fn compute(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         ensure!(inputs.len() == 3, "WhaledStemConv takes data, packed weights and bias");
         let matrix = self.im2col(inputs[0].try_as_plain_ram()?.as_slice::<f32>()?)?;
         self.product.compute(tvec![matrix.into_tvalue(), inputs[1].clone(), inputs[2].clone()])
