@@ -79,15 +79,29 @@ pub(crate) fn with_scratch<R>(
 ) -> R {
     SCRATCH.with(|s| {
         let s = &mut *s.borrow_mut();
+        // Each buffer one vector longer than it needs, used from its first 64-byte boundary: every
+        // pixel's LANES values are then one aligned 512-bit line (unaligned, each load split across two
+        // cache lines).
         if s.zeroed_for.as_ref() != Some(g) {
             s.input.clear();
-            s.input.resize(layout.scratch_len(), 0.0);
-            s.weights.resize(g.taps() * LANES, 0.0);
-            s.out.resize(g.out_plane() * LANES, 0.0);
+            s.input.resize(layout.scratch_len() + LANES, 0.0);
+            s.weights.resize(g.taps() * LANES + LANES, 0.0);
+            s.out.resize(g.out_plane() * LANES + LANES, 0.0);
             s.zeroed_for = Some(g.clone());
         }
-        f(&mut s.input, &mut s.weights, &mut s.out)
+        let (input, weights, out) = (
+            aligned(&mut s.input, layout.scratch_len()),
+            aligned(&mut s.weights, g.taps() * LANES),
+            aligned(&mut s.out, g.out_plane() * LANES),
+        );
+        f(input, weights, out)
     })
+}
+
+/// `len` values of `v` (which holds at least `len + LANES`) from its first 64-byte boundary.
+fn aligned(v: &mut [f32], len: usize) -> &mut [f32] {
+    let at = v.as_ptr().align_offset(64).min(LANES);
+    &mut v[at..at + len]
 }
 
 /// Writes `planes` (consecutive input planes of one image, at most [`LANES`]) interleaved into
