@@ -111,23 +111,26 @@ impl StemConv {
         {
             let mut view = matrix.try_as_plain_ram_mut()?;
             let offsets = g.tap_offsets();
-            let per_channel = taps * out_plane;
-            // Input channels split across tract's pool, each thread with its own scratch: the matrix is
-            // a full pass over memory, serial it was a tenth of ResNet-18 at 2 threads.
+            // Matrix rows split across tract's pool, each thread with its own scratch, filled with a
+            // row's input channel when the row is the first of that channel in the thread's share: the
+            // matrix is a full pass over memory (serial it was a tenth of ResNet-18 at 2 threads), and a
+            // stem has 3 channels but 27-147 rows to share.
             let total = rows * out_plane;
             tract_linalg::multithread::par_chunks_mut(
                 view.as_slice_mut::<f32>()?,
-                per_channel,
+                out_plane,
                 total,
                 |first, chunk| {
                     with_scratch(g, 0.0, |scratch, _| {
-                        for (i, block) in chunk.chunks_exact_mut(per_channel).enumerate() {
-                            // Every channel writes the same scratch positions: the zeros (padding) stay zeros.
-                            fill_scratch(g, &x[(first + i) * in_plane..][..in_plane], scratch);
-                            for (row, &off) in block.chunks_exact_mut(out_plane).zip(&offsets) {
-                                for (y, dst) in row.chunks_exact_mut(ow).enumerate() {
-                                    dst.copy_from_slice(&scratch[off + y * qw..][..ow]);
-                                }
+                        for (i, row) in chunk.chunks_exact_mut(out_plane).enumerate() {
+                            let (ci, t) = ((first + i) / taps, (first + i) % taps);
+                            if i == 0 || t == 0 {
+                                // Every channel writes the same scratch positions: the zeros (padding)
+                                // stay zeros.
+                                fill_scratch(g, &x[ci * in_plane..][..in_plane], scratch);
+                            }
+                            for (y, dst) in row.chunks_exact_mut(ow).enumerate() {
+                                dst.copy_from_slice(&scratch[offsets[t] + y * qw..][..ow]);
                             }
                         }
                     });
