@@ -183,6 +183,8 @@ fn identify_with_garbage_file_times_does_not_panic() {
     let img = jpeg(&frame(1, 320, 240), 85);
     let set_mtime = |p: &std::path::Path, secs: i64| {
         let f = std::fs::File::options().write(true).open(p).unwrap();
+        // time_t is 32 bits on armv7: both times below fit (1902 is after i32's 1901-12-13).
+        let secs = libc::time_t::try_from(secs).expect("the time fits this platform's time_t");
         let t = libc::timespec { tv_sec: secs, tv_nsec: 0 };
         // SAFETY: futimens on a descriptor we own, with two valid timespecs.
         let rc = unsafe { libc::futimens(std::os::fd::AsRawFd::as_raw_fd(&f), [t, t].as_ptr()) };
