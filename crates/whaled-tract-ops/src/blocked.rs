@@ -356,9 +356,33 @@ mod x86 {
         stage!(3, 1);
     }
 
-    /// [`super::fill`] by 16 x 16 transposes: 16 pixels of every plane (rows past the last plane and
-    /// pixels past the plane's end read as zeros), transposed, then each pixel's vector stored at its
-    /// padded position.
+    /// The values of `rows` (at most [`LANES`] rows of `len`) column by column, 16 columns per
+    /// transpose: `store(p, v)` gets column `p`, lane `l` of `v` being row `l`'s value `p` (zero past the
+    /// last row). What [`fill`] and [`interleave`] share.
+    #[target_feature(enable = "avx512f,avx2")]
+    fn columns(rows: &[f32], len: usize, mut store: impl FnMut(usize, __m512)) {
+        let n = rows.len() / len;
+        assert!(n <= LANES && n * len == rows.len(), "blocked transpose: {n} rows");
+        let idx = transpose_indices();
+        let mut p0 = 0;
+        while p0 < len {
+            let k = (len - p0).min(16);
+            let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (l, r) in r.iter_mut().enumerate().take(n) {
+                // SAFETY: values p0..p0 + k of row l < n, inside `rows` (checked above); the rest masked.
+                *r = unsafe { _mm512_maskz_loadu_ps(mask, rows.as_ptr().add(l * len + p0)) };
+            }
+            transpose16(&mut r, &idx);
+            for (j, v) in r.iter().enumerate().take(k) {
+                store(p0 + j, *v);
+            }
+            p0 += k;
+        }
+    }
+
+    /// [`super::fill`] by 16 x 16 transposes ([`columns`]): each pixel's vector stored at its padded
+    /// position.
     ///
     /// # Safety
     /// The CPU has avx512f.
@@ -368,58 +392,26 @@ mod x86 {
         let [pt, pl] = g.pad_before();
         let [ph, pw] = layout.padded;
         let (rows, cols) = (h.min(ph.saturating_sub(pt)), w.min(pw.saturating_sub(pl)));
-        let plane = h * w;
-        let n = planes.len() / plane;
-        assert!(n <= LANES && n * plane == planes.len(), "blocked fill: {n} planes");
         assert!(scratch.len() >= layout.scratch_len(), "blocked fill: scratch");
-        let idx = transpose_indices();
-        let mut p0 = 0;
-        while p0 < plane {
-            let k = (plane - p0).min(16);
-            let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
-            let mut r = [_mm512_setzero_ps(); 16];
-            for (l, r) in r.iter_mut().enumerate().take(n) {
-                // SAFETY: pixels p0..p0 + k of plane l < n, inside `planes`; the rest masked.
-                *r = unsafe { _mm512_maskz_loadu_ps(mask, planes.as_ptr().add(l * plane + p0)) };
+        columns(planes, h * w, |p, v| {
+            let (iy, ix) = (p / w, p % w);
+            if iy < rows && ix < cols {
+                let at = ((iy + pt) * pw + ix + pl) * LANES;
+                // SAFETY: inside the padded area (iy < rows, ix < cols), so inside the scratch
+                // (`scratch_len`, checked above).
+                unsafe { _mm512_storeu_ps(scratch.as_mut_ptr().add(at), v) };
             }
-            transpose16(&mut r, &idx);
-            for (j, v) in r.iter().enumerate().take(k) {
-                let (iy, ix) = ((p0 + j) / w, (p0 + j) % w);
-                if iy < rows && ix < cols {
-                    let at = ((iy + pt) * pw + ix + pl) * LANES;
-                    // SAFETY: inside the padded area (iy < rows, ix < cols), so inside the scratch
-                    // (`scratch_len`, checked above).
-                    unsafe { _mm512_storeu_ps(scratch.as_mut_ptr().add(at), *v) };
-                }
-            }
-            p0 += k;
-        }
+        });
     }
 
-    /// [`super::interleave`] by 16 x 16 transposes.
+    /// [`super::interleave`] by 16 x 16 transposes ([`columns`]).
     ///
     /// # Safety
     /// The CPU has avx512f; the sizes were checked by the caller.
     #[target_feature(enable = "avx512f,avx2")]
     pub(super) unsafe fn interleave(rows: &[f32], len: usize, out: &mut [f32]) {
-        let n = rows.len() / len;
-        let idx = transpose_indices();
-        let mut p0 = 0;
-        while p0 < len {
-            let k = (len - p0).min(16);
-            let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
-            let mut r = [_mm512_setzero_ps(); 16];
-            for (l, r) in r.iter_mut().enumerate().take(n) {
-                // SAFETY: values p0..p0 + k of row l < n, inside `rows`; the rest masked.
-                *r = unsafe { _mm512_maskz_loadu_ps(mask, rows.as_ptr().add(l * len + p0)) };
-            }
-            transpose16(&mut r, &idx);
-            for (j, v) in r.iter().enumerate().take(k) {
-                // SAFETY: value p0 + j < len of `out`'s `len x LANES` (checked by the caller).
-                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((p0 + j) * LANES), *v) };
-            }
-            p0 += k;
-        }
+        // SAFETY: value p < len of `out`'s `len x LANES` (checked by the caller).
+        columns(rows, len, |p, v| unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(p * LANES), v) });
     }
 
     /// [`super::unfill`] by 16 x 16 transposes: 16 pixels' vectors, transposed, each plane's 16

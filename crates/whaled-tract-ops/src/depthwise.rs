@@ -87,6 +87,11 @@ impl Geometry {
         Ok(Geometry { batch, channels, in_hw, out_hw, kernel, stride, dilation, pad_before })
     }
 
+    /// The same geometry for one plane: one image, one channel (the stem op's per-channel layout).
+    pub(crate) fn one_plane(&self) -> Geometry {
+        Geometry { batch: 1, channels: 1, ..self.clone() }
+    }
+
     pub(crate) fn batch(&self) -> usize {
         self.batch
     }
@@ -352,13 +357,16 @@ impl DepthwiseConv {
                 plane_out,
                 total,
                 |first, chunk| {
-                    with_scratch(g, 0.0, |scratch, virt| {
-                        for (i, o) in chunk.chunks_mut(plane_out).enumerate() {
-                            let plane = first + i;
-                            let input = &x[plane * g.in_plane()..][..g.in_plane()];
-                            self.plane(plane % g.channels, input, k, b, o, kernel, &offsets, scratch, virt);
-                        }
-                    });
+                    let planes = chunk.len() / plane_out;
+                    self.run_planes(
+                        first,
+                        &x[first * g.in_plane()..][..planes * g.in_plane()],
+                        k,
+                        b,
+                        chunk,
+                        kernel,
+                        &offsets,
+                    );
                     Ok(())
                 },
             )?;
@@ -404,19 +412,33 @@ impl DepthwiseConv {
         }
     }
 
-    /// Output planes `c0..` (as many as `out` holds, of image 0) from their input planes `x`, on this
-    /// thread: the depthwise step of [`crate::expand`]. The plane path only: that op does not take a
-    /// [`Geometry::blocked`] geometry.
-    pub(crate) fn run_planes(&self, c0: usize, x: &[f32], k: &[f32], b: &[f32], out: &mut [f32]) {
+    /// Output planes `first..` (as many as `out` holds, counted over every image) from their input
+    /// planes `x`, on this thread, with the plane `kernel` and the geometry's [`Geometry::tap_offsets`]:
+    /// a share of [`DepthwiseConv::compute_with`], and the depthwise step of [`crate::expand`]. The
+    /// plane path only: neither runs a [`Geometry::blocked`] geometry through it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_planes(
+        &self,
+        first: usize,
+        x: &[f32],
+        k: &[f32],
+        b: &[f32],
+        out: &mut [f32],
+        kernel: PlaneKernel,
+        offsets: &[usize],
+    ) {
         let g = &self.geometry;
-        let (_, kernel, _) = select_kernel();
-        let offsets = g.tap_offsets();
         assert!(!g.blocked() && x.len() / g.in_plane() == out.len() / g.out_plane(), "depthwise planes do not match");
         with_scratch(g, 0.0, |scratch, virt| {
             for (i, (o, input)) in out.chunks_exact_mut(g.out_plane()).zip(x.chunks_exact(g.in_plane())).enumerate() {
-                self.plane(c0 + i, input, k, b, o, kernel, &offsets, scratch, virt);
+                self.plane((first + i) % g.channels, input, k, b, o, kernel, offsets, scratch, virt);
             }
         });
+    }
+
+    /// The plane kernel this CPU runs (for [`DepthwiseConv::run_planes`]).
+    pub(crate) fn plane_kernel() -> PlaneKernel {
+        select_kernel().1
     }
 
     pub(crate) fn geometry(&self) -> &Geometry {
@@ -587,7 +609,7 @@ fn fill_scratch_sw2(g: &Geometry, input: &[f32], scratch: &mut [f32]) {
 /// Computes output rows from the scratch of their input plane: `out` is rows of `rows[0]` outputs (a
 /// multiple of `CHUNK`), row `y` starting at virtual index `y * rows[1]`. The flat virtual plane is one
 /// row (`[virt.len(), 0]`); an output plane whose rows are whole chunks, its rows (`[out_w, phase_width]`).
-type PlaneKernel = fn(&[f32], &[usize], &[f32], f32, &[Post], &mut [f32], [usize; 2]);
+pub(crate) type PlaneKernel = fn(&[f32], &[usize], &[f32], f32, &[Post], &mut [f32], [usize; 2]);
 
 /// `acc + x * w`, fused where `FMA` (a plain function, not a closure: it must inline into the
 /// `target_feature` kernels to be compiled with their features).
@@ -850,9 +872,10 @@ fn eligible(
 }
 
 /// The geometry of a node that slides a 2-D window per channel (a depthwise conv's or a pool's
-/// `spec`), and whether its data carries the batch axis: f32 NCHW (or CHW) data of a concrete shape,
-/// whose output is the same channels over the window's output size. `None` for anything else (the
-/// node stays tract's). Shared by the depthwise and max-pool ops ([`crate::maxpool`]).
+/// `spec`, or a dense conv's), and whether its data carries the batch axis: f32 NCHW (or CHW) data of a
+/// concrete shape, whose output is the spec's output channels over the window's output size (the input
+/// channels for a depthwise conv or a pool). `None` for anything else (the node stays tract's). Shared
+/// by the depthwise, max-pool and stem ops ([`crate::maxpool`], [`crate::stem`]).
 pub(crate) fn spec_geometry(
     model: &TypedModel,
     node: &TypedNode,
@@ -881,7 +904,7 @@ pub(crate) fn spec_geometry(
     }
     let pads = spec.computed_padding(&shape[2..]);
     let out_hw = [pads[0].convoluted, pads[1].convoluted];
-    if out_shape != [shape[0], shape[1], out_hw[0], out_hw[1]] {
+    if out_shape != [shape[0], spec.output_channels, out_hw[0], out_hw[1]] {
         return Ok(None);
     }
     let (stride, dilation) = (spec.strides(), spec.dilations());

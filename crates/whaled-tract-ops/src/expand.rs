@@ -116,6 +116,7 @@ impl ExpandDepthwise {
         // returned: the groups partition the channels, and each writes all of its output planes.
         let mut out = unsafe { Tensor::uninitialized::<f32>(&self.depthwise.output_shape())? };
         let silu = if self.silu { Some(tract_linalg::routines::Func::Silu.ew_f32()?) } else { None };
+        let (kernel, offsets) = (DepthwiseConv::plane_kernel(), g.tap_offsets());
         // Taken out of the thread's slot, not borrowed (put back at the end).
         let mut expanded = EXPANDED.with(|e| std::mem::take(&mut *e.borrow_mut()));
         let result = (|| {
@@ -133,7 +134,7 @@ impl ExpandDepthwise {
                     // Element-wise: the same values as tract's op on the whole tensor.
                     silu.run(expanded)?;
                 }
-                self.depthwise.run_planes(c0, expanded, k, kb, planes);
+                self.depthwise.run_planes(c0, expanded, k, kb, planes, kernel, &offsets);
             }
             TractResult::Ok(())
         })();

@@ -25,9 +25,8 @@
 
 use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat};
-use tract_core::ops::nn::DataFormat;
 
-use crate::depthwise::{fill_scratch, per_channel, with_scratch, Geometry};
+use crate::depthwise::{fill_scratch, per_channel, spec_geometry, with_scratch, Geometry};
 use crate::fuse::{fusable_successors, Post};
 use crate::pointwise::{pack_weights, PointwiseConv, BLOCK};
 
@@ -240,7 +239,6 @@ fn eligible(
     let spec = &conv.pool_spec;
     let (cin, cout) = (spec.input_channels, spec.output_channels);
     if conv.q_params.is_some()
-        || !matches!(spec.data_format, DataFormat::NCHW | DataFormat::CHW)
         || spec.kernel_shape.len() != 2
         || conv.group != 1
         || node.inputs.len() != 3
@@ -253,20 +251,12 @@ fn eligible(
     if kh * kw == 1 || cin * kh * kw > MAX_ROWS {
         return Ok(None);
     }
-    let fact = model.outlet_fact(node.inputs[0])?;
-    let out_fact = model.outlet_fact(node.id.into())?;
-    let (Some(shape), Some(out_shape)) = (fact.shape.as_concrete(), out_fact.shape.as_concrete()) else {
-        return Ok(None);
-    };
-    let batch_axis = spec.data_format == DataFormat::NCHW;
-    let chw = |s: &[usize]| -> Option<[usize; 3]> {
-        match (batch_axis, s) {
-            (true, &[1, c, h, w]) | (false, &[c, h, w]) => Some([c, h, w]),
-            _ => None,
-        }
-    };
-    let (Some(shape), Some(out_shape)) = (chw(shape), chw(out_shape)) else { return Ok(None) };
-    if fact.datum_type != f32::datum_type() || shape[0] != cin {
+    // One image of `cin` channels; output rows narrower than tract's own direct convolution takes.
+    let Some((geometry, batch_axis)) = spec_geometry(model, node, spec)? else { return Ok(None) };
+    if geometry.batch() != 1
+        || geometry.channels() != cin
+        || (batch_axis && geometry.out_hw()[1] >= TRACT_DIRECT_MIN_WIDTH)
+    {
         return Ok(None);
     }
     let (Some(kernel), Some(bias)) =
@@ -297,24 +287,7 @@ fn eligible(
         }
     }
     let Some(bias) = per_channel(&bias, cout) else { return Ok(None) };
-    let pads = spec.computed_padding(&shape[1..]);
-    let out_hw = [pads[0].convoluted, pads[1].convoluted];
-    if out_shape != [cout, out_hw[0], out_hw[1]] || (batch_axis && out_hw[1] >= TRACT_DIRECT_MIN_WIDTH) {
-        return Ok(None);
-    }
-    let (stride, dilation) = (spec.strides(), spec.dilations());
-    let Ok(plane) = Geometry::new(
-        1,
-        1,
-        [shape[1], shape[2]],
-        out_hw,
-        [kh, kw],
-        [stride[0], stride[1]],
-        [dilation[0], dilation[1]],
-        [pads[0].pad_before, pads[1].pad_before],
-    ) else {
-        return Ok(None);
-    };
+    let plane = geometry.one_plane();
     Ok(Some((plane, cin, cout, batch_axis, pack_weights(&flat, cout, cin * kh * kw)?, tensor1(&bias))))
 }
 
