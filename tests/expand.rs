@@ -3,8 +3,10 @@
 //! `stock = true`) and onnxruntime (outputs written by tools/expand_cases.py through its Python API).
 //! The cases: the EfficientNet-Lite0 blocks with large expanded activations (112x112, 56x56 with 3x3
 //! and TF-padded stride-2 5x5, 28x28), a 14x14 block of 60 channel blocks, odd sizes without
-//! activations and with ReLU, the B0's SiLU blocks, two blocks in a row, a network's stem conv into its first depthwise conv; and pairs it must leave apart (the expanded
-//! activation also read by a residual add, after ReLU6 and after SiLU, a 7x7 plane, a batch of 2), at 1 and 2 threads.
+//! activations and with ReLU, the B0's SiLU blocks, two blocks in a row, a network's stem conv into its
+//! first depthwise conv (its product run direct, and through its im2col matrix, as each case says); and
+//! pairs it must leave apart (the expanded activation also read by a residual add, after ReLU6 and
+//! after SiLU, a 7x7 plane, a batch of 2), at 1 and 2 threads.
 //!
 //! Compiled only where whaled fuses the pair (x86_64, aarch64).
 #![cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -19,7 +21,7 @@ const _: () = assert!(whaled_tract_ops::expand::ENABLED);
 fn whaled_expand_depthwise_matches_tract_and_onnxruntime() {
     let dir = tempfile::tempdir().unwrap();
     let cases = generate_cases("expand_cases.py", dir.path());
-    assert!(cases.len() >= 16, "{} cases", cases.len());
+    assert!(cases.len() >= 17, "{} cases", cases.len());
     // Thread even the small cases at 2 threads, so the split into channel groups is exercised.
     tract_linalg::multithread::set_threading_element_threshold(0);
     let mut worst = (0f32, String::new());
@@ -38,6 +40,9 @@ fn whaled_expand_depthwise_matches_tract_and_onnxruntime() {
         for threads in [1, 2] {
             let ours = load(&onnx, &shape, false, threads, "WhaledExpandDepthwise");
             assert_eq!((ours.substituted.expand_depthwise, ours.in_plan), (want, want), "{name}: fused pairs ({case})");
+            if let (Some(path), true) = (case["stem_path"].as_str(), want > 0) {
+                assert!(ours.info.contains(&format!(", {path}:")), "{name}: stem not run {path}: {}", ours.info);
+            }
             let (out_shape, out) = run(&ours.plan, &shape, &x);
             assert_eq!(out_shape, ref_shape, "{name}: output shape");
             // Inputs N(0, 1), weights scaled to keep activations near 1: compared at the scale of the

@@ -1,13 +1,14 @@
-//! whaled's stem convolution op for tract (crates/whaled-tract-ops/src/stem.rs: a dense convolution as an
-//! im2col and whaled's 1x1 op) against two independent computations of the same convolution: tract's
-//! own op (the same ONNX file optimised with `stock = true`) and onnxruntime (outputs written by
-//! tools/stem_cases.py through its Python API). The cases: the stems of the shipped and generated models
-//! (Lite0's TF-padded 3x3 stride 2 with ReLU6, B0's and B4's), SAME_UPPER, 5x5, dilation, unequal
-//! strides, one and four input channels, no bias, ResNet 3x3s of 64-512 input channels (stride 1 and 2),
-//! a ResNet 7x7 stem, a ViT patch embedding, random small geometries, at 1 and 2 threads (the im2col's
-//! input channels and the product split across the pool); and convolutions the op must leave to tract
-//! (a batch of 2, 12 output channels, 16389 rows, output rows 130 wide: tract's direct convolution),
-//! which must still be right.
+//! whaled's stem convolution op for tract (crates/whaled-tract-ops/src/stem.rs: a dense convolution as
+//! whaled's 1x1 op over the taps, direct or through an im2col matrix) against two independent
+//! computations of the same convolution: tract's own op (the same ONNX file optimised with `stock =
+//! true`) and onnxruntime (outputs written by tools/stem_cases.py through its Python API). The cases:
+//! the stems of the shipped and generated models (Lite0's TF-padded 3x3 stride 2 with ReLU6, B0's and
+//! B4's), SAME_UPPER, 5x5, dilation, unequal strides, one and four input channels, no bias, ResNet 3x3s
+//! of 64-512 input channels (stride 1 and 2), a ResNet 7x7 stem, a ViT patch embedding, rows 130 wide,
+//! random small geometries, at 1 and 2 threads (the scratch's input channels and the product split
+//! across the pool), each run the way the case says (direct or im2col, where every vector width
+//! agrees); and convolutions the op must leave to tract (a batch of 2, 12 output channels, 16389 rows,
+//! rows 142 wide where it would not run direct: tract's direct convolution), which must still be right.
 //!
 //! Compiled only where whaled substitutes the op (x86_64, aarch64), like tests/pointwise.rs.
 #![cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -27,6 +28,7 @@ fn whaled_stem_matches_tract_and_onnxruntime() {
     // Thread even the small cases at 2 threads, so the 1x1 op's split is exercised on every shape.
     tract_linalg::multithread::set_threading_element_threshold(0);
     let mut worst = (0f32, String::new());
+    let mut paths = [0, 0];
     for case in &cases {
         let name = case["name"].as_str().unwrap();
         let want = usize::from(case["substituted"].as_bool().unwrap());
@@ -42,6 +44,10 @@ fn whaled_stem_matches_tract_and_onnxruntime() {
             let (n, in_plan) = (ours.substituted.stem, ours.in_plan);
             assert_eq!((n, in_plan), (want, want), "{name}: substituted {n}, {in_plan} in the plan ({case})");
             assert_eq!(ours.fused, case["fused"].as_bool().unwrap(), "{name}: activation fusion ({case})");
+            if let Some(path) = case["path"].as_str() {
+                assert!(ours.info.contains(&format!(", {path}:")), "{name}: not run {path}: {}", ours.info);
+                paths[usize::from(path == "direct")] += 1;
+            }
             let (out_shape, out) = run(&ours.plan, &shape, &x);
             assert_eq!(out_shape, ref_shape, "{name}: output shape");
             // Random N(0,1) data and weights: outputs are O(sqrt(rows)); f32 sums of up to 80 terms.
@@ -55,5 +61,6 @@ fn whaled_stem_matches_tract_and_onnxruntime() {
             }
         }
     }
+    assert!(paths[0] >= 4 && paths[1] >= 8, "cases run through an im2col matrix / direct: {paths:?}");
     eprintln!("{} cases; worst |whaled - onnxruntime| / max |y| = {:e} ({})", cases.len(), worst.0, worst.1);
 }

@@ -8,7 +8,8 @@ expected to put in the plan. The cases: the EfficientNet-Lite0 blocks whose expa
 large (16 -> 96 at 112x112 into a stride-2 3x3, 24 -> 144 at 56x56 into a 3x3 and a TF-padded stride-2
 5x5, 40 -> 240 at 28x28 into a 5x5), a 14x14 block with 60 channel blocks, odd sizes without
 activations, ReLU, SiLU (the EfficientNet-B0's 112x112 and 28x28 blocks), two blocks in a row, and a network's
-first block (the 3x3 stride-2 stem conv into the depthwise conv, ReLU6 and SiLU); and pairs whaled must leave apart (an expanded activation
+first block (the 3x3 stride-2 stem conv into the depthwise conv, ReLU6 and SiLU; the stem's product run
+direct, and through its im2col matrix at 12x12, each case saying which); and pairs whaled must leave apart (an expanded activation
 also used by a residual add, after ReLU6 and after SiLU, a 7x7 depthwise plane, which takes the depthwise op's blocked path, and a
 batch of 2).
 
@@ -60,6 +61,8 @@ def cases():
         ("b0-28-silu-k5", 1, 40, (28, 28), [(240, 5, 1, "silu", "tf", False)], 1),
         ("stem-relu6", 1, 3, (224, 224), [(32, 3, 1, "relu6", "torch", False, True)], 1),
         ("stem-silu-odd", 1, 3, (61, 77), [(16, 3, 1, "silu", "tf", False, True)], 1),
+        # A 12x12 stem output: the stem runs through its im2col matrix (the two above run direct).
+        ("stem-small-im2col", 1, 3, (24, 24), [(16, 3, 1, "relu6", "torch", False, True)], 1),
         ("apart-residual", 1, 8, (20, 20), [(16, 3, 1, "relu6", "torch", True)], 0),
         ("apart-silu-residual", 1, 8, (20, 20), [(16, 3, 1, "silu", "torch", True)], 0),
         ("apart-blocked-7x7", 1, 16, (7, 7), [(96, 3, 1, "relu6", "torch", False)], 0),
@@ -93,7 +96,11 @@ def main():
         np.save(os.path.join(args.out, f"{name}.input.npy"), x)
         np.save(os.path.join(args.out, f"{name}.ort.npy"), ref)
         x86, arm = fused if isinstance(fused, tuple) else (fused, fused)
-        listing.append(dict(name=name, input=shape, output=out, fused=x86, fused_aarch64=arm))
+        # Which way the stem's product runs (stem.rs, `direct_suits`; every vector width agrees here).
+        stem_path = None
+        if any(b[6:] == (True,) for b in blocks):
+            stem_path = "im2col" if name == "stem-small-im2col" else "direct"
+        listing.append(dict(name=name, input=shape, output=out, fused=x86, fused_aarch64=arm, stem_path=stem_path))
     with open(os.path.join(args.out, "cases.json"), "w") as f:
         json.dump(listing, f, indent=1)
     print(f"wrote {len(listing)} cases under {args.out}")

@@ -8,9 +8,11 @@ substitute the conv. The cases: the stems of the shipped and generated models (L
 with TF-style asymmetric padding and ReLU6, B0's and B4's with PyTorch's symmetric padding), auto_pad
 SAME_UPPER, a 5x5, dilation, unequal strides, one and four input channels, without bias; and
 ResNet-class 3x3 convolutions (64-512 input channels, stride 1 and 2), a ResNet 7x7 stem, a ViT patch
-embedding; convolutions whaled leaves to tract (a batch of 2, output channels not a multiple of 8, more
-than 16384 input channels x taps, output rows of 128 or more), which must still be right; then random
-small geometries.
+embedding; output rows of 130 (whaled's, direct); convolutions whaled leaves to tract (a batch of 2,
+output channels not a multiple of 8, more than 16384 input channels x taps, output rows of 128 or more
+where the op would not run direct), which must still be right; then random small geometries. Each
+substituted case says which way whaled's op runs it ("direct" or "im2col", where every vector width
+agrees).
 
 Usage: python3 tools/stem_cases.py --out DIR [--random N] [--seed S]
 """
@@ -60,9 +62,26 @@ def fixed_cases():
         ("vit-patch-16", 3, 64, 64, 48, (16, 16), (16, 16), (1, 1), [0, 0, 0, 0], None, 1, None, True, True),
         # More than 16384 input channels x taps (MAX_ROWS): tract's.
         ("tract-rows", 1821, 8, 4, 4, (3, 3), (1, 1), (1, 1), same(3), None, 1, None, True, False),
-        # Output rows of 128 or more: tract's own direct convolution, as fast there (the B4's stem at 512).
-        ("tract-direct-130", 3, 16, 33, 260, (3, 3), (2, 2), (1, 1), same(3), None, 1, "relu6", True, False),
+        # Output rows of 128 or more: whaled's where it runs direct (the B4's stem at 512), else tract's
+        # own direct convolution (as fast there as an im2col): a 15-wide kernel at stride 1 computes 156
+        # columns per row for 142.
+        ("wide-130-direct", 3, 16, 33, 260, (3, 3), (2, 2), (1, 1), same(3), None, 1, "relu6", True, True),
+        ("tract-direct-wide", 1, 8, 4, 142, (3, 15), (1, 1), (1, 1), [1, 7, 1, 7], None, 1, None, True, False),
     ]
+
+
+def path(h, w, kernel, stride, dilation, pads, auto_pad):
+    """Which way whaled's op runs a substituted conv (stem.rs, `direct_suits`): "direct" where computing
+    every output row `phase_width` long (whole vectors) adds at most 5 % to the output's columns, else
+    "im2col"; None where 16, 8 and 4 lanes (AVX-512, AVX2, NEON) disagree."""
+    if auto_pad:
+        oh, ow = (-(-s // st) for s, st in zip((h, w), stride))
+    else:
+        oh, ow = ((s + pads[a] + pads[a + 2] - (kernel[a] - 1) * dilation[a] - 1) // stride[a] + 1
+                  for a, s in enumerate((h, w)))
+    qw = ow + (kernel[1] - 1) * dilation[1] // stride[1]
+    ways = {"direct" if -(-oh * qw // lanes) * lanes * 100 <= oh * ow * 105 else "im2col" for lanes in (16, 8, 4)}
+    return ways.pop() if len(ways) == 1 else None
 
 
 def random_cases(n, rng):
@@ -103,6 +122,7 @@ def main():
         listing.append(dict(name=name, input=[batch, cin, h, w], output=list(y.shape), kernel=list(kernel),
                             stride=list(stride), dilation=list(dilation), pads=pads, auto_pad=auto_pad, post=post,
                             with_bias=with_bias, substituted=substituted,
+                            path=path(h, w, kernel, stride, dilation, pads, auto_pad) if substituted else None,
                             fused=substituted and post in ("relu", "relu6")))
     with open(os.path.join(args.out, "cases.json"), "w") as f:
         json.dump(listing, f, indent=1)

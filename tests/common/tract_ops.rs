@@ -38,6 +38,8 @@ pub struct Loaded {
     /// Whether one of them takes its data times per-channel factors (a squeeze-excitation product
     /// folded into a pointwise conv: its info says so).
     pub scaled: bool,
+    /// The info lines of those nodes, joined (where an op says which path it takes).
+    pub info: String,
 }
 
 /// Loads `onnx` for input `shape`, through whaled's substitution unless `stock`, at `threads`
@@ -52,6 +54,7 @@ pub fn load(onnx: &Path, shape: &[usize], stock: bool, threads: usize, op: &str)
     let in_plan = ours.len();
     let fused = ours.iter().any(|n| n.op().info().unwrap().iter().any(|l| l.contains("then [Max")));
     let scaled = ours.iter().any(|n| n.op().info().unwrap().iter().any(|l| l.contains("input scaled per channel")));
+    let info = ours.iter().flat_map(|n| n.op().info().unwrap()).collect::<Vec<_>>().join("; ");
     let leftover = typed.nodes().iter().any(|n| n.op().name().contains("Max") || n.op().name().contains("Min"));
     assert!(stock || !fused || !leftover, "{onnx:?}: fused, yet a Max/Min op is left in the plan");
     let mut options = RunOptions::default();
@@ -59,7 +62,7 @@ pub fn load(onnx: &Path, shape: &[usize], stock: bool, threads: usize, op: &str)
         options.executor = Some(tract_linalg::multithread::Executor::multithread(threads));
     }
     let plan = typed.into_runnable_with_options(&options).unwrap();
-    Loaded { plan, substituted, in_plan, fused, scaled }
+    Loaded { plan, substituted, in_plan, fused, scaled, info }
 }
 
 /// The plan's first output on `x`: shape and values.

@@ -95,17 +95,16 @@ impl ExpandDepthwise {
         }
         let slice = |i: usize| inputs[i].try_as_plain_ram().and_then(|t| t.as_slice::<f32>());
         let (x, w, b, k, kb) = (slice(0)?, slice(1)?, slice(2)?, slice(3)?, slice(4)?);
-        // A stem's data becomes its im2col matrix, the 1x1 op's input.
-        let matrix = self.stem.as_ref().map(|s| s.im2col(x)).transpose()?;
-        let x = match &matrix {
-            Some(m) => m.try_as_plain_ram()?.as_slice::<f32>()?,
-            None => x,
+        // A stem's data becomes its product's input (its scratch, or its im2col matrix).
+        let stem = match &self.stem {
+            Some(s) => Some((s, s.input(x)?)),
+            None => None,
         };
         let g = self.depthwise.geometry();
         let (cin, channels) = (self.expand.cin(), self.expand.cout());
         let (plane_in, plane_out) = (g.in_plane(), g.out_plane());
         ensure!(
-            x.len() == cin * plane_in
+            (stem.is_some() || x.len() == cin * plane_in)
                 && w.len() == channels * cin
                 && b.len() == channels
                 && k.len() == channels * g.taps()
@@ -129,7 +128,11 @@ impl ExpandDepthwise {
                     expanded.resize(n * plane_in, 0.0);
                 }
                 let expanded = &mut expanded[..n * plane_in];
-                self.expand.run_rows(x, w, b, c0 / BLOCK..(c0 + n) / BLOCK, expanded);
+                let blocks = c0 / BLOCK..(c0 + n) / BLOCK;
+                match &stem {
+                    Some((s, input)) => s.run_rows(input, w, b, blocks, expanded)?,
+                    None => self.expand.run_rows(x, w, b, blocks, expanded),
+                }
                 if let Some(silu) = &silu {
                     // Element-wise: the same values as tract's op on the whole tensor.
                     silu.run(expanded)?;
@@ -139,6 +142,9 @@ impl ExpandDepthwise {
             TractResult::Ok(())
         })();
         EXPANDED.with(|e| *e.borrow_mut() = expanded);
+        if let Some((s, input)) = stem {
+            s.release(input);
+        }
         result?;
         Ok(tvec!(out.into_tvalue()))
     }

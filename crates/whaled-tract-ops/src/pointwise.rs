@@ -245,12 +245,35 @@ pub(crate) struct Out<T> {
 unsafe impl<T> Send for Out<T> {}
 unsafe impl<T> Sync for Out<T> {}
 
-/// One tile's inputs. `x` holds `cin` rows `x_stride` apart, each with at least `vectors * lanes`
-/// readable columns; `w` the block's packed weights (`cin * BLOCK`); `bias` the block's `BLOCK` biases.
-/// The kernel writes `n` columns of `BLOCK` rows, `out_stride` apart, from `out_at` on.
+/// Where each input row of a tile starts, for an activation that is not `cin` rows one stride apart:
+/// the stem op's rows are its input channels' taps, each a shifted view of one zero-padded scratch
+/// plane ([`crate::stem`]). Private fields: built only by [`RowTable::new`], which records the furthest
+/// start, so a tile's bounds check is one comparison.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct RowTable {
+    starts: Vec<usize>,
+    furthest: usize,
+}
+
+impl RowTable {
+    pub(crate) fn new(starts: Vec<usize>) -> RowTable {
+        let furthest = starts.iter().copied().max().unwrap_or(0);
+        RowTable { starts, furthest }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.starts.len()
+    }
+}
+
+/// One tile's inputs. `x` holds `cin` rows, `x_stride` apart or where `rows` says, each with at least
+/// `vectors * lanes` readable columns; `w` the block's packed weights (`cin * BLOCK`); `bias` the
+/// block's `BLOCK` biases. The kernel writes `n` columns of `BLOCK` rows, `out_stride` apart, from
+/// `out_at` on.
 struct Tile<'a> {
     x: &'a [f32],
     x_stride: usize,
+    rows: Option<&'a RowTable>,
     cin: usize,
     w: &'a [f32],
     bias: &'a [f32],
@@ -266,12 +289,19 @@ impl Tile<'_> {
     /// is a bug in this module (the op checks its inputs' sizes), never bad input. Returns where the
     /// tile's first output goes.
     fn check(&self, vectors: usize, lanes: usize, max_vectors: usize) -> *mut f32 {
+        let furthest = match self.rows {
+            Some(rows) => {
+                assert!(rows.len() == self.cin, "pointwise tile row table of {} rows for {}", rows.len(), self.cin);
+                rows.furthest
+            }
+            None => (self.cin.max(1) - 1) * self.x_stride,
+        };
         assert!(
             self.cin >= 1
                 && (1..=max_vectors).contains(&vectors)
                 && self.n >= 1
                 && self.n <= vectors * lanes
-                && self.x.len() >= (self.cin - 1) * self.x_stride + vectors * lanes
+                && self.x.len() >= furthest + vectors * lanes
                 && self.w.len() >= self.cin * BLOCK
                 && self.bias.len() >= BLOCK
                 && self.out.len >= self.out_at + (BLOCK - 1) * self.out_stride + self.n,
@@ -279,6 +309,20 @@ impl Tile<'_> {
         );
         // SAFETY: in bounds of the output allocation (checked above).
         unsafe { self.out.ptr.add(self.out_at) }
+    }
+}
+
+impl Tile<'_> {
+    /// Where input row `c < cin` starts in `x`: from the row table where `TABLE` (the caller checked
+    /// that the tile has one), else `c * x_stride`. Inlined into each kernel, monomorphised on `TABLE`,
+    /// so the strided kernels are unchanged.
+    #[inline(always)]
+    fn row<const TABLE: bool>(&self, c: usize) -> usize {
+        match (TABLE, self.rows) {
+            // SAFETY (of the unchecked read): c < cin == starts.len() (`check`).
+            (true, Some(rows)) => unsafe { *rows.starts.get_unchecked(c) },
+            _ => c * self.x_stride,
+        }
     }
 }
 
@@ -474,6 +518,7 @@ impl PointwiseConv {
                     let t = Tile {
                         x: src,
                         x_stride: stride,
+                        rows: None,
                         cin,
                         w: &w[block * cin * BLOCK..][..cin * BLOCK],
                         bias: &b[block * BLOCK..][..BLOCK],
@@ -513,6 +558,61 @@ impl PointwiseConv {
         let mut tail = TAIL.with(|t| std::mem::take(&mut *t.borrow_mut()));
         self.run_blocks(select_kernel(), x, w, b, blocks, 0..plane, clamp, out, 0, &mut tail);
         TAIL.with(|t| *t.borrow_mut() = tail);
+    }
+
+    /// Output blocks `blocks` over the column tiles `tiles` (of [`tile_width`] columns) of an
+    /// activation of `span` columns whose row `k` starts at `x[rows[k]..]` (the stem op's taps; one
+    /// image, unscaled), on this thread. Each tile's `BLOCK` rows (fused steps applied) go to
+    /// `emit(block, first column, columns, values)`, `values` row-major, [`tile_width`] apart. The
+    /// last tile reads whole vectors past `span` (their outputs are not emitted): `x` has a tile's
+    /// width of slack after the furthest row's `span` columns.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_table(
+        &self,
+        x: &[f32],
+        rows: &RowTable,
+        w: &[f32],
+        b: &[f32],
+        span: usize,
+        blocks: std::ops::Range<usize>,
+        tiles: std::ops::Range<usize>,
+        mut emit: impl FnMut(usize, usize, usize, &[f32]),
+    ) {
+        let kernel = select_kernel();
+        let full = kernel.lanes * kernel.max_vectors;
+        assert!(
+            self.single_image()
+                && rows.len() == self.cin
+                && w.len() == self.cout * self.cin
+                && b.len() == self.cout
+                && blocks.end <= self.cout / BLOCK
+                && tiles.end <= span.div_ceil(full),
+            "pointwise table run does not match {self:?}"
+        );
+        let clamp = as_clamp(&self.post);
+        let mut values = vec![0f32; BLOCK * full];
+        for tile_index in tiles {
+            let p0 = tile_index * full;
+            let n = full.min(span - p0);
+            let vectors = n.div_ceil(kernel.lanes);
+            for block in blocks.clone() {
+                let t = Tile {
+                    x: &x[p0..],
+                    x_stride: 0,
+                    rows: Some(rows),
+                    cin: self.cin,
+                    w: &w[block * self.cin * BLOCK..][..self.cin * BLOCK],
+                    bias: &b[block * BLOCK..][..BLOCK],
+                    clamp,
+                    out: Out { ptr: values.as_mut_ptr(), len: values.len() },
+                    out_at: 0,
+                    out_stride: full,
+                    n,
+                };
+                (kernel.tile)(&t, vectors);
+                emit(block, p0, n, &values);
+            }
+        }
     }
 
     /// Whether the op convolves one image without a per-channel input scale.
@@ -609,7 +709,7 @@ fn tile_portable(t: &Tile, vectors: usize) {
             *row = [t.bias[half * 4 + r]; LANES];
         }
         for c in 0..t.cin {
-            let xs = &t.x[c * t.x_stride..][..LANES];
+            let xs = &t.x[t.row::<true>(c)..][..LANES];
             let ws = &t.w[c * BLOCK + half * 4..][..4];
             for (row, &w) in acc.iter_mut().zip(ws) {
                 for (a, &x) in row.iter_mut().zip(xs) {
@@ -643,7 +743,7 @@ mod x86 {
     /// # Safety
     /// The CPU has avx512f, and `t.check(V, 16, 3)` passed and returned `out_ptr`.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn avx512<const V: usize>(t: &Tile, out_ptr: *mut f32) {
+    unsafe fn avx512<const V: usize, const TABLE: bool>(t: &Tile, out_ptr: *mut f32) {
         let (x, w) = (t.x.as_ptr(), t.w.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); V]; BLOCK];
         for (r, row) in acc.iter_mut().enumerate() {
@@ -651,7 +751,7 @@ mod x86 {
         }
         for c in 0..t.cin {
             // SAFETY: row c has V * 16 readable columns and the block cin * BLOCK weights (checked).
-            let xp = unsafe { x.add(c * t.x_stride) };
+            let xp = unsafe { x.add(t.row::<TABLE>(c)) };
             let mut xv = [_mm512_setzero_ps(); V];
             for (v, xv) in xv.iter_mut().enumerate() {
                 *xv = unsafe { _mm512_loadu_ps(xp.add(16 * v)) };
@@ -693,10 +793,13 @@ mod x86 {
         // SAFETY: only selected by `select_kernel` after `is_x86_feature_detected!` saw avx512f, avx2
         // and fma; the bounds were checked above.
         unsafe {
-            match vectors {
-                1 => avx512::<1>(t, out),
-                2 => avx512::<2>(t, out),
-                _ => avx512::<3>(t, out),
+            match (vectors, t.rows.is_some()) {
+                (1, false) => avx512::<1, false>(t, out),
+                (2, false) => avx512::<2, false>(t, out),
+                (_, false) => avx512::<3, false>(t, out),
+                (1, true) => avx512::<1, true>(t, out),
+                (2, true) => avx512::<2, true>(t, out),
+                (_, true) => avx512::<3, true>(t, out),
             }
         }
     }
@@ -706,7 +809,7 @@ mod x86 {
     /// # Safety
     /// The CPU has avx2 and fma, and `t.check(V, 8, 2)` passed and returned `out_ptr`.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2<const V: usize>(t: &Tile, out_ptr: *mut f32) {
+    unsafe fn avx2<const V: usize, const TABLE: bool>(t: &Tile, out_ptr: *mut f32) {
         let (x, w) = (t.x.as_ptr(), t.w.as_ptr());
         for half in 0..BLOCK / 4 {
             let mut acc = [[_mm256_setzero_ps(); V]; 4];
@@ -715,7 +818,7 @@ mod x86 {
             }
             for c in 0..t.cin {
                 // SAFETY: as in `avx512`.
-                let xp = unsafe { x.add(c * t.x_stride) };
+                let xp = unsafe { x.add(t.row::<TABLE>(c)) };
                 let mut xv = [_mm256_setzero_ps(); V];
                 for (v, xv) in xv.iter_mut().enumerate() {
                     *xv = unsafe { _mm256_loadu_ps(xp.add(8 * v)) };
@@ -804,6 +907,7 @@ mod x86 {
 
     /// The columns kernel for `t.n` (1 to 8) columns; `vectors` is 1 (a vector here is `t.n` columns).
     pub(super) fn tile_columns(t: &Tile, vectors: usize) {
+        assert!(t.rows.is_none(), "the columns kernel reads strided rows only");
         let out = t.check(vectors, t.n, 1);
         // SAFETY: only selected by `select_kernel` after `is_x86_feature_detected!` saw avx2 and fma;
         // the bounds were checked above (`n` columns readable in every row).
@@ -826,9 +930,11 @@ mod x86 {
         // SAFETY: only selected by `select_kernel` after `is_x86_feature_detected!` saw avx2 and fma;
         // the bounds were checked above.
         unsafe {
-            match vectors {
-                1 => avx2::<1>(t, out),
-                _ => avx2::<2>(t, out),
+            match (vectors, t.rows.is_some()) {
+                (1, false) => avx2::<1, false>(t, out),
+                (_, false) => avx2::<2, false>(t, out),
+                (1, true) => avx2::<1, true>(t, out),
+                (_, true) => avx2::<2, true>(t, out),
             }
         }
     }
@@ -846,7 +952,7 @@ mod neon {
     ///
     /// # Safety
     /// `t.check(V, 4, 3)` passed and returned `out_ptr` (NEON is baseline on aarch64).
-    unsafe fn tile<const V: usize>(t: &Tile, out_ptr: *mut f32) {
+    unsafe fn tile<const V: usize, const TABLE: bool>(t: &Tile, out_ptr: *mut f32) {
         let (x, w) = (t.x.as_ptr(), t.w.as_ptr());
         let mut acc = [[vdupq_n_f32(0.0); V]; BLOCK];
         for (r, row) in acc.iter_mut().enumerate() {
@@ -854,7 +960,7 @@ mod neon {
         }
         for c in 0..t.cin {
             // SAFETY: row c has V * 4 readable columns and the block cin * BLOCK weights (checked).
-            let xp = unsafe { x.add(c * t.x_stride) };
+            let xp = unsafe { x.add(t.row::<TABLE>(c)) };
             let mut xv = [vdupq_n_f32(0.0); V];
             for (v, xv) in xv.iter_mut().enumerate() {
                 *xv = unsafe { vld1q_f32(xp.add(4 * v)) };
@@ -898,10 +1004,13 @@ mod neon {
         let out = t.check(vectors, 4, 3);
         // SAFETY: the bounds were checked above.
         unsafe {
-            match vectors {
-                1 => tile::<1>(t, out),
-                2 => tile::<2>(t, out),
-                _ => tile::<3>(t, out),
+            match (vectors, t.rows.is_some()) {
+                (1, false) => tile::<1, false>(t, out),
+                (2, false) => tile::<2, false>(t, out),
+                (_, false) => tile::<3, false>(t, out),
+                (1, true) => tile::<1, true>(t, out),
+                (2, true) => tile::<2, true>(t, out),
+                (_, true) => tile::<3, true>(t, out),
             }
         }
     }
@@ -943,6 +1052,17 @@ fn select_kernel() -> Kernel {
     }
     #[allow(unreachable_code)]
     PORTABLE
+}
+
+/// The columns of one tile of the kernel this CPU runs (48 with AVX-512).
+pub(crate) fn tile_width() -> usize {
+    let kernel = select_kernel();
+    kernel.lanes * kernel.max_vectors
+}
+
+/// The columns of one vector of the kernel this CPU runs (16 with AVX-512).
+pub(crate) fn tile_lanes() -> usize {
+    select_kernel().lanes
 }
 
 /// Which kernel this CPU runs (for logs and `whaled bench --profile`).
