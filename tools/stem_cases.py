@@ -6,13 +6,13 @@ a few input channels, sometimes followed by ReLU / ReLU6), its random input and 
 it (the independent reference), and `cases.json` describing them, with whether whaled is expected to
 substitute the conv. The cases: the stems of the shipped and generated models (Lite0's 3x3 stride 2
 with TF-style asymmetric padding and ReLU6, B0's and B4's with PyTorch's symmetric padding), auto_pad
-SAME_UPPER, a 5x5, dilation, unequal strides, one and four input channels, without bias; and
-ResNet-class 3x3 convolutions (64-512 input channels, stride 1 and 2), a ResNet 7x7 stem, a ViT patch
-embedding; output rows of 130 (whaled's, direct); convolutions whaled leaves to tract (a batch of 2,
-output channels not a multiple of 8, more than 16384 input channels x taps, output rows of 128 or more
-where the op would not run direct), which must still be right; then random small geometries. Each
-substituted case says which way whaled's op runs it ("direct" or "im2col", where every vector width
-agrees).
+SAME_UPPER, a 5x5, dilation, unequal strides, one and four input channels, without bias; ResNet-class
+3x3 convolutions (64-512 input channels, stride 1 and 2, one at 56x56), ResNet-18's 7x7 stem (at 48 and
+224), a ViT patch embedding; output rows of 130 (whaled's, direct); convolutions whaled leaves to tract
+(a batch of 2, output channels not a multiple of 8, more than 16384 input channels x taps, output rows
+of 128 or more where the op would not run direct), which must still be right; then random small
+geometries. Each substituted case says which way whaled's op runs it ("direct" or "im2col", where every
+vector width agrees).
 
 Usage: python3 tools/stem_cases.py --out DIR [--random N] [--seed S]
 """
@@ -59,6 +59,9 @@ def fixed_cases():
         ("resnet-3x3-s2", 128, 256, 9, 9, (3, 3), (2, 2), (1, 1), same(3), None, 1, None, True, True),
         ("resnet-3x3-7x7", 512, 64, 7, 7, (3, 3), (1, 1), (1, 1), same(3), None, 1, "relu", True, True),
         ("resnet-stem-7x7", 3, 64, 48, 48, (7, 7), (2, 2), (1, 1), same(7), None, 1, "relu", True, True),
+        # Full-size ones the op runs direct: ResNet-18's stem and a 56x56 3x3.
+        ("resnet-stem-7x7-224", 3, 64, 224, 224, (7, 7), (2, 2), (1, 1), same(7), None, 1, "relu", True, True),
+        ("resnet-3x3-56", 64, 64, 56, 56, (3, 3), (1, 1), (1, 1), same(3), None, 1, None, True, True),
         ("vit-patch-16", 3, 64, 64, 48, (16, 16), (16, 16), (1, 1), [0, 0, 0, 0], None, 1, None, True, True),
         # More than 16384 input channels x taps (MAX_ROWS): tract's.
         ("tract-rows", 1821, 8, 4, 4, (3, 3), (1, 1), (1, 1), same(3), None, 1, None, True, False),
