@@ -11,8 +11,9 @@
 //! What: [`substitute`] replaces every [`PointwiseConv`] whose only consumer is a [`DepthwiseConv`]
 //! on the plane path (output rows at least 12 wide), directly (the Lite family: the ReLU6 is fused into
 //! the 1x1 op) or through a SiLU that nothing else reads (EfficientNet-B0..B7), both for one image, by
-//! [`ExpandDepthwise`]; likewise a network's stem conv ([`StemConv`]: its im2col matrix is built first,
-//! then its 1x1 op runs group by group like an expand conv) and the first depthwise conv. For each
+//! [`ExpandDepthwise`]; likewise a network's stem conv ([`StemConv`]: its input, the scratch its product
+//! reads direct or its im2col matrix, is built first, then its product runs group by group like an
+//! expand conv) and the first depthwise conv. For each
 //! group of expanded channels (whole 8-channel blocks, about [`GROUP_BYTES`] of expanded planes) the op
 //! runs the 1x1 op's blocks into a thread-local buffer, tract's own SiLU kernel over it where the graph
 //! had one, and the depthwise op's planes from it into the output. Every step is the same code as the
@@ -46,8 +47,8 @@ const GROUP_BYTES: usize = 256 * 1024;
 /// by [`ExpandDepthwise::new`], which checks that the two fit together.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ExpandDepthwise {
-    /// Where the "expand" step is a network's stem conv ([`StemConv`]): its im2col matrix is built
-    /// first, and `expand` is the stem's 1x1 op over it.
+    /// Where the "expand" step is a network's stem conv ([`StemConv`]): its input (the scratch its
+    /// product reads direct, or its im2col matrix) is built first, and the stem's product runs over it.
     stem: Option<StemConv>,
     expand: PointwiseConv,
     /// Whether the expanded activation goes through a SiLU (`x * sigmoid(x)`, tract's own kernel)
