@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from onnx_build import Graph
+from stem_cases import stem_path
 
 
 def block(g, x, cin, cexp, hw, k, stride, act, rng, same="torch", residual=False, stem=False):
@@ -96,11 +97,9 @@ def main():
         np.save(os.path.join(args.out, f"{name}.input.npy"), x)
         np.save(os.path.join(args.out, f"{name}.ort.npy"), ref)
         x86, arm = fused if isinstance(fused, tuple) else (fused, fused)
-        # Which way the stem's product runs (stem.rs, `direct_suits`; every vector width agrees here).
-        stem_path = None
-        if any(b[6:] == (True,) for b in blocks):
-            stem_path = "im2col" if name == "stem-small-im2col" else "direct"
-        listing.append(dict(name=name, input=shape, output=out, fused=x86, fused_aarch64=arm, stem_path=stem_path))
+        # Which way the stem's product runs (a 3x3 stride 2, its output the stride-1 depthwise conv's).
+        path = stem_path(out_hw, 3, 2) if any(b[6:] == (True,) for b in blocks) else None
+        listing.append(dict(name=name, input=shape, output=out, fused=x86, fused_aarch64=arm, stem_path=path))
     with open(os.path.join(args.out, "cases.json"), "w") as f:
         json.dump(listing, f, indent=1)
     print(f"wrote {len(listing)} cases under {args.out}")

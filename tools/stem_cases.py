@@ -73,16 +73,12 @@ def fixed_cases():
     ]
 
 
-def path(h, w, kernel, stride, dilation, pads, auto_pad):
-    """Which way whaled's op runs a substituted conv (stem.rs, `direct_suits`): "direct" where computing
-    every output row `phase_width` long (whole vectors) adds at most 5 % to the output's columns, else
-    "im2col"; None where 16, 8 and 4 lanes (AVX-512, AVX2, NEON) disagree."""
-    if auto_pad:
-        oh, ow = (-(-s // st) for s, st in zip((h, w), stride))
-    else:
-        oh, ow = ((s + pads[a] + pads[a + 2] - (kernel[a] - 1) * dilation[a] - 1) // stride[a] + 1
-                  for a, s in enumerate((h, w)))
-    qw = ow + (kernel[1] - 1) * dilation[1] // stride[1]
+def stem_path(out_hw, kernel_w, stride_w, dilation_w=1):
+    """Which way whaled's op runs a substituted conv with output `out_hw` (stem.rs, `direct_suits`):
+    "direct" where computing every output row `phase_width` long (whole vectors) adds at most 5 % to the
+    output's columns, else "im2col"; None where 16, 8 and 4 lanes (AVX-512, AVX2, NEON) disagree."""
+    oh, ow = out_hw
+    qw = ow + (kernel_w - 1) * dilation_w // stride_w
     ways = {"direct" if -(-oh * qw // lanes) * lanes * 100 <= oh * ow * 105 else "im2col" for lanes in (16, 8, 4)}
     return ways.pop() if len(ways) == 1 else None
 
@@ -125,7 +121,7 @@ def main():
         listing.append(dict(name=name, input=[batch, cin, h, w], output=list(y.shape), kernel=list(kernel),
                             stride=list(stride), dilation=list(dilation), pads=pads, auto_pad=auto_pad, post=post,
                             with_bias=with_bias, substituted=substituted,
-                            path=path(h, w, kernel, stride, dilation, pads, auto_pad) if substituted else None,
+                            path=stem_path(y.shape[2:], kernel[1], stride[1], dilation[1]) if substituted else None,
                             fused=substituted and post in ("relu", "relu6")))
     with open(os.path.join(args.out, "cases.json"), "w") as f:
         json.dump(listing, f, indent=1)

@@ -96,16 +96,11 @@ impl ExpandDepthwise {
         }
         let slice = |i: usize| inputs[i].try_as_plain_ram().and_then(|t| t.as_slice::<f32>());
         let (x, w, b, k, kb) = (slice(0)?, slice(1)?, slice(2)?, slice(3)?, slice(4)?);
-        // A stem's data becomes its product's input (its scratch, or its im2col matrix).
-        let stem = match &self.stem {
-            Some(s) => Some((s, s.input(x)?)),
-            None => None,
-        };
         let g = self.depthwise.geometry();
         let (cin, channels) = (self.expand.cin(), self.expand.cout());
         let (plane_in, plane_out) = (g.in_plane(), g.out_plane());
         ensure!(
-            (stem.is_some() || x.len() == cin * plane_in)
+            (self.stem.is_some() || x.len() == cin * plane_in)
                 && w.len() == channels * cin
                 && b.len() == channels
                 && k.len() == channels * g.taps()
@@ -117,6 +112,12 @@ impl ExpandDepthwise {
         let mut out = unsafe { Tensor::uninitialized::<f32>(&self.depthwise.output_shape())? };
         let silu = if self.silu { Some(tract_linalg::routines::Func::Silu.ew_f32()?) } else { None };
         let (kernel, offsets) = (DepthwiseConv::plane_kernel(), g.tap_offsets());
+        // A stem's data becomes its product's input (its scratch, or its im2col matrix): after every
+        // fallible step above, so that no error return drops the scratch (it goes back below).
+        let stem = match &self.stem {
+            Some(s) => Some((s, s.input(x)?)),
+            None => None,
+        };
         // Taken out of the thread's slot, not borrowed (put back at the end).
         let mut expanded = EXPANDED.with(|e| std::mem::take(&mut *e.borrow_mut()));
         let result = (|| {

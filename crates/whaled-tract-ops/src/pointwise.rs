@@ -232,16 +232,18 @@ thread_local! {
 
 /// The output tensor's elements, shared by the work items that fill it. Items write disjoint
 /// rectangles (output-channel blocks x column ranges, see [`Split`]) through it, so no `&mut` to the
-/// whole output exists while they run; every write is bounds-checked against `len` ([`Tile::check`]).
+/// whole output exists while they run; every write is bounds-checked against `len` ([`Tile::check`],
+/// or the writer's own assert: the stem op's direct path).
 #[derive(Clone, Copy)]
 pub(crate) struct Out<T> {
     pub(crate) ptr: *mut T,
     pub(crate) len: usize,
 }
 
-// SAFETY: `Out` is only used inside a conv op's `compute_with` (here and in `qpointwise`), while the
-// tensor it points into is alive and not otherwise borrowed, by items that write disjoint elements (see
-// `Split`); nothing reads the output until every item has returned.
+// SAFETY: `Out` is only used inside a conv op's compute (`compute_with` here and in `qpointwise`, the
+// stem op's `compute_direct`), while the tensor it points into is alive and not otherwise borrowed, by
+// items that write disjoint elements (see `Split`); nothing reads the output until every item has
+// returned.
 unsafe impl<T> Send for Out<T> {}
 unsafe impl<T> Sync for Out<T> {}
 
@@ -313,13 +315,16 @@ impl Tile<'_> {
 }
 
 impl Tile<'_> {
-    /// Where input row `c < cin` starts in `x`: from the row table where `TABLE` (the caller checked
-    /// that the tile has one), else `c * x_stride`. Inlined into each kernel, monomorphised on `TABLE`,
-    /// so the strided kernels are unchanged.
+    /// Where input row `c` starts in `x`: from the row table where `TABLE` and the tile has one, else
+    /// `c * x_stride`. Inlined into each kernel, monomorphised on `TABLE`, so the strided kernels are
+    /// unchanged.
+    ///
+    /// # Safety
+    /// `c < cin`, and the tile passed [`Tile::check`] (which holds a table's length to `cin`).
     #[inline(always)]
-    fn row<const TABLE: bool>(&self, c: usize) -> usize {
+    unsafe fn row<const TABLE: bool>(&self, c: usize) -> usize {
         match (TABLE, self.rows) {
-            // SAFETY (of the unchecked read): c < cin == starts.len() (`check`).
+            // SAFETY: c < cin == starts.len() (the caller's contract).
             (true, Some(rows)) => unsafe { *rows.starts.get_unchecked(c) },
             _ => c * self.x_stride,
         }
@@ -576,9 +581,25 @@ impl PointwiseConv {
         span: usize,
         blocks: std::ops::Range<usize>,
         tiles: std::ops::Range<usize>,
+        emit: impl FnMut(usize, usize, usize, &[f32]),
+    ) {
+        self.run_table_with(select_kernel(), x, rows, w, b, span, blocks, tiles, emit)
+    }
+
+    /// [`PointwiseConv::run_table`] with a given kernel (the unit tests run every one).
+    #[allow(clippy::too_many_arguments)]
+    fn run_table_with(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        rows: &RowTable,
+        w: &[f32],
+        b: &[f32],
+        span: usize,
+        blocks: std::ops::Range<usize>,
+        tiles: std::ops::Range<usize>,
         mut emit: impl FnMut(usize, usize, usize, &[f32]),
     ) {
-        let kernel = select_kernel();
         let full = kernel.lanes * kernel.max_vectors;
         assert!(
             self.single_image()
@@ -709,7 +730,8 @@ fn tile_portable(t: &Tile, vectors: usize) {
             *row = [t.bias[half * 4 + r]; LANES];
         }
         for c in 0..t.cin {
-            let xs = &t.x[t.row::<true>(c)..][..LANES];
+            // SAFETY: c < cin, and `check` passed above.
+            let xs = &t.x[unsafe { t.row::<true>(c) }..][..LANES];
             let ws = &t.w[c * BLOCK + half * 4..][..4];
             for (row, &w) in acc.iter_mut().zip(ws) {
                 for (a, &x) in row.iter_mut().zip(xs) {
@@ -751,7 +773,7 @@ mod x86 {
         }
         for c in 0..t.cin {
             // SAFETY: row c has V * 16 readable columns and the block cin * BLOCK weights (checked).
-            let xp = unsafe { x.add(t.row::<TABLE>(c)) };
+            let xp = unsafe { x.add(t.row::<TABLE>(c)) }; // row: c < cin, checked
             let mut xv = [_mm512_setzero_ps(); V];
             for (v, xv) in xv.iter_mut().enumerate() {
                 *xv = unsafe { _mm512_loadu_ps(xp.add(16 * v)) };
@@ -818,7 +840,7 @@ mod x86 {
             }
             for c in 0..t.cin {
                 // SAFETY: as in `avx512`.
-                let xp = unsafe { x.add(t.row::<TABLE>(c)) };
+                let xp = unsafe { x.add(t.row::<TABLE>(c)) }; // row: c < cin, checked
                 let mut xv = [_mm256_setzero_ps(); V];
                 for (v, xv) in xv.iter_mut().enumerate() {
                     *xv = unsafe { _mm256_loadu_ps(xp.add(8 * v)) };
@@ -960,7 +982,7 @@ mod neon {
         }
         for c in 0..t.cin {
             // SAFETY: row c has V * 4 readable columns and the block cin * BLOCK weights (checked).
-            let xp = unsafe { x.add(t.row::<TABLE>(c)) };
+            let xp = unsafe { x.add(t.row::<TABLE>(c)) }; // row: c < cin, checked
             let mut xv = [vdupq_n_f32(0.0); V];
             for (v, xv) in xv.iter_mut().enumerate() {
                 *xv = unsafe { vld1q_f32(xp.add(4 * v)) };
@@ -1289,6 +1311,61 @@ mod tests {
             }
         }
         kernels
+    }
+
+    /// `run_table` on every kernel against the definition: rows starting anywhere in the buffer, out of
+    /// order and overlapping, the furthest one ending a tile's width before the buffer's end; spans
+    /// around the tile widths; with and without a clamp.
+    #[test]
+    fn table_rows_match_the_definition() {
+        let mut rnd = uniform(11);
+        for (cin, cout, span) in [(1, 8, 1), (27, 32, 113), (5, 16, 48), (64, 8, 97), (9, 24, 16 * 7 + 3)] {
+            let starts: Vec<usize> = (0..cin).map(|_| ((rnd() + 1.0) * 150.0) as usize).collect();
+            let furthest = *starts.iter().max().unwrap();
+            let x: Vec<f32> = (0..furthest + span + 48).map(|_| rnd()).collect();
+            let w: Vec<f32> = (0..cout * cin).map(|_| rnd()).collect();
+            let b: Vec<f32> = (0..cout).map(|_| rnd()).collect();
+            let rows = RowTable::new(starts.clone());
+            let packed = pack_weights(&w, cout, cin).unwrap();
+            let packed = packed.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+            for post in [vec![], vec![Post::Max(0f32.to_bits()), Post::Min(0.5f32.to_bits())]] {
+                let clamp = as_clamp(&post);
+                let op = PointwiseConv::new(1, cin, cout, [1, span], [true; 2]).unwrap().with_post(post).unwrap();
+                for kernel in available_kernels() {
+                    let full = kernel.lanes * kernel.max_vectors;
+                    let mut got = vec![f32::NAN; cout * span];
+                    op.run_table_with(
+                        kernel,
+                        &x,
+                        &rows,
+                        &packed,
+                        &b,
+                        span,
+                        0..cout / BLOCK,
+                        0..span.div_ceil(full),
+                        |block, p0, n, values| {
+                            for r in 0..BLOCK {
+                                got[(block * BLOCK + r) * span + p0..][..n].copy_from_slice(&values[r * full..][..n]);
+                            }
+                        },
+                    );
+                    for co in 0..cout {
+                        for p in 0..span {
+                            let want = (0..cin)
+                                .fold(b[co] as f64, |a, k| a + w[co * cin + k] as f64 * x[starts[k] + p] as f64)
+                                as f32;
+                            let want = clamp.map_or(want, |(lo, hi)| want.max(lo).min(hi));
+                            let have = got[co * span + p];
+                            assert!(
+                                (have - want).abs() < 1e-5,
+                                "{} {cin}->{cout} span {span}: [{co}, {p}] {have} vs {want}",
+                                kernel.name
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// `bias + w x`, f64, straight from the definition (unpacked weights `[cout, cin]`).

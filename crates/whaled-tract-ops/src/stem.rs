@@ -68,9 +68,9 @@ pub struct StemConv {
     cout: usize,
     /// Whether the data and the output carry the batch axis.
     batch_axis: bool,
-    /// The 1x1 op over the im2col matrix, with the fused steps.
+    /// The 1x1 op over the taps (read direct, or from the im2col matrix), with the fused steps.
     product: PointwiseConv,
-    /// Elements of one input channel's scratch in the direct path's buffer ([`StemConv::compute`]).
+    /// Elements of one input channel's scratch in the direct path's buffer ([`StemConv::input`]).
     channel_len: usize,
     /// Where each row of the product (input channel `c`, tap `t`) starts in that buffer:
     /// `c * channel_len + tap_offsets[t]`.
@@ -157,8 +157,7 @@ impl StemConv {
         let (w, b) = (inputs[1].try_as_plain_ram()?, inputs[2].try_as_plain_ram()?);
         let (w, b) = (w.as_slice::<f32>()?, b.as_slice::<f32>()?);
         self.check_weights(w, b)?;
-        let input = self.input(x.as_slice::<f32>()?)?;
-        let StemInput::Scratch(buffer) = &input else { bail!("WhaledStemConv: no scratch for the direct path") };
+        let x = x.as_slice::<f32>()?;
         let g = &self.plane;
         let ([oh, _], qw) = (g.out_hw(), g.phase_width());
         let (span, out_plane) = (oh * qw, g.out_plane());
@@ -172,6 +171,9 @@ impl StemConv {
             let out = view.as_slice_mut::<f32>()?;
             ensure!(out.len() == self.cout * out_plane, "WhaledStemConv: output does not match {self:?}");
             let out = Out { ptr: out.as_mut_ptr(), len: out.len() };
+            // Last, so that no error return drops the scratch (it goes back below).
+            let input = self.input(x)?;
+            let StemInput::Scratch(buffer) = &input else { bail!("WhaledStemConv: no scratch for the direct path") };
             let blocks = self.cout / BLOCK;
             let pool = Pool::for_work(self.cout * self.cin * g.taps() * out_plane);
             let tiles = span.div_ceil(full);
@@ -193,8 +195,8 @@ impl StemConv {
                 let (blocks, tiles) = split.item(i);
                 self.product.run_table(&buffer.0, &self.rows, w, b, span, blocks, tiles, emit);
             });
+            self.release(input);
         }
-        self.release(input);
         Ok(tvec!(out.into_tvalue()))
     }
 
@@ -298,7 +300,7 @@ impl StemConv {
         Ok(())
     }
 
-    /// The 1x1 op that runs over the im2col matrix (with the fused steps).
+    /// The 1x1 op that runs over the taps (with the fused steps).
     pub(crate) fn product(&self) -> &PointwiseConv {
         &self.product
     }
@@ -463,7 +465,8 @@ fn eligible(
     if kh * kw == 1 || cin * kh * kw > MAX_ROWS {
         return Ok(None);
     }
-    // One image of `cin` channels; output rows narrower than tract's own direct convolution takes.
+    // One image of `cin` channels; output rows narrower than tract's own direct convolution takes, or
+    // rows this op runs direct.
     let Some((geometry, batch_axis)) = spec_geometry(model, node, spec)? else { return Ok(None) };
     if geometry.batch() != 1
         || geometry.channels() != cin
@@ -565,6 +568,7 @@ mod tests {
             (3, 16, [64, 64], [3, 3], [2, 2], [1, 1], [1, 1], [1, 1]),
             (24, 16, [13, 30], [3, 3], [1, 1], [1, 1], [1, 1], [1, 1]),
             (5, 8, [9, 33], [16, 16], [16, 16], [1, 1], [0, 0], [7, 15]),
+            (3, 8, [20, 41], [2, 2], [3, 3], [1, 1], [1, 0], [0, 1]),
         ];
         for (cin, cout, in_hw, kernel, stride, dilation, pb, pa) in cases {
             let out_hw: [usize; 2] =
@@ -599,7 +603,9 @@ mod tests {
                             let got = got[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
                             let diff = max_diff(&got, &want);
                             let what = format!("{cin}->{cout} {in_hw:?} k{kernel:?} s{stride:?} {post:?} x{threads}");
-                            assert!(diff < 1e-4, "{what}, direct {direct}: {diff}");
+                            // f32 sums of cin x taps terms of O(1): 1e-5 up to 100 terms, then in proportion.
+                            let tolerance = 1e-7 * (cin * taps).max(100) as f32;
+                            assert!(diff < tolerance, "{what}, direct {direct}: {diff}");
                         }
                     }
                 }
