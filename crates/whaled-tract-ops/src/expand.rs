@@ -13,10 +13,10 @@
 //! the 1x1 op) or through a SiLU that nothing else reads (EfficientNet-B0..B7), both for one image, by
 //! [`ExpandDepthwise`]; likewise a network's stem conv ([`StemConv`]: its input, the scratch its product
 //! reads direct or its im2col matrix, is built first, then its product runs group by group like an
-//! expand conv) and the first depthwise conv. For each
-//! group of expanded channels (whole 8-channel blocks, about [`GROUP_BYTES`] of expanded planes) the op
-//! runs the 1x1 op's blocks into a thread-local buffer, tract's own SiLU kernel over it where the graph
-//! had one, and the depthwise op's planes from it into the output. Every step is the same code as the
+//! expand conv) and the first depthwise conv. For each group of expanded channels (whole 8-channel
+//! blocks, about [`GROUP_BYTES`] of expanded planes) the op runs the 1x1 op's blocks into a thread-local
+//! buffer, tract's own SiLU kernel over it where the graph had one, and the depthwise op's planes from
+//! it into the output. Every step is the same code as the
 //! separate ops', with their fused ReLU / ReLU6, so the numbers are theirs. On more than one thread the
 //! op runs the two steps apart, as the separate ops would (see [`ExpandDepthwise::compute_apart`]: there
 //! the groups were the slower). Measured (docs/BENCHMARKS.md): the B4's 24 -> 144 block at 256x256

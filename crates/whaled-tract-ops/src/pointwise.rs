@@ -241,7 +241,7 @@ pub(crate) struct Out<T> {
 }
 
 // SAFETY: `Out` is only used inside a conv op's compute (`compute_with` here and in `qpointwise`, the
-// stem op's `compute_direct`), while the tensor it points into is alive and not otherwise borrowed, by
+// stem op's direct path), while the tensor it points into is alive and not otherwise borrowed, by
 // items that write disjoint elements (see `Split`); nothing reads the output until every item has
 // returned.
 unsafe impl<T> Send for Out<T> {}
@@ -312,9 +312,7 @@ impl Tile<'_> {
         // SAFETY: in bounds of the output allocation (checked above).
         unsafe { self.out.ptr.add(self.out_at) }
     }
-}
 
-impl Tile<'_> {
     /// Where input row `c` starts in `x`: from the row table where `TABLE` and the tile has one, else
     /// `c * x_stride`. Inlined into each kernel, monomorphised on `TABLE`, so the strided kernels are
     /// unchanged.
@@ -375,7 +373,7 @@ impl Split {
 
 /// A kernel and its tile width.
 #[derive(Clone, Copy)]
-struct Kernel {
+pub(crate) struct Kernel {
     name: &'static str,
     lanes: usize,
     max_vectors: usize,
@@ -384,6 +382,18 @@ struct Kernel {
     /// AVX-512 would otherwise run a 7x7 plane's 49th column (Lite0's and B0's last stage) as a whole
     /// 16-lane tile.
     narrow: Option<(usize, TileFn)>,
+}
+
+impl Kernel {
+    /// Columns of one tile (48 with AVX-512).
+    pub(crate) fn width(&self) -> usize {
+        self.lanes * self.max_vectors
+    }
+
+    /// Columns of one vector (16 with AVX-512).
+    pub(crate) fn lanes(&self) -> usize {
+        self.lanes
+    }
 }
 
 impl PointwiseConv {
@@ -417,7 +427,7 @@ impl PointwiseConv {
         // each item writes every element of its rectangle (`run_blocks`).
         let mut out = unsafe { Tensor::uninitialized::<f32>(&self.shape(1))? };
         let clamp = as_clamp(&self.post);
-        let full = kernel.lanes * kernel.max_vectors;
+        let full = kernel.width();
         let blocks_per_image = cout / BLOCK;
         let macs = self.batch * cout * cin * plane;
         let pool = Pool::for_work(macs);
@@ -490,7 +500,7 @@ impl PointwiseConv {
         tail: &mut Vec<f32>,
     ) {
         let (cin, plane) = (self.cin, self.plane());
-        let full = kernel.lanes * kernel.max_vectors;
+        let full = kernel.width();
         let chunk = (CHUNK_BYTES / (cin * full * 4)).max(1) * full;
         let mut c0 = columns.start;
         while c0 < columns.end {
@@ -565,30 +575,15 @@ impl PointwiseConv {
         TAIL.with(|t| *t.borrow_mut() = tail);
     }
 
-    /// Output blocks `blocks` over the column tiles `tiles` (of [`tile_width`] columns) of an
-    /// activation of `span` columns whose row `k` starts at `x[rows[k]..]` (the stem op's taps; one
-    /// image, unscaled), on this thread. Each tile's `BLOCK` rows (fused steps applied) go to
-    /// `emit(block, first column, columns, values)`, `values` row-major, [`tile_width`] apart. The
-    /// last tile reads whole vectors past `span` (their outputs are not emitted): `x` has a tile's
-    /// width of slack after the furthest row's `span` columns.
+    /// Output blocks `blocks` over the column tiles `tiles` (of `kernel`'s [`Kernel::width`] columns)
+    /// of an activation of `span` columns whose row `k` starts at `x[rows[k]..]` (the stem op's taps;
+    /// one image, unscaled), on this thread. Each tile's `BLOCK` rows (fused steps applied) go to
+    /// `emit(block, first column, columns, values)`, `values` row-major, a tile's width apart. The last
+    /// tile reads whole vectors past `span` (their outputs are not emitted): `x` has a tile's width of
+    /// slack after the furthest row's `span` columns. `kernel` is [`select_kernel`]'s (the unit tests
+    /// run every one).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run_table(
-        &self,
-        x: &[f32],
-        rows: &RowTable,
-        w: &[f32],
-        b: &[f32],
-        span: usize,
-        blocks: std::ops::Range<usize>,
-        tiles: std::ops::Range<usize>,
-        emit: impl FnMut(usize, usize, usize, &[f32]),
-    ) {
-        self.run_table_with(select_kernel(), x, rows, w, b, span, blocks, tiles, emit)
-    }
-
-    /// [`PointwiseConv::run_table`] with a given kernel (the unit tests run every one).
-    #[allow(clippy::too_many_arguments)]
-    fn run_table_with(
         &self,
         kernel: Kernel,
         x: &[f32],
@@ -600,7 +595,7 @@ impl PointwiseConv {
         tiles: std::ops::Range<usize>,
         mut emit: impl FnMut(usize, usize, usize, &[f32]),
     ) {
-        let full = kernel.lanes * kernel.max_vectors;
+        let full = kernel.width();
         assert!(
             self.single_image()
                 && rows.len() == self.cin
@@ -1057,7 +1052,7 @@ const AVX512: Kernel = Kernel {
 };
 
 /// The widest kernel this CPU runs.
-fn select_kernel() -> Kernel {
+pub(crate) fn select_kernel() -> Kernel {
     #[cfg(target_arch = "x86_64")]
     {
         let fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
@@ -1074,17 +1069,6 @@ fn select_kernel() -> Kernel {
     }
     #[allow(unreachable_code)]
     PORTABLE
-}
-
-/// The columns of one tile of the kernel this CPU runs (48 with AVX-512).
-pub(crate) fn tile_width() -> usize {
-    let kernel = select_kernel();
-    kernel.lanes * kernel.max_vectors
-}
-
-/// The columns of one vector of the kernel this CPU runs (16 with AVX-512).
-pub(crate) fn tile_lanes() -> usize {
-    select_kernel().lanes
 }
 
 /// Which kernel this CPU runs (for logs and `whaled bench --profile`).
@@ -1332,9 +1316,9 @@ mod tests {
                 let clamp = as_clamp(&post);
                 let op = PointwiseConv::new(1, cin, cout, [1, span], [true; 2]).unwrap().with_post(post).unwrap();
                 for kernel in available_kernels() {
-                    let full = kernel.lanes * kernel.max_vectors;
+                    let full = kernel.width();
                     let mut got = vec![f32::NAN; cout * span];
-                    op.run_table_with(
+                    op.run_table(
                         kernel,
                         &x,
                         &rows,

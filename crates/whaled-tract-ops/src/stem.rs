@@ -35,7 +35,7 @@ use tract_core::ops::cnn::{Conv, KernelFormat};
 
 use crate::depthwise::{fill_scratch, per_channel, spec_geometry, with_scratch, Geometry};
 use crate::fuse::{fusable_successors, Post};
-use crate::pointwise::{pack_weights, tile_lanes, tile_width, Out, PointwiseConv, Pool, RowTable, Split, BLOCK};
+use crate::pointwise::{pack_weights, select_kernel, Kernel, Out, PointwiseConv, Pool, RowTable, Split, BLOCK};
 use std::cell::RefCell;
 
 /// Whether this build substitutes stem convolutions (where the 1x1 op runs).
@@ -91,7 +91,7 @@ const DIRECT_MAX_EXTRA: usize = 5;
 /// kernel) at most [`DIRECT_MAX_EXTRA`] percent more columns than the output has (which the im2col path
 /// computes about exactly: its last few columns go to the 1x1 op's narrow kernel).
 pub(crate) fn direct_suits(plane: &Geometry) -> bool {
-    let lanes = tile_lanes();
+    let lanes = select_kernel().lanes();
     let computed = (plane.out_hw()[0] * plane.phase_width()).div_ceil(lanes) * lanes;
     computed * 100 <= plane.out_plane() * (100 + DIRECT_MAX_EXTRA)
 }
@@ -159,9 +159,8 @@ impl StemConv {
         self.check_weights(w, b)?;
         let x = x.as_slice::<f32>()?;
         let g = &self.plane;
-        let ([oh, _], qw) = (g.out_hw(), g.phase_width());
-        let (span, out_plane) = (oh * qw, g.out_plane());
-        let full = tile_width();
+        let out_plane = g.out_plane();
+        let kernel = select_kernel();
         // SAFETY: f32 has no invalid bit patterns, and every element is written before the tensor is
         // returned: the items partition the blocks x tiles, and the tiles' kept columns are every
         // output column (`spread`).
@@ -176,24 +175,16 @@ impl StemConv {
             let StemInput::Scratch(buffer) = &input else { bail!("WhaledStemConv: no scratch for the direct path") };
             let blocks = self.cout / BLOCK;
             let pool = Pool::for_work(self.cout * self.cin * g.taps() * out_plane);
-            let tiles = span.div_ceil(full);
+            let tiles = self.span().div_ceil(kernel.width());
             let split = if pool.threads() > 1 && out_plane > self.cout {
                 Split::columns_first(blocks, tiles, pool.items())
             } else {
                 Split::new(blocks, tiles, pool.items())
             };
-            let emit = |block: usize, p0: usize, n: usize, values: &[f32]| {
-                let out: Out<f32> = out; // the whole (Sync) value, not its raw pointer field
-                self.spread(p0, n, values, full, |r, at, src| {
-                    let at = (block * BLOCK + r) * out_plane + at;
-                    assert!(at + src.len() <= out.len, "stem output run out of bounds");
-                    // SAFETY: in bounds (checked); the items write disjoint blocks x columns.
-                    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), out.ptr.add(at), src.len()) };
-                });
-            };
             pool.run(split.items(), |i| {
                 let (blocks, tiles) = split.item(i);
-                self.product.run_table(&buffer.0, &self.rows, w, b, span, blocks, tiles, emit);
+                // SAFETY: the items write disjoint blocks x columns of `out`, alive and otherwise unused.
+                unsafe { self.run_direct(kernel, &buffer.0, w, b, blocks, tiles, out, 0) };
             });
             self.release(input);
         }
@@ -206,6 +197,42 @@ impl StemConv {
             "WhaledStemConv: weights do not match {self:?}"
         );
         Ok(())
+    }
+
+    /// Columns of the direct path's product: every output row `phase_width` long.
+    fn span(&self) -> usize {
+        self.plane.out_hw()[0] * self.plane.phase_width()
+    }
+
+    /// The direct path's product for output blocks `blocks` over column tiles `tiles`, on this thread,
+    /// from the channels' scratch `buffer` into `out`, whose first row is output block `first`'s (the
+    /// whole output: 0; [`StemConv::run_rows`]'s part of it: its first block). Every write is checked
+    /// against `out.len`.
+    ///
+    /// # Safety
+    /// `out` points into a live buffer that nothing else reads or writes at these blocks x tiles while
+    /// this runs.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_direct(
+        &self,
+        kernel: Kernel,
+        buffer: &[f32],
+        w: &[f32],
+        b: &[f32],
+        blocks: std::ops::Range<usize>,
+        tiles: std::ops::Range<usize>,
+        out: Out<f32>,
+        first: usize,
+    ) {
+        let (out_plane, full) = (self.plane.out_plane(), kernel.width());
+        self.product.run_table(kernel, buffer, &self.rows, w, b, self.span(), blocks, tiles, |block, p0, n, values| {
+            self.spread(p0, n, values, full, |r, at, src| {
+                let at = ((block - first) * BLOCK + r) * out_plane + at;
+                assert!(at + src.len() <= out.len, "stem output run out of bounds");
+                // SAFETY: in bounds (checked); exclusive by the caller's contract.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), out.ptr.add(at), src.len()) };
+            })
+        });
     }
 
     /// Hands the kept columns of one computed tile (columns `p0..p0 + n` of the span, `BLOCK` rows of
@@ -242,7 +269,7 @@ impl StemConv {
         if buffer.1.as_ref() != Some(&key) {
             buffer.0.clear();
             // A tile's width of slack after the last channel: the last tile reads whole vectors.
-            buffer.0.resize(self.cin * self.channel_len + tile_width(), 0.0);
+            buffer.0.resize(self.cin * self.channel_len + select_kernel().width(), 0.0);
             buffer.1 = Some(key);
         }
         let channels = &mut buffer.0[..self.cin * self.channel_len];
@@ -278,23 +305,11 @@ impl StemConv {
             StemInput::Scratch(buffer) => {
                 let out_plane = self.plane.out_plane();
                 ensure!(out.len() == blocks.len() * BLOCK * out_plane, "WhaledStemConv: rows do not match {self:?}");
-                let span = self.plane.out_hw()[0] * self.plane.phase_width();
-                let full = tile_width();
-                let first = blocks.start;
-                self.product.run_table(
-                    &buffer.0,
-                    &self.rows,
-                    w,
-                    b,
-                    span,
-                    blocks,
-                    0..span.div_ceil(full),
-                    |block, p0, n, values| {
-                        self.spread(p0, n, values, full, |r, at, src| {
-                            out[((block - first) * BLOCK + r) * out_plane + at..][..src.len()].copy_from_slice(src)
-                        })
-                    },
-                );
+                let kernel = select_kernel();
+                let (first, tiles) = (blocks.start, self.span().div_ceil(kernel.width()));
+                let out = Out { ptr: out.as_mut_ptr(), len: out.len() };
+                // SAFETY: `out` is this call's exclusive slice, `blocks.len()` blocks from `first`.
+                unsafe { self.run_direct(kernel, &buffer.0, w, b, blocks, 0..tiles, out, first) };
             }
         }
         Ok(())
