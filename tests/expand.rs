@@ -4,9 +4,11 @@
 //! The cases: the EfficientNet-Lite0 blocks with large expanded activations (112x112, 56x56 with 3x3
 //! and TF-padded stride-2 5x5, 28x28), a 14x14 block of 60 channel blocks, odd sizes without
 //! activations and with ReLU, the B0's SiLU blocks, two blocks in a row, a network's stem conv into its
-//! first depthwise conv (its product run direct, and through its im2col matrix, as each case says); and
-//! pairs it must leave apart (the expanded activation also read by a residual add, after ReLU6 and
-//! after SiLU, a 7x7 plane, a batch of 2), at 1 and 2 threads.
+//! first depthwise conv (its product run direct, and through its im2col matrix, as each case says),
+//! blocks whose depthwise conv takes the blocked path (7x7 in two groups, a stride-2 5x5 into 7x7, and
+//! where the CPU has AVX-512 a 14x14 and a 16x16 5x5); and pairs it must leave apart (the expanded
+//! activation also read by a residual add, after ReLU6 and after SiLU, a batch of 2), at 1 and 2
+//! threads.
 //!
 //! Compiled only where whaled fuses the pair (x86_64, aarch64).
 #![cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -21,7 +23,7 @@ const _: () = assert!(whaled_tract_ops::expand::ENABLED);
 fn whaled_expand_depthwise_matches_tract_and_onnxruntime() {
     let dir = tempfile::tempdir().unwrap();
     let cases = generate_cases("expand_cases.py", dir.path());
-    assert!(cases.len() >= 17, "{} cases", cases.len());
+    assert!(cases.len() >= 20, "{} cases", cases.len());
     // Thread even the small cases at 2 threads, so the split into channel groups is exercised.
     tract_linalg::multithread::set_threading_element_threshold(0);
     let mut worst = (0f32, String::new());
@@ -43,6 +45,26 @@ fn whaled_expand_depthwise_matches_tract_and_onnxruntime() {
             if let (Some(path), true) = (case["stem_path"].as_str(), want > 0) {
                 assert!(ours.info.contains(&format!(", {path}:")), "{name}: stem not run {path}: {}", ours.info);
             }
+            if want > 0 {
+                // Which path each depthwise conv takes, as the op says (`Geometry::blocked`).
+                let said: Vec<bool> = ours
+                    .info
+                    .split("; ")
+                    .filter(|l| l.contains("dilation"))
+                    .map(|l| l.contains(", blocked,"))
+                    .collect();
+                let expected: Vec<bool> = case["depthwise_blocked"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| match p.as_str() {
+                        Some("always") => true,
+                        Some("avx512") => avx512(),
+                        _ => false,
+                    })
+                    .collect();
+                assert_eq!(said, expected, "{name}: blocked depthwise path: {}", ours.info);
+            }
             let (out_shape, out) = run(&ours.plan, &shape, &x);
             assert_eq!(out_shape, ref_shape, "{name}: output shape");
             // Inputs N(0, 1), weights scaled to keep activations near 1: compared at the scale of the
@@ -58,4 +80,16 @@ fn whaled_expand_depthwise_matches_tract_and_onnxruntime() {
         }
     }
     eprintln!("{} cases; worst |whaled - onnxruntime| / max |y| = {:e} ({})", cases.len(), worst.0, worst.1);
+}
+
+/// Whether this CPU runs the depthwise op's register-row kernel (AVX-512 with FMA).
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }

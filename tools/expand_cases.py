@@ -9,9 +9,10 @@ large (16 -> 96 at 112x112 into a stride-2 3x3, 24 -> 144 at 56x56 into a 3x3 an
 5x5, 40 -> 240 at 28x28 into a 5x5), a 14x14 block with 60 channel blocks, odd sizes without
 activations, ReLU, SiLU (the EfficientNet-B0's 112x112 and 28x28 blocks), two blocks in a row, and a network's
 first block (the 3x3 stride-2 stem conv into the depthwise conv, ReLU6 and SiLU; the stem's product run
-direct, and through its im2col matrix at 12x12, each case saying which); and pairs whaled must leave apart (an expanded activation
-also used by a residual add, after ReLU6 and after SiLU, a 7x7 depthwise plane, which takes the depthwise op's blocked path, and a
-batch of 2).
+direct, and through its im2col matrix at 12x12, each case saying which); blocks whose depthwise conv
+takes the depthwise op's blocked path (7x7 planes, and on AVX-512 stride-1 5x5 layers up to 32 wide),
+in one group and in two; and pairs whaled must leave apart (an expanded activation also used by a
+residual add, after ReLU6 and after SiLU, and a batch of 2).
 
 Usage: python3 tools/expand_cases.py --out DIR
 """
@@ -44,6 +45,18 @@ def block(g, x, cin, cexp, hw, k, stride, act, rng, same="torch", residual=False
     return y, out_hw
 
 
+def blocked_path(out_hw, k, stride):
+    """Where whaled's depthwise op computes a square k x k conv with this output channel-blocked:
+    "always" (output rows under 12 wide), "avx512" (stride 1, k 5 or 7, rows under 33 wide: where the
+    register-row kernel runs), or None (the plane path). crates/whaled-tract-ops/src/depthwise.rs,
+    `Geometry::blocked`."""
+    if out_hw[1] < 12:
+        return "always"
+    if out_hw[1] < 33 and stride == 1 and k in (5, 7):
+        return "avx512"
+    return None
+
+
 def cases():
     """(name, batch, cin, hw, [(cexp, k, stride, act, same, residual[, stem]), ...], fused ops expected:
     one count, or (x86_64, aarch64))."""
@@ -66,7 +79,14 @@ def cases():
         ("stem-small-im2col", 1, 3, (24, 24), [(16, 3, 1, "relu6", "torch", False, True)], 1),
         ("apart-residual", 1, 8, (20, 20), [(16, 3, 1, "relu6", "torch", True)], 0),
         ("apart-silu-residual", 1, 8, (20, 20), [(16, 3, 1, "silu", "torch", True)], 0),
-        ("apart-blocked-7x7", 1, 16, (7, 7), [(96, 3, 1, "relu6", "torch", False)], 0),
+        # Depthwise planes on the blocked path (7x7; on AVX-512 also stride-1 5x5 and 7x7 planes up to
+        # 32 wide): 1448 channels at 7x7 are two groups, the second not a whole number of 16-channel
+        # runs; a stride-2 layer into 7x7; 672 channels at 14x14 (two groups); a SiLU at 16x16 with
+        # 120 channels.
+        ("blocked-7x7-two-groups", 1, 16, (7, 7), [(1448, 3, 1, "relu6", "torch", False)], 1),
+        ("blocked-14-k5-s2", 1, 40, (14, 14), [(240, 5, 2, "relu6", "tf", False)], 1),
+        ("blocked-14-k5", 1, 112, (14, 14), [(672, 5, 1, "relu6", "torch", False)], 1),
+        ("blocked-16-silu-k5", 1, 24, (16, 16), [(120, 5, 1, "silu", "tf", False)], 1),
         ("apart-batch-2", 2, 8, (24, 24), [(32, 3, 1, "relu6", "torch", False)], 0),
     ]
 
@@ -82,8 +102,10 @@ def main():
     for name, batch, cin, hw, blocks, fused in cases():
         g = Graph("expand", hw, in_name="x", in_channels=cin, batch=batch)
         y, c, out_hw = g.in_name, cin, hw
+        paths = []
         for cexp, k, stride, act, same, residual, *stem in blocks:
             y, out_hw = block(g, y, c, cexp, out_hw, k, stride, act, rng, same, residual, bool(stem and stem[0]))
+            paths.append(blocked_path(out_hw, k, stride))
             c = cexp
         shape = [batch, cin, hw[0], hw[1]]
         out = [batch, c, out_hw[0], out_hw[1]]
@@ -99,7 +121,8 @@ def main():
         x86, arm = fused if isinstance(fused, tuple) else (fused, fused)
         # Which way the stem's product runs (a 3x3 stride 2, its output the stride-1 depthwise conv's).
         path = stem_path(out_hw, 3, 2) if any(b[6:] == (True,) for b in blocks) else None
-        listing.append(dict(name=name, input=shape, output=out, fused=x86, fused_aarch64=arm, stem_path=path))
+        listing.append(dict(name=name, input=shape, output=out, fused=x86, fused_aarch64=arm, stem_path=path,
+                            depthwise_blocked=paths))
     with open(os.path.join(args.out, "cases.json"), "w") as f:
         json.dump(listing, f, indent=1)
     print(f"wrote {len(listing)} cases under {args.out}")

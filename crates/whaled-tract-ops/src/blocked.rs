@@ -11,7 +11,11 @@
 //! likewise (`[tap][lane]`); every output pixel is then the bias plus one fused multiply-add per tap
 //! over a whole vector, [`PIXELS`] pixels at a time so that the adds of one tap do not wait on each
 //! other, with the op's fused ReLU/ReLU6; the interleaved result is written back as planes. Lanes past
-//! the block's last channel compute on stale values and are never stored.
+//! the block's last channel compute on stale values and are never stored. On AVX-512 the outputs go a
+//! row at a time instead, in runs of up to 8 pixels whose inputs for one kernel row are loaded into
+//! registers once and shared by the row's taps (`x86::block_rows`): the pixel-at-a-time loop loads an
+//! input and a weight per multiply-add and was bound by loads. That kernel took a 7x7 layer of 1152
+//! channels from 97 to 65 us and made the path pay beyond 7x7 too (`depthwise::BLOCKED_ROWS_BELOW`).
 //!
 //! Numerics: the same sum as the plane path and tract, `bias + sum over taps of w * x` in row-major tap
 //! order, in f32; tests/depthwise.rs and the unit tests check every kernel against an f64 definition,
@@ -36,6 +40,20 @@ pub(crate) struct Layout {
     pix: Vec<usize>,
     /// Per tap (row-major), its offset in padded pixels from an output's first tap.
     taps: Vec<usize>,
+    /// Output rows and columns, kernel rows and columns, column stride; `rows` only when the
+    /// dilation is 1 (what [`x86::block_rows`] needs).
+    rows: Option<Rows>,
+}
+
+/// The shape [`x86::block_rows`] walks: output `[rows, columns]`, kernel `[rows, columns]`, column
+/// stride. Row `y`'s first output starts at padded pixel `pix[y * out[1]]`, and output `x` of that
+/// row `x * stride` pixels further.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Rows {
+    out: [usize; 2],
+    kernel: [usize; 2],
+    stride: usize,
 }
 
 impl Layout {
@@ -44,7 +62,8 @@ impl Layout {
         let padded = [(oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1];
         let pix = (0..oh).flat_map(|y| (0..ow).map(move |x| y * sh * padded[1] + x * sw)).collect();
         let taps = (0..kh).flat_map(|ky| (0..kw).map(move |kx| ky * dh * padded[1] + kx * dw)).collect();
-        Layout { padded, pix, taps }
+        let rows = (dh == 1 && dw == 1).then_some(Rows { out: [oh, ow], kernel: [kh, kw], stride: sw });
+        Layout { padded, pix, taps, rows }
     }
 
     /// The interleaved scratch's length.
@@ -102,6 +121,22 @@ pub(crate) fn with_scratch<R>(
 fn aligned(v: &mut [f32], len: usize) -> &mut [f32] {
     let at = v.as_ptr().align_offset(64).min(LANES);
     &mut v[at..at + len]
+}
+
+/// Whether this CPU computes `g`'s blocks with the register-row kernel (`x86::block_rows`): AVX-512,
+/// no dilation, a column stride of 1 or 2 and a kernel 3, 5 or 7 wide.
+pub(crate) fn rows_kernel_runs(g: &Geometry) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let cpu =
+            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        cpu && g.dilation() == [1, 1] && g.stride()[1] <= 2 && matches!(g.kernel()[1], 3 | 5 | 7)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = g;
+        false
+    }
 }
 
 /// Writes `planes` (consecutive input planes of one image, at most [`LANES`]) interleaved into
@@ -279,7 +314,10 @@ fn block_avx512(
     post: &[Post],
     out: &mut [f32],
 ) {
-    block::<true>(layout, scratch, weights, bias, post, out)
+    // SAFETY: this function's features include block_rows's.
+    if !unsafe { x86::block_rows(layout, scratch, weights, bias, post, out) } {
+        block::<true>(layout, scratch, weights, bias, post, out)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -312,8 +350,153 @@ pub(crate) fn block_avx2_checked(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Layout, LANES};
+    use super::{Layout, Rows, LANES};
     use crate::depthwise::Geometry;
+    use crate::fuse::{as_clamp, Post};
+
+    /// Outputs of one row computed at once by [`block_rows`]: 8 accumulators, and with a 7-wide
+    /// kernel at stride 2 the 21 input vectors they read, in 30 of the 32 registers.
+    const RUN: usize = 8;
+
+    /// [`super::block`] with the inputs of a run of output pixels held in registers: for each kernel
+    /// row, the `stride * (R - 1) + KW` input vectors that `R` consecutive outputs of one row read are
+    /// loaded once and each feeds up to `KW` multiply-adds, where the pixel-at-a-time loop loads one
+    /// input (and its weight) per multiply-add and is bound by loads. The same sums in the same order
+    /// (bias, then taps row-major), so the results are bit for bit [`super::block`]'s. Returns false,
+    /// computing nothing, for a shape it has no instance for (dilation, a kernel width other than 3,
+    /// 5 or 7, a column stride above 2).
+    ///
+    /// # Safety
+    /// The CPU has avx512f and fma.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn block_rows(
+        layout: &Layout,
+        scratch: &[f32],
+        weights: &[f32],
+        bias: &[f32; LANES],
+        post: &[Post],
+        out: &mut [f32],
+    ) -> bool {
+        let Some(rows) = layout.rows else { return false };
+        let go = match (rows.stride, rows.kernel[1]) {
+            (1, 3) => rows_of::<1, 3>,
+            (1, 5) => rows_of::<1, 5>,
+            (1, 7) => rows_of::<1, 7>,
+            (2, 3) => rows_of::<2, 3>,
+            (2, 5) => rows_of::<2, 5>,
+            (2, 7) => rows_of::<2, 7>,
+            _ => return false,
+        };
+        let [oh, ow] = rows.out;
+        // The bounds every unchecked access below relies on: each output's inputs lie inside the
+        // padded area (`Layout::new`), which the scratch holds.
+        assert!(
+            scratch.len() >= layout.scratch_len()
+                && weights.len() >= rows.kernel[0] * rows.kernel[1] * LANES
+                && out.len() >= oh * ow * LANES
+                && layout.pix.len() == oh * ow,
+            "blocked rows: buffers do not match the layout"
+        );
+        // SAFETY: the CPU has avx512f and fma (the caller's contract); the sizes were checked above.
+        unsafe { go(layout, rows, scratch, weights, bias, post, out) };
+        true
+    }
+
+    /// [`block_rows`] for one column stride and kernel width: each output row in runs of up to
+    /// [`RUN`] pixels.
+    ///
+    /// # Safety
+    /// The CPU has avx512f and fma; the buffers hold what [`block_rows`] checked.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn rows_of<const SW: usize, const KW: usize>(
+        layout: &Layout,
+        rows: Rows,
+        scratch: &[f32],
+        weights: &[f32],
+        bias: &[f32; LANES],
+        post: &[Post],
+        out: &mut [f32],
+    ) {
+        let [oh, ow] = rows.out;
+        let ctx = RowCtx {
+            scratch: scratch.as_ptr(),
+            weights: weights.as_ptr(),
+            kh: rows.kernel[0],
+            row_step: layout.padded[1] * LANES,
+            // SAFETY (both loads): the CPU has avx512f; `bias` is LANES values.
+            bias: unsafe { _mm512_loadu_ps(bias.as_ptr()) },
+            clamp: as_clamp(post).map(|(lo, hi)| (_mm512_set1_ps(lo), _mm512_set1_ps(hi))),
+        };
+        for y in 0..oh {
+            let mut x = 0;
+            while x < ow {
+                let at = y * ow + x;
+                let first = layout.pix[at] * LANES;
+                // SAFETY: output pixels at..at + r of `out` (oh * ow of them, checked by the caller).
+                let o = unsafe { out.as_mut_ptr().add(at * LANES) };
+                let r = (ow - x).min(RUN);
+                // SAFETY: the run's inputs lie inside the padded area, the weights are kh x KW vectors.
+                unsafe {
+                    match r {
+                        8 => run::<SW, KW, 8>(&ctx, first, o),
+                        7 => run::<SW, KW, 7>(&ctx, first, o),
+                        6 => run::<SW, KW, 6>(&ctx, first, o),
+                        5 => run::<SW, KW, 5>(&ctx, first, o),
+                        4 => run::<SW, KW, 4>(&ctx, first, o),
+                        3 => run::<SW, KW, 3>(&ctx, first, o),
+                        2 => run::<SW, KW, 2>(&ctx, first, o),
+                        _ => run::<SW, KW, 1>(&ctx, first, o),
+                    }
+                }
+                x += r;
+            }
+        }
+    }
+
+    /// What every run of one block reads.
+    struct RowCtx {
+        scratch: *const f32,
+        weights: *const f32,
+        kh: usize,
+        /// One padded row, in values.
+        row_step: usize,
+        bias: __m512,
+        clamp: Option<(__m512, __m512)>,
+    }
+
+    /// `R` consecutive outputs of one row, the first reading its first tap at value `first` of the
+    /// scratch; stored at `o`.
+    ///
+    /// # Safety
+    /// The CPU has avx512f and fma; the run's inputs (`kh` rows of `SW * (R - 1) + KW` vectors from
+    /// `first`) lie inside the scratch, the weights are `kh * KW` vectors, `o` has room for `R`.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn run<const SW: usize, const KW: usize, const R: usize>(ctx: &RowCtx, first: usize, o: *mut f32) {
+        let mut acc = [ctx.bias; R];
+        let mut xs = [_mm512_setzero_ps(); 24];
+        for ky in 0..ctx.kh {
+            // SAFETY (loads): inside the scratch and the weights (the contract above).
+            let row = unsafe { ctx.scratch.add(first + ky * ctx.row_step) };
+            for (j, v) in xs.iter_mut().enumerate().take(SW * (R - 1) + KW) {
+                *v = unsafe { _mm512_loadu_ps(row.add(j * LANES)) };
+            }
+            for kx in 0..KW {
+                let w = unsafe { _mm512_loadu_ps(ctx.weights.add((ky * KW + kx) * LANES)) };
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(xs[i * SW + kx], w, *a);
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let v = match ctx.clamp {
+                Some((lo, hi)) => _mm512_min_ps(_mm512_max_ps(*a, lo), hi),
+                None => *a,
+            };
+            // SAFETY: `o` has room for R vectors.
+            unsafe { _mm512_storeu_ps(o.add(i * LANES), v) };
+        }
+    }
 
     /// The permutes of [`transpose16`]'s four stages (b = 8, 4, 2, 1): `idx_lo[k]` is `k` where bit
     /// `b` of `k` is clear, else `16 + k - b`; `idx_hi[k]` is `k + b`, else `16 + k`.
@@ -393,13 +576,20 @@ mod x86 {
         let [ph, pw] = layout.padded;
         let (rows, cols) = (h.min(ph.saturating_sub(pt)), w.min(pw.saturating_sub(pl)));
         assert!(scratch.len() >= layout.scratch_len(), "blocked fill: scratch");
+        // `columns` hands the pixels over in order: their row and column are counted, not divided out
+        // (a division per pixel was a third of this function's time on a 7x7 plane).
+        let (mut iy, mut ix) = (0, 0);
         columns(planes, h * w, |p, v| {
-            let (iy, ix) = (p / w, p % w);
+            debug_assert_eq!(p, iy * w + ix);
             if iy < rows && ix < cols {
                 let at = ((iy + pt) * pw + ix + pl) * LANES;
                 // SAFETY: inside the padded area (iy < rows, ix < cols), so inside the scratch
                 // (`scratch_len`, checked above).
                 unsafe { _mm512_storeu_ps(scratch.as_mut_ptr().add(at), v) };
+            }
+            ix += 1;
+            if ix == w {
+                (iy, ix) = (iy + 1, 0);
             }
         });
     }
@@ -410,8 +600,12 @@ mod x86 {
     /// The CPU has avx512f; the sizes were checked by the caller.
     #[target_feature(enable = "avx512f,avx2")]
     pub(super) unsafe fn interleave(rows: &[f32], len: usize, out: &mut [f32]) {
+        // A masked store with every lane set, the mask hidden from the optimiser: plain stores of
+        // consecutive vectors (or a constant mask, which it folds) became a call to memcpy through a
+        // stack copy, 5 % of a 7x7 layer's time with `unfill`'s.
+        let all: __mmask16 = std::hint::black_box(0xffff);
         // SAFETY: value p < len of `out`'s `len x LANES` (checked by the caller).
-        columns(rows, len, |p, v| unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(p * LANES), v) });
+        columns(rows, len, |p, v| unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(p * LANES), all, v) });
     }
 
     /// [`super::unfill`] by 16 x 16 transposes: 16 pixels' vectors, transposed, each plane's 16
@@ -423,14 +617,16 @@ mod x86 {
     pub(super) unsafe fn unfill(result: &[f32], planes: &mut [f32], plane: usize) {
         let n = planes.len() / plane;
         let idx = transpose_indices();
+        let all: __mmask16 = std::hint::black_box(0xffff);
         let mut p0 = 0;
         while p0 < plane {
             let k = (plane - p0).min(16);
             let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
             let mut r = [_mm512_setzero_ps(); 16];
             for (j, r) in r.iter_mut().enumerate().take(k) {
-                // SAFETY: pixel p0 + j < plane of the result (checked by the caller).
-                *r = unsafe { _mm512_loadu_ps(result.as_ptr().add((p0 + j) * LANES)) };
+                // SAFETY: pixel p0 + j < plane of the result (checked by the caller). A masked load
+                // with every lane set (see `interleave`: plain loads became a memcpy into `r`).
+                *r = unsafe { _mm512_maskz_loadu_ps(all, result.as_ptr().add((p0 + j) * LANES)) };
             }
             transpose16(&mut r, &idx);
             for (l, v) in r.iter().enumerate().take(n) {
@@ -467,6 +663,63 @@ mod tests {
                 assert_eq!(a, b, "unfill {n} x {len}");
             }
         }
+        transposes_match_the_scalar_fill(&mut rnd);
+    }
+
+    /// The register-row kernel against the pixel-at-a-time one it stands in for (a second code path):
+    /// the same sums in the same order, so bit for bit the same, on every run length (output rows of 1
+    /// to 20 pixels: runs of 8 and every remainder), kernels 3, 5 and 7 wide (and rows of another
+    /// height), column strides 1 and 2, with and without a clamp; and it declines the shapes it has
+    /// no instance for.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn register_rows_match_the_pixel_loop() {
+        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let mut rnd = uniform(12);
+        let clamps: [&[Post]; 2] = [&[], &[Post::Max(0f32.to_bits()), Post::Min(0.5f32.to_bits())]];
+        let mut checked = 0;
+        for ow in 1..=20 {
+            for (kh, kw) in [(3, 3), (5, 5), (7, 7), (3, 5), (1, 7)] {
+                for sw in [1, 2] {
+                    let oh = 1 + ow % 4;
+                    let in_hw = [oh + kh - 1, (ow - 1) * sw + kw];
+                    let g = Geometry::new(1, LANES, in_hw, [oh, ow], [kh, kw], [1, sw], [1, 1], [0, 0]).unwrap();
+                    let layout = Layout::new(&g);
+                    let scratch: Vec<f32> = (0..layout.scratch_len()).map(|_| rnd()).collect();
+                    let weights: Vec<f32> = (0..kh * kw * LANES).map(|_| rnd()).collect();
+                    let bias: [f32; LANES] = std::array::from_fn(|_| rnd());
+                    for post in clamps {
+                        let mut want = vec![f32::NAN; oh * ow * LANES];
+                        block::<true>(&layout, &scratch, &weights, &bias, post, &mut want);
+                        let mut got = vec![f32::NAN; oh * ow * LANES];
+                        // SAFETY: the CPU has avx512f and fma (checked above).
+                        let ran = unsafe { x86::block_rows(&layout, &scratch, &weights, &bias, post, &mut got) };
+                        assert!(ran, "{g:?}");
+                        assert!(
+                            got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{g:?} {post:?}: the register rows differ from the pixel loop"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 20 * 5 * 2 * 2);
+        // Shapes without an instance: dilation, a 4-wide kernel, column stride 3.
+        for (kernel, stride, dilation) in [([3, 3], [1, 1], [2, 2]), ([3, 4], [1, 1], [1, 1]), ([3, 3], [1, 3], [1, 1])]
+        {
+            let g = Geometry::new(1, LANES, [9, 12], [3, 3], kernel, stride, dilation, [0, 0]).unwrap();
+            let layout = Layout::new(&g);
+            let (scratch, weights) = (vec![0.0; layout.scratch_len()], vec![0.0; g.taps() * LANES]);
+            let mut out = vec![0.0; 9 * LANES];
+            // SAFETY: the CPU has avx512f and fma (checked above).
+            assert!(!unsafe { x86::block_rows(&layout, &scratch, &weights, &[0.0; LANES], &[], &mut out) }, "{g:?}");
+        }
+    }
+
+    fn transposes_match_the_scalar_fill(rnd: &mut impl FnMut() -> f32) {
         // (in, out, kernel, stride, pad_before): the blocked geometries of the Lite0 and B0, odd ones,
         // padding wider than the input.
         let cases = [

@@ -15,9 +15,10 @@
 //! aarch64, where FMA is baseline) and clamped. Where the output rows are whole chunks (every plane of 32
 //! columns or a multiple: the large planes), the chunks are stored straight into the output, row by
 //! row; elsewhere "virtual" output rows `phase_width` wide are computed as one flat run of chunks and
-//! their first `out_w` columns copied out. Output rows under `BLOCKED_BELOW` columns (7x7 planes) go
-//! through the `blocked` module instead: 16 channels at a time, interleaved, one vector per output pixel.
-//! Channel planes are split across tract's intra-op thread pool.
+//! their first `out_w` columns copied out. Output rows under `BLOCKED_BELOW` columns (7x7 planes), and
+//! on AVX-512 stride-1 5x5 and 7x7 layers with rows under `BLOCKED_ROWS_BELOW` (14x14 to 32x32 planes),
+//! go through the `blocked` module instead: 16 channels at a time, interleaved, one vector per output
+//! pixel. Channel planes are split across tract's intra-op thread pool.
 
 //! Numerics: every output is `bias + sum over taps of w * x`, taps in row-major kernel order, in f32,
 //! the same sum tract and onnxruntime compute in some order; tests/depthwise.rs checks it against both
@@ -45,8 +46,16 @@ pub(crate) const CHUNK: usize = 32;
 
 /// Output rows narrower than this are computed channel-blocked ([`crate::blocked`]). Measured on AVX-512
 /// (1 thread, docs/BENCHMARKS.md): at 7 columns the blocked path takes 0.56-0.71 of the plane path's
-/// time; at 14 columns 1.02-1.15 of it.
+/// time; at 14 columns 1.02-1.15 of it (with the pixel-at-a-time block kernel).
 const BLOCKED_BELOW: usize = 12;
+
+/// Where the blocked path has its register-row kernel ([`blocked::rows_kernel_runs`]), output rows
+/// narrower than this are computed channel-blocked too for stride 1 and kernels 5 or 7 wide.
+/// Measured (1 thread, docs/BENCHMARKS.md, "sixth round"): 14x14 k5 0.69 of the plane path's time
+/// (dwbench), the B4's 16x16 k5 layers and 32x32 k5 layers faster in the model; its 64x64 layers, and
+/// every 3x3 or stride-2 layer above 7x7, slower (the transposes in and out cost more than the
+/// multiply-adds gain).
+const BLOCKED_ROWS_BELOW: usize = 33;
 
 /// The flat virtual plane is whole runs of this many outputs: the widest kernel's run (4 chunks), so
 /// that no kernel has a latency-bound single chunk left at its end (see [`plane`]).
@@ -125,9 +134,14 @@ impl Geometry {
     }
 
     /// Whether the op computes this geometry channel-blocked ([`crate::blocked`]): output rows narrower
-    /// than [`BLOCKED_BELOW`].
+    /// than [`BLOCKED_BELOW`], or than [`BLOCKED_ROWS_BELOW`] where the register-row kernel runs.
     pub(crate) fn blocked(&self) -> bool {
-        self.out_hw[1] < BLOCKED_BELOW
+        let w = self.out_hw[1];
+        w < BLOCKED_BELOW
+            || (w < BLOCKED_ROWS_BELOW
+                && self.stride == [1, 1]
+                && self.kernel[1] >= 5
+                && blocked::rows_kernel_runs(self))
     }
 
     /// The scratch one input plane needs: every phase ([`fill_scratch`]).
@@ -228,7 +242,7 @@ impl Op for DepthwiseConv {
     fn info(&self) -> TractResult<Vec<String>> {
         let g = &self.geometry;
         Ok(vec![format!(
-            "k {:?} stride {:?} dilation {:?} pad {:?} in {:?} out {:?} x {} channels, kernel {}, then {:?}",
+            "k {:?} stride {:?} dilation {:?} pad {:?} in {:?} out {:?} x {} channels, kernel {}, {}, then {:?}",
             g.kernel,
             g.stride,
             g.dilation,
@@ -237,6 +251,7 @@ impl Op for DepthwiseConv {
             g.out_hw,
             g.channels,
             kernel_name(),
+            if g.blocked() { "blocked" } else { "planes" },
             self.post
         )])
     }
@@ -465,29 +480,54 @@ impl DepthwiseConv {
     ) -> TractResult<()> {
         let g = &self.geometry;
         let layout = blocked::Layout::new(g);
-        let (plane_in, plane_out, taps) = (g.in_plane(), g.out_plane(), g.taps());
+        let (plane_in, plane_out) = (g.in_plane(), g.out_plane());
         let total = g.batch * g.channels * plane_out;
         let mut view = out.try_as_plain_ram_mut()?;
         tract_linalg::multithread::par_chunks_mut(view.as_slice_mut::<f32>()?, plane_out, total, |first, chunk| {
-            blocked::with_scratch(g, &layout, |scratch, weights, result| {
-                let planes = chunk.len() / plane_out;
-                let mut i = 0;
-                while i < planes {
-                    let plane = first + i;
-                    let c = plane % g.channels;
-                    let n = blocked::LANES.min(g.channels - c).min(planes - i);
-                    blocked::fill(g, &layout, &x[plane * plane_in..][..n * plane_in], scratch);
-                    let mut bias = [0.0; blocked::LANES];
-                    bias[..n].copy_from_slice(&b[c..c + n]);
-                    blocked::interleave(&k[c * taps..][..n * taps], taps, weights);
-                    kernel(&layout, scratch, weights, &bias, &self.post, result);
-                    // Back to planes: lane l of every pixel is plane i + l.
-                    blocked::unfill(result, &mut chunk[i * plane_out..][..n * plane_out], plane_out);
-                    i += n;
-                }
-            });
+            let planes = chunk.len() / plane_out;
+            self.run_blocks(first, &layout, &x[first * plane_in..][..planes * plane_in], k, b, chunk, kernel);
             Ok(())
         })
+    }
+
+    /// Output planes `out` (whole planes) from their `input` planes, the first being plane `first` of
+    /// the batch, channel-blocked: runs of up to [`blocked::LANES`] consecutive channels of one image,
+    /// in this thread's blocked scratch. What [`DepthwiseConv::compute_blocked`] runs on each part and
+    /// the expand op ([`crate::expand`]) on each group of planes it has just computed.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_blocks(
+        &self,
+        first: usize,
+        layout: &blocked::Layout,
+        input: &[f32],
+        k: &[f32],
+        b: &[f32],
+        out: &mut [f32],
+        kernel: BlockKernel,
+    ) {
+        let g = &self.geometry;
+        let (plane_in, plane_out, taps) = (g.in_plane(), g.out_plane(), g.taps());
+        let planes = out.len() / plane_out;
+        debug_assert_eq!(input.len(), planes * plane_in);
+        blocked::with_scratch(g, layout, |scratch, weights, result| {
+            let mut i = 0;
+            while i < planes {
+                let c = (first + i) % g.channels;
+                let n = blocked::LANES.min(g.channels - c).min(planes - i);
+                blocked::fill(g, layout, &input[i * plane_in..][..n * plane_in], scratch);
+                // Value by value: a copy of n (a run-time length) values is a call to memcpy.
+                let bias: [f32; blocked::LANES] = std::array::from_fn(|l| if l < n { b[c + l] } else { 0.0 });
+                blocked::interleave(&k[c * taps..][..n * taps], taps, weights);
+                kernel(layout, scratch, weights, &bias, &self.post, result);
+                // Back to planes: lane l of every pixel is plane i + l.
+                blocked::unfill(result, &mut out[i * plane_out..][..n * plane_out], plane_out);
+                i += n;
+            }
+        });
+    }
+
+    pub(crate) fn block_kernel() -> BlockKernel {
+        select_kernel().2
     }
 }
 
@@ -1000,6 +1040,11 @@ mod tests {
             // Rows of 5 and 7 chunks: a run of 4 (AVX-512) or pairs (AVX2, NEON), then a pair and one.
             ([4, 160], [3, 3], [1, 1], [1, 1], [1, 1], [1, 1]),
             ([3, 224], [3, 5], [1, 1], [1, 1], [1, 2], [1, 2]),
+            // Rows 12 to 32 wide, stride 1, kernels 5 or 7 wide: blocked where the register-row kernel
+            // runs (AVX-512), on the plane path elsewhere; runs of 8 and a remainder.
+            ([14, 14], [5, 5], [1, 1], [1, 1], [2, 2], [2, 2]),
+            ([9, 23], [7, 7], [1, 1], [1, 1], [3, 3], [3, 3]),
+            ([5, 32], [3, 5], [1, 1], [1, 1], [1, 2], [1, 2]),
         ];
         for (in_hw, kernel, stride, dilation, pb, pa) in cases {
             let out_hw: [usize; 2] =

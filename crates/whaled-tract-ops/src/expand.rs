@@ -8,28 +8,29 @@
 //! the input comes from memory, 0.37-0.51 ms (docs/BENCHMARKS.md). onnxruntime's graph stays
 //! channel-blocked and its layer takes 0.22 ms.
 //!
-//! What: [`substitute`] replaces every [`PointwiseConv`] whose only consumer is a [`DepthwiseConv`]
-//! on the plane path (output rows at least 12 wide), directly (the Lite family: the ReLU6 is fused into
-//! the 1x1 op) or through a SiLU that nothing else reads (EfficientNet-B0..B7), both for one image, by
-//! [`ExpandDepthwise`]; likewise a network's stem conv ([`StemConv`]: its input, the scratch its product
-//! reads direct or its im2col matrix, is built first, then its product runs group by group like an
-//! expand conv) and the first depthwise conv. For each group of expanded channels (whole 8-channel
-//! blocks, about [`GROUP_BYTES`] of expanded planes) the op runs the 1x1 op's blocks into a thread-local
-//! buffer, tract's own SiLU kernel over it where the graph had one, and the depthwise op's planes from
-//! it into the output. Every step is the same code as the
-//! separate ops', with their fused ReLU / ReLU6, so the numbers are theirs. On more than one thread the
+//! What: [`substitute`] replaces every [`PointwiseConv`] whose only consumer is a [`DepthwiseConv`],
+//! directly (the Lite family: the ReLU6 is fused into the 1x1 op) or through a SiLU that nothing else
+//! reads (EfficientNet-B0..B7), both for one image, by [`ExpandDepthwise`]; likewise a network's stem
+//! conv ([`StemConv`]: its input, the scratch its product reads direct or its im2col matrix, is built
+//! first, then its product runs group by group like an expand conv) and the first depthwise conv. For
+//! each group of expanded channels (whole 8-channel blocks, about [`GROUP_BYTES`] of expanded planes;
+//! whole 16-channel runs where the depthwise conv is channel-blocked) the op runs the 1x1 op's blocks
+//! into a thread-local buffer, tract's own SiLU kernel over it where the graph had one, and the
+//! depthwise op's planes (or its channel-blocked runs, [`crate::blocked`]) from it into the output.
+//! Every step is the same code as the separate ops', with their fused ReLU / ReLU6, so the numbers are
+//! theirs. On more than one thread the
 //! op runs the two steps apart, as the separate ops would (see [`ExpandDepthwise::compute_apart`]: there
 //! the groups were the slower). Measured (docs/BENCHMARKS.md): the B4's 24 -> 144 block at 256x256
 //! 13.3 -> 9.8 ms, the gate's 16 -> 96 block at 112x112 1.01 -> 0.70 ms.
 //!
 //! Where it is not used: wherever either op is not (armv7), batches of more than one image, a 1x1
-//! conv whose output is used elsewhere too (a model output, a residual), the depthwise op's blocked
-//! path (small planes: their expanded activation fits in cache anyway).
+//! conv whose output is used elsewhere too (a model output, a residual).
 
 use tract_core::internal::*;
 use tract_core::ops::element_wise::ElementWiseOp;
 use tract_core::ops::nn::Silu;
 
+use crate::blocked;
 use crate::depthwise::DepthwiseConv;
 use crate::pointwise::{PointwiseConv, Pool, BLOCK};
 use crate::stem::StemConv;
@@ -64,11 +65,15 @@ impl ExpandDepthwise {
     pub fn new(expand: PointwiseConv, silu: bool, depthwise: DepthwiseConv) -> TractResult<ExpandDepthwise> {
         let g = depthwise.geometry();
         ensure!(expand.single_image() && g.batch() == 1, "an expand-depthwise block is for one image");
-        ensure!(!g.blocked(), "an expand-depthwise block takes the depthwise op's plane path");
         ensure!(expand.cout() == g.channels(), "the expand conv's outputs are the depthwise conv's channels");
         let hw = expand.input_shape();
         ensure!(hw[hw.len() - 2..] == g.in_hw(), "the expand conv's plane is the depthwise conv's input");
-        let group = (GROUP_BYTES / (BLOCK * g.in_plane() * 4)).clamp(1, expand.cout() / BLOCK);
+        let mut group = (GROUP_BYTES / (BLOCK * g.in_plane() * 4)).clamp(1, expand.cout() / BLOCK);
+        if g.blocked() {
+            // Whole runs of the blocked path's lanes per group (but the last).
+            let per = blocked::LANES / BLOCK;
+            group = group.div_ceil(per) * per;
+        }
         Ok(ExpandDepthwise { stem: None, expand, silu, depthwise, group })
     }
 
@@ -112,6 +117,7 @@ impl ExpandDepthwise {
         let mut out = unsafe { Tensor::uninitialized::<f32>(&self.depthwise.output_shape())? };
         let silu = if self.silu { Some(tract_linalg::routines::Func::Silu.ew_f32()?) } else { None };
         let (kernel, offsets) = (DepthwiseConv::plane_kernel(), g.tap_offsets());
+        let layout = g.blocked().then(|| (blocked::Layout::new(g), DepthwiseConv::block_kernel()));
         // A stem's data becomes its product's input (its scratch, or its im2col matrix): after every
         // fallible step above, so that no error return drops the scratch (it goes back below).
         let stem = match &self.stem {
@@ -139,7 +145,10 @@ impl ExpandDepthwise {
                     // Element-wise: the same values as tract's op on the whole tensor.
                     silu.run(expanded)?;
                 }
-                self.depthwise.run_planes(c0, expanded, k, kb, planes, kernel, &offsets);
+                match &layout {
+                    Some((layout, block)) => self.depthwise.run_blocks(c0, layout, expanded, k, kb, planes, *block),
+                    None => self.depthwise.run_planes(c0, expanded, k, kb, planes, kernel, &offsets),
+                }
             }
             TractResult::Ok(())
         })();
