@@ -551,14 +551,27 @@ mod x86 {
         while p0 < len {
             let k = (len - p0).min(16);
             let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
+            // Every loop below runs 16 times, whatever `n` and `k`, so that `r` stays in registers
+            // (loops of `n` or `k` kept it on the stack: a store and a reload per vector); whole
+            // vectors load unmasked.
             let mut r = [_mm512_setzero_ps(); 16];
-            for (l, r) in r.iter_mut().enumerate().take(n) {
-                // SAFETY: values p0..p0 + k of row l < n, inside `rows` (checked above); the rest masked.
-                *r = unsafe { _mm512_maskz_loadu_ps(mask, rows.as_ptr().add(l * len + p0)) };
+            for (l, r) in r.iter_mut().enumerate() {
+                if l < n {
+                    // SAFETY: values p0..p0 + k of row l < n, inside `rows` (checked above); the rest
+                    // masked.
+                    let at = unsafe { rows.as_ptr().add(l * len + p0) };
+                    *r = if k == 16 {
+                        unsafe { _mm512_loadu_ps(at) }
+                    } else {
+                        unsafe { _mm512_maskz_loadu_ps(mask, at) }
+                    };
+                }
             }
             transpose16(&mut r, &idx);
-            for (j, v) in r.iter().enumerate().take(k) {
-                store(p0 + j, *v);
+            for (j, v) in r.iter().enumerate() {
+                if j < k {
+                    store(p0 + j, *v);
+                }
             }
             p0 += k;
         }
@@ -617,21 +630,29 @@ mod x86 {
     pub(super) unsafe fn unfill(result: &[f32], planes: &mut [f32], plane: usize) {
         let n = planes.len() / plane;
         let idx = transpose_indices();
-        let all: __mmask16 = std::hint::black_box(0xffff);
         let mut p0 = 0;
         while p0 < plane {
             let k = (plane - p0).min(16);
             let mask: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
+            // Loops of 16, so that `r` stays in registers (see `columns`).
             let mut r = [_mm512_setzero_ps(); 16];
-            for (j, r) in r.iter_mut().enumerate().take(k) {
-                // SAFETY: pixel p0 + j < plane of the result (checked by the caller). A masked load
-                // with every lane set (see `interleave`: plain loads became a memcpy into `r`).
-                *r = unsafe { _mm512_maskz_loadu_ps(all, result.as_ptr().add((p0 + j) * LANES)) };
+            for (j, r) in r.iter_mut().enumerate() {
+                if j < k {
+                    // SAFETY: pixel p0 + j < plane of the result (checked by the caller).
+                    *r = unsafe { _mm512_loadu_ps(result.as_ptr().add((p0 + j) * LANES)) };
+                }
             }
             transpose16(&mut r, &idx);
-            for (l, v) in r.iter().enumerate().take(n) {
-                // SAFETY: pixels p0..p0 + k of plane l < n; lanes past k masked.
-                unsafe { _mm512_mask_storeu_ps(planes.as_mut_ptr().add(l * plane + p0), mask, *v) };
+            for (l, v) in r.iter().enumerate() {
+                if l < n {
+                    // SAFETY: pixels p0..p0 + k of plane l < n; lanes past k masked.
+                    let at = unsafe { planes.as_mut_ptr().add(l * plane + p0) };
+                    if k == 16 {
+                        unsafe { _mm512_storeu_ps(at, *v) };
+                    } else {
+                        unsafe { _mm512_mask_storeu_ps(at, mask, *v) };
+                    }
+                }
             }
             p0 += k;
         }
