@@ -42,6 +42,7 @@ pub(crate) struct Layout {
     taps: Vec<usize>,
     /// Output rows and columns, kernel rows and columns, column stride; `rows` only when the
     /// dilation is 1 (what [`x86::block_rows`] needs).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     rows: Option<Rows>,
 }
 
