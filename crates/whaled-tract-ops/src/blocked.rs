@@ -353,7 +353,7 @@ mod x86 {
 
     use super::{Layout, Rows, LANES};
     use crate::depthwise::Geometry;
-    use crate::fuse::{as_clamp, Post};
+    use crate::fuse::Post;
 
     /// Outputs of one row computed at once by [`block_rows`]: 8 accumulators, and with a 7-wide
     /// kernel at stride 2 the 21 input vectors they read, in 30 of the 32 registers.
@@ -363,7 +363,8 @@ mod x86 {
     /// row, the `stride * (R - 1) + KW` input vectors that `R` consecutive outputs of one row read are
     /// loaded once and each feeds up to `KW` multiply-adds, where the pixel-at-a-time loop loads one
     /// input (and its weight) per multiply-add and is bound by loads. The same sums in the same order
-    /// (bias, then taps row-major), so the results are bit for bit [`super::block`]'s. Returns false,
+    /// (bias, then taps row-major) and the fused steps one by one with `f32::max` / `min`'s results
+    /// ([`Steps`]), so the results are bit for bit [`super::block`]'s. Returns false,
     /// computing nothing, for a shape it has no instance for (dilation, a kernel width other than 3,
     /// 5 or 7, a column stride above 2).
     ///
@@ -426,7 +427,7 @@ mod x86 {
             row_step: layout.padded[1] * LANES,
             // SAFETY (both loads): the CPU has avx512f; `bias` is LANES values.
             bias: unsafe { _mm512_loadu_ps(bias.as_ptr()) },
-            clamp: as_clamp(post).map(|(lo, hi)| (_mm512_set1_ps(lo), _mm512_set1_ps(hi))),
+            post: Steps::new(post),
         };
         for y in 0..oh {
             let mut x = 0;
@@ -454,6 +455,52 @@ mod x86 {
         }
     }
 
+    /// The fused steps (at most 4: `DepthwiseConv::with_post`) as vectors, applied in order with
+    /// `f32::max` / `f32::min`'s results (what the pixel loop's `fuse::apply` gives), NaN and signed
+    /// zeros included. As one clamp, `min(max(x, lo), hi)`, a NaN became `lo` and a chain starting with
+    /// Min, or a -0 through a Max, differed.
+    struct Steps {
+        /// `(is Max, constant)`, the first `len`.
+        steps: [(bool, __m512); 4],
+        len: usize,
+        /// What the chain gives a NaN: `f32::max` / `min` return the other operand, so the first step
+        /// makes it that step's constant, and the rest run on that (computed once, in f32).
+        nan: Option<__m512>,
+    }
+
+    impl Steps {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn new(post: &[Post]) -> Steps {
+            let mut steps = [(false, _mm512_setzero_ps()); 4];
+            for (s, p) in steps.iter_mut().zip(post) {
+                *s = match *p {
+                    Post::Max(c) => (true, _mm512_set1_ps(f32::from_bits(c))),
+                    Post::Min(c) => (false, _mm512_set1_ps(f32::from_bits(c))),
+                };
+            }
+            let nan = (!post.is_empty()).then(|| {
+                let mut v = [f32::NAN];
+                crate::fuse::apply(post, &mut v);
+                _mm512_set1_ps(v[0])
+            });
+            Steps { steps, len: post.len().min(4), nan }
+        }
+
+        /// The steps over `v`.
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        #[inline]
+        fn apply(&self, v: __m512) -> __m512 {
+            let Some(nan) = self.nan else { return v };
+            let mut r = v;
+            for &(max, c) in &self.steps[..self.len] {
+                // Of two zeros `maxps` / `minps` return the second operand (the value, as
+                // `f32::max` / `min` do here); a NaN value is replaced below.
+                r = if max { _mm512_max_ps(c, r) } else { _mm512_min_ps(c, r) };
+            }
+            _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v), r, nan)
+        }
+    }
+
     /// What every run of one block reads.
     struct RowCtx {
         scratch: *const f32,
@@ -462,7 +509,7 @@ mod x86 {
         /// One padded row, in values.
         row_step: usize,
         bias: __m512,
-        clamp: Option<(__m512, __m512)>,
+        post: Steps,
     }
 
     /// `R` consecutive outputs of one row, the first reading its first tap at value `first` of the
@@ -490,10 +537,7 @@ mod x86 {
             }
         }
         for (i, a) in acc.iter().enumerate() {
-            let v = match ctx.clamp {
-                Some((lo, hi)) => _mm512_min_ps(_mm512_max_ps(*a, lo), hi),
-                None => *a,
-            };
+            let v = ctx.post.apply(*a);
             // SAFETY: `o` has room for R vectors.
             unsafe { _mm512_storeu_ps(o.add(i * LANES), v) };
         }
@@ -616,7 +660,7 @@ mod x86 {
     pub(super) unsafe fn interleave(rows: &[f32], len: usize, out: &mut [f32]) {
         // A masked store with every lane set, the mask hidden from the optimiser: plain stores of
         // consecutive vectors (or a constant mask, which it folds) became a call to memcpy through a
-        // stack copy, 5 % of a 7x7 layer's time with `unfill`'s.
+        // stack copy (with `unfill`'s, 5 % of a 7x7 layer's time before its loops became loops of 16).
         let all: __mmask16 = std::hint::black_box(0xffff);
         // SAFETY: value p < len of `out`'s `len x LANES` (checked by the caller).
         columns(rows, len, |p, v| unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(p * LANES), all, v) });
@@ -689,10 +733,12 @@ mod tests {
     }
 
     /// The register-row kernel against the pixel-at-a-time one it stands in for (a second code path):
-    /// the same sums in the same order, so bit for bit the same, on every run length (output rows of 1
-    /// to 20 pixels: runs of 8 and every remainder), kernels 3, 5 and 7 wide (and rows of another
-    /// height), column strides 1 and 2, with and without a clamp; and it declines the shapes it has
-    /// no instance for.
+    /// the same sums in the same order and the fused steps with `f32::max` / `min`'s results, so bit
+    /// for bit the same, on every run length (output rows of 1 to 20 pixels: runs of 8 and every
+    /// remainder), kernels 3, 5 and 7 wide (and rows of another height), row strides 1 to 3, column
+    /// strides 1 and 2, with no fused step, ReLU6-like and Min-first chains; on finite inputs, on inputs
+    /// with NaNs, and on zeros with a -0 bias (signed zeros through the steps); and it declines the
+    /// shapes it has no instance for.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn register_rows_match_the_pixel_loop() {
@@ -700,35 +746,54 @@ mod tests {
             return;
         }
         let mut rnd = uniform(12);
-        let clamps: [&[Post]; 2] = [&[], &[Post::Max(0f32.to_bits()), Post::Min(0.5f32.to_bits())]];
+        let (zero, half) = (0f32.to_bits(), 0.5f32.to_bits());
+        let posts: [&[Post]; 5] = [
+            &[],
+            &[Post::Max(zero), Post::Min(half)],
+            &[Post::Min(half)],
+            &[Post::Min(half), Post::Max(zero)],
+            &[Post::Max(zero)],
+        ];
         let mut checked = 0;
         for ow in 1..=20 {
             for (kh, kw) in [(3, 3), (5, 5), (7, 7), (3, 5), (1, 7)] {
-                for sw in [1, 2] {
+                for (sh, sw) in [(1, 1), (1, 2), (2, 1), (3, 2)] {
                     let oh = 1 + ow % 4;
-                    let in_hw = [oh + kh - 1, (ow - 1) * sw + kw];
-                    let g = Geometry::new(1, LANES, in_hw, [oh, ow], [kh, kw], [1, sw], [1, 1], [0, 0]).unwrap();
+                    let in_hw = [(oh - 1) * sh + kh, (ow - 1) * sw + kw];
+                    let g = Geometry::new(1, LANES, in_hw, [oh, ow], [kh, kw], [sh, sw], [1, 1], [0, 0]).unwrap();
                     let layout = Layout::new(&g);
-                    let scratch: Vec<f32> = (0..layout.scratch_len()).map(|_| rnd()).collect();
-                    let weights: Vec<f32> = (0..kh * kw * LANES).map(|_| rnd()).collect();
-                    let bias: [f32; LANES] = std::array::from_fn(|_| rnd());
-                    for post in clamps {
-                        let mut want = vec![f32::NAN; oh * ow * LANES];
-                        block::<true>(&layout, &scratch, &weights, &bias, post, &mut want);
-                        let mut got = vec![f32::NAN; oh * ow * LANES];
-                        // SAFETY: the CPU has avx512f and fma (checked above).
-                        let ran = unsafe { x86::block_rows(&layout, &scratch, &weights, &bias, post, &mut got) };
-                        assert!(ran, "{g:?}");
-                        assert!(
-                            got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "{g:?} {post:?}: the register rows differ from the pixel loop"
-                        );
-                        checked += 1;
+                    let n = layout.scratch_len();
+                    // Finite; one value in 13 NaN; all zeros under a -0 bias and negative weights.
+                    for inputs in 0..3 {
+                        let scratch: Vec<f32> = (0..n)
+                            .map(|i| match inputs {
+                                0 => rnd(),
+                                1 if i % 13 == 5 => f32::NAN,
+                                1 => rnd(),
+                                _ => 0.0,
+                            })
+                            .collect();
+                        let weights: Vec<f32> =
+                            (0..kh * kw * LANES).map(|_| if inputs == 2 { -rnd().abs() } else { rnd() }).collect();
+                        let bias: [f32; LANES] = std::array::from_fn(|_| if inputs == 2 { -0.0 } else { rnd() });
+                        for post in posts {
+                            let mut want = vec![f32::NAN; oh * ow * LANES];
+                            block::<true>(&layout, &scratch, &weights, &bias, post, &mut want);
+                            let mut got = vec![f32::NAN; oh * ow * LANES];
+                            // SAFETY: the CPU has avx512f and fma (checked above).
+                            let ran = unsafe { x86::block_rows(&layout, &scratch, &weights, &bias, post, &mut got) };
+                            assert!(ran, "{g:?}");
+                            assert!(
+                                got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{g:?} {post:?} inputs {inputs}: the register rows differ from the pixel loop"
+                            );
+                            checked += 1;
+                        }
                     }
                 }
             }
         }
-        assert_eq!(checked, 20 * 5 * 2 * 2);
+        assert_eq!(checked, 20 * 5 * 4 * 3 * 5);
         // Shapes without an instance: dilation, a 4-wide kernel, column stride 3.
         for (kernel, stride, dilation) in [([3, 3], [1, 1], [2, 2]), ([3, 4], [1, 1], [1, 1]), ([3, 3], [1, 3], [1, 1])]
         {

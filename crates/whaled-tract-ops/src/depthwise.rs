@@ -16,7 +16,8 @@
 //! columns or a multiple: the large planes), the chunks are stored straight into the output, row by
 //! row; elsewhere "virtual" output rows `phase_width` wide are computed as one flat run of chunks and
 //! their first `out_w` columns copied out. Output rows under `BLOCKED_BELOW` columns (7x7 planes), and
-//! on AVX-512 stride-1 5x5 and 7x7 layers with rows under `BLOCKED_ROWS_BELOW` (14x14 to 32x32 planes),
+//! on AVX-512 stride-1 layers with kernels 5 or 7 wide and rows under `BLOCKED_ROWS_BELOW` (the 14x14
+//! to 32x32 planes of the EfficientNets),
 //! go through the `blocked` module instead: 16 channels at a time, interleaved, one vector per output
 //! pixel. Channel planes are split across tract's intra-op thread pool.
 

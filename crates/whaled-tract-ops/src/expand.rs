@@ -40,7 +40,8 @@ pub const ENABLED: bool = crate::pointwise::ENABLED && crate::depthwise::ENABLED
 
 /// About how many bytes of expanded planes one group holds: with the depthwise op's scratch and the
 /// 1x1 op's input it stays within a 512 KB - 1 MB L2. At least one block (8 planes) whatever the plane
-/// (the B4's 256x256 planes: 2 MB, which still halved that block's time against the separate ops).
+/// (the B4's 256x256 planes: 2 MB, which still halved that block's time against the separate ops), and
+/// where the depthwise conv is channel-blocked whole runs of 16 planes (two blocks).
 const GROUP_BYTES: usize = 256 * 1024;
 
 /// The expand 1x1 convolution and the depthwise convolution that consumes it. Inputs: the 1x1 op's
@@ -72,7 +73,7 @@ impl ExpandDepthwise {
         if g.blocked() {
             // Whole runs of the blocked path's lanes per group (but the last).
             let per = blocked::LANES / BLOCK;
-            group = group.div_ceil(per) * per;
+            group = (group.div_ceil(per) * per).min(expand.cout() / BLOCK);
         }
         Ok(ExpandDepthwise { stem: None, expand, silu, depthwise, group })
     }
@@ -256,7 +257,7 @@ impl TypedOp for ExpandDepthwise {
     }
 }
 
-/// Replaces every [`PointwiseConv`] whose output only a plane-path [`DepthwiseConv`] reads, both for
+/// Replaces every [`PointwiseConv`] whose output only a [`DepthwiseConv`] reads, both for
 /// one image, and that depthwise op, by one [`ExpandDepthwise`]; returns how many pairs it fused. Runs
 /// after the two ops' own substitutions.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {

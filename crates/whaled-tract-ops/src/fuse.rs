@@ -65,7 +65,9 @@ pub(crate) fn apply(post: &[Post], values: &mut [f32]) {
 
 /// The steps as one clamp `(lo, hi)` with `lo <= hi`, or `None` when there are none: any chain of
 /// max/min with constants is a clamp (`max(clamp(x, l, h), a) = clamp(x, max(l, a), max(h, a))`, and
-/// likewise for min), so a kernel applies two vector instructions however long the chain.
+/// likewise for min), so a kernel applies two vector instructions however long the chain. For non-NaN
+/// values: a NaN becomes `lo` here, where the chain step by step (`apply`, `f32::max` / `min`) gives the
+/// first step's constant.
 pub(crate) fn as_clamp(post: &[Post]) -> Option<(f32, f32)> {
     if post.is_empty() {
         return None;
