@@ -131,7 +131,7 @@ pub(crate) fn rows_kernel_runs(g: &Geometry) -> bool {
     {
         let cpu =
             is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-        cpu && g.dilation() == [1, 1] && g.stride()[1] <= 2 && matches!(g.kernel()[1], 3 | 5 | 7)
+        cpu && g.dilation() == [1, 1] && x86::instance(g.stride()[1], g.kernel()[1]).is_some()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -380,15 +380,7 @@ mod x86 {
         out: &mut [f32],
     ) -> bool {
         let Some(rows) = layout.rows else { return false };
-        let go = match (rows.stride, rows.kernel[1]) {
-            (1, 3) => rows_of::<1, 3>,
-            (1, 5) => rows_of::<1, 5>,
-            (1, 7) => rows_of::<1, 7>,
-            (2, 3) => rows_of::<2, 3>,
-            (2, 5) => rows_of::<2, 5>,
-            (2, 7) => rows_of::<2, 7>,
-            _ => return false,
-        };
+        let Some(go) = instance(rows.stride, rows.kernel[1]) else { return false };
         let [oh, ow] = rows.out;
         // The bounds every unchecked access below relies on: each output's inputs lie inside the
         // padded area (`Layout::new`), which the scratch holds.
@@ -402,6 +394,23 @@ mod x86 {
         // SAFETY: the CPU has avx512f and fma (the caller's contract); the sizes were checked above.
         unsafe { go(layout, rows, scratch, weights, bias, post, out) };
         true
+    }
+
+    /// One instance of [`rows_of`].
+    type RowsFn = unsafe fn(&Layout, Rows, &[f32], &[f32], &[f32; LANES], &[Post], &mut [f32]);
+
+    /// The instance of [`rows_of`] for a column stride and kernel width, if there is one: what
+    /// [`block_rows`] runs and [`super::rows_kernel_runs`] asks about.
+    pub(super) fn instance(stride: usize, kernel_width: usize) -> Option<RowsFn> {
+        Some(match (stride, kernel_width) {
+            (1, 3) => rows_of::<1, 3>,
+            (1, 5) => rows_of::<1, 5>,
+            (1, 7) => rows_of::<1, 7>,
+            (2, 3) => rows_of::<2, 3>,
+            (2, 5) => rows_of::<2, 5>,
+            (2, 7) => rows_of::<2, 7>,
+            _ => return None,
+        })
     }
 
     /// [`block_rows`] for one column stride and kernel width: each output row in runs of up to
@@ -658,12 +667,8 @@ mod x86 {
     /// The CPU has avx512f; the sizes were checked by the caller.
     #[target_feature(enable = "avx512f,avx2")]
     pub(super) unsafe fn interleave(rows: &[f32], len: usize, out: &mut [f32]) {
-        // A masked store with every lane set, the mask hidden from the optimiser: plain stores of
-        // consecutive vectors (or a constant mask, which it folds) became a call to memcpy through a
-        // stack copy (with `unfill`'s, 5 % of a 7x7 layer's time before its loops became loops of 16).
-        let all: __mmask16 = std::hint::black_box(0xffff);
         // SAFETY: value p < len of `out`'s `len x LANES` (checked by the caller).
-        columns(rows, len, |p, v| unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(p * LANES), all, v) });
+        columns(rows, len, |p, v| unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(p * LANES), v) });
     }
 
     /// [`super::unfill`] by 16 x 16 transposes: 16 pixels' vectors, transposed, each plane's 16

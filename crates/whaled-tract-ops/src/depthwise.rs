@@ -17,9 +17,9 @@
 //! row; elsewhere "virtual" output rows `phase_width` wide are computed as one flat run of chunks and
 //! their first `out_w` columns copied out. Output rows under `BLOCKED_BELOW` columns (7x7 planes), and
 //! on AVX-512 stride-1 layers with kernels 5 or 7 wide and rows under `BLOCKED_ROWS_BELOW` (the 14x14
-//! to 32x32 planes of the EfficientNets),
-//! go through the `blocked` module instead: 16 channels at a time, interleaved, one vector per output
-//! pixel. Channel planes are split across tract's intra-op thread pool.
+//! to 32x32 planes of the EfficientNets), go through the `blocked` module instead: 16 channels at a
+//! time, interleaved, one vector per output pixel. Channel planes are split across tract's intra-op
+//! thread pool.
 
 //! Numerics: every output is `bias + sum over taps of w * x`, taps in row-major kernel order, in f32,
 //! the same sum tract and onnxruntime compute in some order; tests/depthwise.rs checks it against both
@@ -354,35 +354,23 @@ impl DepthwiseConv {
             "WhaledDepthwiseConv: inputs do not match {g:?}"
         );
         // SAFETY: f32 has no invalid bit patterns, and every element is written below before the tensor
-        // is returned: each output plane is `out_hw[0]` rows of `out_hw[1]`, each row either computed
-        // in place as whole chunks (`out_hw[1]` a multiple of CHUNK) or copied from the virtual plane
-        // (`virtual_len >= out_hw[0] * phase_width`), so no uninitialised value escapes.
+        // is returned: on the plane path each output plane is `out_hw[0]` rows of `out_hw[1]`, each row
+        // either computed in place as whole chunks (`out_hw[1]` a multiple of CHUNK) or copied from the
+        // virtual plane (`virtual_len >= out_hw[0] * phase_width`); on the blocked path every run's
+        // planes are written whole (`blocked::unfill`). No uninitialised value escapes.
         // Not zeroing saves a full write pass over the output (measured: docs/BENCHMARKS.md).
         let mut out = unsafe { Tensor::uninitialized::<f32>(&self.shape(g.out_hw))? };
-        let plane_out = g.out_plane();
-        let total = planes * plane_out;
-        if g.blocked() {
-            self.compute_blocked(x, k, b, &mut out, block)?;
-            return Ok(tvec!(out.into_tvalue()));
-        }
-        let offsets = g.tap_offsets();
+        let (plane_in, plane_out) = (g.in_plane(), g.out_plane());
+        let path = self.path_with(kernel, block);
         {
             let mut view = out.try_as_plain_ram_mut()?;
             tract_linalg::multithread::par_chunks_mut(
                 view.as_slice_mut::<f32>()?,
                 plane_out,
-                total,
+                planes * plane_out,
                 |first, chunk| {
                     let planes = chunk.len() / plane_out;
-                    self.run_planes(
-                        first,
-                        &x[first * g.in_plane()..][..planes * g.in_plane()],
-                        k,
-                        b,
-                        chunk,
-                        kernel,
-                        &offsets,
-                    );
+                    self.run_part(&path, first, &x[first * plane_in..][..planes * plane_in], k, b, chunk);
                     Ok(())
                 },
             )?;
@@ -428,12 +416,37 @@ impl DepthwiseConv {
         }
     }
 
-    /// Output planes `first..` (as many as `out` holds, counted over every image) from their input
-    /// planes `x`, on this thread, with the plane `kernel` and the geometry's [`Geometry::tap_offsets`]:
-    /// a share of [`DepthwiseConv::compute_with`], and the depthwise step of [`crate::expand`]. The
-    /// plane path only: neither runs a [`Geometry::blocked`] geometry through it.
+    /// This op's path with these kernels, laid out once per call: the plane path's kernel and tap
+    /// offsets, or (a [`Geometry::blocked`] geometry) the blocked path's layout and kernel.
+    fn path_with(&self, plane: PlaneKernel, block: BlockKernel) -> Path {
+        let g = &self.geometry;
+        if g.blocked() {
+            Path::Blocked(blocked::Layout::new(g), block)
+        } else {
+            Path::Planes(plane, g.tap_offsets())
+        }
+    }
+
+    /// [`DepthwiseConv::path_with`] the kernels this CPU runs.
+    pub(crate) fn path(&self) -> Path {
+        let (_, plane, block) = select_kernel();
+        self.path_with(plane, block)
+    }
+
+    /// Output planes `first..` (whole planes, as many as `out` holds, counted over every image) from
+    /// their `input` planes, on this thread, by `path` (this op's [`DepthwiseConv::path`]): a share of
+    /// [`DepthwiseConv::compute_with`], and the depthwise step of [`crate::expand`].
+    pub(crate) fn run_part(&self, path: &Path, first: usize, input: &[f32], k: &[f32], b: &[f32], out: &mut [f32]) {
+        match path {
+            Path::Planes(kernel, offsets) => self.run_planes(first, input, k, b, out, *kernel, offsets),
+            Path::Blocked(layout, kernel) => self.run_blocks(first, layout, input, k, b, out, *kernel),
+        }
+    }
+
+    /// [`DepthwiseConv::run_part`] on the plane path, with the plane `kernel` and the geometry's
+    /// [`Geometry::tap_offsets`].
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn run_planes(
+    fn run_planes(
         &self,
         first: usize,
         x: &[f32],
@@ -452,11 +465,6 @@ impl DepthwiseConv {
         });
     }
 
-    /// The plane kernel this CPU runs (for [`DepthwiseConv::run_planes`]).
-    pub(crate) fn plane_kernel() -> PlaneKernel {
-        select_kernel().1
-    }
-
     pub(crate) fn geometry(&self) -> &Geometry {
         &self.geometry
     }
@@ -468,35 +476,11 @@ impl DepthwiseConv {
 }
 
 impl DepthwiseConv {
-    /// [`DepthwiseConv::compute_with`] for a [`Geometry::blocked`] geometry: runs of up to
-    /// [`blocked::LANES`] consecutive channels of one image at a time ([`crate::blocked`]). Writes every
-    /// element of `out`.
-    fn compute_blocked(
-        &self,
-        x: &[f32],
-        k: &[f32],
-        b: &[f32],
-        out: &mut Tensor,
-        kernel: BlockKernel,
-    ) -> TractResult<()> {
-        let g = &self.geometry;
-        let layout = blocked::Layout::new(g);
-        let (plane_in, plane_out) = (g.in_plane(), g.out_plane());
-        let total = g.batch * g.channels * plane_out;
-        let mut view = out.try_as_plain_ram_mut()?;
-        tract_linalg::multithread::par_chunks_mut(view.as_slice_mut::<f32>()?, plane_out, total, |first, chunk| {
-            let planes = chunk.len() / plane_out;
-            self.run_blocks(first, &layout, &x[first * plane_in..][..planes * plane_in], k, b, chunk, kernel);
-            Ok(())
-        })
-    }
-
     /// Output planes `out` (whole planes) from their `input` planes, the first being plane `first` of
     /// the batch, channel-blocked: runs of up to [`blocked::LANES`] consecutive channels of one image,
-    /// in this thread's blocked scratch. What [`DepthwiseConv::compute_blocked`] runs on each part and
-    /// the expand op ([`crate::expand`]) on each group of planes it has just computed.
+    /// in this thread's blocked scratch ([`DepthwiseConv::run_part`] on the blocked path).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn run_blocks(
+    fn run_blocks(
         &self,
         first: usize,
         layout: &blocked::Layout,
@@ -526,10 +510,14 @@ impl DepthwiseConv {
             }
         });
     }
+}
 
-    pub(crate) fn block_kernel() -> BlockKernel {
-        select_kernel().2
-    }
+/// How a [`DepthwiseConv`] computes its planes, laid out once per call ([`DepthwiseConv::path`]).
+pub(crate) enum Path {
+    /// The plane path: its kernel and the geometry's [`Geometry::tap_offsets`].
+    Planes(PlaneKernel, Vec<usize>),
+    /// The channel-blocked path ([`Geometry::blocked`]): its layout and kernel.
+    Blocked(blocked::Layout, BlockKernel),
 }
 
 /// Writes the zero-padded input plane as `stride[0] x stride[1]` phases, each `phase_len` long and

@@ -117,8 +117,7 @@ impl ExpandDepthwise {
         // returned: the groups partition the channels, and each writes all of its output planes.
         let mut out = unsafe { Tensor::uninitialized::<f32>(&self.depthwise.output_shape())? };
         let silu = if self.silu { Some(tract_linalg::routines::Func::Silu.ew_f32()?) } else { None };
-        let (kernel, offsets) = (DepthwiseConv::plane_kernel(), g.tap_offsets());
-        let layout = g.blocked().then(|| (blocked::Layout::new(g), DepthwiseConv::block_kernel()));
+        let path = self.depthwise.path();
         // A stem's data becomes its product's input (its scratch, or its im2col matrix): after every
         // fallible step above, so that no error return drops the scratch (it goes back below).
         let stem = match &self.stem {
@@ -146,10 +145,7 @@ impl ExpandDepthwise {
                     // Element-wise: the same values as tract's op on the whole tensor.
                     silu.run(expanded)?;
                 }
-                match &layout {
-                    Some((layout, block)) => self.depthwise.run_blocks(c0, layout, expanded, k, kb, planes, *block),
-                    None => self.depthwise.run_planes(c0, expanded, k, kb, planes, kernel, &offsets),
-                }
+                self.depthwise.run_part(&path, c0, expanded, k, kb, planes);
             }
             TractResult::Ok(())
         })();
